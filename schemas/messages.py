@@ -1,0 +1,282 @@
+"""Every message that crosses the bus, as msgspec Structs (JSON on the wire).
+
+Each top-level message carries ``v`` (the schema version) so a consumer can refuse or adapt
+to a version it does not know. Unknown fields are ignored, so adding an optional field is a
+compatible change; renaming or removing one is not and bumps ``SCHEMA_VERSION``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+Tier = Literal["local", "mid", "frontier"]
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(msgspec.Struct, kw_only=True):
+    """Base of every top-level wire message."""
+
+    v: int = SCHEMA_VERSION
+
+
+class ArtifactRef(msgspec.Struct, kw_only=True):
+    """A pointer to an artifact in the artifact store; steps pass these, never bodies."""
+
+    id: str
+    type: str
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: Role
+    content: str
+
+
+class Task(Message, kw_only=True):
+    """A unit of work submitted to the mesh (``mesh.task.submit``)."""
+
+    id: str
+    tenant: str = "default"
+    workflow: str = "answer"
+    goal: str = ""
+    inputs: list[ArtifactRef] = []
+    budget_usd: float | None = None
+    deadline_s: float | None = None
+    quality_target: float | None = None
+    # Pinning: when set, no call of this task may run on a model outside this list.
+    allow_models: list[str] | None = None
+    idempotency_key: str | None = None
+    submitted_ms: int = 0
+
+
+TaskEventKind = Literal[
+    "accepted",
+    "planned",
+    "step_started",
+    "step_done",
+    "escalated",
+    "refused",
+    "partial",
+    "done",
+    "failed",
+    "killed",
+]
+TERMINAL_EVENTS: frozenset[str] = frozenset({"partial", "done", "failed", "killed"})
+
+
+class TaskEvent(Message, kw_only=True):
+    """A step in a task's life (``mesh.task.event.<task_id>``)."""
+
+    task_id: str
+    kind: TaskEventKind
+    time_ms: int
+    tenant: str = "default"
+    workflow: str = ""
+    step_id: str | None = None
+    detail: str = ""
+    # The step's output on step_done; the final answer on done/partial.
+    artifact: ArtifactRef | None = None
+    # Running totals for the task at the time of the event.
+    cost_usd: float = 0.0
+    calls: int = 0
+
+
+class StepRequest(Message, kw_only=True):
+    """The planner asks the router to run one model step (``mesh.step.request``)."""
+
+    task_id: str
+    step_id: str
+    tenant: str = "default"
+    workflow: str = ""
+    role: str
+    messages: list[ChatMessage]
+    max_tokens: int = 512
+    response_schema: dict[str, Any] | None = None
+    allow_models: list[str] | None = None
+    deadline_ms: int
+    attempt: int = 1
+
+
+class InferenceRequest(Message, kw_only=True):
+    """One model call (``mesh.infer.local.<model>`` / ``mesh.infer.cloud.<provider>``)."""
+
+    call_id: str
+    task_id: str
+    step_id: str
+    tenant: str = "default"
+    attempt: int = 1
+    model: str
+    tier: Tier
+    messages: list[ChatMessage]
+    max_tokens: int = 512
+    temperature: float = 0.0
+    response_schema: dict[str, Any] | None = None
+    deadline_ms: int
+    reservation_id: str | None = None
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+
+
+ErrorKind = Literal["invalid", "timeout", "killed", "refused", "provider", "unavailable", "pinning"]
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    kind: ErrorKind
+    message: str
+    retryable: bool = False
+
+
+class InferenceResult(Message, kw_only=True):
+    """The answer to an InferenceRequest (also the router's reply to a StepRequest)."""
+
+    call_id: str
+    model: str
+    provider_model: str = ""
+    tier: Tier
+    provider: str = ""
+    output: str = ""
+    finish_reason: str = ""
+    usage: Usage = msgspec.field(default_factory=Usage)
+    latency_ms: float = 0.0
+    cost_usd: float = 0.0
+    cache_hit: bool = False
+    error: ErrorInfo | None = None
+    # Replay backends only: whether the recorded answer was graded correct.
+    graded: bool | None = None
+
+
+Outcome = Literal["ok", "error", "timeout", "killed", "cache_hit", "refused"]
+UsageSource = Literal["provider", "estimated"]
+
+
+class UsageEvent(Message, kw_only=True):
+    """Exactly one per call, whatever its outcome (``mesh.usage.<tenant>``)."""
+
+    event_id: str
+    time_ms: int
+    tenant: str
+    task_id: str
+    step_id: str = ""
+    call_id: str = ""
+    service: str
+    tier: Tier
+    provider: str
+    model: str
+    requested_model: str
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    outcome: Outcome
+    usage_source: UsageSource = "provider"
+
+
+class Reservation(Message, kw_only=True):
+    """Reserve a call's worst-case cost, or settle it (``mesh.budget.reserve|settle``)."""
+
+    id: str
+    tenant: str
+    task_id: str
+    model: str
+    amount_usd: float
+    expires_ms: int
+    # Set on settle: what the call really cost.
+    actual_usd: float | None = None
+
+
+class ReservationDecision(Message, kw_only=True):
+    id: str
+    granted: bool
+    reason: str = ""
+
+
+KillScope = Literal["global", "tenant", "task", "model"]
+
+
+class KillSwitch(Message, kw_only=True):
+    """Trip or clear the kill switch for a scope (``mesh.control.kill``)."""
+
+    scope: KillScope
+    key: str = "*"
+    tripped: bool
+    reason: str = ""
+    by: str = ""
+    time_ms: int
+
+
+PaceAction = Literal["normal", "downgrade", "throttle"]
+
+
+class PaceSignal(Message, kw_only=True):
+    """Month-to-date spend against the month's budget curve (``mesh.control.pace``)."""
+
+    tenant: str
+    action: PaceAction
+    spend_usd: float
+    curve_usd: float
+    time_ms: int
+
+
+class Artifact(Message, kw_only=True):
+    """A typed, content-addressed output. ``id`` is the sha256 of the canonical body."""
+
+    id: str = ""
+    type: str
+    schema_version: int = 1
+    task_id: str = ""
+    step_id: str = ""
+    calls: list[str] = []
+    parents: list[str] = []
+    body: dict[str, Any]
+    cost_usd: float = 0.0
+    created_ms: int = 0
+
+
+class ArtifactGet(Message, kw_only=True):
+    id: str
+
+
+class ArtifactReply(Message, kw_only=True):
+    """Reply to put (``ref`` set) and get (``artifact`` set); ``error`` when refused."""
+
+    ref: ArtifactRef | None = None
+    artifact: Artifact | None = None
+    error: str | None = None
+
+
+class DeadLetter(Message, kw_only=True):
+    """A message a service could not accept, kept whole with the reason (``mesh.dlq.<service>``)."""
+
+    service: str
+    subject: str
+    error: str
+    data: bytes
+    headers: dict[str, str] = {}
+    time_ms: int
+
+
+# Every message a non-Python agent may need a JSON Schema for, by name.
+WIRE_MESSAGES: tuple[type[Message], ...] = (
+    Task,
+    TaskEvent,
+    StepRequest,
+    InferenceRequest,
+    InferenceResult,
+    UsageEvent,
+    Reservation,
+    ReservationDecision,
+    KillSwitch,
+    PaceSignal,
+    Artifact,
+    ArtifactGet,
+    ArtifactReply,
+    DeadLetter,
+)

