@@ -117,6 +117,15 @@ class Bus:
             await self.broker.connect()
             await ensure_streams(self.broker, self.subjects)
 
+        @app.after_startup
+        async def subscriptions_reached_server() -> None:
+            # nats-py's flush() writes its PING straight to the socket, ahead of SUBs still in
+            # the send queue, so one flush can return before the server knows a subscription;
+            # the second round trip is ordered after them. Without it, a request sent right
+            # after start-up can get "no responders".
+            await self.broker.connection.flush()
+            await self.broker.connection.flush()
+
         return app
 
     def stream(self, name: str) -> JStream:

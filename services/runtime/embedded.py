@@ -44,7 +44,7 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def _stop(process: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
+def stop_process(process: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
     if process is None or process.poll() is not None:
         return
     process.send_signal(signal.SIGTERM)
@@ -102,7 +102,7 @@ class EmbeddedNats:
         return self.url
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process(self.process)
 
 
 CLICKHOUSE_CONFIG = """<clickhouse>
@@ -187,4 +187,4 @@ class EmbeddedClickHouse:
         return self.url
 
     def stop(self) -> None:
-        _stop(self.process, timeout_s=15.0)
+        stop_process(self.process, timeout_s=15.0)

@@ -1,0 +1,1 @@
+"""The accountant service: ClickHouse ingest of usage events, task outcomes and artifacts."""

@@ -1,0 +1,34 @@
+"""The one way into ClickHouse: a clickhouse-connect client from a URL, and the accountant's schema.
+
+``frugalmesh sql`` and the accountant share these. The client is the sync one: the async client
+of clickhouse-connect needs aiohttp, which the project does not depend on, so the accountant runs
+its few, batched calls in a worker thread instead (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+from clickhouse_connect import get_client
+from clickhouse_connect.driver.client import Client
+
+from services.accountant.ddl import quote_identifier, statements
+
+
+def client(url: str) -> Client:
+    """A client for ``url`` (``http://user:password@host:port/database``).
+
+    No session id: a ClickHouse session allows one query at a time, and the accountant's
+    consumers share this client from several threads.
+    """
+    return get_client(dsn=url, autogenerate_session_id=False)
+
+
+def create_schema(ch: Client, database: str | None = None) -> str:
+    """Create ``database`` (default: the client's) and every table and view in it; idempotent.
+
+    Returns the database name, which every other statement of the accountant spells out.
+    """
+    database = database or ch.database
+    ch.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
+    for statement in statements(database):
+        ch.command(statement)
+    return database

@@ -1,0 +1,170 @@
+"""The accountant's ClickHouse schema: three ingest tables and the analysts' views.
+
+Every statement is idempotent (``IF NOT EXISTS``) and names its database explicitly, so the same
+DDL serves ``frugalmesh up``, a production cluster and one database per test.
+
+Exactness: the ingest drops keys already stored before each insert, so a redelivered message
+never adds a row. ReplacingMergeTree on the same key is the safety net for the one race the
+ingest cannot see (two accountants inserting the same key at once); its merges are eventual,
+so every view reads ``FINAL``. That is why the views are plain views and not materialized
+ones: a SummingMergeTree fed on insert would count a raced duplicate for ever, whereas a view
+over ``FINAL`` is always exact.
+
+Money is ``Decimal(18, 12)`` (up to $999,999.999999999999 per row, picodollar resolution) so
+sums are exact, unlike float sums whose result depends on the order of addition.
+"""
+
+from __future__ import annotations
+
+USAGE_EVENTS = "usage_events"
+TASK_EVENTS = "task_events"
+ARTIFACTS = "artifacts"
+
+SPEND_DAILY = "spend_daily"
+COMPLETED_ARTIFACT_COST = "completed_artifact_cost"
+CACHE_HIT_DAILY = "cache_hit_daily"
+TASK_TOKENS = "task_tokens"
+
+TABLES = (USAGE_EVENTS, TASK_EVENTS, ARTIFACTS)
+VIEWS = (SPEND_DAILY, COMPLETED_ARTIFACT_COST, CACHE_HIT_DAILY, TASK_TOKENS)
+
+
+def quote_identifier(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def statements(database: str) -> list[str]:
+    """CREATE statements for every table and view, in dependency order, inside ``database``."""
+    db = quote_identifier(database)
+    return [
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{USAGE_EVENTS} (
+            event_id String,
+            time DateTime64(3, 'UTC'),
+            tenant LowCardinality(String),
+            task_id String,
+            step_id String,
+            call_id String,
+            service LowCardinality(String),
+            tier LowCardinality(String),
+            provider LowCardinality(String),
+            model LowCardinality(String),
+            requested_model LowCardinality(String),
+            input_tokens UInt64,
+            cached_input_tokens UInt64,
+            output_tokens UInt64,
+            cost_usd Decimal(18, 12),
+            latency_ms Float64,
+            outcome LowCardinality(String),
+            usage_source LowCardinality(String)
+        )
+        ENGINE = ReplacingMergeTree
+        -- an event's time never changes, so a duplicate always lands in the same partition
+        PARTITION BY toYYYYMM(time)
+        ORDER BY event_id
+        """,
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{TASK_EVENTS} (
+            task_id String,
+            kind LowCardinality(String),
+            time DateTime64(3, 'UTC'),
+            tenant LowCardinality(String),
+            workflow LowCardinality(String),
+            cost_usd Decimal(18, 12),
+            calls UInt32,
+            detail String,
+            artifact_id String,
+            artifact_type LowCardinality(String)
+        )
+        ENGINE = ReplacingMergeTree
+        ORDER BY (task_id, kind)
+        """,
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{ARTIFACTS} (
+            id String,
+            type LowCardinality(String),
+            schema_version UInt16,
+            task_id String,
+            step_id String,
+            calls Array(String),
+            parents Array(String),
+            cost_usd Decimal(18, 12),
+            created DateTime64(3, 'UTC')
+        )
+        ENGINE = ReplacingMergeTree
+        ORDER BY id
+        """,
+        # Spend per UTC day, tenant and model.
+        f"""
+        CREATE VIEW IF NOT EXISTS {db}.{SPEND_DAILY} AS
+        SELECT
+            toDate(time) AS day,
+            tenant,
+            model,
+            tier,
+            count() AS calls,
+            sum(input_tokens) AS input_tokens,
+            sum(cached_input_tokens) AS cached_input_tokens,
+            sum(output_tokens) AS output_tokens,
+            sum(cost_usd) AS cost_usd
+        FROM {db}.{USAGE_EVENTS} FINAL
+        GROUP BY day, tenant, model, tier
+        """,
+        # One row per task that ended "done": its final artifact and what the task cost, both as
+        # metered (usage rows) and as the planner reported it.
+        f"""
+        CREATE VIEW IF NOT EXISTS {db}.{COMPLETED_ARTIFACT_COST} AS
+        SELECT
+            t.task_id AS task_id,
+            t.tenant AS tenant,
+            t.workflow AS workflow,
+            t.time AS completed,
+            t.artifact_id AS artifact_id,
+            t.artifact_type AS artifact_type,
+            t.calls AS reported_calls,
+            t.cost_usd AS reported_cost_usd,
+            u.calls AS metered_calls,
+            u.cost_usd AS metered_cost_usd
+        FROM (SELECT * FROM {db}.{TASK_EVENTS} FINAL WHERE kind = 'done') AS t
+        LEFT JOIN (
+            SELECT task_id, count() AS calls, sum(cost_usd) AS cost_usd
+            FROM {db}.{USAGE_EVENTS} FINAL
+            GROUP BY task_id
+        ) AS u ON u.task_id = t.task_id
+        """,
+        # Two caches: the mesh's exact-match response cache (outcome cache_hit, a whole call
+        # saved) and the provider's prompt cache (cached input tokens, billed at a discount).
+        f"""
+        CREATE VIEW IF NOT EXISTS {db}.{CACHE_HIT_DAILY} AS
+        SELECT
+            toDate(time) AS day,
+            tenant,
+            count() AS calls,
+            countIf(outcome = 'cache_hit') AS cache_hits,
+            cache_hits / calls AS cache_hit_share,
+            sum(e.input_tokens) AS input_tokens,
+            sum(e.cached_input_tokens) AS cached_input_tokens,
+            if(input_tokens = 0, 0, cached_input_tokens / input_tokens) AS cached_input_share
+        FROM {db}.{USAGE_EVENTS} AS e FINAL
+        GROUP BY day, tenant
+        """,
+        # Tokens per task; largest_call_tokens is the single-call baseline (the biggest one call
+        # of the task), so total_tokens / largest_call_tokens is the task's multi-call overhead.
+        f"""
+        CREATE VIEW IF NOT EXISTS {db}.{TASK_TOKENS} AS
+        SELECT
+            e.task_id AS task_id,
+            any(e.tenant) AS tenant,
+            count() AS calls,
+            sum(e.input_tokens) AS input_tokens,
+            sum(e.cached_input_tokens) AS cached_input_tokens,
+            sum(e.output_tokens) AS output_tokens,
+            input_tokens + output_tokens AS total_tokens,
+            max(e.input_tokens + e.output_tokens) AS largest_call_tokens,
+            sum(e.cost_usd) AS cost_usd,
+            min(e.time) AS first_call,
+            max(e.time) AS last_call
+        FROM {db}.{USAGE_EVENTS} AS e FINAL
+        GROUP BY e.task_id
+        """,
+    ]

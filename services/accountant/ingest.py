@@ -1,0 +1,256 @@
+"""Batched, exactly-once ingest of JetStream messages into ClickHouse tables.
+
+A batch (up to N messages or a short wait, whichever first) becomes one INSERT. Exactness comes
+from here, not from the table engine: keys already stored are dropped with one SELECT before the
+insert, and so are duplicates inside the batch. Messages are acked only after the insert
+succeeded; a failed insert naks the whole batch with a delay, so JetStream redelivers it and the
+key check makes the retry harmless. A message that cannot become a row (malformed, or a value
+the column cannot hold) is dead-lettered and acked at once: it would fail every retry and block
+the stream behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Generic, TypeVar
+
+import msgspec
+from clickhouse_connect.driver.client import Client
+from nats.aio.msg import Msg
+
+from schemas.messages import TERMINAL_EVENTS, Artifact, TaskEvent, UsageEvent
+from services.accountant import ddl
+from services.accountant.clickhouse import client, create_schema
+from services.runtime.bus import Bus
+
+M = TypeVar("M", bound=msgspec.Struct)
+Row = tuple[Any, ...]
+
+PICODOLLAR = Decimal("1e-12")  # the scale of the Decimal(18, 12) money columns
+MAX_USD = Decimal("1e6")  # Decimal(18, 12) holds less than a million per row
+MAX_TIME_MS = 10_000_000_000_000  # year 2286, inside DateTime64(3)'s range
+
+
+def usd(value: float) -> Decimal:
+    """A float amount as the exact decimal it was written as (``repr``), at picodollar scale."""
+    if not math.isfinite(value):
+        raise ValueError(f"cost {value!r} is not a finite number")
+    amount = Decimal(repr(value))
+    if abs(amount) >= MAX_USD:
+        raise ValueError(f"cost {value!r} is out of range")
+    return amount.quantize(PICODOLLAR)
+
+
+def utc(time_ms: int) -> datetime:
+    if not 0 <= time_ms < MAX_TIME_MS:
+        raise ValueError(f"time {time_ms} ms is out of range")
+    return datetime.fromtimestamp(time_ms / 1000, tz=UTC)
+
+
+def count(value: int, name: str, bits: int) -> int:
+    """A non-negative integer that fits an unsigned column of ``bits`` bits."""
+    if not 0 <= value < 2**bits:
+        raise ValueError(f"{name} {value} is out of range")
+    return value
+
+
+@dataclass(frozen=True)
+class Sink(Generic[M]):
+    """How messages of one type become rows of one table."""
+
+    table: str
+    message_type: type[M]
+    columns: tuple[str, ...]
+    # The table's ORDER BY key; the ingest looks its first column up with IN.
+    key: tuple[str, ...]
+    # None: a valid message that does not belong in the table (acked, not stored).
+    to_row: Callable[[M], Row | None]
+
+    def key_of(self, row: Row) -> tuple[Any, ...]:
+        return tuple(row[self.columns.index(column)] for column in self.key)
+
+
+def usage_row(e: UsageEvent) -> Row:
+    return (
+        e.event_id,
+        utc(e.time_ms),
+        e.tenant,
+        e.task_id,
+        e.step_id,
+        e.call_id,
+        e.service,
+        e.tier,
+        e.provider,
+        e.model,
+        e.requested_model,
+        count(e.input_tokens, "input_tokens", 64),
+        count(e.cached_input_tokens, "cached_input_tokens", 64),
+        count(e.output_tokens, "output_tokens", 64),
+        usd(e.cost_usd),
+        e.latency_ms,
+        e.outcome,
+        e.usage_source,
+    )
+
+
+def task_row(e: TaskEvent) -> Row | None:
+    # Only a task's end is an accounting fact; the planner's progress events stay in JetStream.
+    if e.kind not in TERMINAL_EVENTS:
+        return None
+    return (
+        e.task_id,
+        e.kind,
+        utc(e.time_ms),
+        e.tenant,
+        e.workflow,
+        usd(e.cost_usd),
+        count(e.calls, "calls", 32),
+        e.detail,
+        e.artifact.id if e.artifact else "",
+        e.artifact.type if e.artifact else "",
+    )
+
+
+def artifact_row(a: Artifact) -> Row:
+    return (
+        a.id,
+        a.type,
+        count(a.schema_version, "schema_version", 16),
+        a.task_id,
+        a.step_id,
+        a.calls,
+        a.parents,
+        usd(a.cost_usd),
+        utc(a.created_ms),
+    )
+
+
+USAGE = Sink(
+    table=ddl.USAGE_EVENTS,
+    message_type=UsageEvent,
+    columns=(
+        "event_id",
+        "time",
+        "tenant",
+        "task_id",
+        "step_id",
+        "call_id",
+        "service",
+        "tier",
+        "provider",
+        "model",
+        "requested_model",
+        "input_tokens",
+        "cached_input_tokens",
+        "output_tokens",
+        "cost_usd",
+        "latency_ms",
+        "outcome",
+        "usage_source",
+    ),
+    key=("event_id",),
+    to_row=usage_row,
+)
+TASKS = Sink(
+    table=ddl.TASK_EVENTS,
+    message_type=TaskEvent,
+    columns=(
+        "task_id",
+        "kind",
+        "time",
+        "tenant",
+        "workflow",
+        "cost_usd",
+        "calls",
+        "detail",
+        "artifact_id",
+        "artifact_type",
+    ),
+    key=("task_id", "kind"),
+    to_row=task_row,
+)
+ARTIFACTS = Sink(
+    table=ddl.ARTIFACTS,
+    message_type=Artifact,
+    columns=("id", "type", "schema_version", "task_id", "step_id", "calls", "parents", "cost_usd", "created"),
+    key=("id",),
+    to_row=artifact_row,
+)
+
+
+class Store:
+    """The accountant's ClickHouse: opened (schema created) on start, closed on stop."""
+
+    def __init__(self, url: str, database: str | None) -> None:
+        self.url = url
+        self.database = database
+        self._ch: Client | None = None
+
+    async def open(self) -> None:
+        self._ch = await asyncio.to_thread(client, self.url)
+        self.database = await asyncio.to_thread(create_schema, self._ch, self.database)
+
+    def close(self) -> None:
+        if self._ch is not None:
+            self._ch.close()
+            self._ch = None
+
+    async def insert_new(self, sink: Sink[Any], rows: dict[tuple[Any, ...], Row]) -> int:
+        """Insert the rows whose key is not stored yet; return how many were inserted."""
+        return await asyncio.to_thread(self._insert_new, sink, rows)
+
+    def _insert_new(self, sink: Sink[Any], rows: dict[tuple[Any, ...], Row]) -> int:
+        assert self._ch is not None and self.database is not None, "Store.open() first"
+        if not rows:
+            return 0
+        db = ddl.quote_identifier(self.database)
+        stored = self._ch.query(
+            f"SELECT {', '.join(sink.key)} FROM {db}.{sink.table} WHERE {sink.key[0]} IN {{keys:Array(String)}}",
+            parameters={"keys": sorted({key[0] for key in rows})},
+        ).result_rows
+        seen = {tuple(key) for key in stored}
+        new = [row for key, row in rows.items() if key not in seen]
+        if new:
+            self._ch.insert(sink.table, new, column_names=list(sink.columns), database=self.database)
+        return len(new)
+
+
+class Ingest(Generic[M]):
+    """Turns one fetched batch of a stream into (at most) one insert into ``sink.table``."""
+
+    def __init__(self, bus: Bus, store: Store, sink: Sink[M], retry_delay_s: float) -> None:
+        self.bus = bus
+        self.store = store
+        self.sink = sink
+        self.retry_delay_s = retry_delay_s
+
+    async def __call__(self, batch: Sequence[Msg]) -> None:
+        pending: list[Msg] = []
+        rows: dict[tuple[Any, ...], Row] = {}
+        for raw in batch:
+            try:
+                row = self.sink.to_row(msgspec.json.decode(raw.data, type=self.sink.message_type))
+            except (msgspec.DecodeError, ValueError) as exc:
+                error = f"{self.sink.message_type.__name__}: {exc}"
+                await self.bus.dead_letter(raw.subject, raw.data, raw.headers, error)
+                await raw.ack()
+                continue
+            pending.append(raw)
+            if row is not None:
+                # The first copy wins: a redelivered or re-published message is the same fact.
+                rows.setdefault(self.sink.key_of(row), row)
+        try:
+            inserted = await self.store.insert_new(self.sink, rows)
+        except Exception as exc:  # any ClickHouse or network failure: JetStream keeps the batch
+            self.bus.log.error("insert_failed", table=self.sink.table, messages=len(pending), error=str(exc))
+            for raw in pending:
+                await raw.nak(delay=self.retry_delay_s)
+            return
+        for raw in pending:
+            await raw.ack()
+        self.bus.log.debug("batch", table=self.sink.table, messages=len(batch), rows=len(rows), inserted=inserted)

@@ -1,0 +1,1 @@
+"""artifact-store: content-addressed, schema-checked artifacts in JetStream (Object Store + KV index)."""

@@ -1,0 +1,137 @@
+"""artifact-store: validates, content-addresses, stores and announces artifacts.
+
+Bodies live in the JetStream Object Store ``<prefix>_artifacts`` under the artifact id; the rest
+of the artifact (type, task, step, producing calls, parents, cost) lives in the KV bucket
+``<prefix>_artifact_index`` under the same id. The KV entry is written last and with ``create``,
+so it is the commit point: an id in the index always has its body stored, and when two puts of
+the same body race, the first one's metadata stays (an artifact never changes once stored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import msgspec
+from faststream import FastStream
+from faststream.nats import NatsMessage
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ObjectNotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from schemas.artifacts import ArtifactError, artifact_id, canonical_json, validate_body
+from schemas.messages import Artifact, ArtifactGet, ArtifactRef, ArtifactReply
+from schemas.subjects import BUCKET_ARTIFACT_BODIES, BUCKET_ARTIFACT_INDEX, HEADER_MSG_ID, STREAM_ARTIFACT_EVENTS
+from services.runtime.bus import Bus, encode, now_ms
+from services.runtime.settings import MeshSettings
+
+SERVICE = "artifact-store"
+QUEUE = "artifact-store"
+# Requests of each kind one replica serves at once (one at a time tops out at a few hundred puts/s).
+MAX_WORKERS = 16
+
+_ARTIFACT_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ArtifactStore:
+    """The store's logic over a connected bus; ``open()`` must run before ``put``/``get``."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._index: KeyValue | None = None
+        self._bodies: ObjectStore | None = None
+        self._storing: dict[str, asyncio.Future[None]] = {}
+
+    async def open(self) -> None:
+        """Create (or bind to) the KV index and the Object Store of bodies."""
+        subjects = self.bus.subjects
+        self._index = await self.bus.broker.key_value(subjects.bucket(BUCKET_ARTIFACT_INDEX))
+        self._bodies = await self.bus.broker.object_storage(subjects.bucket(BUCKET_ARTIFACT_BODIES))
+
+    async def put(self, artifact: Artifact) -> ArtifactReply:
+        try:
+            body = validate_body(artifact.type, artifact.schema_version, artifact.body)
+        except ArtifactError as exc:
+            return ArtifactReply(error=str(exc))
+        ref = ArtifactRef(id=artifact_id(artifact.type, artifact.schema_version, body), type=artifact.type)
+        # Concurrent puts of one body in this replica share one write (an Object Store put of
+        # the same name twice at once would leave the loser's chunks orphaned).
+        storing = self._storing.get(ref.id)
+        if storing is None:
+            stored = msgspec.structs.replace(artifact, id=ref.id, body=body, created_ms=artifact.created_ms or now_ms())
+            storing = self._storing[ref.id] = asyncio.ensure_future(self._store(stored))
+            storing.add_done_callback(lambda _: self._storing.pop(ref.id, None))
+        await asyncio.shield(storing)
+        return ArtifactReply(ref=ref)
+
+    async def _store(self, artifact: Artifact) -> None:
+        assert self._index is not None and self._bodies is not None, "ArtifactStore.open() was not awaited"
+        try:
+            await self._index.get(artifact.id)
+            return  # already stored: content addressing makes put idempotent
+        except KeyNotFoundError:
+            pass
+        await self._bodies.put(artifact.id, canonical_json(artifact.body))
+        try:
+            await self._index.create(artifact.id, _metadata(artifact))
+        except KeyWrongLastSequenceError:
+            return  # another replica's put of the same body won; it announces it
+        await self.bus.broker.publish(
+            encode(artifact),
+            self.bus.subjects.artifact_created(artifact.type),
+            headers={HEADER_MSG_ID: artifact.id},
+            stream=self.bus.subjects.stream(STREAM_ARTIFACT_EVENTS),
+        )
+
+    async def get(self, request: ArtifactGet) -> ArtifactReply:
+        assert self._index is not None and self._bodies is not None, "ArtifactStore.open() was not awaited"
+        if not _ARTIFACT_ID.match(request.id):
+            return ArtifactReply(error=f"invalid artifact id {request.id!r}: expected 64 lowercase hex digits")
+        try:
+            entry = await self._index.get(request.id)
+            stored = await self._bodies.get(request.id)
+        except (KeyNotFoundError, ObjectNotFoundError):
+            return ArtifactReply(error="not found")
+        metadata: dict[str, Any] = msgspec.json.decode(entry.value)
+        body = msgspec.json.decode(stored.data)
+        return ArtifactReply(artifact=msgspec.convert({**metadata, "body": body}, type=Artifact))
+
+
+def _metadata(artifact: Artifact) -> bytes:
+    """The artifact minus its body, for the KV index."""
+    fields = msgspec.to_builtins(artifact)
+    del fields["body"]
+    return msgspec.json.encode(fields)
+
+
+def create_app(settings: MeshSettings) -> FastStream:
+    bus = Bus(settings, SERVICE)
+    app = bus.app()
+    store = ArtifactStore(bus)
+    subjects = settings.subjects
+
+    # Registered after bus.app()'s hook, so the broker is connected; runs before any subscriber starts.
+    app.on_startup(store.open)
+
+    # An undecodable request gets the mesh-wide rejection (``{"error": ErrorInfo}``); a decoded
+    # one always gets an ArtifactReply, whose ``error`` says why a put or get was refused.
+    @bus.broker.subscriber(subjects.artifact_put, queue=QUEUE, max_workers=MAX_WORKERS)
+    async def put(msg: NatsMessage) -> bytes:
+        artifact = await bus.decode(msg, Artifact)
+        if artifact is None:
+            return bus.rejection("not an Artifact (dead-lettered with the decode error)")
+        reply = await store.put(artifact)
+        if reply.error:
+            # Bad input is kept with its reason like any other (the sender also gets the reason).
+            await bus.dead_letter(msg.raw_message.subject, msg.body, msg.headers, reply.error)
+        return encode(reply)
+
+    @bus.broker.subscriber(subjects.artifact_get, queue=QUEUE, max_workers=MAX_WORKERS)
+    async def get(msg: NatsMessage) -> bytes:
+        request = await bus.decode(msg, ArtifactGet)
+        if request is None:
+            return bus.rejection("not an ArtifactGet (dead-lettered with the decode error)")
+        return encode(await store.get(request))
+
+    return app

@@ -1,0 +1,230 @@
+"""The `frugalmesh` command."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from services.registry import SERVICES
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+@click.group()
+def cli() -> None:
+    """frugalmesh: a cost-governed multi-agent mesh over NATS."""
+
+
+@cli.command()
+@click.argument("service", type=click.Choice(list(SERVICES)))
+@click.option("--ready-file", type=click.Path(path_type=Path), help="Touched once the service takes work.")
+def run(service: str, ready_file: Path | None) -> None:
+    """Run one service in the foreground (start more copies to scale it out)."""
+    from services.registry import create_app
+    from services.runtime.settings import MeshSettings
+
+    app = create_app(service, MeshSettings())
+    if ready_file:
+
+        @app.after_startup
+        async def announce_ready() -> None:
+            ready_file.touch()
+
+    asyncio.run(app.run())
+
+
+@cli.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Where nats-server and ClickHouse keep their data [~/.frugalmesh].")
+@click.option("--nats-port", default=4222, show_default=True, help="-1 picks a free port.")
+@click.option("--clickhouse-port", default=8123, show_default=True, help="0 picks a free port.")
+def up(data_dir: Path | None, nats_port: int, clickhouse_port: int) -> None:
+    """Start nats-server, ClickHouse and the six services on this machine; Ctrl-C stops all."""
+    from services.cli.stack import Stack, running_stack
+    from services.runtime.embedded import EmbeddedError
+    from services.runtime.settings import MeshSettings
+
+    settings = MeshSettings()
+    home = data_dir or settings.home
+    if running_stack(home):
+        _fail(f"a stack is already running from {home} (see {home / 'stack.json'}); stop it with Ctrl-C first")
+    stack = Stack(home=home, nats_port=nats_port, clickhouse_port=clickhouse_port, settings=settings)
+    try:
+        stack.start()
+    except EmbeddedError as exc:
+        stack.stop()
+        _fail(f"{exc}\nIf a port is taken, pass --nats-port -1 / --clickhouse-port 0 for free ones.")
+    click.echo(f"NATS        {stack.settings.nats_url}" + ("" if stack.nats else "  (external)"))
+    click.echo(f"ClickHouse  {_redact(stack.settings.clickhouse_url)}" + ("" if stack.clickhouse else "  (external)"))
+    for name, process in stack.services.items():
+        click.echo(f"{name:<16}pid {process.pid}  log {home / 'logs' / name}.log")
+    click.echo("frugalmesh is up. Ctrl-C stops everything.")
+    stopping = False
+
+    def request_stop(*_) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        while not stopping:
+            dead = stack.dead_services()
+            if dead:
+                click.echo(f"service(s) exited: {', '.join(dead)}; stopping", err=True)
+                break
+            time.sleep(0.2)
+    finally:
+        click.echo("stopping...")
+        stack.stop()
+        click.echo("stopped.")
+
+
+def _redact(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+@cli.command()
+@click.argument("goal")
+@click.option("--workflow", default="answer", show_default=True)
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--budget", "budget_usd", type=float, help="Budget for the task, USD.")
+@click.option("--deadline", "deadline_s", type=float, default=60.0, show_default=True, help="Seconds.")
+@click.option("--allow-model", "allow_models", multiple=True, help="Pin the task to these models (repeatable).")
+def submit(goal: str, workflow: str, tenant: str, budget_usd: float | None, deadline_s: float, allow_models: tuple[str, ...]) -> None:
+    """Publish a task and follow its events to the end."""
+    from schemas.messages import Task
+    from services.cli.client import MeshClient, new_task_id
+    from services.cli.stack import client_settings
+
+    task = Task(
+        id=new_task_id(),
+        tenant=tenant,
+        workflow=workflow,
+        goal=goal,
+        budget_usd=budget_usd,
+        deadline_s=deadline_s,
+        allow_models=list(allow_models) or None,
+    )
+
+    async def go() -> str:
+        async with MeshClient(client_settings()) as client:
+            follow = client.follow(task.id, timeout_s=deadline_s + 10)
+            await client.submit(task)
+            click.echo(f"task {task.id}")
+            final = None
+            async for event in follow:
+                step = f" [{event.step_id}]" if event.step_id else ""
+                detail = f" {event.detail}" if event.detail else ""
+                click.echo(f"  {event.kind}{step}{detail}  (${event.cost_usd:.6f}, {event.calls} calls)")
+                final = event
+            if final.artifact:
+                artifact = await client.artifact(final.artifact.id)
+                click.echo(f"\n{artifact.body.get('text', artifact.body)}")
+            return final.kind
+
+    try:
+        kind = asyncio.run(go())
+    except (ConnectionError, TimeoutError) as exc:
+        _fail(str(exc) or "timed out waiting for the task's events; is the mesh running (`frugalmesh up`)?")
+    sys.exit(0 if kind == "done" else 1)
+
+
+@cli.command()
+@click.argument("query")
+@click.option("--format", "fmt", type=click.Choice(["table", "tsv"]), default="table", show_default=True)
+def sql(query: str, fmt: str) -> None:
+    """Query ClickHouse, e.g. frugalmesh sql "SELECT model, sum(cost_usd) FROM usage_events GROUP BY model"."""
+    import clickhouse_connect
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+    from rich.console import Console
+    from rich.table import Table
+
+    from services.cli.stack import client_settings, clickhouse_for_queries
+
+    settings = client_settings()
+    with clickhouse_for_queries(settings) as url:
+        try:
+            result = clickhouse_connect.get_client(dsn=url).query(query)
+        except ClickHouseError as exc:
+            _fail(f"{exc}".strip().splitlines()[0])
+        except Exception as exc:  # connection refused and friends
+            _fail(f"cannot query ClickHouse at {_redact(url)}: {exc}. Is the mesh up (`frugalmesh up`)?")
+    if fmt == "tsv":
+        click.echo("\t".join(result.column_names))
+        for row in result.result_rows:
+            click.echo("\t".join(str(v) for v in row))
+        return
+    table = Table(*result.column_names)
+    for row in result.result_rows:
+        table.add_row(*(str(v) for v in row))
+    Console().print(table)
+
+
+@cli.command()
+@click.option("--tasks", "n_tasks", default=300, show_default=True, help="How many recorded prompts to send.")
+@click.option("--data", type=click.Path(path_type=Path), help="Recorded data directory [FRUGALMESH_DATA or the cache].")
+@click.option("--concurrency", default=32, show_default=True)
+@click.option("--seed", default=7, show_default=True)
+def demo(n_tasks: int, data: Path | None, concurrency: int, seed: int) -> None:
+    """Push recorded GSM8K and MMLU prompts through the mesh and compare with frontier-only."""
+    from services.cli.demo import run_demo
+    from services.runtime.data import DataNotFound, resolve_data_dir
+
+    try:
+        data_dir = resolve_data_dir(data)
+    except DataNotFound as exc:
+        _fail(str(exc))
+    run_demo(data_dir, n_tasks=n_tasks, concurrency=concurrency, seed=seed)
+
+
+@cli.group()
+def schemas() -> None:
+    """The wire schemas."""
+
+
+@schemas.command("export")
+@click.option("--check", is_flag=True, help="Fail if schemas/json is stale instead of writing it.")
+def schemas_export(check: bool) -> None:
+    """Write a JSON Schema per message into schemas/json/."""
+    from schemas.export import JSON_DIR, export, render
+
+    if check:
+        stale = [name for name, text in render().items() if not (JSON_DIR / name).is_file() or (JSON_DIR / name).read_text() != text]
+        if stale:
+            _fail(f"stale JSON Schemas: {', '.join(stale)}; run `frugalmesh schemas export`")
+        click.echo("schemas/json is up to date")
+        return
+    for path in export():
+        click.echo(path)
+
+
+@cli.group()
+def data() -> None:
+    """The recorded public data sets."""
+
+
+@data.command("fetch")
+@click.option("--dest", type=click.Path(path_type=Path), help="Where to put the files [FRUGALMESH_DATA if set, else the cache].")
+@click.option("--mirror", help="Base URL of a mirror with the same layout as the sources [FRUGALMESH_DATA_MIRROR].")
+def data_fetch(dest: Path | None, mirror: str | None) -> None:
+    """Download the public data sets (RouteLLM outcomes, Azure and Mooncake traces), verified by sha256."""
+    from services.runtime.datafetch import fetch_command
+
+    sys.exit(fetch_command(dest, mirror))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,152 @@
+"""The one-machine stack behind `frugalmesh up` and `frugalmesh demo`.
+
+Starts nats-server and the embedded ClickHouse (unless NATS_URL / CLICKHOUSE_URL name running
+ones) and the six services as separate processes, each logging to ``<home>/logs/``. The URLs
+of a running stack are written to ``<home>/stack.json`` so other commands find it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.registry import SERVICES
+from services.runtime.embedded import EmbeddedClickHouse, EmbeddedError, EmbeddedNats, stop_process
+from services.runtime.settings import MeshSettings
+
+STATE_FILE = "stack.json"
+
+
+def running_stack(home: Path) -> dict | None:
+    """The URLs of a stack started by `frugalmesh up` that is still alive, else None."""
+    path = home / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        os.kill(state["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return state
+
+
+def client_settings(home: Path | None = None) -> MeshSettings:
+    """Settings for a client command: the environment wins, then a running `up` stack."""
+    settings = MeshSettings()
+    state = running_stack(home or settings.home)
+    update = {}
+    if state and not os.environ.get("NATS_URL") and not os.environ.get("FRUGALMESH_NATS_URL"):
+        update["nats_url"] = state["nats_url"]
+    if state and not os.environ.get("CLICKHOUSE_URL") and not os.environ.get("FRUGALMESH_CLICKHOUSE_URL"):
+        update["clickhouse_url"] = state["clickhouse_url"]
+    return settings.model_copy(update=update) if update else settings
+
+
+@contextmanager
+def clickhouse_for_queries(settings: MeshSettings) -> Iterator[str]:
+    """The ClickHouse URL to query: the configured or running one; with neither, the embedded
+    server is started on the data a stopped stack left in ``home`` (so rows stay queryable)."""
+    configured = os.environ.get("CLICKHOUSE_URL") or os.environ.get("FRUGALMESH_CLICKHOUSE_URL")
+    stored = settings.home / "clickhouse"
+    if configured or running_stack(settings.home) or not (stored / "data").is_dir():
+        yield settings.clickhouse_url
+        return
+    server = EmbeddedClickHouse(stored, port=0)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@dataclass
+class Stack:
+    home: Path
+    nats_port: int = 4222
+    clickhouse_port: int = 8123
+    settings: MeshSettings = field(default_factory=MeshSettings)
+    nats: EmbeddedNats | None = field(default=None, init=False)
+    clickhouse: EmbeddedClickHouse | None = field(default=None, init=False)
+    services: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
+
+    def start(self, timeout_s: float = 60.0) -> MeshSettings:
+        self.home.mkdir(parents=True, exist_ok=True)
+        nats_url = os.environ.get("NATS_URL")
+        if not nats_url:
+            self.nats = EmbeddedNats(self.home / "nats", port=self.nats_port)
+            nats_url = self.nats.start()
+        clickhouse_url = os.environ.get("CLICKHOUSE_URL")
+        if not clickhouse_url:
+            self.clickhouse = EmbeddedClickHouse(self.home / "clickhouse", port=self.clickhouse_port)
+            clickhouse_url = self.clickhouse.start()
+        self.settings = self.settings.model_copy(update={"nats_url": nats_url, "clickhouse_url": clickhouse_url})
+        self._start_services(timeout_s)
+        (self.home / STATE_FILE).write_text(
+            json.dumps({"pid": os.getpid(), "nats_url": nats_url, "clickhouse_url": clickhouse_url})
+        )
+        return self.settings
+
+    def _start_services(self, timeout_s: float) -> None:
+        logs = self.home / "logs"
+        run_dir = self.home / "run"
+        logs.mkdir(exist_ok=True)
+        run_dir.mkdir(exist_ok=True)
+        env = {
+            **os.environ,
+            "NATS_URL": self.settings.nats_url,
+            "CLICKHOUSE_URL": self.settings.clickhouse_url,
+            "FRUGALMESH_SUBJECT_PREFIX": self.settings.subject_prefix,
+        }
+        if self.settings.data:
+            env["FRUGALMESH_DATA"] = str(self.settings.data)
+        ready_files = {}
+        for name in SERVICES:
+            ready = run_dir / f"{name}.ready"
+            ready.unlink(missing_ok=True)
+            ready_files[name] = ready
+            with (logs / f"{name}.log").open("ab") as log:
+                self.services[name] = subprocess.Popen(
+                    [sys.executable, "-m", "services.cli.main", "run", name, "--ready-file", str(ready)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+        deadline = time.monotonic() + timeout_s
+        for name, ready in ready_files.items():
+            while not ready.exists():
+                process = self.services[name]
+                if process.poll() is not None:
+                    raise EmbeddedError(f"service {name} exited with code {process.returncode}; see {logs / name}.log")
+                if time.monotonic() > deadline:
+                    raise EmbeddedError(f"service {name} not ready after {timeout_s:.0f}s; see {logs / name}.log")
+                time.sleep(0.05)
+
+    def dead_services(self) -> list[str]:
+        return [name for name, process in self.services.items() if process.poll() is not None]
+
+    def stop(self) -> None:
+        for process in self.services.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.services.values():
+            stop_process(process)
+        if self.clickhouse:
+            self.clickhouse.stop()
+        if self.nats:
+            self.nats.stop()
+        (self.home / STATE_FILE).unlink(missing_ok=True)
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,21 @@
+"""cloud-inference: provider APIs (``mesh.infer.cloud.<provider>``, queue group ``cloud-inference``).
+
+Backends by ``[providers.X] backend``: ``replay`` answers from the recorded outcomes; ``openai``
+calls an OpenAI-compatible Chat Completions API (``base_url``, key from ``api_key_env``).
+"""
+
+from __future__ import annotations
+
+from faststream import FastStream
+
+from services.cloud_inference.openai_backend import OpenAIBackend
+from services.runtime.inference.backend import BackendFactory
+from services.runtime.inference.replay import ReplayBackend
+from services.runtime.inference.service import DEFAULT_CONCURRENCY, create_inference_app
+from services.runtime.settings import MeshSettings
+
+BACKENDS: dict[str, BackendFactory] = {"replay": ReplayBackend.from_provider, "openai": OpenAIBackend.from_provider}
+
+
+def create_app(settings: MeshSettings, max_concurrency: int = DEFAULT_CONCURRENCY) -> FastStream:
+    return create_inference_app(settings, "cloud", BACKENDS, max_concurrency)

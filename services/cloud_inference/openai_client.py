@@ -1,0 +1,170 @@
+"""A client for OpenAI-compatible Chat Completions APIs over httpx (OpenAI, Together, vLLM, llama.cpp).
+
+It always streams (``stream=true`` with ``stream_options.include_usage``) so a call cut off at
+its deadline closes the connection and stops the provider generating, and reads the
+server-sent events itself. It knows nothing of the mesh: it returns what the provider said,
+with ``usage=None`` when the provider did not report usage.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+ERROR_BODY_CHARS = 500
+
+
+@dataclass(frozen=True)
+class ProviderUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ChatCompletion:
+    text: str
+    finish_reason: str
+    # The model the provider says served the call ("" if it did not say).
+    model: str
+    usage: ProviderUsage | None
+
+
+class OpenAIError(Exception):
+    """A failed call. ``started``: the provider had accepted the call (HTTP 200), so it may bill."""
+
+    def __init__(self, message: str, *, status: int | None, retryable: bool, started: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+        self.started = started
+
+
+def retryable_status(status: int) -> bool:
+    """Rate limits and server errors pass; other 4xx are the request's fault and will fail again."""
+    return status == 429 or status >= 500
+
+
+class OpenAIClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = http or httpx.AsyncClient(timeout=timeout)
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.headers = headers
+
+    async def chat(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        response_format: Mapping[str, Any] | None = None,
+    ) -> ChatCompletion:
+        payload: dict[str, Any] = {
+            "model": model,
+            "messages": list(messages),
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if response_format is not None:
+            payload["response_format"] = dict(response_format)
+        try:
+            async with self.http.stream("POST", self.url, json=payload, headers=self.headers) as response:
+                if response.status_code != 200:
+                    body = (await response.aread()).decode(errors="replace")[:ERROR_BODY_CHARS]
+                    raise OpenAIError(
+                        f"HTTP {response.status_code} from {self.url}: {body}",
+                        status=response.status_code,
+                        retryable=retryable_status(response.status_code),
+                        started=False,
+                    )
+                if response.headers.get("content-type", "").startswith("application/json"):
+                    # Some compatible servers ignore stream=true and answer with one JSON body.
+                    return _from_body(json.loads(await response.aread()))
+                return await _from_stream(sse_data(response.aiter_lines()))
+        except httpx.TransportError as exc:
+            # Connection failures, resets and read timeouts are transient. Only a call that never
+            # reached the provider is surely unbilled.
+            started = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+            message = f"{type(exc).__name__} talking to {self.url}: {exc}"
+            raise OpenAIError(message, status=None, retryable=True, started=started) from exc
+        except json.JSONDecodeError as exc:
+            raise OpenAIError(
+                f"malformed response from {self.url}: {exc}", status=200, retryable=True, started=True
+            ) from exc
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The ``data`` of each server-sent event (data lines joined by newlines; other fields ignored)."""
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value.removeprefix(" "))
+    if data:
+        yield "\n".join(data)
+
+
+async def _from_stream(events: AsyncIterator[str]) -> ChatCompletion:
+    text: list[str] = []
+    finish_reason = ""
+    model = ""
+    usage: ProviderUsage | None = None
+    async for data in events:
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise OpenAIError(f"error in stream: {chunk['error']}", status=None, retryable=False, started=True)
+        model = model or chunk.get("model") or ""
+        # vLLM can repeat usage on every chunk; the last one reported is the total.
+        if chunk.get("usage"):
+            usage = _usage(chunk["usage"])
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            text.append((choice.get("delta") or {}).get("content") or "")
+            finish_reason = choice.get("finish_reason") or finish_reason
+    return ChatCompletion(text="".join(text), finish_reason=finish_reason, model=model, usage=usage)
+
+
+def _from_body(body: Mapping[str, Any]) -> ChatCompletion:
+    choice = (body.get("choices") or [{}])[0]
+    return ChatCompletion(
+        text=(choice.get("message") or {}).get("content") or "",
+        finish_reason=choice.get("finish_reason") or "",
+        model=body.get("model") or "",
+        usage=_usage(body["usage"]) if body.get("usage") else None,
+    )
+
+
+def _usage(raw: Mapping[str, Any]) -> ProviderUsage:
+    details = raw.get("prompt_tokens_details") or {}
+    return ProviderUsage(
+        prompt_tokens=int(raw.get("prompt_tokens") or 0),
+        completion_tokens=int(raw.get("completion_tokens") or 0),
+        cached_tokens=int(details.get("cached_tokens") or 0),
+    )

@@ -1,0 +1,1 @@
+"""planner: runs each task's workflow (a DAG of steps) and publishes its events."""

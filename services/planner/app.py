@@ -1,0 +1,106 @@
+"""planner: takes tasks from the ``planner`` durable pull consumer and runs each as its own asyncio task.
+
+The consumer is shared by every replica (the TASKS stream is a work queue), so each task runs
+once. The handler only decodes the task and hands it to a background asyncio task: one slow task
+never holds up the others, and ``max_in_flight`` bounds how many run at once (the handler waits
+for a free slot, which stops further pulls). A task's message is acked only after its terminal
+event is published; while it runs, ``in_progress`` keeps JetStream from redelivering it, however
+long its deadline. If the planner dies mid-task the message comes back after ``ack_wait_s`` and
+another replica runs the task again (artifacts are content-addressed, so reruns store nothing twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from faststream import FastStream
+from faststream.middlewares import AckPolicy
+from faststream.nats import NatsMessage, PullSub
+from nats.js.api import AckPolicy as JsAckPolicy
+from nats.js.api import ConsumerConfig
+
+from schemas.messages import Task
+from schemas.subjects import STREAM_TASKS, token
+from services.planner.runner import Planner
+from services.planner.workflow import load_workflows
+from services.runtime.bus import Bus
+from services.runtime.settings import MeshSettings
+
+SERVICE = "planner"
+DURABLE = "planner"
+# A task that crashes the planner is not retried for ever: that is how runaway loops start.
+MAX_DELIVER = 3
+
+
+def create_app(
+    settings: MeshSettings,
+    *,
+    max_fanout: int = 9,
+    max_in_flight: int = 256,
+    ack_wait_s: float = 60.0,
+    pull_batch: int = 32,
+) -> FastStream:
+    """The planner. Workflows load from ``settings.deploy_dir / "workflows"`` now, so a bad one fails here.
+
+    ``max_fanout``: parallel steps per task (a workflow may ask for fewer). ``max_in_flight``:
+    tasks running at once in this replica. ``ack_wait_s``: how long a silent replica keeps a task.
+    """
+    bus = Bus(settings, SERVICE)
+    app = bus.app()
+    planner = Planner(bus, load_workflows(settings.deploy_dir / "workflows"), max_fanout)
+    slots = asyncio.Semaphore(max_in_flight)
+    running: set[asyncio.Task[None]] = set()
+
+    async def keep_alive(msg: NatsMessage) -> None:
+        while True:
+            await asyncio.sleep(ack_wait_s / 3)
+            await msg.in_progress()
+
+    async def run(msg: NatsMessage, task: Task) -> None:
+        heartbeat = asyncio.create_task(keep_alive(msg))
+        try:
+            kind = await planner.run(task)
+            await msg.ack()
+            bus.log.info("task_finished", task_id=task.id, kind=kind)
+        except Exception:
+            # Infrastructure trouble (e.g. events could not be published): let JetStream redeliver.
+            bus.log.exception("task_crashed", task_id=task.id)
+            await msg.nack(delay=1.0)
+        finally:
+            heartbeat.cancel()
+            slots.release()
+
+    @bus.broker.subscriber(
+        settings.subjects.task_submit,
+        stream=bus.stream(STREAM_TASKS),
+        durable=DURABLE,
+        pull_sub=PullSub(batch_size=pull_batch, timeout=1.0),
+        ack_policy=AckPolicy.MANUAL,
+        config=ConsumerConfig(ack_policy=JsAckPolicy.EXPLICIT, ack_wait=ack_wait_s, max_deliver=MAX_DELIVER),
+    )
+    async def submit(msg: NatsMessage) -> None:
+        task = await bus.decode(msg, Task)
+        if task is not None:
+            try:
+                token(task.id)
+                token(task.tenant)
+            except ValueError as exc:
+                await bus.dead_letter(msg.raw_message.subject, msg.body, msg.headers, f"Task: {exc}")
+                task = None
+        if task is None:
+            # Dead-lettered with the reason; acked so it is not redelivered.
+            await msg.ack()
+            return
+        await slots.acquire()
+        background = asyncio.create_task(run(msg, task))
+        running.add(background)
+        background.add_done_callback(running.discard)
+
+    @app.on_shutdown
+    async def abandon_running() -> None:
+        # Unacked, these tasks go back to the stream and another replica picks them up.
+        for background in list(running):
+            background.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+    return app

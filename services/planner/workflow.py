@@ -1,0 +1,161 @@
+"""Workflows are data: ``deploy/workflows/<name>.toml`` describes a DAG of steps.
+
+A step is either a model step (``kind = "model"``: one StepRequest to the router, its output
+stored as an artifact of the step's type) or a ``select`` step (no model call: it keeps the
+candidate its review accepted, or takes the review's corrected answer). Message templates may
+use ``{goal}`` (the task goal) and ``{<step id>}`` (the ``text`` of that step's artifact, which
+must then be one of the step's ``needs``).
+
+Everything is checked when the file is loaded, so a bad workflow stops the planner at start
+with the file and the reason, never a task half-way through.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from schemas.artifacts import ARTIFACT_TYPES
+from schemas.messages import ChatMessage
+
+GOAL = "goal"
+# Replay backends find the recorded answer by the prompt, so the first user message of every
+# model step must be the goal itself, untouched.
+FIRST_USER_MESSAGE = "{goal}"
+
+_STEP_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_-]*)\}")
+
+
+class WorkflowError(ValueError):
+    """A workflow file that cannot run; the message names the file and what is wrong."""
+
+
+class StepSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    id: str
+    artifact: str
+    kind: Literal["model", "select"] = "model"
+    # Model steps: the role the router routes on, and the prompt.
+    role: str = ""
+    messages: list[ChatMessage] = []
+    max_tokens: int = 512
+    needs: list[str] = []
+
+
+class Workflow(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    description: str = ""
+    # A workflow may ask for less parallelism than the planner allows, never more.
+    max_fanout: int | None = None
+    steps: list[StepSpec]
+
+    @property
+    def final(self) -> StepSpec:
+        """The step whose artifact is the task's answer: the last one listed."""
+        return self.steps[-1]
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    """Replace ``{name}`` placeholders; other braces (JSON in a prompt, say) are left alone."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+def parse_workflow(text: str, source: str = "<workflow>") -> Workflow:
+    """Parse and validate one workflow document (TOML)."""
+    try:
+        workflow = msgspec.convert(tomllib.loads(text), type=Workflow)
+    except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        raise WorkflowError(f"{source}: {exc}") from None
+    problems = _problems(workflow)
+    if problems:
+        raise WorkflowError(f"{source}: " + "; ".join(problems))
+    return workflow
+
+
+def load_workflow(path: Path) -> Workflow:
+    workflow = parse_workflow(path.read_text(), str(path))
+    if workflow.name != path.stem:
+        raise WorkflowError(f"{path}: name {workflow.name!r} must match the file name {path.stem!r}")
+    return workflow
+
+
+def load_workflows(directory: Path) -> dict[str, Workflow]:
+    """Every ``*.toml`` in ``directory`` by name; raises WorkflowError on the first bad file."""
+    if not directory.is_dir():
+        raise WorkflowError(f"no workflow directory at {directory}")
+    return {path.stem: load_workflow(path) for path in sorted(directory.glob("*.toml"))}
+
+
+def _problems(workflow: Workflow) -> list[str]:
+    problems: list[str] = []
+    if not workflow.steps:
+        return ["a workflow needs at least one step"]
+    if workflow.max_fanout is not None and workflow.max_fanout < 1:
+        problems.append(f"max_fanout must be at least 1, not {workflow.max_fanout}")
+    ids = [s.id for s in workflow.steps]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        problems.append(f"duplicate step ids: {', '.join(duplicates)}")
+    by_id = {s.id: s for s in workflow.steps}
+    for step in workflow.steps:
+        problems.extend(f"step {step.id!r}: {p}" for p in _step_problems(step, by_id))
+    if problems:
+        return problems
+    try:
+        graphlib.TopologicalSorter({s.id: s.needs for s in workflow.steps}).prepare()
+    except graphlib.CycleError as exc:
+        problems.append(f"steps form a cycle: {' -> '.join(exc.args[1])}")
+    return problems
+
+
+def _step_problems(step: StepSpec, by_id: dict[str, StepSpec]) -> list[str]:
+    problems: list[str] = []
+    if not _STEP_ID.match(step.id) or step.id == GOAL:
+        problems.append(f"a step id must be letters, digits, '_' or '-' (and not {GOAL!r})")
+    if step.artifact not in ARTIFACT_TYPES:
+        problems.append(f"unknown artifact type {step.artifact!r}; known: {', '.join(sorted(ARTIFACT_TYPES))}")
+    unknown = [n for n in step.needs if n not in by_id]
+    if unknown:
+        problems.append(f"needs unknown steps: {', '.join(unknown)}")
+    if step.id in step.needs:
+        problems.append("needs itself")
+    if step.kind == "model":
+        problems.extend(_model_step_problems(step))
+    elif not unknown:
+        problems.extend(_select_step_problems(step, by_id))
+    return problems
+
+
+def _model_step_problems(step: StepSpec) -> list[str]:
+    problems: list[str] = []
+    if not step.role:
+        problems.append("a model step needs a role")
+    if step.max_tokens < 1:
+        problems.append(f"max_tokens must be at least 1, not {step.max_tokens}")
+    user = [m.content for m in step.messages if m.role == "user"]
+    if not user or user[0] != FIRST_USER_MESSAGE:
+        problems.append(f"the first user message must be exactly {FIRST_USER_MESSAGE!r}")
+    for message in step.messages:
+        for name in _PLACEHOLDER.findall(message.content):
+            if name != GOAL and name not in step.needs:
+                problems.append(f"placeholder {{{name}}} is neither {{goal}} nor one of its needs")
+    return problems
+
+
+def _select_step_problems(step: StepSpec, by_id: dict[str, StepSpec]) -> list[str]:
+    if step.messages or step.role:
+        return ["a select step makes no model call: it takes no role or messages"]
+    if len(step.needs) != 2:
+        return ["a select step needs exactly [candidate, review]"]
+    candidate, review = (by_id[n] for n in step.needs)
+    problems = []
+    if review.artifact != "review":
+        problems.append(f"its second need {review.id!r} must produce a 'review', not {review.artifact!r}")
+    if candidate.artifact != step.artifact:
+        problems.append(f"its first need {candidate.id!r} must produce its own type {step.artifact!r}")
+    return problems

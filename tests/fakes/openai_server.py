@@ -1,0 +1,169 @@
+"""A loopback fake of a paid OpenAI-compatible Chat Completions API, speaking the real wire protocol.
+
+``POST /v1/chat/completions`` answers one JSON body, or with ``stream: true`` server-sent events:
+``data: {chunk}`` per token (``choices[0].delta.content``), a chunk with ``finish_reason``, a
+usage chunk with empty ``choices`` when ``stream_options.include_usage`` asks, then
+``data: [DONE]``. The HTTP is a real server on a real socket (a ThreadingHTTPServer, HTTP/1.1
+chunked), so the client under test is the production client, connection handling included.
+What it answers is set per test through ``Behaviour``; what it saw is kept in ``requests``
+and ``disconnects``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Behaviour:
+    reply: str = "The answer is 42."
+    # The model the fake reports; None echoes the requested one.
+    model: str | None = None
+    # False: a stream never carries usage, even when include_usage asks for it.
+    usage: bool = True
+    # None counts the words of every message.
+    prompt_tokens: int | None = None
+    cached_tokens: int = 0
+    token_delay_s: float = 0.0
+    status: int = 200
+    # False: ignore stream=true and answer one JSON body, as some compatible servers do.
+    stream: bool = True
+    # When set, a request without ``Authorization: Bearer <api_key>`` gets 401.
+    api_key: str | None = None
+
+
+@dataclass
+class Seen:
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+@dataclass
+class FakeOpenAI:
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    requests: list[Seen] = field(default_factory=list)
+    # Set when a client went away while a stream was still being written.
+    disconnects: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server.daemon_threads = True
+        # A short poll interval makes shutdown (once per test) take milliseconds, not half a second.
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, name="fake-openai", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def __enter__(self) -> FakeOpenAI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            return None
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            fake.requests.append(Seen(body=body, headers={k.lower(): v for k, v in self.headers.items()}))
+            behaviour = fake.behaviour
+            if behaviour.api_key and self.headers.get("Authorization") != f"Bearer {behaviour.api_key}":
+                return self._json(
+                    401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
+                )
+            if behaviour.status != 200:
+                return self._json(
+                    behaviour.status, {"error": {"message": f"fake status {behaviour.status}", "type": "fake"}}
+                )
+            tokens = re.findall(r"\s*\S+", behaviour.reply)
+            finish_reason = "length" if len(tokens) > body["max_tokens"] else "stop"
+            tokens = tokens[: body["max_tokens"]]
+            model = behaviour.model or body["model"]
+            usage = {
+                "prompt_tokens": behaviour.prompt_tokens
+                if behaviour.prompt_tokens is not None
+                else sum(len(m["content"].split()) for m in body["messages"]),
+                "completion_tokens": len(tokens),
+                "prompt_tokens_details": {"cached_tokens": behaviour.cached_tokens},
+            }
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            if body.get("stream") and behaviour.stream:
+                include_usage = behaviour.usage and (body.get("stream_options") or {}).get("include_usage")
+                return self._stream(model, tokens, finish_reason, usage if include_usage else None)
+            message = {"role": "assistant", "content": "".join(tokens)}
+            self._json(
+                200,
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+                    **({"usage": usage} if behaviour.usage else {}),
+                },
+            )
+
+        def _json(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _stream(self, model: str, tokens: list[str], finish_reason: str, usage: dict[str, Any] | None) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            base = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+            }
+            events = [
+                {
+                    **base,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                }
+            ]
+            events += [
+                {**base, "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]} for t in tokens
+            ]
+            events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
+            if usage is not None:
+                events.append({**base, "choices": [], "usage": usage})
+            try:
+                for event in events:
+                    self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+                    time.sleep(fake.behaviour.token_delay_s)
+                self._chunk(b"data: [DONE]\n\n")
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                fake.disconnects.set()
+                self.close_connection = True
+
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+    return Handler

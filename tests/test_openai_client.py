@@ -1,0 +1,190 @@
+"""The production OpenAI-compatible client and the ``openai`` backend against a loopback fake of the API."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from fakes.openai_server import Behaviour, FakeOpenAI
+
+from schemas.messages import ChatMessage, InferenceRequest
+from services.cloud_inference.openai_backend import OpenAIBackend
+from services.cloud_inference.openai_client import OpenAIClient, OpenAIError, sse_data
+from services.runtime.catalog import Catalog
+from services.runtime.inference.backend import BackendError
+from services.runtime.settings import REPO_DEPLOY_DIR
+from services.runtime.tokens import count_message_tokens
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is six times seven?"}]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+async def client(fake) -> AsyncIterator[OpenAIClient]:
+    client = OpenAIClient(fake.url, "sk-test")
+    yield client
+    await client.aclose()
+
+
+async def test_streams_text_usage_cached_tokens_and_provider_model(fake, client):
+    fake.behaviour = Behaviour(
+        reply="Six times seven is 42.", model="gpt-4-1106-preview-2023", cached_tokens=3, api_key="sk-test"
+    )
+
+    reply = await client.chat("gpt-4-1106-preview", MESSAGES, max_tokens=64)
+
+    assert reply.text == "Six times seven is 42."
+    assert reply.finish_reason == "stop"
+    assert reply.model == "gpt-4-1106-preview-2023"
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.cached_tokens) == (7, 5, 3)
+    seen = fake.requests[0]
+    assert seen.headers["authorization"] == "Bearer sk-test"
+    assert seen.body["stream"] is True
+    assert seen.body["stream_options"] == {"include_usage": True}
+    assert (seen.body["model"], seen.body["max_tokens"], seen.body["messages"]) == ("gpt-4-1106-preview", 64, MESSAGES)
+
+
+async def test_max_tokens_cuts_the_reply_with_finish_reason_length(fake, client):
+    fake.behaviour = Behaviour(reply="one two three four five")
+
+    reply = await client.chat("m", MESSAGES, max_tokens=2)
+
+    assert (reply.text, reply.finish_reason, reply.usage.completion_tokens) == ("one two", "length", 2)
+
+
+async def test_stream_without_usage_reports_none(fake, client):
+    fake.behaviour = Behaviour(usage=False)
+
+    reply = await client.chat("m", MESSAGES, max_tokens=64)
+
+    assert reply.text == "The answer is 42."
+    assert reply.usage is None
+
+
+async def test_a_server_that_ignores_stream_is_read_as_one_json_body(fake, client):
+    fake.behaviour = Behaviour(stream=False, model="served-model", cached_tokens=2)
+
+    reply = await client.chat("m", MESSAGES, max_tokens=64)
+
+    assert (reply.text, reply.finish_reason, reply.model) == ("The answer is 42.", "stop", "served-model")
+    assert (reply.usage.completion_tokens, reply.usage.cached_tokens) == (4, 2)
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(429, True), (503, True), (400, False), (401, False)])
+async def test_http_errors_map_to_retryable_or_not(fake, client, status, retryable):
+    fake.behaviour = Behaviour(status=status)
+
+    with pytest.raises(OpenAIError) as caught:
+        await client.chat("m", MESSAGES, max_tokens=8)
+
+    assert (caught.value.status, caught.value.retryable, caught.value.started) == (status, retryable, False)
+    assert f"fake status {status}" in str(caught.value)
+
+
+async def test_a_refused_connection_is_retryable_and_unbilled():
+    with FakeOpenAI() as server:
+        url = server.url
+    client = OpenAIClient(url)
+    with pytest.raises(OpenAIError) as caught:
+        await client.chat("m", MESSAGES, max_tokens=8)
+    await client.aclose()
+
+    assert (caught.value.retryable, caught.value.started) == (True, False)
+
+
+async def test_cancelling_a_call_closes_the_stream(fake, client):
+    fake.behaviour = Behaviour(reply="word " * 200, token_delay_s=0.02)
+
+    call = asyncio.create_task(client.chat("m", MESSAGES, max_tokens=500))
+    await asyncio.sleep(0.15)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    assert await asyncio.to_thread(fake.disconnects.wait, 5), "the server never saw the client go away"
+
+
+async def test_sse_parser_joins_data_lines_and_skips_comments_and_other_fields():
+    async def lines():
+        for line in [": keep-alive", "", "event: message", 'data: {"a":', "data: 1}", "", "id: 7", "data: [DONE]"]:
+            yield line
+
+    assert [d async for d in sse_data(lines())] == ['{"a":\n1}', "[DONE]"]
+
+
+def request(max_tokens: int = 64, schema: dict | None = None) -> InferenceRequest:
+    return InferenceRequest(
+        call_id="c1",
+        task_id="t1",
+        step_id="s1",
+        model="gpt-4-1106-preview",
+        tier="frontier",
+        messages=[ChatMessage(role=m["role"], content=m["content"]) for m in MESSAGES],
+        max_tokens=max_tokens,
+        response_schema=schema,
+        deadline_ms=0,
+    )
+
+
+async def test_backend_meters_provider_usage(fake):
+    model = Catalog.load(REPO_DEPLOY_DIR).model("gpt-4-1106-preview")
+    fake.behaviour = Behaviour(cached_tokens=4, prompt_tokens=10)
+    backend = OpenAIBackend(OpenAIClient(fake.url))
+
+    completion = await backend.complete(model, request())
+    await backend.aclose()
+
+    assert completion.usage_source == "provider"
+    assert (completion.usage.input_tokens, completion.usage.cached_input_tokens, completion.usage.output_tokens) == (
+        10,
+        4,
+        4,
+    )
+    assert completion.provider_model == "gpt-4-1106-preview"
+
+
+async def test_backend_records_a_stream_without_usage_as_estimated_worst_case(fake):
+    model = Catalog.load(REPO_DEPLOY_DIR).model("gpt-4-1106-preview")
+    fake.behaviour = Behaviour(usage=False)
+    backend = OpenAIBackend(OpenAIClient(fake.url))
+
+    completion = await backend.complete(model, request(max_tokens=300))
+    await backend.aclose()
+
+    assert completion.output == "The answer is 42."
+    assert completion.usage_source == "estimated"
+    assert completion.usage.output_tokens == 300
+    assert completion.usage.input_tokens == count_message_tokens("cl100k", request().messages) > 0
+
+
+async def test_backend_sends_the_response_schema_as_json_schema_format(fake):
+    model = Catalog.load(REPO_DEPLOY_DIR).model("gpt-4-1106-preview")
+    schema = {"title": "final answer", "type": "object", "properties": {"answer": {"type": "string"}}}
+    backend = OpenAIBackend(OpenAIClient(fake.url))
+
+    await backend.complete(model, request(schema=schema))
+    await backend.aclose()
+
+    assert fake.requests[0].body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "final_answer", "schema": schema},
+    }
+
+
+async def test_backend_maps_a_rate_limit_to_a_retryable_provider_error(fake):
+    model = Catalog.load(REPO_DEPLOY_DIR).model("gpt-4-1106-preview")
+    fake.behaviour = Behaviour(status=429)
+    backend = OpenAIBackend(OpenAIClient(fake.url))
+
+    with pytest.raises(BackendError) as caught:
+        await backend.complete(model, request())
+    await backend.aclose()
+
+    assert (caught.value.kind, caught.value.retryable, caught.value.started) == ("provider", True, False)

@@ -1,0 +1,427 @@
+"""The planner against a real nats-server and the real artifact store.
+
+The router is played by ``RouterTestPeer``: a plain nats-py subscriber on ``step_request`` that
+replies InferenceResult JSON, so each test decides what the "model" answers, how slowly, or how
+it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from schemas.messages import (
+    TERMINAL_EVENTS,
+    Artifact,
+    ArtifactGet,
+    ArtifactReply,
+    DeadLetter,
+    ErrorInfo,
+    InferenceResult,
+    StepRequest,
+    Task,
+    TaskEvent,
+)
+from schemas.subjects import HEADER_DEADLINE, HEADER_MSG_ID, HEADER_TASK, HEADER_TENANT, STREAM_DLQ, STREAM_TASKS
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What the test peer answers: an InferenceResult, raw bytes (e.g. a rejection), or None (never reply).
+Responder = Callable[[StepRequest], InferenceResult | bytes | None]
+
+
+def result(request: StepRequest, output: str, cost_usd: float = 0.001, **fields) -> InferenceResult:
+    return InferenceResult(
+        call_id=f"{request.step_id}-{request.attempt}-{uuid.uuid4().hex[:6]}",
+        model="mixtral-8x7b-local",
+        tier="local",
+        output=output,
+        cost_usd=cost_usd,
+        **fields,
+    )
+
+
+class RouterTestPeer:
+    """Test peer standing in for the router on ``step_request``; records what it was asked."""
+
+    def __init__(self, nc, subject: str, respond: Responder, delay_s: float = 0.0) -> None:
+        self.nc = nc
+        self.subject = subject
+        self.respond = respond
+        self.delay_s = delay_s
+        self.requests: list[StepRequest] = []
+        self.headers: list[dict[str, str]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> RouterTestPeer:
+        self.sub = await self.nc.subscribe(self.subject, cb=self._on_request)
+        # Twice: nats-py 2.16's flush PING can overtake a SUB still in its pending buffer.
+        await self.nc.flush()
+        await self.nc.flush()
+        return self
+
+    async def _on_request(self, msg) -> None:
+        # nats-py runs a subscription's callback one message at a time: answer each concurrently.
+        task = asyncio.create_task(self._answer(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, msg) -> None:
+        request = msgspec.json.decode(msg.data, type=StepRequest)
+        self.requests.append(request)
+        self.headers.append(dict(msg.headers or {}))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay_s)
+            reply = self.respond(request)
+        finally:
+            self.in_flight -= 1
+        if reply is not None:
+            await msg.respond(reply if isinstance(reply, bytes) else msgspec.json.encode(reply))
+
+    async def stop(self) -> None:
+        await self.sub.unsubscribe()
+        for task in self._tasks:
+            task.cancel()
+
+
+@pytest.fixture
+async def peers(nc):
+    started: list[RouterTestPeer] = []
+
+    async def start(settings, respond: Responder, delay_s: float = 0.0) -> RouterTestPeer:
+        peer = await RouterTestPeer(nc, settings.subjects.step_request, respond, delay_s).start()
+        started.append(peer)
+        return peer
+
+    yield start
+    for peer in started:
+        await peer.stop()
+
+
+@pytest.fixture
+async def mesh(settings, start_service):
+    """The artifact store and a planner; call it with planner options (and an optional deploy dir)."""
+
+    async def start(deploy_dir: Path | None = None, **options):
+        used = settings.model_copy(update={"deploy_dir": deploy_dir}) if deploy_dir else settings
+        await start_service("artifact-store", used)
+        await start_service("planner", used, **options)
+        return used
+
+    return start
+
+
+async def submit(nc, settings, task: Task, timeout_s: float = 10.0) -> list[TaskEvent]:
+    """Publish ``task`` as a client would and collect its events up to the terminal one."""
+    sub = await nc.subscribe(settings.subjects.task_event(task.id))
+    await nc.jetstream().publish(
+        settings.subjects.task_submit, msgspec.json.encode(task), headers={HEADER_MSG_ID: task.id}
+    )
+    events: list[TaskEvent] = []
+    try:
+        while not events or events[-1].kind not in TERMINAL_EVENTS:
+            events.append(msgspec.json.decode((await sub.next_msg(timeout=timeout_s)).data, type=TaskEvent))
+    finally:
+        await sub.unsubscribe()
+    return events
+
+
+async def artifact(nc, settings, artifact_id: str) -> Artifact:
+    reply = await nc.request(
+        settings.subjects.artifact_get, msgspec.json.encode(ArtifactGet(id=artifact_id)), timeout=5
+    )
+    found = msgspec.json.decode(reply.data, type=ArtifactReply).artifact
+    assert found is not None
+    return found
+
+
+def new_task(**fields) -> Task:
+    return Task(id=uuid.uuid4().hex[:12], submitted_ms=int(time.time() * 1000), **fields)
+
+
+async def wait_for_ack(nc, settings) -> None:
+    """The task message leaves the work-queue stream once the planner acks it."""
+    js = nc.jetstream()
+    for _ in range(50):
+        if (await js.stream_info(settings.subjects.stream(STREAM_TASKS))).state.messages == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the task message was never acked")
+
+
+async def test_answer_task_events_from_accepted_to_done(settings, nc, mesh, peers):
+    await mesh()
+    peer = await peers(settings, lambda r: result(r, "The answer is 4.", cost_usd=0.002, graded=True))
+    task = new_task(
+        workflow="answer", goal="What is 2+2?", tenant="acme", deadline_s=5, allow_models=["mixtral-8x7b-local"]
+    )
+
+    events = await submit(nc, settings, task)
+
+    assert [e.kind for e in events] == ["accepted", "planned", "step_started", "step_done", "done"]
+    assert events[1].detail == "answer"
+    assert all(e.task_id == task.id and e.tenant == "acme" and e.workflow == "answer" for e in events)
+    done = events[-1]
+    assert done.artifact == events[3].artifact and done.artifact.type == "answer"
+    assert (done.calls, done.cost_usd) == (1, 0.002)
+
+    stored = await artifact(nc, settings, done.artifact.id)
+    assert stored.body == {"text": "The answer is 4.", "model": "mixtral-8x7b-local", "graded": True}
+    assert stored.task_id == task.id and stored.step_id == "answer"
+    assert len(stored.calls) == 1 and stored.calls[0].startswith("answer-1-")
+    assert stored.cost_usd == 0.002 and stored.parents == []
+
+    request = peer.requests[0]
+    assert request.messages[0].content == "What is 2+2?" and request.role == "answer"
+    assert request.allow_models == ["mixtral-8x7b-local"] and request.tenant == "acme"
+    assert request.deadline_ms == task.submitted_ms + 5000
+    headers = peer.headers[0]
+    assert headers[HEADER_DEADLINE] == str(request.deadline_ms)
+    assert (headers[HEADER_TASK], headers[HEADER_TENANT]) == (task.id, "acme")
+    await wait_for_ack(nc, settings)
+
+
+def reviewer(verdict_text: str) -> Responder:
+    def respond(request: StepRequest) -> InferenceResult:
+        if request.step_id == "draft":
+            return result(request, "draft: 5", graded=False)
+        return result(request, verdict_text, cost_usd=0.01, graded=True)
+
+    return respond
+
+
+async def test_draft_review_stores_draft_review_and_final_with_lineage(settings, nc, mesh, peers):
+    await mesh()
+    peer = await peers(settings, reviewer("It is 4."))
+    task = new_task(workflow="draft-review", goal="What is 2+2?")
+
+    events = await submit(nc, settings, task)
+
+    assert [e.kind for e in events] == [
+        "accepted",
+        "planned",
+        "step_started",
+        "step_done",  # draft
+        "step_started",
+        "step_done",  # review
+        "step_started",
+        "step_done",  # final
+        "done",
+    ]
+    assert events[1].detail == "draft,review,final"
+    refs = {e.step_id: e.artifact for e in events if e.kind == "step_done"}
+    draft, review, final = [await artifact(nc, settings, refs[s].id) for s in ("draft", "review", "final")]
+    assert draft.body == {"text": "draft: 5", "model": "mixtral-8x7b-local", "graded": False}
+    assert review.body == {"text": "It is 4.", "model": "mixtral-8x7b-local", "verdict": "revise", "graded": True}
+    assert review.parents == [draft.id]
+    # The review rejected the draft: the final answer is its correction, made from both.
+    assert final.type == "answer" and final.body == {"text": "It is 4.", "model": "mixtral-8x7b-local", "graded": True}
+    assert final.parents == [draft.id, review.id] and final.calls == [] and final.cost_usd == 0.0
+    assert events[-1].artifact.id == final.id
+    assert (events[-1].calls, round(events[-1].cost_usd, 6)) == (2, 0.011)
+
+    # The review sees the goal first (replay keys on it), then the draft.
+    review_request = next(r for r in peer.requests if r.step_id == "review")
+    assert [(m.role, m.content) for m in review_request.messages[1:3]] == [
+        ("user", "What is 2+2?"),
+        ("assistant", "draft: 5"),
+    ]
+
+
+async def test_draft_review_keeps_an_accepted_draft(settings, nc, mesh, peers):
+    await mesh()
+    await peers(settings, reviewer("ACCEPT"))
+    events = await submit(nc, settings, new_task(workflow="draft-review", goal="What is 2+2?"))
+    refs = {e.step_id: e.artifact for e in events if e.kind == "step_done"}
+    assert events[-1].kind == "done"
+    assert refs["final"] == refs["draft"] == events[-1].artifact
+    assert (await artifact(nc, settings, refs["review"].id)).body["verdict"] == "accept"
+
+
+FANOUT = """
+name = "fanout"
+max_fanout = {workflow_cap}
+{steps}
+[[steps]]
+id = "join"
+role = "answer"
+artifact = "answer"
+needs = [{needs}]
+messages = [{{ role = "user", content = "{{goal}}" }}, {{ role = "user", content = "{{s0}} {{s11}}" }}]
+"""
+
+
+def fanout_deploy(tmp_path: Path, workflow_cap: int) -> Path:
+    deploy = tmp_path / "deploy"
+    shutil.copytree(REPO / "deploy" / "workflows", deploy / "workflows")
+    ids = [f"s{i}" for i in range(12)]
+    goal_only = '[{ role = "user", content = "{goal}" }]'
+    steps = "".join(f'[[steps]]\nid = "{i}"\nrole = "x"\nartifact = "text"\nmessages = {goal_only}\n' for i in ids)
+    text = FANOUT.format(workflow_cap=workflow_cap, steps=steps, needs=", ".join(f'"{i}"' for i in ids))
+    (deploy / "workflows" / "fanout.toml").write_text(text)
+    return deploy
+
+
+@pytest.mark.parametrize(("planner_cap", "workflow_cap", "expected"), [(4, 9, 4), (9, 3, 3)])
+async def test_independent_steps_run_in_parallel_up_to_the_cap(
+    settings, nc, mesh, peers, tmp_path, planner_cap, workflow_cap, expected
+):
+    used = await mesh(fanout_deploy(tmp_path, workflow_cap), max_fanout=planner_cap)
+    peer = await peers(used, lambda r: result(r, f"out of {r.step_id}"), delay_s=0.1)
+
+    events = await submit(nc, used, new_task(workflow="fanout", goal="g"))
+
+    assert events[-1].kind == "done" and events[-1].calls == 13
+    assert peer.max_in_flight == expected
+    join = next(r for r in peer.requests if r.step_id == "join")
+    assert join.messages[1].content == "out of s0 out of s11"
+    final = await artifact(nc, used, events[-1].artifact.id)
+    assert len(final.parents) == 12
+
+
+async def test_failed_review_ends_partial_with_the_draft(settings, nc, mesh, peers):
+    await mesh()
+
+    def respond(request: StepRequest) -> InferenceResult:
+        if request.step_id == "draft":
+            return result(request, "draft answer")
+        return result(request, "", error=ErrorInfo(kind="provider", message="upstream 500"))
+
+    await peers(settings, respond)
+    events = await submit(nc, settings, new_task(workflow="draft-review", goal="q"))
+
+    terminal = events[-1]
+    assert terminal.kind == "partial"
+    assert "step 'review'" in terminal.detail and "upstream 500" in terminal.detail
+    draft_ref = next(e.artifact for e in events if e.kind == "step_done" and e.step_id == "draft")
+    assert terminal.artifact == draft_ref
+    assert [e.kind for e in events].count("step_started") == 2  # final never started
+    await wait_for_ack(nc, settings)
+
+
+async def test_failed_only_step_ends_failed_and_retryable_error_is_retried_once(settings, nc, mesh, peers):
+    await mesh()
+
+    def respond(request: StepRequest) -> InferenceResult:
+        goal = request.messages[0].content
+        if goal == "flaky" and request.attempt == 2:
+            return result(request, "recovered")
+        return result(request, "", error=ErrorInfo(kind="unavailable", message="busy", retryable=True))
+
+    peer = await peers(settings, respond)
+    flaky, broken = await asyncio.gather(
+        submit(nc, settings, new_task(goal="flaky")), submit(nc, settings, new_task(goal="broken"))
+    )
+
+    assert flaky[-1].kind == "done" and flaky[-1].calls == 2
+    assert broken[-1].kind == "failed" and broken[-1].artifact is None
+    assert "unavailable: busy" in broken[-1].detail and broken[-1].calls == 2
+    assert sorted(r.attempt for r in peer.requests) == [1, 1, 2, 2]
+
+
+async def test_router_rejection_fails_the_step_with_its_reason(settings, nc, mesh, peers):
+    await mesh()
+    rejection = msgspec.json.encode({"v": 1, "error": {"kind": "pinning", "message": "model not allowed"}})
+    await peers(settings, lambda r: rejection)
+    events = await submit(nc, settings, new_task(goal="q"))
+    assert events[-1].kind == "failed"
+    assert "pinning: model not allowed" in events[-1].detail
+
+
+async def test_killed_call_ends_the_task_killed(settings, nc, mesh, peers):
+    await mesh()
+    await peers(settings, lambda r: result(r, "", cost_usd=0.0, error=ErrorInfo(kind="killed", message="global kill")))
+    events = await submit(nc, settings, new_task(goal="q"))
+    assert events[-1].kind == "killed" and "global kill" in events[-1].detail
+
+
+async def test_deadline_cancels_the_task(settings, nc, mesh, peers):
+    await mesh()
+    await peers(settings, lambda r: None)  # a router that never answers
+    started = time.monotonic()
+    events = await submit(nc, settings, new_task(goal="q", deadline_s=0.5))
+    assert events[-1].kind == "failed" and "deadline" in events[-1].detail
+    assert time.monotonic() - started < 3
+
+
+async def test_spent_budget_stops_new_steps_and_ends_partial(settings, nc, mesh, peers):
+    await mesh()
+    peer = await peers(settings, lambda r: result(r, "pricey", cost_usd=0.05))
+    events = await submit(nc, settings, new_task(workflow="draft-review", goal="q", budget_usd=0.01))
+    assert events[-1].kind == "partial" and "budget" in events[-1].detail
+    assert events[-1].artifact.type == "answer" and len(peer.requests) == 1
+
+
+async def test_unknown_workflow_fails_with_the_reason(settings, nc, mesh):
+    await mesh()
+    events = await submit(nc, settings, new_task(workflow="nope", goal="q"))
+    assert [e.kind for e in events] == ["accepted", "failed"]
+    assert "unknown workflow 'nope'" in events[-1].detail and "draft-review" in events[-1].detail
+    await wait_for_ack(nc, settings)
+
+
+async def test_invalid_task_is_dead_lettered_acked_and_work_goes_on(settings, nc, mesh, peers):
+    await mesh()
+    await peers(settings, lambda r: result(r, "fine"))
+    js = nc.jetstream()
+    dlq = await js.subscribe(settings.subjects.dlq("planner"), stream=settings.subjects.stream(STREAM_DLQ))
+    await js.publish(settings.subjects.task_submit, b'{"id": 42}')
+    await js.publish(settings.subjects.task_submit, msgspec.json.encode(new_task(tenant="a.b")))
+
+    letters = [msgspec.json.decode((await dlq.next_msg(timeout=5)).data, type=DeadLetter) for _ in range(2)]
+    await dlq.unsubscribe()
+    assert "Task" in letters[0].error and letters[0].data == b'{"id": 42}'
+    assert "subject token" in letters[1].error
+    assert (await submit(nc, settings, new_task(goal="q")))[-1].kind == "done"
+    await wait_for_ack(nc, settings)
+
+
+async def test_many_tasks_run_concurrently(settings, nc, mesh, peers):
+    await mesh(max_in_flight=64)
+    peer = await peers(settings, lambda r: result(r, r.messages[0].content.upper()), delay_s=0.2)
+    tasks = [new_task(goal=f"goal {i}") for i in range(60)]
+    started = time.monotonic()
+    runs = await asyncio.gather(*(submit(nc, settings, t) for t in tasks))
+    # Sequentially this would take 60 x 0.2 s; concurrently it takes a few round trips.
+    assert time.monotonic() - started < 6
+    assert all(events[-1].kind == "done" for events in runs)
+    assert peer.max_in_flight > 20
+    await wait_for_ack(nc, settings)
+
+
+async def test_replicas_share_the_work_queue_and_run_each_task_once(settings, nc, start_service, peers):
+    await start_service("artifact-store", settings)
+    await start_service("planner", settings)
+    await start_service("planner", settings)
+    peer = await peers(settings, lambda r: result(r, "ok"), delay_s=0.05)
+    runs = await asyncio.gather(*(submit(nc, settings, new_task(goal=f"g{i}")) for i in range(20)))
+    assert all([e.kind for e in events].count("accepted") == 1 and events[-1].kind == "done" for events in runs)
+    assert len(peer.requests) == 20
+    await wait_for_ack(nc, settings)
+
+
+async def test_a_task_longer_than_ack_wait_is_not_redelivered(settings, nc, mesh, peers):
+    # in_progress every ack_wait/3 keeps the message ours while the task runs.
+    await mesh(ack_wait_s=0.6)
+    peer = await peers(settings, lambda r: result(r, "slow"), delay_s=1.5)
+    events = await submit(nc, settings, new_task(goal="q", deadline_s=5))
+    assert [e.kind for e in events] == ["accepted", "planned", "step_started", "step_done", "done"]
+    assert len(peer.requests) == 1
+    await wait_for_ack(nc, settings)
+
+
+async def test_no_router_fails_the_task_after_one_retry(settings, nc, mesh):
+    await mesh()
+    events = await submit(nc, settings, new_task(goal="q"))
+    assert events[-1].kind == "failed" and "no router is answering" in events[-1].detail

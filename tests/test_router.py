@@ -1,0 +1,309 @@
+"""The router through a live router service on a real nats-server.
+
+The inference tier is a test peer (``InferencePeer``, plain nats-py) that records what the router
+sends and answers it, so these tests see exactly which model each step was routed to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from schemas.messages import (
+    ChatMessage,
+    DeadLetter,
+    ErrorInfo,
+    InferenceRequest,
+    InferenceResult,
+    StepRequest,
+    Usage,
+    UsageEvent,
+)
+from schemas.subjects import HEADER_DEADLINE, HEADER_TASK, HEADER_TENANT
+from services.router.cache import cache_key
+from services.router.table import PinningError, RoutingTable, pick_model
+from services.runtime.bus import encode, now_ms
+from services.runtime.catalog import Catalog
+from services.runtime.settings import REPO_DEPLOY_DIR
+from services.runtime.tokens import count_message_tokens
+
+LOCAL = "mixtral-8x7b-local"
+MID = "mixtral-8x7b"
+FRONTIER = "gpt-4-1106-preview"
+SHORT = "A farmer has 12 cows and buys 5 more. How many cows does he have?"
+LONG = "Summarise the following report. " + "The quarterly figures rose again in every region. " * 120
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return Catalog.load(REPO_DEPLOY_DIR)
+
+
+@pytest.fixture(scope="module")
+def table() -> RoutingTable:
+    return RoutingTable.load(REPO_DEPLOY_DIR)
+
+
+@pytest.fixture
+def start_router(settings, start_service, nc):
+    """Starts the live router; call it after the test peer and listeners subscribed.
+
+    nats-server 2.15.1 can answer the first request of a connection opened before a subscriber
+    with "no responders" even after the subscriber flushed (about 1 in 15 with plain nats-py);
+    so the router connects after the peer subscribes, and ``nc`` makes one round trip after the
+    router subscribes.
+    """
+
+    async def start() -> None:
+        await start_service("router", settings)
+        await nc.flush()
+
+    return start
+
+
+def make_step(
+    content: str = SHORT,
+    *,
+    role: str = "solve",
+    workflow: str = "answer",
+    max_tokens: int = 256,
+    deadline_in_ms: int = 5_000,
+    **fields,
+) -> StepRequest:
+    return StepRequest(
+        task_id="task-1",
+        step_id="step-1",
+        tenant="acme",
+        workflow=workflow,
+        role=role,
+        messages=[ChatMessage(role="user", content=content)],
+        max_tokens=max_tokens,
+        deadline_ms=now_ms() + deadline_in_ms,
+        **fields,
+    )
+
+
+class InferencePeer:
+    """Test peer standing in for local- and cloud-inference: records each InferenceRequest (with
+    its headers) and replies an InferenceResult, an error result, or nothing at all."""
+
+    def __init__(self, nc, subjects, *, reply: bool = True, error: ErrorInfo | None = None) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.reply = reply
+        self.error = error
+        self.requests: list[tuple[InferenceRequest, dict[str, str]]] = []
+
+    async def start(self) -> InferencePeer:
+        for subject in (self.subjects.infer_local_all, self.subjects.infer_cloud_all):
+            await self.nc.subscribe(subject, cb=self._answer)
+        await self.nc.flush()
+        return self
+
+    async def _answer(self, msg) -> None:
+        request = msgspec.json.decode(msg.data, type=InferenceRequest)
+        self.requests.append((request, dict(msg.headers or {})))
+        if not self.reply:
+            return
+        result = InferenceResult(
+            call_id=request.call_id,
+            model=request.model,
+            provider_model=request.model,
+            tier=request.tier,
+            provider="test-peer",
+            output=f"answer from {request.model}",
+            finish_reason="stop",
+            usage=Usage(input_tokens=40, output_tokens=7),
+            latency_ms=3.0,
+            cost_usd=0.001,
+            error=self.error,
+        )
+        await msg.respond(encode(result))
+
+    @property
+    def models(self) -> list[str]:
+        return [request.model for request, _ in self.requests]
+
+
+async def ask(nc, settings, step: StepRequest) -> InferenceResult:
+    reply = await nc.request(settings.subjects.step_request, encode(step), timeout=5)
+    return msgspec.json.decode(reply.data, type=InferenceResult)
+
+
+async def next_usage(sub) -> UsageEvent:
+    msg = await sub.next_msg(timeout=2)
+    return msgspec.json.decode(msg.data, type=UsageEvent)
+
+
+# -- the decision alone, no NATS --
+
+
+def test_pick_model_goes_up_the_ladder_then_down(catalog):
+    assert pick_model("local", None, catalog).name == LOCAL
+    assert pick_model("local", [FRONTIER], catalog).name == FRONTIER
+    assert pick_model("local", [FRONTIER, MID], catalog).name == MID
+    assert pick_model("frontier", [LOCAL, MID], catalog).name == MID
+    with pytest.raises(PinningError):
+        pick_model("mid", ["gpt-5"], catalog)
+    with pytest.raises(PinningError):
+        pick_model("mid", [], catalog)
+
+
+def test_table_rejects_a_bad_tier_and_unknown_keys():
+    with pytest.raises(ValueError, match="tier"):
+        RoutingTable.parse({"prompt_tokenizer": "cl100k", "rules": [{"role": "draft", "tier": "cheap"}]})
+    with pytest.raises(ValueError, match="unknown keys"):
+        RoutingTable.parse({"prompt_tokenizer": "cl100k", "rules": [{"roles": "draft", "tier": "local"}]})
+    with pytest.raises(ValueError, match="prompt_tokenizer"):
+        RoutingTable.parse({"rules": []})
+
+
+def test_shipped_threshold_splits_short_from_long(table):
+    assert table.prompt_tokens(make_step(SHORT)) <= 512 < table.prompt_tokens(make_step(LONG))
+
+
+def test_cache_key_covers_model_and_limits():
+    step = make_step()
+    assert cache_key(LOCAL, step) == cache_key(LOCAL, make_step())
+    assert cache_key(LOCAL, step) != cache_key(FRONTIER, step)
+    assert cache_key(LOCAL, step) != cache_key(LOCAL, make_step(max_tokens=255))
+    assert cache_key(LOCAL, step) != cache_key(LOCAL, make_step(response_schema={"type": "object"}))
+
+
+# -- through the live router --
+
+
+@pytest.mark.parametrize(
+    ("role", "workflow", "content", "model"),
+    [
+        ("draft", "research", LONG, LOCAL),
+        ("review", "answer", SHORT, FRONTIER),
+        ("solve", "answer", SHORT, LOCAL),
+        ("solve", "answer", LONG, FRONTIER),
+    ],
+    ids=["draft->local", "review->frontier", "short-answer->local", "long-answer->frontier"],
+)
+async def test_rules_route_to_the_tier_model(settings, start_router, nc, role, workflow, content, model):
+    peer = await InferencePeer(nc, settings.subjects).start()
+    await start_router()
+    step = make_step(content, role=role, workflow=workflow)
+
+    result = await ask(nc, settings, step)
+
+    assert result.error is None and result.model == model
+    assert result.output == f"answer from {model}" and result.cost_usd == 0.001 and not result.cache_hit
+    [(request, headers)] = peer.requests
+    assert request.model == model and request.call_id == result.call_id
+    assert (request.task_id, request.step_id, request.tenant) == ("task-1", "step-1", "acme")
+    assert request.messages == step.messages and request.max_tokens == 256
+    assert headers[HEADER_DEADLINE] == str(step.deadline_ms)
+    assert (headers[HEADER_TASK], headers[HEADER_TENANT]) == ("task-1", "acme")
+
+
+async def test_allow_models_pins_the_model(settings, start_router, nc):
+    peer = await InferencePeer(nc, settings.subjects).start()
+    await start_router()
+
+    drafted = await ask(nc, settings, make_step(role="draft", allow_models=[FRONTIER]))
+    reviewed = await ask(nc, settings, make_step(role="review", allow_models=[LOCAL, MID]))
+
+    assert (drafted.model, reviewed.model) == (FRONTIER, MID)
+    assert peer.models == [FRONTIER, MID]
+
+
+async def test_no_allowed_model_is_a_pinning_error_and_no_call(settings, start_router, nc):
+    peer = await InferencePeer(nc, settings.subjects).start()
+    await start_router()
+
+    result = await ask(nc, settings, make_step(allow_models=["gpt-5"]))
+
+    assert result.error is not None and result.error.kind == "pinning"
+    await nc.flush()
+    assert peer.requests == []
+
+
+async def test_a_repeat_is_served_from_the_cache_at_zero_cost(settings, start_router, nc):
+    peer = await InferencePeer(nc, settings.subjects).start()
+    usage = await nc.subscribe(settings.subjects.usage_all)
+    await start_router()
+
+    first = await ask(nc, settings, make_step())
+    second = await ask(nc, settings, make_step())
+
+    assert peer.models == [LOCAL]
+    assert not first.cache_hit and second.cache_hit
+    assert second.call_id != first.call_id and second.cost_usd == 0.0
+    assert (second.output, second.usage, second.model) == (first.output, first.usage, first.model)
+    event = await next_usage(usage)
+    assert (event.event_id, event.call_id, event.outcome, event.cost_usd) == (
+        second.call_id,
+        second.call_id,
+        "cache_hit",
+        0.0,
+    )
+    assert (event.service, event.model, event.task_id, event.step_id) == ("router", LOCAL, "task-1", "step-1")
+    assert (event.input_tokens, event.output_tokens) == (40, 7)
+
+
+async def test_error_results_are_not_cached(settings, start_router, nc):
+    peer = await InferencePeer(nc, settings.subjects, error=ErrorInfo(kind="provider", message="boom")).start()
+    await start_router()
+
+    results = [await ask(nc, settings, make_step()) for _ in range(2)]
+
+    assert [r.error.kind for r in results if r.error] == ["provider", "provider"]
+    assert len(peer.requests) == 2
+
+
+async def test_no_responder_is_unavailable_and_metered_at_worst_case(settings, start_router, nc, catalog):
+    usage = await nc.subscribe(settings.subjects.usage_all)
+    await start_router()
+    step = make_step(role="review")
+
+    result = await ask(nc, settings, step)
+
+    assert result.error is not None and result.error.kind == "unavailable" and result.model == FRONTIER
+    frontier = catalog.model(FRONTIER)
+    input_tokens = count_message_tokens(frontier.tokenizer, step.messages)
+    worst_case = frontier.worst_case_cost(input_tokens, step.max_tokens)
+    event = await next_usage(usage)
+    assert (event.event_id, event.outcome, event.usage_source) == (result.call_id, "error", "estimated")
+    assert event.cost_usd == pytest.approx(worst_case) and worst_case > 0
+    assert (event.input_tokens, event.output_tokens) == (input_tokens, step.max_tokens)
+    assert result.cost_usd == pytest.approx(worst_case)
+
+
+async def test_a_silent_inference_service_times_out_at_the_deadline(settings, start_router, nc):
+    await InferencePeer(nc, settings.subjects, reply=False).start()
+    usage = await nc.subscribe(settings.subjects.usage_all)
+    await start_router()
+
+    started = asyncio.get_running_loop().time()
+    result = await ask(nc, settings, make_step(deadline_in_ms=300))
+    waited = asyncio.get_running_loop().time() - started
+
+    assert result.error is not None and result.error.kind == "timeout"
+    assert 0.2 < waited < 2.0
+    event = await next_usage(usage)
+    assert (event.event_id, event.outcome, event.usage_source) == (result.call_id, "timeout", "estimated")
+    assert event.cost_usd > 0
+
+
+async def test_invalid_step_is_rejected_and_dead_lettered(settings, start_router, nc):
+    dlq = await nc.subscribe(settings.subjects.dlq("router"))
+    await start_router()
+
+    reply = await nc.request(settings.subjects.step_request, b'{"task_id": 7}', timeout=5)
+
+    assert msgspec.json.decode(reply.data)["error"]["kind"] == "invalid"
+    letter = msgspec.json.decode((await dlq.next_msg(timeout=2)).data, type=DeadLetter)
+    assert (letter.service, letter.subject, letter.data) == (
+        "router",
+        settings.subjects.step_request,
+        b'{"task_id": 7}',
+    )
+    assert "StepRequest" in letter.error
+    # The service goes on: the next step still gets an answer.
+    assert (await ask(nc, settings, make_step(allow_models=[]))).error.kind == "pinning"
