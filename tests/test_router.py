@@ -161,7 +161,8 @@ def test_table_rejects_a_bad_tier_and_unknown_keys():
 
 
 def test_shipped_threshold_splits_short_from_long(table):
-    assert table.prompt_tokens(make_step(SHORT)) <= 512 < table.prompt_tokens(make_step(LONG))
+    threshold = next(rule.max_prompt_tokens for rule in table.rules if rule.max_prompt_tokens)
+    assert table.prompt_tokens(make_step(SHORT)) <= threshold < table.prompt_tokens(make_step(LONG))
 
 
 def test_cache_key_covers_model_and_limits():

@@ -87,7 +87,7 @@ def wait_for_rows(client, task_ids: list[str], expected_calls: int, timeout_s: f
     deadline = time.monotonic() + timeout_s
     while True:
         count = client.query(
-            "SELECT count() FROM usage_events WHERE task_id IN %(ids)s", parameters={"ids": task_ids}
+            "SELECT count() FROM usage_events FINAL WHERE task_id IN %(ids)s", parameters={"ids": task_ids}
         ).result_rows[0][0]
         if count >= expected_calls or time.monotonic() > deadline:
             return
@@ -95,14 +95,15 @@ def wait_for_rows(client, task_ids: list[str], expected_calls: int, timeout_s: f
 
 
 def report(settings: MeshSettings, prompts: list[Record], result: RunResult) -> None:
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     task_ids = list(result.events)
     expected_calls = sum(e.calls for e in result.events.values())
     ch = clickhouse_connect.get_client(dsn=settings.clickhouse_url)
     wait_for_rows(ch, task_ids, expected_calls)
     rows = ch.query(
-        "SELECT tier, model, count() AS calls, sum(input_tokens), sum(output_tokens), sum(cost_usd) "
-        "FROM usage_events WHERE task_id IN %(ids)s GROUP BY tier, model ORDER BY sum(cost_usd)",
+        "SELECT tier, model, outcome = 'cache_hit' AS cached, count() AS calls, sum(input_tokens), "
+        "sum(output_tokens), toFloat64(sum(cost_usd)) FROM usage_events FINAL WHERE task_id IN %(ids)s "
+        "GROUP BY tier, model, cached ORDER BY cached, tier, model",
         parameters={"ids": task_ids},
     ).result_rows
 
@@ -116,21 +117,25 @@ def report(settings: MeshSettings, prompts: list[Record], result: RunResult) -> 
     baseline = frontier_baseline(catalog, prompts)
 
     table = Table(title=f"frugalmesh demo: {len(prompts)} recorded prompts (GSM8K + MMLU)")
-    for column in ("", "tier", "model", "calls", "input tok", "output tok", "USD", "accuracy"):
-        table.add_column(column, justify="right" if column not in ("", "tier", "model") else "left")
-    mesh_cost = mesh_in = mesh_out = mesh_calls = 0
-    for tier, model, calls, tokens_in, tokens_out, cost in rows:
-        table.add_row("mesh", tier, model, str(calls), f"{tokens_in:,}", f"{tokens_out:,}", f"{cost:.4f}", "")
+    table.add_column("route", no_wrap=True)
+    table.add_column("model (tier)", no_wrap=True)
+    for column in ("calls", "tokens in", "tokens out", "USD", "accuracy"):
+        table.add_column(column, justify="right")
+    mesh_cost = 0.0
+    mesh_in = mesh_out = mesh_calls = 0
+    for tier, model, cached, calls, tokens_in, tokens_out, cost in rows:
+        route = "mesh, cache hits" if cached else "mesh"
+        table.add_row(route, f"{model} ({tier})", str(calls), f"{tokens_in:,}", f"{tokens_out:,}", f"{cost:.4f}", "")
         mesh_cost += cost
         mesh_in += tokens_in
         mesh_out += tokens_out
         mesh_calls += calls
     table.add_row(
-        "mesh total", "", "", str(mesh_calls), f"{mesh_in:,}", f"{mesh_out:,}", f"{mesh_cost:.4f}", f"{accuracy:.1%}",
+        "mesh total", "", str(mesh_calls), f"{mesh_in:,}", f"{mesh_out:,}", f"{mesh_cost:.4f}", f"{accuracy:.1%}",
         style="bold",
     )
     table.add_row(
-        "frontier only", baseline.tier, baseline.model, str(baseline.calls), f"{baseline.input_tokens:,}",
+        "frontier only", f"{baseline.model} ({baseline.tier})", str(baseline.calls), f"{baseline.input_tokens:,}",
         f"{baseline.output_tokens:,}", f"{baseline.cost_usd:.4f}", f"{baseline.accuracy:.1%}", style="bold",
     )
     console.print(table)
