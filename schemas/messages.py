@@ -188,6 +188,8 @@ class Reservation(Message, kw_only=True):
     model: str
     amount_usd: float
     expires_ms: int
+    # The task's own cap (Task.budget_usd), which only the caller knows.
+    task_budget_usd: float | None = None
     # Set on settle: what the call really cost.
     actual_usd: float | None = None
 

@@ -14,6 +14,7 @@ from typing import TypeVar
 import msgspec
 from faststream import FastStream
 from faststream.nats import JStream, NatsBroker, NatsMessage
+from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
@@ -115,7 +116,7 @@ class Bus:
         @app.on_startup
         async def declare_streams() -> None:
             await self.broker.connect()
-            await ensure_streams(self.broker, self.subjects)
+            await ensure_streams(self.broker.connection.jetstream(), self.subjects)
 
         @app.after_startup
         async def subscriptions_reached_server() -> None:
@@ -182,8 +183,7 @@ class Bus:
         return msgspec.json.decode(reply.body, type=reply_type)
 
 
-async def ensure_streams(broker: NatsBroker, subjects: Subjects) -> None:
-    js = broker.connection.jetstream()
+async def ensure_streams(js: JetStreamContext, subjects: Subjects) -> None:
     for config in stream_configs(subjects):
         try:
             await js.add_stream(config=config)

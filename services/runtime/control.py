@@ -1,0 +1,140 @@
+"""The control plane every service obeys: the kill switch and the pace signal.
+
+The last value of each switch lives in the KV bucket ``<prefix>_control`` (keys
+``kill.global``, ``kill.<scope>.<key>``, ``pace.<tenant>``); every change is also published on
+``mesh.control.kill`` / ``mesh.control.pace`` (JetStream) as the event of record, which the
+accountant stores in ClickHouse. Writers put the KV value first, so a trip takes effect even
+when the accountant is down. Services hold a ``ControlState``: it reads every current value
+before the service takes work (a restarted service sees a switch tripped while it was away),
+then follows changes through a KV watch, which pushes them within milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from schemas.messages import KillSwitch, PaceSignal
+from schemas.subjects import BUCKET_CONTROL, STREAM_CONTROL, Subjects
+
+KILL = "kill"
+PACE = "pace"
+
+
+def kill_key(switch: KillSwitch) -> str:
+    return f"{KILL}.global" if switch.scope == "global" else f"{KILL}.{switch.scope}.{switch.key}"
+
+
+def pace_key(tenant: str) -> str:
+    return f"{PACE}.{tenant}"
+
+
+async def control_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+    name = subjects.bucket(BUCKET_CONTROL)
+    try:
+        return await js.key_value(name)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=name, history=16))
+
+
+async def set_kill(js: JetStreamContext, subjects: Subjects, switch: KillSwitch) -> None:
+    """Trip (``tripped=True``) or clear a switch: KV first (what services obey), then the event."""
+    kv = await control_bucket(js, subjects)
+    await kv.put(kill_key(switch), msgspec.json.encode(switch))
+    await js.publish(subjects.control_kill, msgspec.json.encode(switch), stream=subjects.stream(STREAM_CONTROL))
+
+
+async def set_pace(js: JetStreamContext, subjects: Subjects, signal: PaceSignal) -> None:
+    kv = await control_bucket(js, subjects)
+    await kv.put(pace_key(signal.tenant), msgspec.json.encode(signal))
+    await js.publish(subjects.control_pace, msgspec.json.encode(signal), stream=subjects.stream(STREAM_CONTROL))
+
+
+def covers(switch: KillSwitch, *, tenant: str, task_id: str, model: str) -> bool:
+    """Whether ``switch`` applies to a call of this tenant, task and model."""
+    return (
+        switch.scope == "global"
+        or (switch.scope == "tenant" and switch.key == tenant)
+        or (switch.scope == "task" and switch.key == task_id)
+        or (switch.scope == "model" and switch.key == model)
+    )
+
+
+class ControlState:
+    """The current kill switches and pace signals, kept up to date by a KV watch."""
+
+    def __init__(self) -> None:
+        self.kills: dict[str, KillSwitch] = {}
+        self.paces: dict[str, PaceSignal] = {}
+        self._listeners: list[Callable[[KillSwitch], None]] = []
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._follow: asyncio.Task | None = None
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, subjects: Subjects) -> ControlState:
+        """Read every current value, then follow changes in the background."""
+        state = cls()
+        kv = await control_bucket(js, subjects)
+        state._watcher = await kv.watchall()
+        # The watcher delivers the last value of every key, then None once it has caught up.
+        while (entry := await state._watcher.updates(timeout=10)) is not None:
+            state._apply(entry)
+        state._follow = asyncio.create_task(state._follow_updates())
+        return state
+
+    async def _follow_updates(self) -> None:
+        async for entry in self._watcher:
+            if entry is not None:
+                self._apply(entry)
+
+    def _apply(self, entry: KeyValue.Entry) -> None:
+        deleted = entry.operation in (KV_DEL, KV_PURGE)
+        if entry.key.startswith(KILL + "."):
+            if deleted:
+                self.kills.pop(entry.key, None)
+                return
+            switch = msgspec.json.decode(entry.value, type=KillSwitch)
+            if switch.tripped:
+                self.kills[entry.key] = switch
+                for listener in self._listeners:
+                    listener(switch)
+            else:
+                self.kills.pop(entry.key, None)
+        elif entry.key.startswith(PACE + "."):
+            if deleted:
+                self.paces.pop(entry.key.removeprefix(PACE + "."), None)
+            else:
+                signal = msgspec.json.decode(entry.value, type=PaceSignal)
+                self.paces[signal.tenant] = signal
+
+    def blocked(self, *, tenant: str, task_id: str, model: str) -> KillSwitch | None:
+        """The tripped switch that forbids a paid call of this tenant, task and model, if any."""
+        if not self.kills:
+            return None
+        for key in (f"{KILL}.global", f"{KILL}.tenant.{tenant}", f"{KILL}.task.{task_id}", f"{KILL}.model.{model}"):
+            if key in self.kills:
+                return self.kills[key]
+        return None
+
+    def pace(self, tenant: str) -> PaceSignal | None:
+        return self.paces.get(tenant)
+
+    def on_trip(self, listener: Callable[[KillSwitch], None]) -> None:
+        """Call ``listener`` with every switch tripped from now on (to cancel in-flight work)."""
+        self._listeners.append(listener)
+
+    async def close(self) -> None:
+        if self._follow:
+            self._follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow
+        if self._watcher:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
