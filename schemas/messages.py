@@ -50,6 +50,8 @@ class Task(Message, kw_only=True):
     allow_models: list[str] | None = None
     idempotency_key: str | None = None
     submitted_ms: int = 0
+    # Overrides every model step's max_tokens (a load replay asks for the recorded output length).
+    max_tokens: int | None = None
 
 
 TaskEventKind = Literal[
