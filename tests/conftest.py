@@ -23,7 +23,8 @@ from services.runtime.embedded import EmbeddedClickHouse, EmbeddedNats
 from services.runtime.settings import MeshSettings
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("FRUGALMESH_DATA", str(REPO.parent / "shared" / "data"))
+# Absolute, so it stays right for subprocesses and symlinks made elsewhere (CI passes ../shared/data).
+os.environ["FRUGALMESH_DATA"] = str(Path(os.environ.get("FRUGALMESH_DATA", REPO.parent / "shared" / "data")).resolve())
 
 
 @pytest.fixture(scope="session")
