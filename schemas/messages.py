@@ -229,6 +229,63 @@ class PaceSignal(Message, kw_only=True):
     time_ms: int
 
 
+BudgetScope = Literal["global", "tenant", "model"]
+BudgetWindow = Literal["day", "month"]
+
+
+class BudgetCap(msgspec.Struct, kw_only=True):
+    """The caps of one scope in USD; None means no cap for that window."""
+
+    scope: BudgetScope
+    key: str = "*"
+    day_usd: float | None = None
+    month_usd: float | None = None
+
+
+class BudgetUpdate(Message, kw_only=True):
+    """Change a scope's caps at run time (``mesh.budget.set``); the accountant replies BudgetState.
+
+    A window given here replaces the current cap, a window named in ``unset`` loses its cap,
+    and a window in neither keeps what it had.
+    """
+
+    scope: BudgetScope
+    key: str = "*"
+    day_usd: float | None = None
+    month_usd: float | None = None
+    unset: list[BudgetWindow] = []
+    by: str = ""
+
+
+class BudgetQuery(Message, kw_only=True):
+    """Ask for caps and current spend (``mesh.budget.show``); None matches every scope or key."""
+
+    scope: Literal["global", "tenant", "model", "task"] | None = None
+    key: str | None = None
+
+
+class BudgetSpend(msgspec.Struct, kw_only=True):
+    """Spend of one scope in one period: ``window`` day (period 2025-11-20), month (2025-11) or task."""
+
+    scope: Literal["global", "tenant", "model", "task"]
+    key: str
+    window: Literal["day", "month", "task"]
+    period: str
+    settled_usd: float
+    reserved_usd: float
+    cap_usd: float | None = None
+
+
+class BudgetState(Message, kw_only=True):
+    """The accountant's reply to BudgetQuery and BudgetUpdate; ``error`` set when refused."""
+
+    caps: list[BudgetCap] = []
+    spend: list[BudgetSpend] = []
+    outstanding: int = 0
+    time_ms: int = 0
+    error: str | None = None
+
+
 class Artifact(Message, kw_only=True):
     """A typed, content-addressed output. ``id`` is the sha256 of the canonical body."""
 
@@ -279,6 +336,9 @@ WIRE_MESSAGES: tuple[type[Message], ...] = (
     ReservationDecision,
     KillSwitch,
     PaceSignal,
+    BudgetUpdate,
+    BudgetQuery,
+    BudgetState,
     Artifact,
     ArtifactGet,
     ArtifactReply,

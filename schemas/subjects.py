@@ -79,6 +79,20 @@ class Subjects:
     def budget_settle(self) -> str:
         return f"{self.prefix}.budget.settle"
 
+    # -- budget configuration (request/reply to the accountant) --
+    @property
+    def budget_set(self) -> str:
+        return f"{self.prefix}.budget.set"
+
+    @property
+    def budget_show(self) -> str:
+        return f"{self.prefix}.budget.show"
+
+    # -- the accountant's private journal of reservations (JetStream) --
+    @property
+    def ledger(self) -> str:
+        return f"{self.prefix}.ledger"
+
     # -- control (JetStream + last value in KV) --
     @property
     def control_kill(self) -> str:
@@ -126,8 +140,11 @@ STREAM_USAGE = "USAGE"  # usage_all, dedupe window
 STREAM_CONTROL = "CONTROL"  # control kill + pace
 STREAM_ARTIFACT_EVENTS = "ARTIFACT_EVENTS"  # artifact_created_all
 STREAM_DLQ = "DLQ"  # dlq_all
+STREAM_LEDGER = "LEDGER"  # ledger: the accountant's reservation journal (declared by the accountant)
 
 BUCKET_RESPONSE_CACHE = "response_cache"  # router: exact-match cache
 BUCKET_ARTIFACT_INDEX = "artifact_index"  # artifact-store: id -> metadata
 BUCKET_ARTIFACT_BODIES = "artifacts"  # artifact-store: Object Store of bodies
 BUCKET_CONTROL = "control"  # kill switch and pace, last value per key
+BUCKET_BUDGETS = "budgets"  # accountant: caps changed at run time, per scope
+BUCKET_LEDGER = "ledger"  # accountant: Object Store holding the ledger snapshot

@@ -321,6 +321,7 @@ async def test_schema_creation_is_idempotent(ch, database):
         "usage_events",
         "task_events",
         "artifacts",
+        "kill_events",
         "spend_daily",
         "completed_artifact_cost",
         "cache_hit_daily",

@@ -1,4 +1,6 @@
-"""The pre-flight estimate reproduces the reference table of the design, figure for figure.
+"""The pre-flight estimate reproduces the reference table of the design, figure for figure; the
+planner's estimate of a real workflow prices it on the models, prices and recorded accuracies it
+would run with; `frugalmesh estimate` prints it.
 
 Reference profiles: premium $0.030, 2.0 s, p=0.985 per call; small $0.002, 0.4 s, p=0.945; a
 cached step costs $0, takes 0.01 s and always succeeds. Every row builds its plan with the public
@@ -26,9 +28,14 @@ Retries are not counted in cost (nor latency): "each step retried once" keeps $0
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from services.cli.estimate_command import estimate as estimate_command
+from services.planner.config import Limits, PlannerConfig
 from services.planner.estimate import (
     CallProfile,
     Estimate,
@@ -39,6 +46,10 @@ from services.planner.estimate import (
     fits,
     plan_from_dag,
 )
+from services.planner.preflight import Preflight, describe
+from services.planner.workflow import load_workflows
+from services.router.table import PinningError
+from services.runtime.data import load_recorded_outcomes
 
 PREMIUM = CallProfile(cost_usd=0.030, latency_s=2.0, p_success=0.985)
 SMALL = CallProfile(cost_usd=0.002, latency_s=0.4, p_success=0.945)
@@ -176,3 +187,100 @@ def test_fits():
     assert over_deadline is not None and "deadline" in over_deadline and "budget" not in over_deadline
     both = fits(e, budget_usd=0.10, deadline_s=10.0)
     assert both is not None and "budget" in both and "deadline" in both
+
+
+# -- the planner's pre-flight estimate of a real workflow (services/planner/preflight.py) --
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+
+
+@pytest.fixture(scope="module")
+def preflight(data_dir) -> Preflight:
+    return Preflight.load(DEPLOY, data_dir, PlannerConfig.load(DEPLOY))
+
+
+@pytest.fixture(scope="module")
+def workflows():
+    return load_workflows(DEPLOY / "workflows")
+
+
+def test_success_probability_is_each_models_recorded_accuracy(preflight, data_dir):
+    records = load_recorded_outcomes(data_dir)
+    for name, (latency_s, p_success) in preflight.profiles.items():
+        column = preflight.catalog.model(name).recorded_as
+        assert p_success == sum(r.correct[column] for r in records) / len(records)
+    assert preflight.profiles["gpt-4-1106-preview"] == (2.0, pytest.approx(0.8548, abs=1e-4))
+    assert preflight.profiles["mixtral-8x7b-local"][0] == 0.4
+
+
+def test_draft_review_is_priced_on_the_models_the_table_picks(preflight, workflows):
+    draft, review, final = preflight.steps(workflows["draft-review"], "What is 2+2?", None, None)
+    assert (draft.model.name, review.model.name, final.model) == ("mixtral-8x7b-local", "gpt-4-1106-preview", None)
+    # The review's prompt holds the draft, not written yet: counted as the draft's max_tokens.
+    goal_only = preflight.steps(workflows["answer"], "What is 2+2?", ["gpt-4-1106-preview"], None)[0]
+    assert review.input_tokens > 512 + goal_only.input_tokens
+    assert review.step.cost_usd == review.model.worst_case_cost(review.input_tokens, 512)
+    # One retry per step (limits.step_attempts = 2) lifts each call's success.
+    p = preflight.profiles["gpt-4-1106-preview"][1]
+    assert review.step.reliability == pytest.approx(1 - (1 - p) ** 2)
+    assert final.step.cost_usd == 0.0 and final.step.reliability == 1.0
+    total = Preflight.total([draft, review, final])
+    assert total.latency_s == pytest.approx(0.4 + 2.0)
+    assert total.cost_usd == pytest.approx(draft.step.cost_usd + review.step.cost_usd)
+
+
+def test_max_tokens_and_pinning_change_the_estimate(preflight, workflows):
+    answer = workflows["answer"]
+    (small,) = preflight.steps(answer, "q", None, 64)
+    assert small.max_tokens == 64 and small.step.cost_usd < preflight.steps(answer, "q", None, None)[0].step.cost_usd
+    (pinned,) = preflight.steps(answer, "q", ["gpt-4-1106-preview"], None)
+    assert pinned.model.name == "gpt-4-1106-preview" and pinned.step.latency_s == 2.0
+    with pytest.raises(PinningError):
+        preflight.steps(answer, "q", ["unknown-model"], None)
+
+
+def test_without_recorded_data_reliability_is_unknown_unless_p_success_is_set(tmp_path, workflows):
+    deploy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, deploy)
+    blind = Preflight.load(deploy, tmp_path / "no-data", PlannerConfig.load(deploy))
+    steps = blind.steps(workflows["draft-review"], "q", None, None)
+    assert [s.p_known for s in steps] == [False, False, True]
+    total = Preflight.total(steps)
+    assert math.isnan(total.reliability) and math.isnan(total.quality_per_usd)
+    assert total.cost_usd > 0 and total.latency_s == pytest.approx(2.4)
+    assert "unknown reliability" in describe(total)
+
+    text = (deploy / "planner.toml").read_text()
+    for name in ("mixtral-8x7b-local", "mixtral-8x7b", "gpt-4-1106-preview"):
+        text = text.replace(f"[models.{name}]\n", f"[models.{name}]\np_success = 0.9\n")
+    (deploy / "planner.toml").write_text(text)
+    loaded = Preflight.load(deploy, tmp_path / "no-data", PlannerConfig.load(deploy))
+    assert {p for _, p in loaded.profiles.values()} == {0.9}
+
+
+def test_planner_config_is_checked(tmp_path):
+    assert PlannerConfig.load(DEPLOY).limits == Limits(attempts_per_day=3, step_attempts=2, identical_calls=2, max_loops=5)
+    (tmp_path / "planner.toml").write_text("[limits]\nattempts_per_day = 0\n")
+    with pytest.raises(ValueError, match="attempts_per_day must be at least 1"):
+        PlannerConfig.load(tmp_path)
+    (tmp_path / "planner.toml").write_text("[limits]\nattempts = 3\n")
+    with pytest.raises(ValueError, match="attempts"):
+        PlannerConfig.load(tmp_path)
+    with pytest.raises(ValueError, match="no planner configuration"):
+        PlannerConfig.load(tmp_path / "elsewhere")
+
+
+def test_estimate_command_prints_the_figures_and_fails_when_the_plan_cannot_fit():
+    runner = CliRunner()
+    fits_ = runner.invoke(estimate_command, ["draft-review", "--goal", "What is 2+2?", "--budget", "0.05", "--deadline", "5"])
+    assert fits_.exit_code == 0, fits_.output
+    for text in ("mixtral-8x7b-local", "gpt-4-1106-preview", "2.4 s", "reliability", "q/$", "fits the budget"):
+        assert text in fits_.output
+    over = runner.invoke(estimate_command, ["draft-review", "--goal", "What is 2+2?", "--budget", "0.001"])
+    assert over.exit_code == 1
+    assert "does not fit: estimated cost $0.0212 exceeds the budget $0.0010" in over.output
+    late = runner.invoke(estimate_command, ["draft-review", "--deadline", "1"])
+    assert late.exit_code == 1 and "exceeds the deadline 1.00 s" in late.output
+    unknown = runner.invoke(estimate_command, ["nope"])
+    assert unknown.exit_code == 2 and "unknown workflow 'nope'; known: answer, draft-review" in unknown.output

@@ -4,7 +4,6 @@ pinning, deadlines, the openai backend against a loopback fake, and one usage ro
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from fakes.deploy import openai_deploy
 from fakes.openai_server import Behaviour, FakeOpenAI
 
 from schemas.messages import ChatMessage, InferenceRequest, InferenceResult, Usage, UsageEvent
@@ -250,15 +250,8 @@ def fake() -> Iterator[FakeOpenAI]:
 @pytest.fixture
 def openai_settings(settings, fake, tmp_path, monkeypatch):
     """Settings whose catalogue sends provider ``openai`` to the fake over the openai backend."""
-    deploy = tmp_path / "deploy"
-    shutil.copytree(REPO_DEPLOY_DIR, deploy)
-    models = deploy / "models.toml"
-    text = models.read_text()
-    original = '[providers.openai]\nbackend = "replay"\nbase_url = "https://api.openai.com/v1"'
-    assert original in text
-    models.write_text(text.replace(original, f'[providers.openai]\nbackend = "openai"\nbase_url = "{fake.url}"'))
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    return settings.model_copy(update={"deploy_dir": deploy})
+    return settings.model_copy(update={"deploy_dir": openai_deploy(tmp_path / "deploy", fake.url)})
 
 
 async def test_cloud_openai_backend_meters_the_providers_usage(openai_settings, start_service, nc, fake):

@@ -30,6 +30,7 @@ from schemas.messages import (
     TaskEvent,
 )
 from schemas.subjects import HEADER_DEADLINE, HEADER_MSG_ID, HEADER_TASK, HEADER_TENANT, STREAM_DLQ, STREAM_TASKS
+from services.runtime.reservations import HEADER_BUDGET
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -262,15 +263,25 @@ messages = [{{ role = "user", content = "{{goal}}" }}, {{ role = "user", content
 """
 
 
-def fanout_deploy(tmp_path: Path, workflow_cap: int) -> Path:
+def deploy_with(tmp_path: Path, **workflows: str) -> Path:
+    """A copy of deploy/ with extra workflows (name -> TOML text)."""
     deploy = tmp_path / "deploy"
-    shutil.copytree(REPO / "deploy" / "workflows", deploy / "workflows")
-    ids = [f"s{i}" for i in range(12)]
-    goal_only = '[{ role = "user", content = "{goal}" }]'
-    steps = "".join(f'[[steps]]\nid = "{i}"\nrole = "x"\nartifact = "text"\nmessages = {goal_only}\n' for i in ids)
-    text = FANOUT.format(workflow_cap=workflow_cap, steps=steps, needs=", ".join(f'"{i}"' for i in ids))
-    (deploy / "workflows" / "fanout.toml").write_text(text)
+    shutil.copytree(REPO / "deploy", deploy)
+    for name, text in workflows.items():
+        (deploy / "workflows" / f"{name}.toml").write_text(text)
     return deploy
+
+
+def fanout_deploy(tmp_path: Path, workflow_cap: int) -> Path:
+    ids = [f"s{i}" for i in range(12)]
+    # Distinct prompts: twelve identical calls in one task would be stopped as a loop.
+    steps = "".join(
+        f'[[steps]]\nid = "{i}"\nrole = "x"\nartifact = "text"\n'
+        f'messages = [{{ role = "system", content = "part {i}" }}, {{ role = "user", content = "{{goal}}" }}]\n'
+        for i in ids
+    )
+    text = FANOUT.format(workflow_cap=workflow_cap, steps=steps, needs=", ".join(f'"{i}"' for i in ids))
+    return deploy_with(tmp_path, fanout=text)
 
 
 @pytest.mark.parametrize(("planner_cap", "workflow_cap", "expected"), [(4, 9, 4), (9, 3, 3)])
@@ -346,21 +357,101 @@ async def test_killed_call_ends_the_task_killed(settings, nc, mesh, peers):
     assert events[-1].kind == "killed" and "global kill" in events[-1].detail
 
 
-async def test_deadline_cancels_the_task(settings, nc, mesh, peers):
+async def test_deadline_cancels_the_task_and_records_a_timeout(settings, nc, mesh, peers):
     await mesh()
     await peers(settings, lambda r: None)  # a router that never answers
     started = time.monotonic()
-    events = await submit(nc, settings, new_task(goal="q", deadline_s=0.5))
-    assert events[-1].kind == "failed" and "deadline" in events[-1].detail
+    events = await submit(nc, settings, new_task(goal="q", deadline_s=1.0))
+    assert events[-1].kind == "failed" and events[-1].detail.startswith("timeout: the deadline of 1s passed")
+    assert "refused" not in [e.kind for e in events]
     assert time.monotonic() - started < 3
 
 
 async def test_spent_budget_stops_new_steps_and_ends_partial(settings, nc, mesh, peers):
     await mesh()
+    # The plan fits $0.03 (about $0.021 at worst), but the draft alone costs more than the budget.
     peer = await peers(settings, lambda r: result(r, "pricey", cost_usd=0.05))
-    events = await submit(nc, settings, new_task(workflow="draft-review", goal="q", budget_usd=0.01))
-    assert events[-1].kind == "partial" and "budget" in events[-1].detail
+    events = await submit(nc, settings, new_task(workflow="draft-review", goal="q", budget_usd=0.03))
+    assert [e.kind for e in events][-2:] == ["refused", "partial"]
+    assert events[-2].detail == events[-1].detail and "budget spent" in events[-1].detail
     assert events[-1].artifact.type == "answer" and len(peer.requests) == 1
+
+
+def refuse_review(request: StepRequest) -> InferenceResult:
+    if request.step_id == "draft":
+        return result(request, "draft answer")
+    return result(request, "", cost_usd=0.0, error=ErrorInfo(kind="refused", message="task cap: $0.02 left, call needs $0.03"))
+
+
+async def test_refused_reservation_ends_partial_with_the_draft(settings, nc, mesh, peers):
+    await mesh()
+    await peers(settings, refuse_review)
+    events = await submit(nc, settings, new_task(workflow="draft-review", goal="q"))
+
+    refused, terminal = events[-2:]
+    assert (refused.kind, terminal.kind) == ("refused", "partial")
+    assert refused.detail == terminal.detail == "step 'review': refused: task cap: $0.02 left, call needs $0.03"
+    draft_ref = next(e.artifact for e in events if e.kind == "step_done" and e.step_id == "draft")
+    assert terminal.artifact == draft_ref
+    assert [e.kind for e in events].count("step_started") == 2  # final never started
+    await wait_for_ack(nc, settings)
+
+
+async def test_refused_first_call_ends_failed_without_an_artifact(settings, nc, mesh, peers):
+    await mesh()
+    await peers(settings, lambda r: result(r, "", cost_usd=0.0, error=ErrorInfo(kind="refused", message="tenant cap")))
+    events = await submit(nc, settings, new_task(goal="q"))
+    assert [e.kind for e in events][-2:] == ["refused", "failed"] and events[-1].artifact is None
+    assert "refused: tenant cap" in events[-1].detail
+
+
+async def test_budget_travels_in_a_header_and_max_tokens_overrides_every_step(settings, nc, mesh, peers):
+    await mesh()
+    peer = await peers(settings, reviewer("ACCEPT"))
+    with_budget = new_task(workflow="draft-review", goal="q", budget_usd=0.5, max_tokens=64)
+    assert (await submit(nc, settings, with_budget))[-1].kind == "done"
+    assert [h[HEADER_BUDGET] for h in peer.headers] == ["0.5", "0.5"]
+    assert [r.max_tokens for r in peer.requests] == [64, 64]
+
+    assert (await submit(nc, settings, new_task(goal="q")))[-1].kind == "done"
+    assert HEADER_BUDGET not in peer.headers[-1] and peer.requests[-1].max_tokens == 512
+
+
+@pytest.mark.parametrize(
+    ("limits", "why"),
+    [({"budget_usd": 0.001}, "exceeds the budget $0.0010"), ({"deadline_s": 1.0}, "exceeds the deadline")],
+)
+async def test_a_plan_that_cannot_fit_is_refused_before_any_call(settings, nc, mesh, peers, limits, why):
+    await mesh()
+    peer = await peers(settings, reviewer("ACCEPT"))
+    # draft-review: a local draft (0.4 s) then a frontier review (2.0 s), about $0.021 at worst.
+    events = await submit(nc, settings, new_task(workflow="draft-review", goal="What is 2+2?", **limits))
+    assert [e.kind for e in events] == ["accepted", "refused", "failed"]
+    assert events[1].detail == events[2].detail
+    assert events[1].detail.startswith("pre-flight estimate: estimated") and why in events[1].detail
+    assert "2.40 s critical path" in events[1].detail
+    assert peer.requests == []
+    await wait_for_ack(nc, settings)
+
+
+async def test_a_call_that_would_overrun_the_budget_is_not_sent(settings, nc, mesh, peers):
+    await mesh()
+    # Spent $0.015 of $0.03 after the draft; the review may cost about $0.021: it must not start.
+    peer = await peers(settings, lambda r: result(r, "draft", cost_usd=0.015))
+    events = await submit(nc, settings, new_task(workflow="draft-review", goal="q", budget_usd=0.03))
+    assert [e.kind for e in events][-2:] == ["refused", "partial"]
+    assert "budget would be exceeded" in events[-1].detail and "step 'review'" in events[-1].detail
+    assert len(peer.requests) == 1 and events[-1].cost_usd == 0.015
+
+
+async def test_a_call_that_would_overrun_the_deadline_is_not_sent(settings, nc, mesh, peers):
+    await mesh()
+    # The plan fits 3 s (0.4 + 2.0); the draft takes 1.6 s, leaving too little for a 2 s review.
+    peer = await peers(settings, lambda r: result(r, "slow draft"), delay_s=1.6)
+    events = await submit(nc, settings, new_task(workflow="draft-review", goal="q", deadline_s=3.0))
+    assert [e.kind for e in events][-2:] == ["refused", "partial"]
+    assert "deadline would be exceeded" in events[-1].detail
+    assert len(peer.requests) == 1
 
 
 async def test_unknown_workflow_fails_with_the_reason(settings, nc, mesh):

@@ -1,7 +1,9 @@
 """The router through a live router service on a real nats-server.
 
 The inference tier is a test peer (``InferencePeer``, plain nats-py) that records what the router
-sends and answers it, so these tests see exactly which model each step was routed to.
+sends and answers it, so these tests see exactly which model each step was routed to. The
+accountant's reservations are a granting test peer (``BudgetPeer``); refusals, the kill switch
+and pacing are in test_enforcement.py.
 """
 
 from __future__ import annotations
@@ -10,15 +12,15 @@ import asyncio
 
 import msgspec
 import pytest
+from fakes.budget_peer import BudgetPeer
+from fakes.inference_peer import InferencePeer
 
 from schemas.messages import (
     ChatMessage,
     DeadLetter,
     ErrorInfo,
-    InferenceRequest,
     InferenceResult,
     StepRequest,
-    Usage,
     UsageEvent,
 )
 from schemas.subjects import HEADER_DEADLINE, HEADER_TASK, HEADER_TENANT
@@ -47,7 +49,13 @@ def table() -> RoutingTable:
 
 
 @pytest.fixture
-def start_router(settings, start_service, nc):
+async def budget(settings, nc) -> BudgetPeer:
+    """Grants every reservation, so paid calls go ahead."""
+    return await BudgetPeer(nc, settings.subjects).start()
+
+
+@pytest.fixture
+def start_router(settings, start_service, nc, budget):
     """Starts the live router; call it after the test peer and listeners subscribed.
 
     nats-server 2.15.1 can answer the first request of a connection opened before a subscriber
@@ -83,48 +91,6 @@ def make_step(
         deadline_ms=now_ms() + deadline_in_ms,
         **fields,
     )
-
-
-class InferencePeer:
-    """Test peer standing in for local- and cloud-inference: records each InferenceRequest (with
-    its headers) and replies an InferenceResult, an error result, or nothing at all."""
-
-    def __init__(self, nc, subjects, *, reply: bool = True, error: ErrorInfo | None = None) -> None:
-        self.nc = nc
-        self.subjects = subjects
-        self.reply = reply
-        self.error = error
-        self.requests: list[tuple[InferenceRequest, dict[str, str]]] = []
-
-    async def start(self) -> InferencePeer:
-        for subject in (self.subjects.infer_local_all, self.subjects.infer_cloud_all):
-            await self.nc.subscribe(subject, cb=self._answer)
-        await self.nc.flush()
-        return self
-
-    async def _answer(self, msg) -> None:
-        request = msgspec.json.decode(msg.data, type=InferenceRequest)
-        self.requests.append((request, dict(msg.headers or {})))
-        if not self.reply:
-            return
-        result = InferenceResult(
-            call_id=request.call_id,
-            model=request.model,
-            provider_model=request.model,
-            tier=request.tier,
-            provider="test-peer",
-            output=f"answer from {request.model}",
-            finish_reason="stop",
-            usage=Usage(input_tokens=40, output_tokens=7),
-            latency_ms=3.0,
-            cost_usd=0.001,
-            error=self.error,
-        )
-        await msg.respond(encode(result))
-
-    @property
-    def models(self) -> list[str]:
-        return [request.model for request, _ in self.requests]
 
 
 async def ask(nc, settings, step: StepRequest) -> InferenceResult:

@@ -118,3 +118,16 @@ def test_name_must_match_file(tmp_path):
 def test_render_fills_known_placeholders_only():
     values = {"goal": "What is {x}?", "draft": "42"}
     assert render('{goal} / {draft} / {other} / {"json": 1}', values) == 'What is {x}? / 42 / {other} / {"json": 1}'
+
+
+def test_a_looping_step_needs_a_valid_pattern_and_bound():
+    looping = workflow(step("a")).replace('needs = []', 'needs = []\nretry_if = "RETRY"\nmax_loops = 3')
+    assert (parse_workflow(looping).steps[0].retry_if, parse_workflow(looping).steps[0].max_loops) == ("RETRY", 3)
+    with pytest.raises(WorkflowError, match="retry_if is not a regular expression"):
+        parse_workflow(looping.replace('"RETRY"', '"(unclosed"'))
+    with pytest.raises(WorkflowError, match="max_loops must be at least 1, not 0"):
+        parse_workflow(looping.replace("max_loops = 3", "max_loops = 0"))
+    select = '[[steps]]\nid = "final"\nkind = "select"\nartifact = "answer"\nneeds = ["a", "r"]\nretry_if = "x"\n'
+    review = '[[steps]]\nid = "r"\nrole = "review"\nartifact = "review"\nneeds = ["a"]\nmessages = [{ role = "user", content = "{goal}" }]\n'
+    with pytest.raises(WorkflowError, match="takes no role, messages or retry_if"):
+        parse_workflow(workflow(step("a"), review, select))

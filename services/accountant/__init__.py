@@ -1,1 +1,1 @@
-"""The accountant service: ClickHouse ingest of usage events, task outcomes and artifacts."""
+"""The accountant service: budgets, reservations, kill-switch authority, pacing, ClickHouse ingest."""

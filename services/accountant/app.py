@@ -1,24 +1,131 @@
-"""The accountant: ClickHouse ingest of usage events, terminal task events and artifacts.
+"""The accountant: budgets, reservations, the kill-switch authority, pacing, and ClickHouse ingest.
 
-Each stream has its own durable pull consumer (shared by every accountant replica) fetched in
-real batches, so one batch is one INSERT; see ``ingest.py`` for the exactly-once rules.
+Budgets (``reservations.py``): reserve and settle requests against the caps of
+``deploy/budgets.toml`` and their run-time changes (``mesh.budget.set`` / ``mesh.budget.show``);
+a cap crossed trips the kill switch of its scope; tenants are paced against their month curve.
+
+Ingest (``ingest.py``): usage events, terminal task events, artifacts and kill-switch events each
+have their own durable pull consumer (shared by every accountant replica) fetched in real
+batches, so one batch is one INSERT; see ``ingest.py`` for the exactly-once rules.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
+import msgspec
 from faststream import AckPolicy, Context, FastStream
-from faststream.nats import PullSub
+from faststream.nats import NatsMessage, PullSub
 from faststream.nats.message import NatsBatchMessage
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig
 
-from schemas.subjects import STREAM_ARTIFACT_EVENTS, STREAM_TASK_EVENTS, STREAM_USAGE
-from services.accountant.ingest import ARTIFACTS, TASKS, USAGE, Ingest, Sink, Store
-from services.runtime.bus import Bus
+from schemas.messages import BudgetQuery, BudgetUpdate, Reservation, ReservationDecision
+from schemas.subjects import STREAM_ARTIFACT_EVENTS, STREAM_CONTROL, STREAM_TASK_EVENTS, STREAM_USAGE
+from services.accountant.budget import BUDGETS_FILE, BudgetConfig
+from services.accountant.ingest import ARTIFACTS, KILLS, TASKS, USAGE, Ingest, Sink, Store
+from services.accountant.reservations import Budgets, Clock
+from services.runtime.bus import Bus, encode, now_ms
 from services.runtime.settings import MeshSettings
 
 SERVICE = "accountant"
+QUEUE = "accountant"
+
+
+class HotPath:
+    """Reserve and settle, served on plain nats-py subscriptions of the broker's connection.
+
+    Every paid call makes these two requests, so they skip FastStream: its per-message work
+    (dependency resolution, context, thread hops for sync steps) costs several times a
+    reservation's own decision. The handler decides synchronously and parks the reply on the
+    journal batch its decision joined; when the batch is stored, one task sends all of that
+    batch's replies. So the subscription never waits on a journal write, and many decisions
+    share one (group commit).
+    """
+
+    def __init__(self, bus: Bus, ledger: Budgets) -> None:
+        self.bus = bus
+        self.ledger = ledger
+        self._subs: list[Subscription] = []
+        self._parked: dict[asyncio.Future[None], list[tuple[str, Reservation, ReservationDecision, Outcome]]] = {}
+        self._sending: set[asyncio.Task] = set()
+
+    async def subscribe(self) -> None:
+        nc = self.bus.broker.connection
+        subjects = self.bus.subjects
+        self._subs = [
+            await nc.subscribe(subjects.budget_reserve, queue=QUEUE, cb=self._reserve),
+            await nc.subscribe(subjects.budget_settle, queue=QUEUE, cb=self._settle),
+        ]
+
+    async def unsubscribe(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def drain(self) -> None:
+        """Send the replies still waiting (call after the journal has stored what it had)."""
+        if self._sending:
+            await asyncio.wait(self._sending, timeout=5)
+
+    async def _reserve(self, msg: Msg) -> None:
+        r = await self._decode(msg)
+        if r is not None:
+            decision, stored = self.ledger.decide_reserve(r)
+            await self._reply(msg, r, decision, stored, self.ledger.reserve_outcome)
+
+    async def _settle(self, msg: Msg) -> None:
+        r = await self._decode(msg)
+        if r is not None:
+            decision, stored = self.ledger.decide_settle(r)
+            await self._reply(msg, r, decision, stored, self.ledger.settle_outcome)
+
+    async def _decode(self, msg: Msg) -> Reservation | None:
+        try:
+            return _decode_reservation(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await self.bus.dead_letter(msg.subject, msg.data, msg.headers, f"Reservation: {exc}")
+            await msg.respond(self.bus.rejection("not a Reservation (dead-lettered with the decode error)"))
+            return None
+
+    async def _reply(
+        self,
+        msg: Msg,
+        r: Reservation,
+        decision: ReservationDecision,
+        stored: asyncio.Future[None] | None,
+        outcome: Outcome,
+    ) -> None:
+        if stored is None:  # nothing to store (a refusal): answer at once
+            await msg.respond(encode(decision))
+            return
+        parked = self._parked.get(stored)
+        if parked is None:
+            parked = self._parked[stored] = []
+            stored.add_done_callback(self._stored)
+        parked.append((msg.reply, r, decision, outcome))
+
+    def _stored(self, stored: asyncio.Future[None]) -> None:
+        error = asyncio.CancelledError() if stored.cancelled() else stored.exception()
+        replies = [(to, encode(outcome(r, decision, error))) for to, r, decision, outcome in self._parked.pop(stored)]
+        task = asyncio.create_task(self._send(replies))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, replies: list[tuple[str, bytes]]) -> None:
+        nc = self.bus.broker.connection
+        for to, data in replies:
+            await nc.publish(to, data)
+
+
+_decode_reservation = msgspec.json.Decoder(Reservation).decode
+# How a decision becomes the reply once its journal write finished (with the error, if any).
+Outcome = Callable[[Reservation, ReservationDecision, BaseException | None], ReservationDecision]
 
 # A batch handler gets the whole fetched batch; FastStream's NatsMessage annotation is per message.
 BatchMessage = Annotated[NatsBatchMessage, Context("message")]
@@ -32,6 +139,12 @@ def create_app(
     batch_timeout_s: float = 0.2,
     ack_wait_s: float = 30.0,
     retry_delay_s: float = 1.0,
+    budgets: BudgetConfig | Path | None = None,
+    clock: Clock = now_ms,
+    expiry_grace_s: float = 1.0,
+    sweep_interval_s: float = 0.1,
+    snapshot_interval_s: float = 30.0,
+    pace_interval_s: float | None = None,
 ) -> FastStream:
     """The accountant's app.
 
@@ -39,19 +152,63 @@ def create_app(
     created if missing. A batch is up to ``batch_size`` messages or what arrived within
     ``batch_timeout_s``. ``ack_wait_s`` is how long JetStream waits for an ack before it
     redelivers (after a crash, say); a failed insert is redelivered after ``retry_delay_s``.
+
+    ``budgets``: the caps (default ``<deploy_dir>/budgets.toml``). ``clock`` gives the time in
+    ms (tests move it). An unsettled reservation is released ``expiry_grace_s`` after its
+    deadline (a settle sent right at the deadline still finds its hold, so the room is not
+    handed out twice); holds are swept every ``sweep_interval_s``. The ledger is snapshotted
+    every ``snapshot_interval_s``; pacing runs every ``pace_interval_s`` (default: the file's).
     """
     bus = Bus(settings, SERVICE)
     app = bus.app()
     store = Store(settings.clickhouse_url, database)
     subjects = settings.subjects
+    if not isinstance(budgets, BudgetConfig):
+        budgets = BudgetConfig.load(budgets or settings.deploy_dir / BUDGETS_FILE)
+    ledger = Budgets(
+        bus,
+        budgets,
+        clock,
+        expiry_grace_ms=int(expiry_grace_s * 1000),
+        sweep_interval_s=sweep_interval_s,
+        snapshot_interval_s=snapshot_interval_s,
+        pace_interval_s=pace_interval_s or budgets.pacing.interval_s,
+    )
 
     @app.on_startup
     async def open_store() -> None:
         await store.open()
 
+    hot_path = HotPath(bus, ledger)
+
+    # Registered after bus.app()'s hook, which connects the broker; before any subscriber starts,
+    # so no reservation is decided before the ledger is rebuilt and the switches are read.
+    app.on_startup(ledger.start)
+    app.on_startup(hot_path.subscribe)
+
+    @app.on_shutdown
+    async def close_ledger() -> None:
+        await hot_path.unsubscribe()
+        await ledger.stop()
+        await hot_path.drain()
+
     @app.after_shutdown
     async def close_store() -> None:
         store.close()
+
+    @bus.broker.subscriber(subjects.budget_set, queue=QUEUE)
+    async def set_budget(msg: NatsMessage) -> bytes:
+        update = await bus.decode(msg, BudgetUpdate)
+        if update is None:
+            return bus.rejection("not a BudgetUpdate (dead-lettered with the decode error)")
+        return encode(await ledger.update(update))
+
+    @bus.broker.subscriber(subjects.budget_show, queue=QUEUE)
+    async def show_budget(msg: NatsMessage) -> bytes:
+        query = await bus.decode(msg, BudgetQuery)
+        if query is None:
+            return bus.rejection("not a BudgetQuery (dead-lettered with the decode error)")
+        return encode(ledger.show(query))
 
     def consume(subject: str, stream: str, durable: str, sink: Sink[Any]) -> None:
         ingest = Ingest(bus, store, sink, retry_delay_s)
@@ -74,4 +231,5 @@ def create_app(
     consume(subjects.usage_all, STREAM_USAGE, "accountant", USAGE)
     consume(subjects.task_events, STREAM_TASK_EVENTS, "accountant-tasks", TASKS)
     consume(subjects.artifact_created_all, STREAM_ARTIFACT_EVENTS, "accountant-artifacts", ARTIFACTS)
+    consume(subjects.control_kill, STREAM_CONTROL, "accountant-kills", KILLS)
     return app

@@ -1,4 +1,4 @@
-"""The accountant's ClickHouse schema: three ingest tables and the analysts' views.
+"""The accountant's ClickHouse schema: four ingest tables and the analysts' views.
 
 Every statement is idempotent (``IF NOT EXISTS``) and names its database explicitly, so the same
 DDL serves ``frugalmesh up``, a production cluster and one database per test.
@@ -19,13 +19,14 @@ from __future__ import annotations
 USAGE_EVENTS = "usage_events"
 TASK_EVENTS = "task_events"
 ARTIFACTS = "artifacts"
+KILL_EVENTS = "kill_events"
 
 SPEND_DAILY = "spend_daily"
 COMPLETED_ARTIFACT_COST = "completed_artifact_cost"
 CACHE_HIT_DAILY = "cache_hit_daily"
 TASK_TOKENS = "task_tokens"
 
-TABLES = (USAGE_EVENTS, TASK_EVENTS, ARTIFACTS)
+TABLES = (USAGE_EVENTS, TASK_EVENTS, ARTIFACTS, KILL_EVENTS)
 VIEWS = (SPEND_DAILY, COMPLETED_ARTIFACT_COST, CACHE_HIT_DAILY, TASK_TOKENS)
 
 
@@ -93,6 +94,20 @@ def statements(database: str) -> list[str]:
         )
         ENGINE = ReplacingMergeTree
         ORDER BY id
+        """,
+        # Every trip and clear of the kill switch (mesh.control.kill), whoever wrote it.
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{KILL_EVENTS} (
+            event_id String,
+            time DateTime64(3, 'UTC'),
+            scope LowCardinality(String),
+            key String,
+            tripped Bool,
+            reason String,
+            by String
+        )
+        ENGINE = ReplacingMergeTree
+        ORDER BY event_id
         """,
         # Spend per UTC day, tenant and model.
         f"""

@@ -23,7 +23,7 @@ import msgspec
 from clickhouse_connect.driver.client import Client
 from nats.aio.msg import Msg
 
-from schemas.messages import TERMINAL_EVENTS, Artifact, TaskEvent, UsageEvent
+from schemas.messages import TERMINAL_EVENTS, Artifact, KillSwitch, TaskEvent, UsageEvent
 from services.accountant import ddl
 from services.accountant.clickhouse import client, create_schema
 from services.runtime.bus import Bus
@@ -130,6 +130,13 @@ def artifact_row(a: Artifact) -> Row:
     )
 
 
+def kill_row(k: KillSwitch) -> Row:
+    # A switch event has no id of its own; its content is one (the same write redelivered is the
+    # same fact, and two writers never put the same scope, state and millisecond apart).
+    event_id = f"{k.scope}:{k.key}:{int(k.tripped)}:{k.time_ms}"
+    return (event_id, utc(k.time_ms), k.scope, k.key, k.tripped, k.reason, k.by)
+
+
 USAGE = Sink(
     table=ddl.USAGE_EVENTS,
     message_type=UsageEvent,
@@ -180,6 +187,14 @@ ARTIFACTS = Sink(
     columns=("id", "type", "schema_version", "task_id", "step_id", "calls", "parents", "cost_usd", "created"),
     key=("id",),
     to_row=artifact_row,
+)
+
+KILLS = Sink(
+    table=ddl.KILL_EVENTS,
+    message_type=KillSwitch,
+    columns=("event_id", "time", "scope", "key", "tripped", "reason", "by"),
+    key=("event_id",),
+    to_row=kill_row,
 )
 
 

@@ -226,5 +226,17 @@ def data_fetch(dest: Path | None, mirror: str | None) -> None:
     sys.exit(fetch_command(dest, mirror))
 
 
+def _register_command_modules() -> None:
+    """Commands that live beside the service they drive."""
+    from services.cli.budget_commands import budget, clear, kill
+    from services.cli.estimate_command import estimate
+    from services.cli.schedule_commands import schedule
+
+    for command in (budget, kill, clear, estimate, schedule):
+        cli.add_command(command)
+
+
+_register_command_modules()
+
 if __name__ == "__main__":
     cli()

@@ -7,11 +7,16 @@ for a free slot, which stops further pulls). A task's message is acked only afte
 event is published; while it runs, ``in_progress`` keeps JetStream from redelivering it, however
 long its deadline. If the planner dies mid-task the message comes back after ``ack_wait_s`` and
 another replica runs the task again (artifacts are content-addressed, so reruns store nothing twice).
+
+Every replica also runs the scheduler (services/planner/schedule.py); JetStream's dedupe makes each
+scheduled run fire once however many replicas submit it. Limits and estimate profiles come from
+``deploy/planner.toml`` (services/planner/config.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
@@ -21,7 +26,11 @@ from nats.js.api import ConsumerConfig
 
 from schemas.messages import Task
 from schemas.subjects import STREAM_TASKS, token
+from services.planner.antiloop import AttemptCounter
+from services.planner.config import Limits, PlannerConfig
+from services.planner.preflight import Preflight
 from services.planner.runner import Planner
+from services.planner.schedule import HEADER_SCHEDULE_RUN, Clock, Scheduler, utc_now
 from services.planner.workflow import load_workflows
 from services.runtime.bus import Bus
 from services.runtime.settings import MeshSettings
@@ -39,17 +48,39 @@ def create_app(
     max_in_flight: int = 256,
     ack_wait_s: float = 60.0,
     pull_batch: int = 32,
+    limits: Limits | None = None,
+    clock: Clock = utc_now,
+    schedule_tick_s: float = 1.0,
 ) -> FastStream:
-    """The planner. Workflows load from ``settings.deploy_dir / "workflows"`` now, so a bad one fails here.
+    """The planner. Workflows, planner.toml, the price and routing tables and the recorded accuracy
+    all load now, so a bad file fails here rather than half-way through a task.
 
     ``max_fanout``: parallel steps per task (a workflow may ask for fewer). ``max_in_flight``:
     tasks running at once in this replica. ``ack_wait_s``: how long a silent replica keeps a task.
+    ``limits``: layer-2 limits instead of planner.toml's. ``clock`` (UTC) and ``schedule_tick_s``:
+    the scheduler's time and how often it looks at it; the clock also dates the attempt counts.
     """
     bus = Bus(settings, SERVICE)
     app = bus.app()
-    planner = Planner(bus, load_workflows(settings.deploy_dir / "workflows"), max_fanout)
+    config = PlannerConfig.load(settings.deploy_dir)
+    limits = limits or config.limits
+    workflows = load_workflows(settings.deploy_dir / "workflows")
+    preflight = Preflight.load(settings.deploy_dir, settings.data, config)
+    attempts = AttemptCounter(limits.attempts_per_day, clock)
+    planner = Planner(bus, workflows, max_fanout, limits, preflight, attempts)
     slots = asyncio.Semaphore(max_in_flight)
     running: set[asyncio.Task[None]] = set()
+    scheduling: list[asyncio.Task[None]] = []
+
+    @app.on_startup
+    async def open_attempts() -> None:
+        # After Bus.app's start-up hook (hooks run in order): connected, before any task is pulled.
+        await attempts.open(bus.broker.connection.jetstream(), settings.subjects)
+
+    @app.after_startup
+    async def start_scheduler() -> None:
+        scheduler = Scheduler(bus.broker.connection.jetstream(), settings.subjects, bus.log, clock, schedule_tick_s)
+        scheduling.append(asyncio.create_task(scheduler.run()))
 
     async def keep_alive(msg: NatsMessage) -> None:
         while True:
@@ -59,7 +90,7 @@ def create_app(
     async def run(msg: NatsMessage, task: Task) -> None:
         heartbeat = asyncio.create_task(keep_alive(msg))
         try:
-            kind = await planner.run(task)
+            kind = await planner.run(task, (msg.headers or {}).get(HEADER_SCHEDULE_RUN, ""))
             await msg.ack()
             bus.log.info("task_finished", task_id=task.id, kind=kind)
         except Exception:
@@ -98,6 +129,10 @@ def create_app(
 
     @app.on_shutdown
     async def abandon_running() -> None:
+        for scheduler in scheduling:
+            scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scheduler
         # Unacked, these tasks go back to the stream and another replica picks them up.
         for background in list(running):
             background.cancel()

@@ -5,14 +5,29 @@ exactly one terminal event: ``done`` (the final step's artifact), ``partial`` (a
 run but others produced artifacts: the best one so far), ``failed`` or ``killed``. Ready steps
 run concurrently up to the fan-out cap; once a step fails, or the budget is spent, no new step
 starts and the ones in flight finish (their artifacts count for ``partial``). The deadline
-cancels whatever is still running.
+cancels whatever is still running, and the terminal event's detail says ``timeout``.
+
+Defences, each a ``refused`` event with its reason just before the terminal event:
+
+- Before any call: the pre-flight estimate must fit the task's budget and remaining time, and
+  the task's fingerprint must have attempts left today (layer 2); otherwise the task ``failed``.
+- Before each call: the call's worst-case cost must fit what is left of the budget (counting calls
+  in flight), its model's typical latency must fit the time left, and the same call (role and
+  messages) may not repeat more than ``limits.identical_calls`` times in the task (layer 2).
+- After a call: a reservation the router could not get (error ``refused``) stops the task.
+
+A refusal never overruns: the task ends ``partial`` with the best artifact so far, or ``failed``
+when there is none. A tripped kill switch (error ``killed``) ends it ``killed``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
+from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import msgspec
 from nats.errors import NoRespondersError
@@ -33,14 +48,20 @@ from schemas.messages import (
     TaskEventKind,
 )
 from schemas.subjects import HEADER_DEADLINE, HEADER_TASK, HEADER_TENANT, STREAM_TASK_EVENTS
+from services.planner.antiloop import AttemptCounter
+from services.planner.config import Limits
+from services.planner.estimate import fits
+from services.planner.preflight import Preflight, describe
 from services.planner.workflow import GOAL, StepSpec, Workflow, render
+from services.router.table import PinningError
 from services.runtime.bus import Bus, encode, now_ms
+from services.runtime.reservations import HEADER_BUDGET
 
-# A step whose call failed with a retryable error gets exactly one more attempt.
-MAX_ATTEMPTS = 2
-# A router that is briefly absent (restarting) is worth that retry, after this pause.
+# A router that is briefly absent (restarting) is worth a retry, after this pause.
 NO_RESPONDERS_PAUSE_S = 0.2
 _VERDICT_WORD = re.compile(r"[A-Za-z]+")
+# Why a step may stop that is a defence doing its job: announced as a ``refused`` event.
+REFUSALS = frozenset({"refused", "budget", "deadline", "loop"})
 
 
 class StepFailed(Exception):
@@ -68,22 +89,39 @@ class _TaskState:
     produced: list[ArtifactRef] = field(default_factory=list)
     cost_usd: float = 0.0
     calls: int = 0
+    # Worst cases of the calls in flight: spent plus these must stay within the budget.
+    in_flight_usd: float = 0.0
+    # How often each call (by role and messages) was sent.
+    call_counts: Counter[str] = field(default_factory=Counter)
 
 
 class Planner:
     """Runs tasks on a connected bus. ``run`` returns once the task's terminal event is published."""
 
-    def __init__(self, bus: Bus, workflows: dict[str, Workflow], max_fanout: int) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        workflows: dict[str, Workflow],
+        max_fanout: int,
+        limits: Limits,
+        preflight: Preflight,
+        attempts: AttemptCounter,
+    ) -> None:
         if max_fanout < 1:
             raise ValueError(f"max_fanout must be at least 1, not {max_fanout}")
         self.bus = bus
         self.subjects = bus.subjects
         self.workflows = workflows
         self.max_fanout = max_fanout
+        self.limits = limits
+        self.preflight = preflight
+        self.attempts = attempts
         self.timeout_s = bus.settings.request_timeout_s
 
-    async def run(self, task: Task) -> TaskEventKind:
-        """Run ``task`` to its terminal event and return that event's kind."""
+    async def run(self, task: Task, schedule_run: str = "") -> TaskEventKind:
+        """Run ``task`` to its terminal event and return that event's kind.
+
+        ``schedule_run``: the ``Mesh-Schedule-Run`` header of a scheduled run (its own attempts count)."""
         workflow = self.workflows.get(task.workflow)
         await self._emit(task, "accepted")
         if workflow is None:
@@ -92,13 +130,32 @@ class Planner:
             return "failed"
         deadline_s = task.deadline_s if task.deadline_s is not None else self.timeout_s
         state = _TaskState(task, workflow, deadline_ms=(task.submitted_ms or now_ms()) + int(deadline_s * 1000))
+        # The estimate first: it costs nothing, while a claim uses up one of the day's attempts.
+        refusal = self._preflight(state) or await self.attempts.claim(task, schedule_run)
+        if refusal is not None:
+            await self._emit(task, "refused", detail=refusal)
+            await self._emit(task, "failed", detail=refusal)
+            return "failed"
         await self._emit(task, "planned", detail=",".join(s.id for s in workflow.steps))
         try:
             async with asyncio.timeout((state.deadline_ms - now_ms()) / 1000):
                 stop = await self._run_steps(state)
         except TimeoutError:
-            stop = StepFailed(f"deadline of {deadline_s:g}s exceeded", kind="timeout")
+            stop = StepFailed(f"timeout: the deadline of {deadline_s:g}s passed; work in flight was cancelled", "timeout")
         return await self._finish(state, stop)
+
+    def _preflight(self, state: _TaskState) -> str | None:
+        """Why the plan cannot fit the task's budget or remaining time, or None when it can."""
+        task = state.task
+        try:
+            steps = self.preflight.steps(state.workflow, task.goal, task.allow_models, task.max_tokens)
+        except PinningError as exc:
+            return f"pre-flight estimate: {exc}"
+        figures = Preflight.total(steps)
+        reason = fits(figures, task.budget_usd, (state.deadline_ms - now_ms()) / 1000)
+        if reason is None:
+            return None
+        return f"pre-flight estimate: {reason} (plan: {describe(figures)})"
 
     async def _run_steps(self, state: _TaskState) -> StepFailed | None:
         """Run the DAG; return why it stopped early, or None when every step produced its artifact."""
@@ -141,6 +198,8 @@ class Planner:
         if stop is None:
             await self._emit(task, "done", artifact=state.refs[state.workflow.final.id], state=state)
             return "done"
+        if stop.kind in REFUSALS:
+            await self._emit(task, "refused", detail=stop.reason, state=state)
         kind: TaskEventKind = "killed" if stop.kind == "killed" else "partial" if state.produced else "failed"
         await self._emit(task, kind, detail=stop.reason, artifact=self._best(state), state=state)
         return kind
@@ -177,29 +236,26 @@ class Planner:
             workflow=task.workflow,
             role=step.role,
             messages=[ChatMessage(role=m.role, content=render(m.content, values)) for m in step.messages],
-            max_tokens=step.max_tokens,
+            max_tokens=task.max_tokens or step.max_tokens,
             allow_models=task.allow_models,
             deadline_ms=state.deadline_ms,
+            # Numbered from 1 by each call, retries and loops included.
+            attempt=0,
         )
-        calls: list[str] = []
-        cost = 0.0
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            request.attempt = attempt
-            try:
-                result = await self._call(state, request)
-            except StepFailed as exc:
-                if not (exc.retryable and attempt < MAX_ATTEMPTS):
-                    raise
-                await asyncio.sleep(NO_RESPONDERS_PAUSE_S)
-                continue
-            calls.append(result.call_id)
-            cost += result.cost_usd
-            state.calls += 1
-            state.cost_usd += result.cost_usd
-            if result.error is None:
+        results: list[InferenceResult] = []
+        loops = min(step.max_loops, self.limits.max_loops) if step.retry_if is not None else 0
+        for _ in range(loops + 1):
+            result = await self._answer(state, request, results)
+            if step.retry_if is None or not re.search(step.retry_if, result.output):
                 break
-            if not (result.error.retryable and attempt < MAX_ATTEMPTS):
-                raise StepFailed(f"{result.error.kind}: {result.error.message}", result.error.kind)
+        else:
+            raise StepFailed(
+                f"layer 2 (anti-loop): the output still matches retry_if {step.retry_if!r} after {loops} loops, "
+                "the most this step may make",
+                kind="loop",
+            )
+        calls = [r.call_id for r in results]
+        cost = sum(r.cost_usd for r in results)
         schema_fields = ARTIFACT_TYPES[step.artifact].__struct_fields__
         produced = {
             "text": result.output,
@@ -209,6 +265,64 @@ class Planner:
         }
         body = {name: value for name, value in produced.items() if name in schema_fields}
         return await self._put(state, step, body, parents=[a.id for a in inputs.values()], calls=calls, cost_usd=cost)
+
+    async def _answer(self, state: _TaskState, request: StepRequest, results: list[InferenceResult]) -> InferenceResult:
+        """One answer to ``request``: up to ``limits.step_attempts`` calls while errors are retryable.
+        Every result is appended to ``results``; the step fails when no attempt succeeds."""
+        attempt = 0
+        while True:
+            attempt += 1
+            request.attempt += 1
+            may_retry = attempt < self.limits.step_attempts
+            try:
+                result = await self._guarded_call(state, request)
+            except StepFailed as exc:
+                if not (exc.retryable and may_retry):
+                    raise
+                await asyncio.sleep(NO_RESPONDERS_PAUSE_S)
+                continue
+            results.append(result)
+            state.calls += 1
+            state.cost_usd += result.cost_usd
+            if result.error is None:
+                return result
+            if not (result.error.retryable and may_retry):
+                raise StepFailed(f"{result.error.kind}: {result.error.message}", result.error.kind)
+
+    async def _guarded_call(self, state: _TaskState, request: StepRequest) -> InferenceResult:
+        """``_call`` once the call passes the per-call defences (identical calls, budget, deadline)."""
+        # Whatever model runs it: a repeat on another model is the same loop.
+        key = hashlib.sha256(msgspec.json.encode([request.role, request.messages])).hexdigest()
+        state.call_counts[key] += 1
+        if state.call_counts[key] > self.limits.identical_calls:
+            raise StepFailed(
+                f"layer 2 (anti-loop): the same call (role {request.role!r}, same messages) would be sent "
+                f"{state.call_counts[key]} times in this task; the limit is {self.limits.identical_calls}",
+                kind="loop",
+            )
+        try:
+            worst_usd, latency_s = self.preflight.call(request)
+        except PinningError:
+            # The router refuses it with the reason; nothing is spent.
+            return await self._call(state, request)
+        left_s = (state.deadline_ms - now_ms()) / 1000
+        if latency_s > left_s:
+            raise StepFailed(
+                f"deadline would be exceeded: a call takes about {latency_s:g} s and {max(left_s, 0):.2f} s are left",
+                kind="deadline",
+            )
+        budget = state.task.budget_usd
+        if budget is not None and state.cost_usd + state.in_flight_usd + worst_usd > budget:
+            raise StepFailed(
+                f"budget would be exceeded: the call may cost ${worst_usd:.6f}, with ${state.cost_usd:.6f} spent "
+                f"and ${state.in_flight_usd:.6f} in flight of ${budget:.6f}",
+                kind="budget",
+            )
+        state.in_flight_usd += worst_usd
+        try:
+            return await self._call(state, request)
+        finally:
+            state.in_flight_usd -= worst_usd
 
     async def _select(self, state: _TaskState, step: StepSpec, inputs: dict[str, Artifact]) -> ArtifactRef:
         candidate, review = (inputs[need] for need in step.needs)
@@ -227,6 +341,9 @@ class Planner:
         if timeout_s <= 0:
             raise StepFailed("deadline exceeded before the call", kind="timeout")
         headers = {HEADER_DEADLINE: str(state.deadline_ms), HEADER_TASK: task.id, HEADER_TENANT: task.tenant}
+        if task.budget_usd is not None:
+            # The router reserves against the task's cap; a decimal string, never "1e-05".
+            headers[HEADER_BUDGET] = format(Decimal(repr(task.budget_usd)), "f")
         try:
             reply = await self.bus.broker.request(
                 encode(request), self.subjects.step_request, headers=headers, timeout=timeout_s

@@ -6,6 +6,10 @@ candidate its review accepted, or takes the review's corrected answer). Message 
 use ``{goal}`` (the task goal) and ``{<step id>}`` (the ``text`` of that step's artifact, which
 must then be one of the step's ``needs``).
 
+A model step may loop: with ``retry_if`` (a regular expression) it runs again, with the same
+request, while its output matches, at most ``max_loops`` more times (the planner caps that at its
+own ``limits.max_loops``). A loop that is still asking after that fails the step.
+
 Everything is checked when the file is loaded, so a bad workflow stops the planner at start
 with the file and the reason, never a task half-way through.
 """
@@ -45,6 +49,9 @@ class StepSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     messages: list[ChatMessage] = []
     max_tokens: int = 512
     needs: list[str] = []
+    # Model steps: run again while the output matches this regular expression, up to max_loops times.
+    retry_if: str | None = None
+    max_loops: int = 1
 
 
 class Workflow(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -137,6 +144,13 @@ def _model_step_problems(step: StepSpec) -> list[str]:
         problems.append("a model step needs a role")
     if step.max_tokens < 1:
         problems.append(f"max_tokens must be at least 1, not {step.max_tokens}")
+    if step.retry_if is not None:
+        try:
+            re.compile(step.retry_if)
+        except re.error as exc:
+            problems.append(f"retry_if is not a regular expression: {exc}")
+    if step.max_loops < 1:
+        problems.append(f"max_loops must be at least 1, not {step.max_loops}")
     user = [m.content for m in step.messages if m.role == "user"]
     if not user or user[0] != FIRST_USER_MESSAGE:
         problems.append(f"the first user message must be exactly {FIRST_USER_MESSAGE!r}")
@@ -148,8 +162,8 @@ def _model_step_problems(step: StepSpec) -> list[str]:
 
 
 def _select_step_problems(step: StepSpec, by_id: dict[str, StepSpec]) -> list[str]:
-    if step.messages or step.role:
-        return ["a select step makes no model call: it takes no role or messages"]
+    if step.messages or step.role or step.retry_if is not None:
+        return ["a select step makes no model call: it takes no role, messages or retry_if"]
     if len(step.needs) != 2:
         return ["a select step needs exactly [candidate, review]"]
     candidate, review = (by_id[n] for n in step.needs)

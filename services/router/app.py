@@ -2,10 +2,17 @@
 
 Queue group ``router`` on ``mesh.step.request``; the reply is always an InferenceResult (an
 error one when the step cannot run), or ``Bus.rejection`` for a message that is not a step.
+
+Before a paid call starts, the router enforces the cost defences that act at the caller: the
+kill switch (a tripped switch covering the call: ``killed``), pacing (ahead of the month's curve:
+one tier down, and under "throttle" a per-tenant rate of paid calls) and the reservation of the
+call's worst case with the accountant (refused: ``refused``). After the call it settles the
+metered cost. A call that never started is metered once, at $0, with its outcome.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -21,6 +28,8 @@ from schemas.messages import (
     InferenceRequest,
     InferenceResult,
     Outcome,
+    PaceSignal,
+    Reservation,
     StepRequest,
     Usage,
     UsageEvent,
@@ -35,8 +44,11 @@ from schemas.subjects import (
 )
 from services.router.cache import ResponseCache, cache_key
 from services.router.table import PinningError, RoutingTable
+from services.router.throttle import DEFAULT_BURST, DEFAULT_RATE_PER_S, Throttle
 from services.runtime.bus import Bus, encode, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
+from services.runtime.control import ControlState
+from services.runtime.reservations import HEADER_BUDGET, UNAVAILABLE, ReservationClient, is_paid, parse_budget
 from services.runtime.settings import MeshSettings
 from services.runtime.tokens import count_message_tokens
 
@@ -45,41 +57,67 @@ QUEUE = "router"
 # A cached answer is as good as the call that made it, but models and prompts drift: a day
 # bounds how stale a served answer can be while still catching a day's repeats.
 DEFAULT_CACHE_TTL_S = 24 * 3600.0
+# Steps handled at once per replica: a step mostly waits on the accountant and a model, and a
+# throttled tenant's queued steps must not hold up other tenants'.
+DEFAULT_CONCURRENCY = 64
 
 
 class Router:
     """The per-step logic, apart from FastStream so that it reads top to bottom."""
 
-    def __init__(self, bus: Bus, table: RoutingTable, catalog: Catalog, cache_ttl_s: float) -> None:
+    def __init__(
+        self, bus: Bus, table: RoutingTable, catalog: Catalog, cache_ttl_s: float, throttle: Throttle
+    ) -> None:
         self.bus = bus
         self.table = table
         self.catalog = catalog
         self.cache_ttl_s = cache_ttl_s
+        self.throttle = throttle
+        self.reservations = ReservationClient(bus)
         self.log = bus.log
         self.cache: ResponseCache | None = None
+        self.control: ControlState | None = None
 
-    async def open_cache(self) -> None:
+    async def start(self) -> None:
+        """Open the cache and read the control state before any step is taken: a router started
+        after a trip refuses from its first step."""
         kv = await self.bus.broker.key_value(self.bus.subjects.bucket(BUCKET_RESPONSE_CACHE), ttl=self.cache_ttl_s)
         self.cache = ResponseCache(kv, self.log)
+        self.control = await ControlState.open(self.bus.broker.connection.jetstream(), self.bus.subjects)
 
-    async def route(self, step: StepRequest, traceparent: str | None = None) -> InferenceResult:
+    async def stop(self) -> None:
+        if self.control is not None:
+            await self.control.close()
+
+    async def route(
+        self, step: StepRequest, traceparent: str | None = None, task_budget_usd: float | None = None
+    ) -> InferenceResult:
         started = time.perf_counter()
         call_id = uuid.uuid4().hex
+        assert self.cache is not None and self.control is not None, "start runs at startup, before any subscriber"
         with structlog.contextvars.bound_contextvars(task_id=step.task_id, call_id=call_id):
+            pace = self.control.pace(step.tenant)
             try:
-                model = self.table.choose(step, self.catalog)
+                model = self.table.choose(
+                    step, self.catalog, downgrade=pace is not None and pace.action in ("downgrade", "throttle")
+                )
             except PinningError as exc:
                 # Nothing is sent, so nothing is spent or metered: the planner sees why.
                 self.log.warning("pinning_refused", step_id=step.step_id, error=str(exc))
                 return InferenceResult(
                     call_id=call_id, model="", tier=exc.tier, error=ErrorInfo(kind="pinning", message=str(exc))
                 )
-            assert self.cache is not None, "open_cache runs at startup, before any subscriber"
             key = cache_key(model.name, step)
+            # A hit spends nothing, so neither the kill switch nor pacing holds it back.
             cached = await self.cache.get(key)
             if cached is not None:
                 return await self._serve_cached(step, model, cached, call_id, started)
-            result = await self._call(step, model, call_id, started, traceparent)
+            if step.deadline_ms <= now_ms():
+                return self._expired(model, call_id)
+            if is_paid(model):
+                result = await self._paid_call(step, model, call_id, started, traceparent, pace, task_budget_usd)
+            else:
+                result = await self._call(step, model, call_id, started, traceparent, reservation_id=None)
             if result.error is None:
                 await self.cache.put(key, result)
             return result
@@ -114,19 +152,129 @@ class Router:
         self.log.debug("cache_hit", model=model.name)
         return result
 
+    async def _paid_call(
+        self,
+        step: StepRequest,
+        model: ModelSpec,
+        call_id: str,
+        started: float,
+        traceparent: str | None,
+        pace: PaceSignal | None,
+        task_budget_usd: float | None,
+    ) -> InferenceResult:
+        """Kill switch, throttle, reservation, call, settle: in that order."""
+        refusal = await self._admit(step, model, call_id, started, pace)
+        if refusal is not None:
+            return refusal
+        input_tokens = count_message_tokens(model.tokenizer, step.messages)
+        reservation = Reservation(
+            id=call_id,
+            tenant=step.tenant,
+            task_id=step.task_id,
+            model=model.name,
+            amount_usd=model.worst_case_cost(input_tokens, step.max_tokens),
+            # An unsettled hold lapses when the call can no longer be running.
+            expires_ms=step.deadline_ms,
+            task_budget_usd=task_budget_usd,
+        )
+        decision = await self.reservations.reserve(reservation, (step.deadline_ms - now_ms()) / 1000)
+        if not decision.granted:
+            # An accountant that did not answer may be back for the planner's retry; a cap will not move.
+            retryable = decision.reason.startswith(UNAVAILABLE)
+            return await self._not_started(step, model, call_id, started, "refused", decision.reason, retryable)
+        result = await self._call(step, model, call_id, started, traceparent, reservation_id=reservation.id)
+        # Errors and timeouts settle at what they were metered at, so the books and the budget agree.
+        await self.reservations.settle(reservation, result.cost_usd)
+        return result
+
+    async def _admit(
+        self, step: StepRequest, model: ModelSpec, call_id: str, started: float, pace: PaceSignal | None
+    ) -> InferenceResult | None:
+        """None when a paid call may go on to reserve; else the result of a call that never started."""
+        assert self.control is not None
+        switch = self.control.blocked(tenant=step.tenant, task_id=step.task_id, model=model.name)
+        if switch is None and pace is not None and pace.action == "throttle":
+            wait_s = self.throttle.take(step.tenant, within_s=(step.deadline_ms - now_ms()) / 1000)
+            if wait_s is None:
+                message = (
+                    f"tenant {step.tenant} is throttled (month-to-date ${pace.spend_usd:.4f} is ahead of "
+                    f"the curve's ${pace.curve_usd:.4f}) and its next call slot is past the step's deadline"
+                )
+                return await self._not_started(step, model, call_id, started, "refused", message, False)
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+                # The switch may have tripped while this call waited for its slot.
+                switch = self.control.blocked(tenant=step.tenant, task_id=step.task_id, model=model.name)
+        if switch is not None:
+            message = f"kill switch tripped ({switch.scope} {switch.key}): {switch.reason}"
+            return await self._not_started(step, model, call_id, started, "killed", message, False)
+        return None
+
+    async def _not_started(
+        self,
+        step: StepRequest,
+        model: ModelSpec,
+        call_id: str,
+        started: float,
+        outcome: Outcome,
+        message: str,
+        retryable: bool,
+    ) -> InferenceResult:
+        """A paid call stopped before it was sent: one usage row at $0 (nothing was spent), so
+        every refusal is counted, and an error result of the same kind."""
+        latency_ms = (time.perf_counter() - started) * 1000
+        self.log.warning("call_not_started", model=model.name, outcome=outcome, reason=message)
+        await self.bus.publish_usage(
+            UsageEvent(
+                event_id=call_id,
+                time_ms=now_ms(),
+                tenant=step.tenant,
+                task_id=step.task_id,
+                step_id=step.step_id,
+                call_id=call_id,
+                service=SERVICE,
+                tier=model.tier,
+                provider=model.provider,
+                model=model.name,
+                requested_model=model.name,
+                latency_ms=latency_ms,
+                outcome=outcome,
+            )
+        )
+        kind: ErrorKind = "killed" if outcome == "killed" else "refused"
+        return InferenceResult(
+            call_id=call_id,
+            model=model.name,
+            tier=model.tier,
+            provider=model.provider,
+            latency_ms=latency_ms,
+            error=ErrorInfo(kind=kind, message=message, retryable=retryable),
+        )
+
+    @staticmethod
+    def _expired(model: ModelSpec, call_id: str) -> InferenceResult:
+        # Nothing was sent, so nothing can have been spent: no usage row, just the refusal.
+        return InferenceResult(
+            call_id=call_id,
+            model=model.name,
+            tier=model.tier,
+            provider=model.provider,
+            error=ErrorInfo(kind="timeout", message="the step's deadline passed before the call was sent"),
+        )
+
     async def _call(
-        self, step: StepRequest, model: ModelSpec, call_id: str, started: float, traceparent: str | None
+        self,
+        step: StepRequest,
+        model: ModelSpec,
+        call_id: str,
+        started: float,
+        traceparent: str | None,
+        reservation_id: str | None,
     ) -> InferenceResult:
         timeout_s = (step.deadline_ms - now_ms()) / 1000
         if timeout_s <= 0:
-            # Nothing was sent, so nothing can have been spent: no usage row, just the refusal.
-            return InferenceResult(
-                call_id=call_id,
-                model=model.name,
-                tier=model.tier,
-                provider=model.provider,
-                error=ErrorInfo(kind="timeout", message="the step's deadline passed before the call was sent"),
-            )
+            # Checked again: the reservation or the throttle may have used up the time left.
+            return self._expired(model, call_id)
         request = InferenceRequest(
             call_id=call_id,
             task_id=step.task_id,
@@ -139,6 +287,7 @@ class Router:
             max_tokens=step.max_tokens,
             response_schema=step.response_schema,
             deadline_ms=step.deadline_ms,
+            reservation_id=reservation_id,
         )
         headers = {HEADER_DEADLINE: str(step.deadline_ms), HEADER_TASK: step.task_id, HEADER_TENANT: step.tenant}
         if traceparent:
@@ -224,20 +373,26 @@ def create_app(
     table: RoutingTable | None = None,
     catalog: Catalog | None = None,
     cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
+    throttle_rate_per_s: float = DEFAULT_RATE_PER_S,
+    throttle_burst: int = DEFAULT_BURST,
+    max_concurrency: int = DEFAULT_CONCURRENCY,
 ) -> FastStream:
-    """The router; ``table`` and ``catalog`` default to deploy/routing.toml and deploy/models.toml."""
+    """The router; ``table`` and ``catalog`` default to deploy/routing.toml and deploy/models.toml.
+    ``throttle_*``: the paid calls per second (and burst) of a tenant whose pace says "throttle"."""
     bus = Bus(settings, SERVICE)
     router = Router(
         bus,
         table or RoutingTable.load(settings.deploy_dir),
         catalog or Catalog.load(settings.deploy_dir),
         cache_ttl_s,
+        Throttle(throttle_rate_per_s, throttle_burst),
     )
     app = bus.app()
     # Registered after bus.app()'s own hook, which connects the broker; subscribers start after both.
-    app.on_startup(router.open_cache)
+    app.on_startup(router.start)
+    app.after_shutdown(router.stop)
 
-    @bus.broker.subscriber(settings.subjects.step_request, queue=QUEUE)
+    @bus.broker.subscriber(settings.subjects.step_request, queue=QUEUE, max_workers=max_concurrency)
     async def on_step(msg: NatsMessage) -> bytes:
         step = await bus.decode(msg, StepRequest)
         if step is None:
@@ -245,9 +400,11 @@ def create_app(
         try:
             # The tenant names the usage subject; a bad one must fail here, not after a paid call.
             token(step.tenant)
+            # A task cap that cannot be read cannot be enforced: refuse the step rather than run it uncapped.
+            task_budget_usd = parse_budget(msg.headers.get(HEADER_BUDGET))
         except ValueError as exc:
             await bus.dead_letter(msg.raw_message.subject, msg.body, msg.headers, str(exc))
             return bus.rejection(str(exc))
-        return encode(await router.route(step, msg.headers.get(HEADER_TRACEPARENT)))
+        return encode(await router.route(step, msg.headers.get(HEADER_TRACEPARENT), task_budget_usd))
 
     return app

@@ -109,9 +109,19 @@ class RoutingTable:
                 return rule.tier
         return self.default_tier
 
-    def choose(self, step: StepRequest, catalog: Catalog) -> ModelSpec:
-        """The model that runs ``step``; raises PinningError when its allow-list permits none."""
-        return pick_model(self.tier(step, self.prompt_tokens(step)), step.allow_models, catalog)
+    def choose(self, step: StepRequest, catalog: Catalog, *, downgrade: bool = False) -> ModelSpec:
+        """The model that runs ``step``; raises PinningError when its allow-list permits none.
+
+        ``downgrade`` (pacing) moves the table's tier one step down the ladder first; pick_model
+        still never leaves the allow-list, so a step pinned to one tier stays on it.
+        """
+        tier = self.tier(step, self.prompt_tokens(step))
+        return pick_model(tier_below(tier) if downgrade else tier, step.allow_models, catalog)
+
+
+def tier_below(tier: Tier) -> Tier:
+    """One step down the ladder (frontier -> mid -> local); local stays local."""
+    return TIER_LADDER[max(TIER_LADDER.index(tier) - 1, 0)]
 
 
 def _check_tier(tier: str, where: str) -> None:

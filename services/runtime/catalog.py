@@ -25,6 +25,10 @@ class ModelSpec:
     output_usd_per_mtok: float
     cached_input_usd_per_mtok: float | None = None
     recorded_as: str | None = None
+    # The latency model of the replay and synthetic backends (services/runtime/inference/latency.py):
+    # time to first token, and output tokens per second after it (None: no decode time).
+    ttft_ms: float = 0.0
+    output_tokens_per_s: float | None = None
 
     def cost(self, usage: Usage) -> float:
         cached_price = self.cached_input_usd_per_mtok

@@ -39,6 +39,10 @@ class MeshSettings(BaseSettings):
     log_level: str = "WARNING"
     # How long a call may wait for a reply on the bus when nothing tighter is known.
     request_timeout_s: float = 30.0
+    # Pinning, strict mode: a call the provider reports as served by another model than the one
+    # requested fails (it is still metered, as reported). Off by default: providers commonly
+    # report a dated snapshot name (gpt-4o -> gpt-4o-2024-08-06) for the model asked for.
+    strict_pinning: bool = False
 
     @cached_property
     def subjects(self) -> Subjects:

@@ -17,6 +17,7 @@ from schemas.messages import ChatMessage, InferenceRequest, Usage
 from services.runtime.catalog import Catalog, ModelSpec, ProviderSpec
 from services.runtime.data import Record, load_recorded_outcomes, resolve_data_dir
 from services.runtime.inference.backend import BackendError, Completion
+from services.runtime.inference.latency import simulate_latency
 from services.runtime.settings import MeshSettings
 from services.runtime.tokens import count_message_tokens, truncate_tokens
 
@@ -74,7 +75,9 @@ class ReplayBackend:
         record = self.records.get(prompt) if prompt is not None else None
         if record is None:
             raise BackendError("unavailable", NOT_RECORDED)
-        return replay(record, model, request.messages, request.max_tokens)
+        completion = replay(record, model, request.messages, request.max_tokens)
+        await simulate_latency(model, completion.usage)
+        return completion
 
     async def aclose(self) -> None:
         return None

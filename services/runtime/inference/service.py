@@ -1,8 +1,14 @@
-"""The handler both inference services share: check pinning and the deadline, run the backend,
-meter exactly one UsageEvent, reply an InferenceResult.
+"""The handler both inference services share: check pinning, the deadline and the kill switch,
+run the backend, meter exactly one UsageEvent, reply an InferenceResult.
 
-A call whose real usage is unknown (cut off at its deadline after the provider took it, or
-failed mid-stream) is metered as estimated, at its worst case: unknown usage is never zero.
+A call whose real usage is unknown (cut off at its deadline or by the kill switch after the
+provider took it, or failed mid-stream) is metered as estimated, at its worst case: unknown
+usage is never zero.
+
+The kill switch is obeyed twice: a call is not started while a switch covering it is tripped
+(the state is read before the service takes work, so a service started after a trip refuses
+too), and a trip cancels every call in flight that it covers; cancelling closes the backend's
+stream, which stops the engine generating.
 """
 
 from __future__ import annotations
@@ -17,11 +23,22 @@ import structlog
 from faststream import FastStream
 from faststream.nats import NatsMessage
 
-from schemas.messages import ErrorInfo, InferenceRequest, InferenceResult, Outcome, Usage, UsageEvent, UsageSource
+from schemas.messages import (
+    ErrorInfo,
+    InferenceRequest,
+    InferenceResult,
+    KillSwitch,
+    Outcome,
+    Usage,
+    UsageEvent,
+    UsageSource,
+)
 from schemas.subjects import token
 from services.runtime.bus import Bus, encode, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
+from services.runtime.control import ControlState, covers
 from services.runtime.inference.backend import Backend, BackendError, BackendFactory, Completion, worst_case_usage
+from services.runtime.reservations import is_paid
 from services.runtime.settings import MeshSettings
 
 ServiceKind = Literal["local", "cloud"]
@@ -39,6 +56,21 @@ class _Metered:
     usage_source: UsageSource = "provider"
     completion: Completion | None = None
     error: ErrorInfo | None = None
+    # The model the provider reported, kept when strict pinning withholds the completion.
+    provider_model: str = ""
+
+
+# eq=False: hashed by identity, so two calls that share a call id are still two entries.
+@dataclass(eq=False)
+class _InFlight:
+    request: InferenceRequest
+    call: asyncio.Future[Completion]
+    # Set by a trip that cancelled the call, so the cancellation is metered as a kill.
+    killed_by: KillSwitch | None = None
+
+
+def killed_message(switch: KillSwitch) -> str:
+    return f"kill switch tripped ({switch.scope} {switch.key}): {switch.reason}"
 
 
 class InferenceService:
@@ -47,6 +79,29 @@ class InferenceService:
         self.kind = kind
         self.catalog = catalog
         self.backends = backends
+        self.strict_pinning = bus.settings.strict_pinning
+        self.control: ControlState | None = None
+        self.in_flight: set[_InFlight] = set()
+
+    async def open_control(self) -> None:
+        """Read every switch before the first call is taken, then cancel covered calls on each trip."""
+        self.control = await ControlState.open(self.bus.broker.connection.jetstream(), self.bus.subjects)
+        self.control.on_trip(self._cancel_covered)
+
+    async def close_control(self) -> None:
+        if self.control is not None:
+            await self.control.close()
+
+    def _cancel_covered(self, switch: KillSwitch) -> None:
+        for flight in self.in_flight:
+            request = flight.request
+            if (
+                flight.killed_by is None
+                and is_paid(self.catalog.model(request.model))
+                and covers(switch, tenant=request.tenant, task_id=request.task_id, model=request.model)
+            ):
+                flight.killed_by = switch
+                flight.call.cancel()
 
     async def handle(self, msg: NatsMessage) -> bytes:
         kept = f"kept on {self.bus.subjects.dlq(self.bus.service)}"
@@ -77,13 +132,28 @@ class InferenceService:
         if remaining_s <= 0:
             error = ErrorInfo(kind="timeout", message="the deadline had passed before the call started")
             return await self._finish(request, model, _Metered("timeout", Usage(), error=error), started)
+        assert self.control is not None, "open_control runs at startup, before any subscriber"
+        switch = self.control.blocked(tenant=request.tenant, task_id=request.task_id, model=model.name)
+        if switch is not None and is_paid(model):
+            # Not started, so nothing was spent: metered once, at $0.
+            error = ErrorInfo(kind="killed", message=killed_message(switch))
+            return await self._finish(request, model, _Metered("killed", Usage(), error=error), started)
         metered = await self._call(self.backends[model.provider], model, request, remaining_s)
         return await self._finish(request, model, metered, started)
 
     async def _call(self, backend: Backend, model: ModelSpec, request: InferenceRequest, timeout_s: float) -> _Metered:
+        # Its own task, so that a trip can cancel this call alone.
+        flight = _InFlight(request, asyncio.ensure_future(backend.complete(model, request)))
+        self.in_flight.add(flight)
         try:
             # wait_for cancels the call at the deadline; a streaming backend closes its stream.
-            completion = await asyncio.wait_for(backend.complete(model, request), timeout_s)
+            completion = await asyncio.wait_for(flight.call, timeout_s)
+        except asyncio.CancelledError:
+            if flight.killed_by is None:
+                raise  # the service itself is stopping
+            # Whatever the provider generated before the stream closed is billed but not reported.
+            error = ErrorInfo(kind="killed", message=f"cancelled in flight: {killed_message(flight.killed_by)}")
+            return _Metered("killed", worst_case_usage(model, request), "estimated", error=error)
         except TimeoutError:
             error = ErrorInfo(kind="timeout", message=f"cancelled at the deadline after {timeout_s:.3f}s")
             return _Metered("timeout", worst_case_usage(model, request), "estimated", error=error)
@@ -97,7 +167,16 @@ class InferenceService:
             self.bus.log.exception("backend_failed", model=model.name)
             error = ErrorInfo(kind="provider", message=f"{type(exc).__name__}: {exc}")
             return _Metered("error", worst_case_usage(model, request), "estimated", error=error)
-        return _Metered("ok", completion.usage, completion.usage_source, completion=completion)
+        finally:
+            self.in_flight.discard(flight)
+        reported = completion.provider_model
+        if self.strict_pinning and reported and reported != request.model:
+            # The provider ran, and billed, another model: metered as reported, answer withheld.
+            error = ErrorInfo(
+                kind="pinning", message=f"strict pinning: asked for {request.model!r}, the provider ran {reported!r}"
+            )
+            return _Metered("error", completion.usage, completion.usage_source, error=error, provider_model=reported)
+        return _Metered("ok", completion.usage, completion.usage_source, completion=completion, provider_model=reported)
 
     async def _finish(
         self, request: InferenceRequest, model: ModelSpec | None, metered: _Metered, started: float
@@ -105,7 +184,7 @@ class InferenceService:
         latency_ms = (time.monotonic() - started) * 1000
         cost = model.cost(metered.usage) if model else 0.0
         completion = metered.completion
-        provider_model = completion.provider_model if completion else ""
+        provider_model = metered.provider_model
         if provider_model and provider_model != request.model:
             self.bus.log.warning("provider_model_differs", requested=request.model, reported=provider_model)
         tier = model.tier if model else request.tier
@@ -178,9 +257,12 @@ def create_inference_app(
         return await handler.handle(msg)
 
     app = bus.app()
+    # After bus.app()'s hook, which connects the broker; subscribers start after both.
+    app.on_startup(handler.open_control)
 
     @app.after_shutdown
     async def close_backends() -> None:
+        await handler.close_control()
         for backend in backends.values():
             await backend.aclose()
 

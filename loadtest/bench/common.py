@@ -1,0 +1,52 @@
+"""What the benchmarks share: a private stack on free ports, and open-loop pacing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from loadtest.deploy import LOADTEST_MODELS, loadtest_deploy_dir
+from services.cli.stack import Stack
+from services.runtime.settings import MeshSettings
+
+
+def zero_latency_models() -> str:
+    """deploy/loadtest/models.toml with the latency model off: a benchmark measures the mesh, not a model."""
+    return re.sub(r"(?m)^(ttft_ms|output_tokens_per_s) = .*\n", "", LOADTEST_MODELS.read_text())
+
+
+@contextmanager
+def bench_stack(models_toml: str) -> Iterator[MeshSettings]:
+    """nats-server, ClickHouse and the six services, in a temporary home, on ``models_toml``."""
+    with tempfile.TemporaryDirectory(prefix="frugalmesh-bench-") as tmp:
+        deploy = loadtest_deploy_dir(Path(tmp) / "deploy")
+        (deploy / "models.toml").write_text(models_toml)
+        home = Path(tmp) / "home"
+        # The services are child processes: they read the deploy directory from the environment.
+        os.environ["FRUGALMESH_DEPLOY_DIR"] = str(deploy)
+        settings = MeshSettings(deploy_dir=deploy, home=home, subject_prefix="bench" + uuid.uuid4().hex[:6])
+        with Stack(home=home, nats_port=-1, clickhouse_port=0, settings=settings) as stack:
+            yield stack.settings
+
+
+async def open_loop(rate_per_s: float, count: int, call: Callable[[int], Awaitable[None]]) -> float:
+    """Start ``call(i)`` at i / rate seconds whatever earlier calls are doing; return the send span, s."""
+    started = time.monotonic()
+    running: set[asyncio.Task[None]] = set()
+    for i in range(count):
+        delay = started + i / rate_per_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(call(i))
+        running.add(task)
+        task.add_done_callback(running.discard)
+    span = time.monotonic() - started
+    await asyncio.gather(*running)
+    return span

@@ -1,0 +1,157 @@
+"""Budget caps: from deploy/budgets.toml, overridden at run time through the KV bucket ``<prefix>_budgets``.
+
+A scope is global, one tenant or one model; each has an optional day cap and month cap (UTC
+calendar day and month). A task's cap is not configured here: it travels on each Reservation
+(``task_budget_usd``, the Task's ``budget_usd``). ``frugalmesh budget set`` sends a
+BudgetUpdate to the accountant, which writes the new caps of that scope to KV before it uses
+them, so they survive a restart and win over the file from then on.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from schemas.messages import BudgetCap, BudgetUpdate
+from schemas.subjects import BUCKET_BUDGETS, Subjects, token
+from services.accountant.ledger import dollars, pico
+
+BUDGETS_FILE = "budgets.toml"
+SCOPES = ("global", "tenant", "model")
+
+
+@dataclass(frozen=True)
+class Caps:
+    """A scope's caps in picodollars; None: no cap."""
+
+    day: int | None = None
+    month: int | None = None
+
+    def window(self, window: str) -> int | None:
+        return self.day if window == "day" else self.month if window == "month" else None
+
+
+@dataclass(frozen=True)
+class PacingConfig:
+    """Layer 5: how far ahead of its month curve a tenant may run (fractions of its month cap)."""
+
+    interval_s: float = 1.0
+    downgrade_ahead: float = 0.05
+    throttle_ahead: float = 0.20
+
+
+@dataclass
+class BudgetConfig:
+    caps: dict[tuple[str, str], Caps] = field(default_factory=dict)
+    pacing: PacingConfig = field(default_factory=PacingConfig)
+
+    @classmethod
+    def load(cls, path: Path) -> BudgetConfig:
+        """Read ``path``; a missing file means no caps and default pacing."""
+        if not path.is_file():
+            return cls()
+        raw = tomllib.loads(path.read_text())
+        config = cls(pacing=PacingConfig(**raw.get("pacing", {})))
+        if "global" in raw:
+            config.caps[("global", "*")] = _caps(raw["global"], f"{path}: [global]")
+        for scope, table in (("tenant", "tenants"), ("model", "models")):
+            for key, spec in raw.get(table, {}).items():
+                token(key)
+                config.caps[(scope, key)] = _caps(spec, f"{path}: [{table}.{key}]")
+        return config
+
+
+def _caps(spec: dict, where: str) -> Caps:
+    unknown = set(spec) - {"day_usd", "month_usd"}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected day_usd, month_usd")
+    return Caps(*(_amount(spec.get(name), where) for name in ("day_usd", "month_usd")))
+
+
+def _amount(value: float | None, where: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: a cap must be a non-negative number of USD, not {value!r}")
+    return pico(float(value))
+
+
+def check_scope(scope: str, key: str) -> str:
+    """The canonical key of a scope (``*`` for global); raise ValueError for an unusable one."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    if scope == "global":
+        return "*"
+    if not key or key == "*":
+        raise ValueError(f"a {scope} budget needs a key (the {scope} name)")
+    return token(key)
+
+
+def kv_key(scope: str, key: str) -> str:
+    return "global" if scope == "global" else f"{scope}.{key}"
+
+
+def to_message(scope: str, key: str, caps: Caps) -> BudgetCap:
+    return BudgetCap(
+        scope=scope,
+        key=key,
+        day_usd=None if caps.day is None else dollars(caps.day),
+        month_usd=None if caps.month is None else dollars(caps.month),
+    )
+
+
+class BudgetBook:
+    """The caps in force: the file's, with every run-time change on top."""
+
+    def __init__(self, config: BudgetConfig) -> None:
+        self.caps: dict[tuple[str, str], Caps] = dict(config.caps)
+        self._kv: KeyValue | None = None
+
+    async def open(self, js: JetStreamContext, subjects: Subjects) -> None:
+        """Bind the KV bucket and apply the run-time changes stored in it."""
+        name = subjects.bucket(BUCKET_BUDGETS)
+        try:
+            self._kv = await js.key_value(name)
+        except BucketNotFoundError:
+            self._kv = await js.create_key_value(KeyValueConfig(bucket=name, history=16))
+        watcher = await self._kv.watchall()
+        while (entry := await watcher.updates(timeout=10)) is not None:
+            if entry.operation in (KV_DEL, KV_PURGE):
+                continue
+            stored = msgspec.json.decode(entry.value, type=BudgetCap)
+            self.caps[(stored.scope, stored.key)] = Caps(
+                _amount(stored.day_usd, entry.key), _amount(stored.month_usd, entry.key)
+            )
+        await watcher.stop()
+
+    def cap(self, scope: str, key: str, window: str) -> int | None:
+        caps = self.caps.get((scope, key))
+        return None if caps is None else caps.window(window)
+
+    async def update(self, update: BudgetUpdate) -> BudgetCap:
+        """Apply ``update`` (stored in KV first, so a change that was acknowledged is never lost)."""
+        assert self._kv is not None, "BudgetBook.open() first"
+        key = check_scope(update.scope, update.key)
+        current = self.caps.get((update.scope, key), Caps())
+        day = None if "day" in update.unset else _amount(update.day_usd, "day_usd") if update.day_usd is not None else current.day
+        month = (
+            None
+            if "month" in update.unset
+            else _amount(update.month_usd, "month_usd") if update.month_usd is not None else current.month
+        )
+        caps = Caps(day, month)
+        message = to_message(update.scope, key, caps)
+        await self._kv.put(kv_key(update.scope, key), msgspec.json.encode(message))
+        self.caps[(update.scope, key)] = caps
+        return message
+
+    def all(self) -> list[BudgetCap]:
+        return [to_message(scope, key, caps) for (scope, key), caps in sorted(self.caps.items())]

@@ -1,0 +1,249 @@
+"""The accountant's ledger: settled spend and outstanding reservations per budget bucket.
+
+A pure state machine, no I/O. Every change is an operation (``Grant``, ``Settle``, ``Expire``,
+``Trip``) that the accountant decides, applies here and appends to its journal; replaying the
+journal over the last snapshot rebuilds the same ledger after a restart (``journal.py``).
+
+Money is integer picodollars (the scale of the ClickHouse money columns), so sums and cap
+checks are exact whatever the order of calls; amounts are rounded up, never down, on the way in.
+
+A bucket is one cap's counter: ``(scope, key, window, period)``, e.g.
+``("tenant", "acme", "day", "2025-11-20")``, ``("global", "*", "month", "2025-11")`` or
+``("task", "t-1", "task", "")`` (a task's cap lasts as long as the task).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import ROUND_CEILING, Decimal
+from functools import lru_cache
+
+import msgspec
+
+from schemas.messages import Reservation
+
+PICO = 10**12
+
+Bucket = tuple[str, str, str, str]  # scope, key, window, period
+
+
+def pico(usd: float) -> int:
+    """USD as picodollars, rounded up (a reservation or a cost is never booked below its value)."""
+    if not math.isfinite(usd) or usd < 0:
+        raise ValueError(f"amount {usd!r} is not a non-negative finite number")
+    return int((Decimal(repr(usd)) * PICO).to_integral_value(ROUND_CEILING))
+
+
+def dollars(amount: int) -> float:
+    return amount / PICO
+
+
+@lru_cache(maxsize=64)
+def _periods(day_index: int) -> tuple[str, str]:
+    day = datetime.fromtimestamp(day_index * 86_400, tz=UTC)
+    return day.strftime("%Y-%m-%d"), day.strftime("%Y-%m")
+
+
+def day_period(time_ms: int) -> str:
+    """The UTC day of ``time_ms``, e.g. 2025-11-20 (cached: every reservation asks)."""
+    return _periods(time_ms // 86_400_000)[0]
+
+
+def month_period(time_ms: int) -> str:
+    """The UTC month of ``time_ms``, e.g. 2025-11."""
+    return _periods(time_ms // 86_400_000)[1]
+
+
+def buckets_for(r: Reservation, time_ms: int, *, task_capped: bool) -> list[Bucket]:
+    """Every bucket a call of this tenant, model and task counts against, in the periods of ``time_ms``."""
+    day, month = day_period(time_ms), month_period(time_ms)
+    out: list[Bucket] = []
+    for scope, key in (("global", "*"), ("tenant", r.tenant), ("model", r.model)):
+        out.append((scope, key, "day", day))
+        out.append((scope, key, "month", month))
+    if task_capped:
+        out.append(("task", r.task_id, "task", ""))
+    return out
+
+
+# -- operations (the journal's records) --
+
+
+# Operations are small on purpose (omit_defaults, buckets recomputed rather than stored): every
+# granted call writes two of them to the journal.
+
+
+class Grant(msgspec.Struct, tag="grant", omit_defaults=True):
+    reservation: Reservation
+    amount: int
+    # The decision's time, which fixes the day and month the hold counts against.
+    time_ms: int
+    # Whether the hold counts against its task's cap too.
+    task_capped: bool = False
+    # The task's cap as the caller sent it (Reservation.task_budget_usd), in picodollars.
+    task_cap: int | None = None
+
+    def buckets(self) -> list[Bucket]:
+        return buckets_for(self.reservation, self.time_ms, task_capped=self.task_capped)
+
+
+class Settle(msgspec.Struct, tag="settle", omit_defaults=True):
+    id: str
+    actual: int
+    time_ms: int
+    # None: the buckets of the reservation's hold (the usual case); set for a settle without one.
+    buckets: list[Bucket] | None = None
+
+
+class Expire(msgspec.Struct, tag="expire", omit_defaults=True):
+    id: str
+    # True: the hold turns into spend at its full amount instead of being released.
+    charge: bool = False
+
+
+class Trip(msgspec.Struct, tag="trip"):
+    bucket: Bucket
+
+
+Op = Grant | Settle | Expire | Trip
+
+
+class HoldRecord(msgspec.Struct):
+    reservation: Reservation
+    buckets: list[Bucket]
+    amount: int
+
+
+class Snapshot(msgspec.Struct):
+    """The whole ledger (the journal stores it with the sequence of the last op it includes)."""
+
+    settled: list[tuple[Bucket, int]]
+    holds: list[HoldRecord]
+    settled_ids: dict[str, int]
+    task_caps: dict[str, int]
+    task_touched: dict[str, int]
+    tripped: list[Bucket]
+
+
+@dataclass
+class Hold:
+    reservation: Reservation
+    buckets: list[Bucket]
+    amount: int
+    # Restored from before a restart: its settle may have been sent while no accountant was
+    # listening, so if it expires unsettled it is charged, not released.
+    recovered: bool = False
+
+
+@dataclass
+class Ledger:
+    settled: dict[Bucket, int] = field(default_factory=dict)
+    reserved: dict[Bucket, int] = field(default_factory=dict)
+    holds: dict[str, Hold] = field(default_factory=dict)
+    # Reservation id -> settle time: a repeated settle is recognised and not counted twice.
+    settled_ids: dict[str, int] = field(default_factory=dict)
+    task_caps: dict[str, int] = field(default_factory=dict)
+    # Buckets whose cap crossing already tripped the kill switch (once per bucket).
+    tripped: set[Bucket] = field(default_factory=set)
+    # Task -> the latest time (ms) a grant or settle named it, so idle tasks can be forgotten.
+    task_touched: dict[str, int] = field(default_factory=dict)
+
+    def used(self, bucket: Bucket) -> int:
+        return self.settled.get(bucket, 0) + self.reserved.get(bucket, 0)
+
+    def apply(self, op: Op) -> None:
+        if isinstance(op, Grant):
+            self._hold(op.reservation, op.buckets(), op.amount)
+            if op.task_cap is not None:
+                self.task_caps[op.reservation.task_id] = op.task_cap
+        elif isinstance(op, Settle):
+            hold = self._release(op.id)
+            buckets = op.buckets if op.buckets is not None else hold.buckets if hold is not None else []
+            for b in buckets:
+                self.settled[b] = self.settled.get(b, 0) + op.actual
+            self.settled_ids[op.id] = op.time_ms
+            self._touch(buckets, op.time_ms)
+        elif isinstance(op, Expire):
+            hold = self._release(op.id)
+            if hold is not None and op.charge:
+                for b in hold.buckets:
+                    self.settled[b] = self.settled.get(b, 0) + hold.amount
+        elif isinstance(op, Trip):
+            self.tripped.add(op.bucket)
+
+    def _hold(self, r: Reservation, buckets: list[Bucket], amount: int) -> None:
+        self.holds[r.id] = Hold(r, buckets, amount)
+        for b in buckets:
+            self.reserved[b] = self.reserved.get(b, 0) + amount
+        self._touch(buckets, r.expires_ms)
+
+    def _touch(self, buckets: list[Bucket], time_ms: int) -> None:
+        for scope, key, _, _ in buckets:
+            if scope == "task":
+                self.task_touched[key] = max(self.task_touched.get(key, 0), time_ms)
+
+    def _release(self, reservation_id: str) -> Hold | None:
+        hold = self.holds.pop(reservation_id, None)
+        if hold is not None:
+            for b in hold.buckets:
+                left = self.reserved[b] - hold.amount
+                if left:
+                    self.reserved[b] = left
+                else:
+                    del self.reserved[b]
+        return hold
+
+    def prune(self, now_ms: int, *, keep_ids_ms: int, keep_tasks_ms: int) -> None:
+        """Forget what no cap can need any more: past days and months, old settle ids, idle tasks.
+
+        Not journaled: a replay that keeps them is only more conservative.
+        """
+        days = {day_period(now_ms), day_period(now_ms - 86_400_000)}
+        months = {month_period(now_ms), month_period(now_ms - 31 * 86_400_000)}
+        idle = {t for t, last in self.task_touched.items() if now_ms - last >= keep_tasks_ms}
+        idle -= {h.reservation.task_id for h in self.holds.values()}
+
+        def stale(b: Bucket) -> bool:
+            scope, key, window, period = b
+            if window == "day":
+                return period not in days
+            if window == "month":
+                return period not in months
+            return key in idle
+
+        for b in [b for b in self.settled if stale(b)]:
+            del self.settled[b]
+            self.tripped.discard(b)
+        for task in idle:
+            self.task_caps.pop(task, None)
+            del self.task_touched[task]
+        for rid in [r for r, t in self.settled_ids.items() if now_ms - t >= keep_ids_ms]:
+            del self.settled_ids[rid]
+
+    def snapshot(self) -> bytes:
+        return msgspec.json.encode(
+            Snapshot(
+                settled=list(self.settled.items()),
+                holds=[HoldRecord(h.reservation, h.buckets, h.amount) for h in self.holds.values()],
+                settled_ids=self.settled_ids,
+                task_caps=self.task_caps,
+                task_touched=self.task_touched,
+                tripped=sorted(self.tripped),
+            )
+        )
+
+    @classmethod
+    def restore(cls, data: bytes) -> Ledger:
+        snap = msgspec.json.decode(data, type=Snapshot)
+        ledger = cls(
+            settled={tuple(b): v for b, v in snap.settled},
+            settled_ids=dict(snap.settled_ids),
+            task_caps=dict(snap.task_caps),
+            task_touched=dict(snap.task_touched),
+            tripped={tuple(b) for b in snap.tripped},
+        )
+        for h in snap.holds:
+            ledger._hold(h.reservation, h.buckets, h.amount)
+        return ledger

@@ -1,0 +1,381 @@
+"""Budgets at run time: reservations, settles, expiry, cap-crossing kill switches and pacing.
+
+Decisions are exact under any concurrency because a decision and its effect on the ledger are
+one synchronous step (``decide_reserve`` never awaits between the cap check and the update);
+the caller's reply then waits for the journal (``journal.py``), so a decision that was answered
+survives a crash. One accountant owns the budgets: the reserve and settle subjects are served
+by a single replica (see docs/architecture.md on partitioning tenants across instances).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+from collections.abc import Callable
+
+from nats.js import JetStreamContext
+
+from schemas.messages import (
+    BudgetCap,
+    BudgetQuery,
+    BudgetSpend,
+    BudgetState,
+    BudgetUpdate,
+    KillSwitch,
+    PaceAction,
+    PaceSignal,
+    Reservation,
+    ReservationDecision,
+)
+from services.accountant.budget import BudgetBook, BudgetConfig
+from services.accountant.journal import Journal
+from services.accountant.ledger import (
+    Bucket,
+    Expire,
+    Grant,
+    Ledger,
+    Op,
+    Settle,
+    Trip,
+    buckets_for,
+    day_period,
+    dollars,
+    month_period,
+    pico,
+)
+from services.accountant.pacing import curve, pace_action
+from services.runtime.bus import Bus
+from services.runtime.control import ControlState, set_kill, set_pace
+
+Clock = Callable[[], int]  # ms since the epoch
+
+PRUNE_EVERY_MS = 60_000
+KEEP_SETTLED_IDS_MS = 24 * 3_600_000  # a settle repeated within a day is recognised
+KEEP_IDLE_TASKS_MS = 7 * 24 * 3_600_000
+CONTROL_RETRIES = 5
+
+
+def describe(bucket: Bucket) -> str:
+    scope, key, window, period = bucket
+    if scope == "task":
+        return f"task {key} budget"
+    name = "global" if scope == "global" else f"{scope} {key}"
+    return f"{name} {window} cap ({period})"
+
+
+class Budgets:
+    def __init__(
+        self,
+        bus: Bus,
+        config: BudgetConfig,
+        clock: Clock,
+        *,
+        expiry_grace_ms: int,
+        sweep_interval_s: float,
+        snapshot_interval_s: float,
+        pace_interval_s: float,
+    ) -> None:
+        self.bus = bus
+        self.config = config
+        self.clock = clock
+        self.expiry_grace_ms = expiry_grace_ms
+        self.sweep_interval_s = sweep_interval_s
+        self.snapshot_interval_s = snapshot_interval_s
+        self.pace_interval_s = pace_interval_s
+        self.book = BudgetBook(config)
+        self.ledger = Ledger()
+        self.journal: Journal | None = None
+        self.control: ControlState | None = None
+        self.paces: dict[str, PaceAction] = {}
+        self._js: JetStreamContext | None = None
+        self._expiries: list[tuple[int, str]] = []
+        self._control_writes: asyncio.Queue[KillSwitch | PaceSignal] = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._last_prune = 0
+
+    # -- life cycle --
+
+    async def start(self) -> None:
+        js = self._js = self.bus.broker.connection.jetstream()
+        await self.book.open(js, self.bus.subjects)
+        self.control = await ControlState.open(js, self.bus.subjects)
+        self.paces = {tenant: signal.action for tenant, signal in self.control.paces.items()}
+        self.journal = Journal(js, self.bus.subjects, self.bus.log, self.snapshot_interval_s)
+        self.ledger = await self.journal.open()
+        for rid, hold in self.ledger.holds.items():
+            heapq.heappush(self._expiries, (hold.reservation.expires_ms + self.expiry_grace_ms, rid))
+        self._tasks = [
+            asyncio.create_task(self._write_control_forever()),
+            asyncio.create_task(self._sweep_forever()),
+            asyncio.create_task(self._pace_forever()),
+        ]
+        # A crossing whose trip was not recorded before a crash, or a cap lowered in the file.
+        self._check_crossings(list(self.ledger.settled))
+
+    async def stop(self) -> None:
+        for task in self._tasks[1:]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.journal is not None:
+            await self.journal.close()
+        # Let queued kill switches and pace signals out before the connection goes.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._control_writes.join(), 5)
+        if self._tasks:
+            self._tasks[0].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tasks[0]
+        if self.control is not None:
+            await self.control.close()
+
+    # -- reserve and settle: decide at once (no await), reply once the journal has the decision --
+
+    def decide_reserve(self, r: Reservation) -> tuple[ReservationDecision, asyncio.Future[None] | None]:
+        """Check every cap and book the hold, with no await in between.
+
+        Returns the decision and, for a grant, the journal write to wait for before replying
+        (then ``reserve_outcome``); a refusal changes nothing and can be sent at once.
+        """
+        assert self.journal is not None and self.control is not None
+
+        def refuse(reason: str) -> tuple[ReservationDecision, None]:
+            return ReservationDecision(id=r.id, granted=False, reason=reason), None
+
+        if r.id in self.ledger.holds:  # a retried request: same answer, once it is stored
+            return ReservationDecision(id=r.id, granted=True, reason="already reserved"), self.journal.barrier()
+        if r.id in self.ledger.settled_ids:
+            return refuse("already settled")
+        now = self.clock()
+        if r.expires_ms <= now:
+            return refuse(f"deadline already passed ({r.expires_ms} <= now {now})")
+        try:
+            amount = pico(r.amount_usd)
+            task_cap = None if r.task_budget_usd is None else pico(r.task_budget_usd)
+        except ValueError as exc:
+            return refuse(str(exc))
+        switch = self.control.blocked(tenant=r.tenant, task_id=r.task_id, model=r.model)
+        if switch is not None:
+            key = "" if switch.scope == "global" else f" {switch.key}"
+            return refuse(f"kill switch tripped ({switch.scope}{key}): {switch.reason}")
+        if task_cap is None:
+            task_cap = self.ledger.task_caps.get(r.task_id)
+        buckets = buckets_for(r, now, task_capped=task_cap is not None)
+        for bucket in buckets:
+            cap = task_cap if bucket[0] == "task" else self.book.cap(bucket[0], bucket[1], bucket[2])
+            if cap is None:
+                continue
+            settled, reserved = self.ledger.settled.get(bucket, 0), self.ledger.reserved.get(bucket, 0)
+            if settled + reserved + amount > cap:
+                return refuse(
+                    f"{describe(bucket)} ${dollars(cap):.6f} would be exceeded: settled ${dollars(settled):.6f}"
+                    f" + reserved ${dollars(reserved):.6f} + this call ${dollars(amount):.6f}"
+                )
+        grant = Grant(
+            r, amount, now, task_capped=task_cap is not None, task_cap=None if r.task_budget_usd is None else task_cap
+        )
+        stored = self._record(grant)
+        heapq.heappush(self._expiries, (r.expires_ms + self.expiry_grace_ms, r.id))
+        return ReservationDecision(id=r.id, granted=True), stored
+
+    def reserve_outcome(
+        self, r: Reservation, decision: ReservationDecision, error: BaseException | None
+    ) -> ReservationDecision:
+        """The reply to a grant once its journal write finished; withdrawn if it was not stored."""
+        if error is None:
+            return decision
+        # Not durable, so not granted: give the room back.
+        if r.id in self.ledger.holds:
+            self._record(Expire(r.id))
+        return ReservationDecision(id=r.id, granted=False, reason=f"ledger unavailable: {error}")
+
+    def decide_settle(self, r: Reservation) -> tuple[ReservationDecision, asyncio.Future[None] | None]:
+        """Replace the hold by the actual cost (no await); returns the journal write to wait for, if any.
+
+        A settle of a live hold is answered at once: if a crash loses its journal write, the
+        hold comes back from the journal and, never settled again, is charged its worst case when
+        it expires, which is more than the call cost. A settle without a hold (it expired) is the
+        only record of that money, so it is answered once stored.
+        """
+        assert self.journal is not None
+        if r.id in self.ledger.settled_ids:
+            return ReservationDecision(id=r.id, granted=True, reason="already settled"), self.journal.barrier()
+        # Unknown usage is never zero: a settle without the actual cost books the worst case.
+        try:
+            actual = pico(r.amount_usd if r.actual_usd is None else r.actual_usd)
+        except ValueError as exc:
+            return ReservationDecision(id=r.id, granted=False, reason=str(exc)), None
+        now = self.clock()
+        hold = self.ledger.holds.get(r.id)
+        if hold is not None:
+            buckets, settle = hold.buckets, Settle(r.id, actual, now)
+        else:
+            buckets = buckets_for(r, now, task_capped=r.task_id in self.ledger.task_caps)
+            settle = Settle(r.id, actual, now, buckets)
+        stored = self._record(settle)
+        self._check_crossings(buckets)
+        self._pace(r.tenant, now)
+        return ReservationDecision(id=r.id, granted=True), None if hold is not None else stored
+
+    def settle_outcome(
+        self, r: Reservation, decision: ReservationDecision, error: BaseException | None
+    ) -> ReservationDecision:
+        if error is not None:  # booked in memory (the conservative side); the next snapshot stores it
+            self.bus.log.error("settle_not_journaled", id=r.id, error=str(error))
+        return decision
+
+    # -- shared steps --
+
+    def _record(self, op: Op) -> asyncio.Future[None]:
+        """Apply ``op`` to the ledger and queue it for the journal."""
+        assert self.journal is not None
+        self.ledger.apply(op)
+        return self.journal.append(op)
+
+    def cap_of(self, bucket: Bucket) -> int | None:
+        scope, key, window, _ = bucket
+        if scope == "task":
+            return self.ledger.task_caps.get(key)
+        return self.book.cap(scope, key, window)
+
+    def _check_crossings(self, buckets: list[Bucket]) -> None:
+        """Trip the switch of every bucket whose settled spend reached its cap (once per bucket)."""
+        now = self.clock()
+        for bucket in buckets:
+            cap = self.cap_of(bucket)
+            spent = self.ledger.settled.get(bucket, 0)
+            if cap is None or spent < cap or bucket in self.ledger.tripped:
+                continue
+            if bucket[2] in ("day", "month") and bucket[3] not in (day_period(now), month_period(now)):
+                continue  # a past period's cap no longer stops anything
+            self._record(Trip(bucket))
+            scope, key = bucket[0], bucket[1]
+            reason = f"{describe(bucket)} ${dollars(cap):.6f} reached: settled ${dollars(spent):.6f}"
+            self.bus.log.warning("cap_crossed", scope=scope, key=key, reason=reason)
+            self._control_writes.put_nowait(
+                KillSwitch(scope=scope, key=key, tripped=True, reason=reason, by="accountant", time_ms=now)
+            )
+
+    async def _write_control_forever(self) -> None:
+        """Kill switches and pace signals, in the order decided, each retried a few times."""
+        assert self._js is not None
+        while True:
+            item = await self._control_writes.get()
+            try:
+                for attempt in range(CONTROL_RETRIES):
+                    try:
+                        if isinstance(item, KillSwitch):
+                            await set_kill(self._js, self.bus.subjects, item)
+                        else:
+                            await set_pace(self._js, self.bus.subjects, item)
+                        break
+                    except Exception as exc:
+                        self.bus.log.error("control_write_failed", item=str(item), attempt=attempt, error=str(exc))
+                        await asyncio.sleep(0.2 * 2**attempt)
+            finally:
+                self._control_writes.task_done()
+
+    # -- expiry --
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval_s)
+            self.expire_due()
+
+    def expire_due(self) -> None:
+        """Release every hold past its deadline (plus grace); one restored from before a restart is
+        charged at its worst case instead, since its settle may have gone to no accountant."""
+        now = self.clock()
+        charged: list[Bucket] = []
+        while self._expiries and self._expiries[0][0] <= now:
+            _, rid = heapq.heappop(self._expiries)
+            hold = self.ledger.holds.get(rid)
+            if hold is None:
+                continue
+            self._record(Expire(rid, charge=hold.recovered))
+            if hold.recovered:
+                charged.extend(hold.buckets)
+        if charged:
+            self._check_crossings(charged)
+        if now - self._last_prune >= PRUNE_EVERY_MS:
+            self._last_prune = now
+            self.ledger.prune(now, keep_ids_ms=KEEP_SETTLED_IDS_MS, keep_tasks_ms=KEEP_IDLE_TASKS_MS)
+
+    # -- pacing --
+
+    async def _pace_forever(self) -> None:
+        while True:
+            self.pace_all()
+            await asyncio.sleep(self.pace_interval_s)
+
+    def pace_all(self) -> None:
+        now = self.clock()
+        tenants = {key for (scope, key), caps in self.book.caps.items() if scope == "tenant" and caps.month is not None}
+        for tenant in tenants | {t for t, action in self.paces.items() if action != "normal"}:
+            self._pace(tenant, now)
+
+    def _pace(self, tenant: str, now: int) -> None:
+        """Publish the tenant's pace when it changed (only tenants with a month cap leave normal)."""
+        cap = self.book.cap("tenant", tenant, "month")
+        spend = self.ledger.settled.get(("tenant", tenant, "month", month_period(now)), 0)
+        action: PaceAction = "normal" if not cap else pace_action(spend, cap, now, self.config.pacing)
+        if action == self.paces.get(tenant, "normal"):
+            return
+        self.paces[tenant] = action
+        expected = curve(cap, now) if cap else 0
+        self._control_writes.put_nowait(
+            PaceSignal(tenant=tenant, action=action, spend_usd=dollars(spend), curve_usd=dollars(expected), time_ms=now)
+        )
+
+    # -- configuration --
+
+    async def update(self, update: BudgetUpdate) -> BudgetState:
+        try:
+            cap = await self.book.update(update)
+        except ValueError as exc:
+            return BudgetState(error=str(exc), time_ms=self.clock())
+        now = self.clock()
+        # A cap lowered below what is already spent is crossed now.
+        self._check_crossings(
+            [(cap.scope, cap.key, "day", day_period(now)), (cap.scope, cap.key, "month", month_period(now))]
+        )
+        if cap.scope == "tenant":
+            self._pace(cap.key, now)
+        return self.show(BudgetQuery(scope=cap.scope, key=cap.key))
+
+    def show(self, query: BudgetQuery) -> BudgetState:
+        now = self.clock()
+        periods = {"day": day_period(now), "month": month_period(now)}
+
+        def wanted(scope: str, key: str) -> bool:
+            if query.scope is None:
+                return scope != "task"  # tasks are many: listed only when asked for
+            return scope == query.scope and (query.key is None or key == query.key)
+
+        caps: list[BudgetCap] = [c for c in self.book.all() if wanted(c.scope, c.key)]
+        buckets: set[Bucket] = {
+            (c.scope, c.key, window, periods[window])
+            for c in caps
+            for window, value in (("day", c.day_usd), ("month", c.month_usd))
+            if value is not None
+        }
+        for bucket in (*self.ledger.settled, *self.ledger.reserved):
+            scope, key, window, period = bucket
+            if wanted(scope, key) and (window == "task" or period == periods[window]):
+                buckets.add(bucket)
+        spend = []
+        for bucket in sorted(buckets):
+            cap = self.cap_of(bucket)
+            spend.append(
+                BudgetSpend(
+                    scope=bucket[0],
+                    key=bucket[1],
+                    window=bucket[2],
+                    period=bucket[3],
+                    settled_usd=dollars(self.ledger.settled.get(bucket, 0)),
+                    reserved_usd=dollars(self.ledger.reserved.get(bucket, 0)),
+                    cap_usd=None if cap is None else dollars(cap),
+                )
+            )
+        return BudgetState(caps=caps, spend=spend, outstanding=len(self.ledger.holds), time_ms=now)

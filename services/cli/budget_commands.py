@@ -1,0 +1,156 @@
+"""`frugalmesh budget set|show`, `frugalmesh kill` and `frugalmesh clear`.
+
+``budget`` asks the accountant (request/reply on ``mesh.budget.set`` / ``mesh.budget.show``), so
+it needs the accountant running. ``kill`` and ``clear`` write the switch themselves with nats-py
+(KV first, then the event on ``mesh.control.kill``), so an operator can stop spending even when
+the accountant is down; every service obeys the KV value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+from typing import Any
+
+import click
+import msgspec
+
+from schemas.messages import BudgetQuery, BudgetState, BudgetUpdate, KillSwitch
+from services.runtime.settings import MeshSettings
+
+REQUEST_TIMEOUT_S = 5.0
+
+
+def _settings() -> MeshSettings:
+    from services.cli.stack import client_settings
+
+    return client_settings()
+
+
+async def _request(settings: MeshSettings, subject: str, message: msgspec.Struct) -> BudgetState:
+    import nats
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+
+    nc = await nats.connect(settings.nats_url, connect_timeout=REQUEST_TIMEOUT_S, max_reconnect_attempts=0)
+    try:
+        reply = await nc.request(subject, msgspec.json.encode(message), timeout=REQUEST_TIMEOUT_S)
+    except (NoRespondersError, NatsTimeout):
+        raise click.ClickException(
+            f"no answer from the accountant on {subject}; is it running (`frugalmesh up` or `frugalmesh run accountant`)?"
+        ) from None
+    finally:
+        await nc.close()
+    state = msgspec.json.decode(reply.data, type=BudgetState)
+    if state.error:
+        raise click.ClickException(state.error)
+    return state
+
+
+def _run(coro: Any) -> Any:
+    from nats.errors import NoServersError
+
+    try:
+        return asyncio.run(coro)
+    except (ConnectionError, OSError, NoServersError) as exc:
+        raise click.ClickException(f"cannot reach NATS: {exc}. Is the mesh up (`frugalmesh up`)?") from None
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"${value:,.6f}"
+
+
+def _print(state: BudgetState) -> None:
+    rows = [("scope", "key", "window", "period", "settled", "reserved", "cap", "left")]
+    for s in state.spend:
+        left = None if s.cap_usd is None else s.cap_usd - s.settled_usd - s.reserved_usd
+        rows.append((s.scope, s.key, s.window, s.period, _usd(s.settled_usd), _usd(s.reserved_usd), _usd(s.cap_usd), _usd(left)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    click.echo(f"{state.outstanding} outstanding reservation(s)")
+
+
+@click.group()
+def budget() -> None:
+    """Budget caps: global, per tenant and per model (day and month, USD)."""
+
+
+@budget.command("set")
+@click.option("--scope", type=click.Choice(["global", "tenant", "model"]), required=True)
+@click.option("--key", default="*", help="The tenant or model name (not for global).")
+@click.option("--day", "day_usd", type=float, help="Cap per UTC day, USD.")
+@click.option("--month", "month_usd", type=float, help="Cap per UTC month, USD.")
+@click.option("--no-day", is_flag=True, help="Remove the day cap.")
+@click.option("--no-month", is_flag=True, help="Remove the month cap.")
+def budget_set(scope: str, key: str, day_usd: float | None, month_usd: float | None, no_day: bool, no_month: bool) -> None:
+    """Change a scope's caps at run time (kept across accountant restarts)."""
+    if day_usd is None and month_usd is None and not (no_day or no_month):
+        raise click.UsageError("give --day and/or --month (or --no-day / --no-month)")
+    unset = [w for w, flag in (("day", no_day), ("month", no_month)) if flag]
+    update = BudgetUpdate(scope=scope, key=key, day_usd=day_usd, month_usd=month_usd, unset=unset, by=getpass.getuser())
+    settings = _settings()
+    _print(_run(_request(settings, settings.subjects.budget_set, update)))
+
+
+@budget.command("show")
+@click.option("--scope", type=click.Choice(["global", "tenant", "model", "task"]))
+@click.option("--key", help="One tenant, model or task.")
+@click.option("--json", "as_json", is_flag=True, help="Print the accountant's BudgetState as JSON.")
+def budget_show(scope: str | None, key: str | None, as_json: bool) -> None:
+    """Caps in force and spend in the current day and month (tasks with --scope task)."""
+    settings = _settings()
+    state = _run(_request(settings, settings.subjects.budget_show, BudgetQuery(scope=scope, key=key)))
+    if as_json:
+        click.echo(msgspec.json.encode(state).decode())
+    else:
+        _print(state)
+
+
+def _switch(scope: str, key: str | None, tripped: bool, reason: str) -> None:
+    from services.runtime.bus import ensure_streams, now_ms
+    from services.runtime.control import set_kill
+
+    if scope == "global":
+        key = "*"
+    elif not key:
+        raise click.UsageError(f"--key is required for --scope {scope}")
+    by = f"operator:{getpass.getuser()}"
+    switch = KillSwitch(scope=scope, key=key, tripped=tripped, reason=reason, by=by, time_ms=now_ms())
+    settings = _settings()
+
+    async def write() -> None:
+        import nats
+
+        nc = await nats.connect(settings.nats_url, connect_timeout=REQUEST_TIMEOUT_S, max_reconnect_attempts=0)
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, settings.subjects)
+            await set_kill(js, settings.subjects, switch)
+        finally:
+            await nc.close()
+
+    _run(write())
+    where = "global" if scope == "global" else f"{scope} {key}"
+    click.echo(f"kill switch {'tripped' if tripped else 'cleared'}: {where}")
+
+
+SCOPE = click.Choice(["global", "tenant", "task", "model"])
+
+
+@click.command()
+@click.option("--scope", type=SCOPE, required=True)
+@click.option("--key", help="The tenant, task or model (not for global).")
+@click.option("--reason", default="operator kill", show_default=True)
+def kill(scope: str, key: str | None, reason: str) -> None:
+    """Trip the kill switch: no new paid call starts in this scope (works without the accountant)."""
+    _switch(scope, key, True, reason)
+
+
+@click.command()
+@click.option("--scope", type=SCOPE, required=True)
+@click.option("--key", help="The tenant, task or model (not for global).")
+@click.option("--reason", default="operator clear", show_default=True)
+def clear(scope: str, key: str | None, reason: str) -> None:
+    """Lift the kill switch of a scope."""
+    _switch(scope, key, False, reason)

@@ -1,0 +1,183 @@
+"""`frugalmesh loadtest`: replay recorded traffic into a mesh, and record a mesh's traffic.
+
+``replay`` runs against the mesh of a running `frugalmesh up` when there is one. Otherwise it
+starts its own stack (embedded NATS and ClickHouse unless NATS_URL / CLICKHOUSE_URL name running
+ones, and the six services) on a temporary deploy directory whose providers use the synthetic
+backend with a latency model (deploy/loadtest/models.toml, see loadtest/deploy.py), so recorded
+sizes can be served without spending anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+import nats.errors
+
+from loadtest.replay import Live, Report, ReplayOptions
+
+
+@click.group()
+def loadtest() -> None:
+    """Load-test the mesh with recorded traffic."""
+
+
+@loadtest.command("replay")
+@click.argument("trace")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (progress goes to stderr).")
+@click.option("--speed", default=1.0, show_default=True, help="Arrival times are divided by this.")
+@click.option("--duration", "duration_s", type=float, help="Replay only the rows of the first S recorded seconds.")
+@click.option("--limit", type=int, help="Replay only the first N rows.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("loadtest-report.json"), show_default=True)
+@click.option("--tenant", default="loadtest", show_default=True, help="For rows that do not name one.")
+@click.option("--workflow", default="answer", show_default=True, help="For rows that do not name one.")
+@click.option("--deadline", "deadline_s", default=300.0, show_default=True, help="Each task's deadline, seconds.")
+@click.option("--salt", default="", help="Renames every prompt block, so a rerun does not hit the earlier run's cache.")
+@click.option("--data", type=click.Path(path_type=Path), help="Data directory holding traces/ [FRUGALMESH_DATA or the cache].")
+@click.option(
+    "--deploy",
+    "deploy_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Deploy directory for the stack this command starts [deploy/loadtest/models.toml + deploy/ routing and workflows].",
+)
+def replay_command(
+    trace: str,
+    as_json: bool,
+    speed: float,
+    duration_s: float | None,
+    limit: int | None,
+    out: Path,
+    tenant: str,
+    workflow: str,
+    deadline_s: float,
+    salt: str,
+    data: Path | None,
+    deploy_dir: Path | None,
+) -> None:
+    """Publish TRACE's requests as tasks at their recorded times and report latency, spend and loss.
+
+    TRACE: azure-conv, azure-code, mooncake-conversation, mooncake-synthetic, or a file (an Azure
+    CSV, a Mooncake JSONL, or a recording from `frugalmesh loadtest record`).
+    """
+    from loadtest.deploy import loadtest_deploy_dir
+    from loadtest.traces import read_trace, resolve_trace
+    from services.cli.stack import Stack, client_settings, running_stack
+    from services.runtime.data import DataNotFound
+    from services.runtime.embedded import EmbeddedError
+
+    try:
+        rows = read_trace(resolve_trace(trace, data), limit=limit, duration_s=duration_s)
+    except (FileNotFoundError, DataNotFound, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if not rows:
+        raise click.ClickException(f"{trace}: no rows to replay")
+    options = ReplayOptions(speed=speed, tenant=tenant, workflow=workflow, deadline_s=deadline_s, salt=salt)
+    settings = client_settings()
+    if running_stack(settings.home):
+        if deploy_dir:
+            raise click.ClickException("--deploy applies to a stack this command starts; a mesh is already running")
+        click.echo(f"replaying {len(rows)} rows into the running mesh at {settings.nats_url}", err=True)
+        report = _run(settings, rows, options, as_json)
+    else:
+        with tempfile.TemporaryDirectory(prefix="frugalmesh-loadtest-") as tmp:
+            deploy = deploy_dir or loadtest_deploy_dir(Path(tmp) / "deploy")
+            # The services are child processes: they read their deploy directory from the environment.
+            os.environ["FRUGALMESH_DEPLOY_DIR"] = str(deploy.resolve())
+            home = Path(tmp) / "home"
+            stack_settings = settings.model_copy(update={"deploy_dir": deploy, "home": home})
+            click.echo(f"starting a stack on {deploy} (state in {home})...", err=True)
+            try:
+                with Stack(home=home, nats_port=-1, clickhouse_port=0, settings=stack_settings) as stack:
+                    report = _run(stack.settings, rows, options, as_json)
+            except EmbeddedError as exc:
+                raise click.ClickException(str(exc)) from None
+    out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        print_report(report, trace)
+        click.echo(f"report: {out}")
+    sys.exit(0 if report.zero_loss.ok else 1)
+
+
+def _run(settings, rows, options: ReplayOptions, as_json: bool) -> Report:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from loadtest.replay import replay
+
+    console = Console(stderr=as_json)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("", total=len(rows))
+
+        def tick(live: Live) -> None:
+            progress.update(bar, completed=live.finished, description=live.line())
+
+        return asyncio.run(replay(settings, rows, options, on_tick=tick))
+
+
+def print_report(report: Report, trace: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"loadtest replay: {trace}")
+    table.add_column("figure")
+    for column in ("p50", "p95", "p99", "max"):
+        table.add_column(column, justify="right")
+    for name, p in (
+        ("end-to-end latency, ms", report.e2e_latency_ms),
+        ("mesh overhead, ms", report.mesh_overhead_ms),
+        ("backend time, ms", report.backend_ms),
+    ):
+        table.add_row(name, *(f"{v:.1f}" if v is not None else "-" for v in (p.p50, p.p95, p.p99, p.max)))
+    console.print(table)
+    outcomes = ", ".join(f"{n} {kind}" for kind, n in report.outcomes.items() if n)
+    console.print(
+        f"{report.published} tasks published of {report.rows} rows ({report.publish_errors} publish errors, "
+        f"{report.skipped_oversize} too large for a message): {outcomes or 'none ended'}"
+    )
+    console.print(
+        f"throughput {report.throughput_tasks_per_s:.1f} tasks/s (offered {report.offered_tasks_per_s:.1f}/s) "
+        f"over {report.wall_s:.1f}s; {report.calls} calls, cache-hit share {report.cache_hit_share:.1%}, "
+        f"spend ${report.spend_usd:.4f}"
+    )
+    z = report.zero_loss
+    verdict = "[green]zero loss[/green]" if z.ok else "[red]LOSS[/red]"
+    console.print(
+        f"{verdict}: {z.ended}/{z.published} tasks ended ({z.missing} missing); "
+        f"{z.usage_rows} usage rows for {z.calls_reported} calls reported "
+        f"({z.tasks_with_row_mismatch} tasks with a mismatch)"
+    )
+
+
+@loadtest.command("record")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The recording (JSONL) to write.")
+@click.option("--duration", "duration_s", type=float, help="Seconds to record [until Ctrl-C].")
+@click.option("--grace", "grace_s", default=30.0, show_default=True, help="Seconds to wait for recorded tasks to end.")
+def record_command(out: Path, duration_s: float | None, grace_s: float) -> None:
+    """Tap a running mesh's tasks and usage into a recording that `loadtest replay` reads."""
+    from loadtest.record import Recorder
+    from services.cli.stack import client_settings
+
+    recorder = Recorder(client_settings())
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        click.echo(f"recording {recorder.settings.nats_url} ({recorder.settings.subject_prefix}.*); Ctrl-C stops", err=True)
+        await recorder.record(duration_s, stop, grace_s)
+
+    try:
+        asyncio.run(go())
+    except (nats.errors.NoServersError, OSError) as exc:
+        raise click.ClickException(f"cannot reach NATS: {exc}; is the mesh running (`frugalmesh up`)?") from None
+    click.echo(f"{recorder.write(out)} tasks recorded to {out}")

@@ -1,0 +1,159 @@
+"""Scheduled tasks (layer 1): a cron expression, a task to submit, and a hard timeout per run.
+
+Schedules live in the KV bucket ``<prefix>_schedules`` (key = schedule id), written by
+``frugalmesh schedule add|remove``. Every planner replica runs a ``Scheduler``: each tick it reads
+the schedules and, for every cron fire time since its previous tick, submits the schedule's Task
+with ``deadline_s`` = the schedule's timeout. The task id and ``Nats-Msg-Id`` are
+``<schedule id>-<fire time in epoch seconds>``, so JetStream drops the copies other replicas submit
+of the same run (the TASKS stream's duplicate window is 600 s): each run fires exactly once.
+
+Cron expressions are read in UTC. A fire time more than ``CATCH_UP_S`` old (a planner that was
+down, a tick that failed) is skipped rather than caught up: a burst of late runs is how a bill runs
+away, and past the duplicate window a replica could no longer be sure it is the only one firing it.
+
+A scheduled run carries ``Mesh-Schedule-Run`` (its task id): layer 2 counts each run as its own
+piece of work, so a schedule that fires every five minutes is not refused after three runs a day.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+from croniter import croniter
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
+from structlog.stdlib import BoundLogger
+
+from schemas.messages import Task
+from schemas.subjects import HEADER_MSG_ID, STREAM_TASKS, Subjects
+from services.runtime.bus import encode, now_ms
+
+BUCKET_SCHEDULES = "schedules"
+HEADER_SCHEDULE_RUN = "Mesh-Schedule-Run"
+# Well inside the TASKS stream's 600 s duplicate window, so every replica's copy of a run is dropped.
+CATCH_UP_S = 300.0
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Schedule(msgspec.Struct, kw_only=True):
+    id: str
+    cron: str
+    # The hard timeout of each run: its task's deadline_s.
+    timeout_s: float
+    workflow: str
+    goal: str
+    tenant: str = "default"
+    budget_usd: float | None = None
+    created_ms: int
+
+    def fire_times(self, after: datetime, until: datetime) -> list[datetime]:
+        """Fire times in ``(after, until]``, in order."""
+        times = croniter(self.cron, after).all_next(datetime)
+        fires = []
+        for fire in times:
+            if fire > until:
+                return fires
+            fires.append(fire)
+        return fires
+
+    def task(self, fire: datetime) -> Task:
+        return Task(
+            id=f"{self.id}-{int(fire.timestamp())}",
+            tenant=self.tenant,
+            workflow=self.workflow,
+            goal=self.goal,
+            budget_usd=self.budget_usd,
+            deadline_s=self.timeout_s,
+            submitted_ms=now_ms(),
+        )
+
+
+def new_schedule_id() -> str:
+    return "s" + uuid.uuid4().hex[:12]
+
+
+async def schedules_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+    name = subjects.bucket(BUCKET_SCHEDULES)
+    try:
+        return await js.key_value(name)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=name, history=1))
+
+
+async def add_schedule(kv: KeyValue, schedule: Schedule) -> None:
+    await kv.put(schedule.id, encode(schedule))
+
+
+async def list_schedules(kv: KeyValue) -> list[Schedule]:
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return []
+    schedules = []
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            continue  # removed between the listing and the read
+        schedules.append(msgspec.json.decode(entry.value, type=Schedule))
+    return sorted(schedules, key=lambda s: (s.created_ms, s.id))
+
+
+async def remove_schedule(kv: KeyValue, schedule_id: str) -> bool:
+    """Remove a schedule; False when there was none with this id."""
+    try:
+        await kv.get(schedule_id)
+    except KeyNotFoundError:
+        return False
+    await kv.purge(schedule_id)
+    return True
+
+
+class Scheduler:
+    """Submits each schedule's runs; ``clock`` and ``tick_s`` are injectable so tests can move time."""
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects, log: BoundLogger, clock: Clock, tick_s: float) -> None:
+        self.js = js
+        self.subjects = subjects
+        self.log = log
+        self.clock = clock
+        self.tick_s = tick_s
+
+    async def run(self) -> None:
+        kv = await schedules_bucket(self.js, self.subjects)
+        last = self.clock()
+        while True:
+            await asyncio.sleep(self.tick_s)
+            now = self.clock()
+            try:
+                await self._fire(kv, last, now)
+            except Exception:
+                # The bus is briefly away: the next tick covers this one's runs (dedupe drops repeats).
+                self.log.exception("schedule_tick_failed")
+                continue
+            last = now
+
+    async def _fire(self, kv: KeyValue, last: datetime, now: datetime) -> None:
+        for schedule in await list_schedules(kv):
+            created = datetime.fromtimestamp(schedule.created_ms / 1000, UTC)
+            after = max(last, now - timedelta(seconds=CATCH_UP_S), created)
+            for fire in schedule.fire_times(after, now):
+                task = schedule.task(fire)
+                await self.js.publish(
+                    self.subjects.task_submit,
+                    encode(task),
+                    stream=self.subjects.stream(STREAM_TASKS),
+                    headers={HEADER_MSG_ID: task.id, HEADER_SCHEDULE_RUN: task.id},
+                )
+                self.log.info("schedule_fired", schedule=schedule.id, task_id=task.id)

@@ -1,0 +1,66 @@
+"""Thresholds calibrated to a target quality: the cheapest operating point that keeps accuracy at
+``target`` times the strong model's.
+
+Both learned policies reduce to one rule: a prompt stays on the weak model when its score is at
+least the threshold (learned: the predicted chance the weak model is right; cascade: the
+validator's confidence in the weak answer), else it goes to the strong one. The accuracy of every
+threshold follows from the recorded outcomes, so calibration is a sweep over the sorted scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    threshold: float
+    weak_share: float
+    accuracy: float
+    strong_accuracy: float
+    target: float
+
+    @property
+    def meets_target(self) -> bool:
+        return self.accuracy >= self.target * self.strong_accuracy
+
+
+def sweep(scores: np.ndarray, weak_correct: np.ndarray, strong_correct: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(thresholds, weak_share, accuracy) for each cut: the k highest scores stay weak, k = 0..n.
+
+    The threshold of cut k is its k-th highest score (+inf for k = 0); ties are kept together,
+    since a threshold cannot split prompts of equal score.
+    """
+    order = np.argsort(-scores, kind="stable")
+    ranked, weak, strong = scores[order], weak_correct[order].astype(float), strong_correct[order].astype(float)
+    n = len(scores)
+    correct = np.concatenate([[0.0], np.cumsum(weak)]) + np.concatenate([np.cumsum(strong[::-1])[::-1], [0.0]])
+    thresholds = np.concatenate([[np.inf], ranked])
+    # A cut inside a run of equal scores is not reachable: keep only the last cut of each run.
+    reachable = np.concatenate([[True], ranked[1:] != ranked[:-1], [True]])
+    keep = np.nonzero(reachable)[0]
+    return thresholds[keep], keep / n, correct[keep] / n
+
+
+def calibrate(
+    scores: np.ndarray, weak_correct: np.ndarray, strong_correct: np.ndarray, target: float
+) -> OperatingPoint:
+    """The lowest threshold (most prompts kept weak) whose accuracy is at least ``target`` times the
+    strong model's on these outcomes. Scores should be out-of-sample (cross-validated) so the
+    threshold is not fitted to the noise of the model that made them."""
+    if not 0 < target <= 1.5:
+        raise ValueError(f"target must be a share of the strong model's accuracy, e.g. 0.95, not {target}")
+    strong_accuracy = float(np.mean(strong_correct))
+    thresholds, weak_share, accuracy = sweep(scores, weak_correct, strong_correct)
+    ok = np.nonzero(accuracy >= target * strong_accuracy)[0]
+    # Cut 0 (everything strong) always qualifies when target <= 1; above 1 nothing may.
+    best = int(ok.max()) if len(ok) else int(np.argmax(accuracy))
+    return OperatingPoint(
+        threshold=float(thresholds[best]),
+        weak_share=float(weak_share[best]),
+        accuracy=float(accuracy[best]),
+        strong_accuracy=strong_accuracy,
+        target=target,
+    )

@@ -1,0 +1,117 @@
+"""The router file that `frugalmesh router train` writes and the router loads: plain numpy arrays
+and a JSON header in one ``.npz`` (no pickle, so loading a file cannot run code).
+
+It holds, for one weak and one strong model, a prompt model (learned policy) and/or an answer
+model (cascade validator), each with the threshold calibrated on its training data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from services.router.policies.calibration import OperatingPoint
+from services.router.policies.features import ANSWER_FEATURES, N_FEATURES, PromptFeatures, answer_features, tfidf
+
+FORMAT = "frugalmesh-router/1"
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def prompt_probability(counts: sp.csr_matrix, idf: np.ndarray, coef: np.ndarray, intercept: float) -> np.ndarray:
+    return sigmoid(tfidf(counts, idf) @ coef + intercept)
+
+
+@dataclass(frozen=True)
+class PromptModel:
+    """Logistic regression on prompt tf-idf: the chance the weak model answers correctly."""
+
+    idf: np.ndarray  # N_FEATURES
+    coef: np.ndarray  # N_FEATURES
+    intercept: float
+    calibration: OperatingPoint
+    features: PromptFeatures = field(default_factory=PromptFeatures)
+
+    def scores(self, prompts: list[str]) -> np.ndarray:
+        return prompt_probability(self.features.counts(prompts), self.idf, self.coef, self.intercept)
+
+
+@dataclass(frozen=True)
+class AnswerModel:
+    """Logistic regression on the weak answer's structure: the chance that answer is correct."""
+
+    coef: np.ndarray  # len(ANSWER_FEATURES)
+    intercept: float
+    calibration: OperatingPoint
+
+    def score(self, answer: str) -> float:
+        return float(sigmoid(answer_features(answer) @ self.coef + self.intercept))
+
+
+@dataclass(frozen=True)
+class RouterFile:
+    weak_model: str
+    strong_model: str
+    prompt_model: PromptModel | None
+    answer_model: AnswerModel | None
+    # What it was trained on (files, prompt counts), for whoever reads the file later.
+    trained_on: dict[str, int]
+
+    def save(self, path: Path) -> None:
+        header: dict = {
+            "format": FORMAT,
+            "weak_model": self.weak_model,
+            "strong_model": self.strong_model,
+            "trained_on": self.trained_on,
+        }
+        arrays: dict[str, np.ndarray] = {}
+        if self.prompt_model is not None:
+            m = self.prompt_model
+            # Only the buckets seen in training carry weight; the rest share the unseen (highest) idf.
+            unseen_idf = float(m.idf.max())
+            seen = np.nonzero((m.idf < unseen_idf) | (m.coef != 0))[0]
+            header["prompt_model"] = {
+                "intercept": m.intercept,
+                "unseen_idf": unseen_idf,
+                "calibration": asdict(m.calibration),
+            }
+            arrays |= {"prompt_index": seen.astype(np.int32), "prompt_idf": m.idf[seen], "prompt_coef": m.coef[seen]}
+        if self.answer_model is not None:
+            m = self.answer_model
+            header["answer_model"] = {
+                "features": list(ANSWER_FEATURES),
+                "coef": m.coef.tolist(),
+                "intercept": m.intercept,
+                "calibration": asdict(m.calibration),
+            }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            np.savez_compressed(f, header=np.array(json.dumps(header)), **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> RouterFile:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            if header.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a router file of format {FORMAT} (got {header.get('format')!r})")
+            prompt_model = None
+            if "prompt_model" in header:
+                spec = header["prompt_model"]
+                idf = np.full(N_FEATURES, spec["unseen_idf"], dtype=np.float32)
+                coef = np.zeros(N_FEATURES, dtype=np.float32)
+                idf[data["prompt_index"]] = data["prompt_idf"]
+                coef[data["prompt_index"]] = data["prompt_coef"]
+                prompt_model = PromptModel(idf, coef, spec["intercept"], OperatingPoint(**spec["calibration"]))
+        answer_model = None
+        if "answer_model" in header:
+            spec = header["answer_model"]
+            if tuple(spec["features"]) != ANSWER_FEATURES:
+                raise ValueError(f"{path}: answer features {spec['features']} are not this version's {ANSWER_FEATURES}")
+            answer_model = AnswerModel(np.array(spec["coef"]), spec["intercept"], OperatingPoint(**spec["calibration"]))
+        return cls(header["weak_model"], header["strong_model"], prompt_model, answer_model, header["trained_on"])

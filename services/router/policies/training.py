@@ -1,0 +1,131 @@
+"""Training the learned policies from recorded outcomes (`frugalmesh router train`).
+
+Each model's threshold is calibrated on out-of-fold scores of the training data (k-fold cross
+validation): every prompt is scored by a model that did not see it, so the threshold is not set
+on the optimism of a model scoring its own training set. The final model is then fit on all of it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.feature_extraction.text import TfidfTransformer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold
+
+from services.router.policies.calibration import calibrate
+from services.router.policies.features import PromptFeatures, answer_features, tfidf
+from services.router.policies.routerfile import AnswerModel, PromptModel, RouterFile, prompt_probability, sigmoid
+from services.runtime.data import Record
+
+PolicyName = Literal["learned", "cascade"]
+# L2 strength of the prompt model: the weaker of the values tried on a domain split of the
+# MMLU training domains (0.3, 1, 3); stronger fits memorise domain vocabulary that does not transfer.
+PROMPT_C = 0.3
+FOLDS = 5
+
+
+def _fit_prompt(counts: sp.csr_matrix, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    idf = TfidfTransformer(sublinear_tf=True).fit(counts).idf_.astype(np.float32)
+    regression = LogisticRegression(C=PROMPT_C, max_iter=2000).fit(tfidf(counts, idf), labels)
+    return idf, regression.coef_[0].astype(np.float32), float(regression.intercept_[0])
+
+
+def _fit_answer(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+    regression = LogisticRegression(max_iter=1000).fit(features, labels)
+    return regression.coef_[0], float(regression.intercept_[0])
+
+
+def calibration_groups(records: Sequence[Record]) -> np.ndarray:
+    """Which prompts are held out together when scoring out of fold. Files that share a folder
+    with other files (MMLU's domains) are held out whole, so the threshold is set on how the model
+    scores domains it never saw, which is how it meets new ones; a file alone in its folder
+    (GSM8K) is held out by rows. The same rule as `frugalmesh router split --by files`."""
+    per_folder = Counter(str(Path(dataset).parent) for dataset in {r.dataset for r in records})
+    keys = [
+        r.dataset if per_folder[str(Path(r.dataset).parent)] > 1 else f"{r.dataset}#{index % FOLDS}"
+        for index, r in enumerate(records)
+    ]
+    return np.unique(keys, return_inverse=True)[1]
+
+
+def _out_of_fold(
+    labels: np.ndarray, groups: np.ndarray, seed: int, fit_and_score: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> np.ndarray:
+    folds = min(FOLDS, len(np.unique(groups)))
+    if folds < 2 or labels.all() or not labels.any():
+        raise ValueError("training needs prompts in two groups or more, some the weak model got right and some wrong")
+    scores = np.empty(len(labels))
+    for train, held in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(
+        np.zeros(len(labels)), labels, groups
+    ):
+        scores[held] = fit_and_score(train, held)
+    return scores
+
+
+def train_prompt_model(records: Sequence[Record], weak: str, strong: str, target: float, seed: int = 0) -> PromptModel:
+    features = PromptFeatures()
+    counts = features.counts([r.prompt for r in records])
+    weak_correct = np.array([r.correct[weak] for r in records])
+    strong_correct = np.array([r.correct[strong] for r in records])
+
+    def fit_and_score(train: np.ndarray, held: np.ndarray) -> np.ndarray:
+        idf, coef, intercept = _fit_prompt(counts[train], weak_correct[train])
+        return prompt_probability(counts[held], idf, coef, intercept)
+
+    oof = _out_of_fold(weak_correct, calibration_groups(records), seed, fit_and_score)
+    idf, coef, intercept = _fit_prompt(counts, weak_correct)
+    return PromptModel(idf, coef, intercept, calibrate(oof, weak_correct, strong_correct, target), features)
+
+
+def train_answer_model(records: Sequence[Record], weak: str, strong: str, target: float, seed: int = 0) -> AnswerModel:
+    answered = [r for r in records if r.responses.get(weak)]
+    if not answered:
+        raise ValueError(
+            f"the cascade's validator learns from the weak model's answers: no {weak}_response column has text"
+        )
+    features = np.array([answer_features(r.responses[weak]) for r in answered])
+    weak_correct = np.array([r.correct[weak] for r in answered])
+    strong_correct = np.array([r.correct[strong] for r in answered])
+
+    def fit_and_score(train: np.ndarray, held: np.ndarray) -> np.ndarray:
+        coef, intercept = _fit_answer(features[train], weak_correct[train])
+        return sigmoid(features[held] @ coef + intercept)
+
+    oof = _out_of_fold(weak_correct, calibration_groups(answered), seed, fit_and_score)
+    coef, intercept = _fit_answer(features, weak_correct)
+    return AnswerModel(coef, intercept, calibrate(oof, weak_correct, strong_correct, target))
+
+
+def train(
+    records: Sequence[Record],
+    *,
+    weak_model: str,
+    strong_model: str,
+    weak_column: str,
+    strong_column: str,
+    policies: Sequence[PolicyName],
+    target: float,
+    seed: int = 0,
+) -> RouterFile:
+    """A router file for ``weak_model``/``strong_model`` (catalogue names) from the outcomes recorded
+    in columns ``weak_column``/``strong_column``."""
+    usable = [r for r in records if weak_column in r.correct and strong_column in r.correct]
+    if not usable:
+        raise ValueError(f"no record has both columns {weak_column!r} and {strong_column!r}")
+    return RouterFile(
+        weak_model=weak_model,
+        strong_model=strong_model,
+        prompt_model=train_prompt_model(usable, weak_column, strong_column, target, seed)
+        if "learned" in policies
+        else None,
+        answer_model=train_answer_model(usable, weak_column, strong_column, target, seed)
+        if "cascade" in policies
+        else None,
+        trained_on=dict(sorted(Counter(r.dataset for r in usable).items())),
+    )

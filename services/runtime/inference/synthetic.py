@@ -1,0 +1,48 @@
+"""The synthetic backend: answers any prompt with max_tokens tokens of text, after the latency model's delay.
+
+Recorded load traces (Azure, Mooncake) carry sizes, not text, so the replay backend, which only
+answers recorded prompts, cannot serve them. This backend stands in for a provider of any size:
+the output is common English words that are one token each in both shipped tokenizers, and usage
+is counted with the model's real tokenizer, so token counts, prices and the latency model all
+see the sizes the trace recorded. Nothing is spent.
+"""
+
+from __future__ import annotations
+
+from schemas.messages import InferenceRequest, Usage
+from services.runtime.catalog import ModelSpec, ProviderSpec
+from services.runtime.inference.backend import Completion
+from services.runtime.inference.latency import simulate_latency
+from services.runtime.settings import MeshSettings
+from services.runtime.tokens import count_message_tokens, truncate_tokens
+
+# One token each (with a leading space) in cl100k and in Mixtral's SentencePiece model; tested.
+WORDS: tuple[str, ...] = (
+    "time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world", "school",
+    "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week",
+    "company", "system", "program", "question", "work", "government", "number", "night", "point", "home",
+    "water", "room", "mother", "area", "money", "story", "fact", "month", "lot", "right", "study", "book",
+    "eye", "job", "word", "business", "issue", "side", "kind", "head", "house", "service", "friend",
+    "father", "power", "hour", "game", "line", "end", "member", "law",
+)  # fmt: skip
+
+
+def synthetic_text(n_words: int, offset: int = 0) -> str:
+    """``n_words`` words cycling through WORDS from ``offset``: deterministic, so equal calls give equal answers."""
+    return " ".join(WORDS[(offset + i) % len(WORDS)] for i in range(n_words))
+
+
+class SyntheticBackend:
+    @classmethod
+    def from_provider(cls, provider: ProviderSpec, settings: MeshSettings) -> SyntheticBackend:
+        return cls()
+
+    async def complete(self, model: ModelSpec, request: InferenceRequest) -> Completion:
+        # A word or two more than asked, cut at max_tokens by the real tokenizer: the count is measured, not assumed.
+        text, output_tokens = truncate_tokens(model.tokenizer, synthetic_text(request.max_tokens + 2), request.max_tokens)
+        usage = Usage(input_tokens=count_message_tokens(model.tokenizer, request.messages), output_tokens=output_tokens)
+        await simulate_latency(model, usage)
+        return Completion(output=text, finish_reason="length", provider_model=model.name, usage=usage)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,79 @@
+"""The caller's side of reserve-before-spend: reserve a paid call's worst case with the accountant
+(``mesh.budget.reserve``) before it starts, settle its actual cost (``mesh.budget.settle``) after.
+
+The client fails closed: an accountant that does not answer is a refusal, because a call started
+without a reservation could be the one that crosses a cap nobody was checking.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import nats.errors
+
+from schemas.messages import Reservation, ReservationDecision
+from services.runtime.bus import Bus
+from services.runtime.catalog import ModelSpec
+
+# The task's own cap (Task.budget_usd) in USD, a decimal string, set by the planner on each
+# StepRequest; the router copies it into Reservation.task_budget_usd. Absent: no task cap.
+HEADER_BUDGET = "Mesh-Budget"
+
+UNAVAILABLE = "budget service unavailable"
+# A reservation is one in-memory decision at the accountant; when it takes longer than this, the
+# accountant is down or drowning, and a call should not sit on its deadline waiting for it.
+DEFAULT_TIMEOUT_S = 2.0
+
+
+def is_paid(model: ModelSpec) -> bool:
+    """Whether a call on ``model`` spends money, and so needs a reservation and obeys the kill switch."""
+    return model.input_usd_per_mtok > 0 or model.output_usd_per_mtok > 0
+
+
+def parse_budget(value: str | None) -> float | None:
+    """The task budget carried in ``Mesh-Budget``; ValueError for anything but a finite amount >= 0."""
+    if value is None:
+        return None
+    try:
+        budget = float(value)
+    except ValueError:
+        budget = math.nan
+    if not math.isfinite(budget) or budget < 0:
+        raise ValueError(f"{HEADER_BUDGET} must be a finite amount of USD >= 0, not {value!r}")
+    return budget
+
+
+class ReservationClient:
+    def __init__(self, bus: Bus, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.bus = bus
+        self.timeout_s = timeout_s
+
+    async def reserve(self, reservation: Reservation, time_left_s: float) -> ReservationDecision:
+        """The accountant's decision; a refusal when it cannot be had within the call's time."""
+        subject = self.bus.subjects.budget_reserve
+        try:
+            return await self.bus.request(
+                subject, reservation, ReservationDecision, min(self.timeout_s, max(time_left_s, 0.001))
+            )
+        except (nats.errors.NoRespondersError, TimeoutError) as exc:
+            # Fail closed (see the module docstring): no answer is no.
+            self.bus.log.warning("reservation_unanswered", reservation_id=reservation.id, error=type(exc).__name__)
+            return ReservationDecision(id=reservation.id, granted=False, reason=UNAVAILABLE)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.bus.log.error("reservation_reply_unreadable", reservation_id=reservation.id, error=str(exc))
+            return ReservationDecision(id=reservation.id, granted=False, reason=f"{UNAVAILABLE}: unreadable reply")
+
+    async def settle(self, reservation: Reservation, actual_usd: float) -> None:
+        """Replace the reservation's hold by what the call really cost.
+
+        A settle that is lost costs no money: the usage event is the record of spend, and the
+        unsettled hold expires at the call's deadline. So a failure here is logged, not raised.
+        """
+        settled = msgspec.structs.replace(reservation, actual_usd=actual_usd)
+        try:
+            await self.bus.broker.request(
+                msgspec.json.encode(settled), self.bus.subjects.budget_settle, timeout=self.timeout_s
+            )
+        except (nats.errors.NoRespondersError, TimeoutError) as exc:
+            self.bus.log.warning("settle_unanswered", reservation_id=reservation.id, error=type(exc).__name__)

@@ -1,0 +1,325 @@
+"""Budgets, reservations, the kill-switch authority and pacing, against a real nats-server and ClickHouse.
+
+Each test runs its own accountant (own subject prefix, own ClickHouse database) with the caps it
+passes in, and talks to it over plain nats-py as the router would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import click
+import msgspec
+import pytest
+from click.testing import CliRunner
+from nats.js.errors import KeyNotFoundError
+
+from schemas.messages import BudgetQuery, BudgetState, BudgetUpdate, KillSwitch, PaceSignal, Reservation, ReservationDecision
+from services.accountant.budget import BudgetConfig, Caps, PacingConfig
+from services.accountant.clickhouse import client
+from services.accountant.ledger import pico
+from services.cli.budget_commands import budget, clear, kill
+from services.runtime.bus import encode, now_ms
+from services.runtime.control import control_bucket
+from services.runtime.settings import MeshSettings
+
+
+class FakeClock:
+    """The accountant's clock, moved by the test (ms since the epoch)."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = int(start.timestamp() * 1000)
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += int(seconds * 1000)
+
+
+def caps(**scopes: dict[str, float]) -> BudgetConfig:
+    """``caps(global_={"day": 1})``, ``caps(tenant_acme={"month": 10})``."""
+    config = BudgetConfig(pacing=PacingConfig(interval_s=0.05))
+    for name, windows in scopes.items():
+        scope, _, key = name.partition("_")
+        config.caps[(scope, key or "*")] = Caps(
+            *(None if windows.get(w) is None else pico(windows[w]) for w in ("day", "month"))
+        )
+    return config
+
+
+def reservation(i: int | str, amount: float, *, tenant: str = "acme", task: str = "task-1", model: str = "m1",
+                expires_ms: int | None = None, task_budget: float | None = None) -> Reservation:
+    return Reservation(
+        id=f"call-{i}",
+        tenant=tenant,
+        task_id=task,
+        model=model,
+        amount_usd=amount,
+        expires_ms=expires_ms or now_ms() + 60_000,
+        task_budget_usd=task_budget,
+    )
+
+
+async def request(nc, subject: str, message: msgspec.Struct, reply_type):
+    reply = await nc.request(subject, encode(message), timeout=10)
+    return msgspec.json.decode(reply.data, type=reply_type)
+
+
+async def reserve(nc, settings: MeshSettings, r: Reservation) -> ReservationDecision:
+    return await request(nc, settings.subjects.budget_reserve, r, ReservationDecision)
+
+
+async def settle(nc, settings: MeshSettings, r: Reservation, actual: float | None) -> ReservationDecision:
+    return await request(nc, settings.subjects.budget_settle, msgspec.structs.replace(r, actual_usd=actual), ReservationDecision)
+
+
+async def show(nc, settings: MeshSettings, **query) -> BudgetState:
+    return await request(nc, settings.subjects.budget_show, BudgetQuery(**query), BudgetState)
+
+
+def spend(state: BudgetState, scope: str, key: str, window: str) -> tuple[float, float, float | None]:
+    """(settled, reserved, cap) of one scope and window in the current period."""
+    for s in state.spend:
+        if (s.scope, s.key, s.window) == (scope, key, window):
+            return s.settled_usd, s.reserved_usd, s.cap_usd
+    return 0.0, 0.0, None
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def start_accountant(start_service, settings: MeshSettings, budgets: BudgetConfig, **options):
+    return await start_service(
+        "accountant", settings, database=settings.subject_prefix, budgets=budgets, sweep_interval_s=0.02, **options
+    )
+
+
+async def test_1000_concurrent_calls_never_spend_past_a_1_dollar_cap(start_service, settings, nc):
+    await start_accountant(start_service, settings, caps(global_={"day": 1.0}))
+    worst = 0.002  # 1000 calls: $2 of demand against $1
+    rng = random.Random(3)
+    actuals = [round(worst * rng.uniform(0.5, 1.0), 9) for _ in range(1000)]
+    decisions: list[ReservationDecision] = []
+    settled_total = 0.0
+    watching = True
+
+    async def call(i: int) -> None:
+        nonlocal settled_total
+        r = reservation(i, worst, task=f"task-{i % 50}")
+        decision = await reserve(nc, settings, r)
+        decisions.append(decision)
+        if decision.granted:
+            await settle(nc, settings, r, actuals[i])
+            settled_total += actuals[i]
+            # What callers have been told is settled never passes the cap, after any settle.
+            assert settled_total <= 1.0 + 1e-9
+
+    async def watch() -> None:
+        # The accountant's own books, sampled while the burst runs: settled + reserved <= cap.
+        while watching:
+            settled, reserved, cap = spend(await show(nc, settings), "global", "*", "day")
+            assert cap == 1.0 and settled + reserved <= 1.0 + 1e-9
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.gather(*(call(i) for i in range(1000)))
+    watching = False
+    await watcher
+
+    granted = [d for d in decisions if d.granted]
+    refused = [d for d in decisions if not d.granted]
+    assert len(granted) + len(refused) == 1000
+    assert 400 <= len(granted) < 1000 and refused
+    assert all(d.reason.startswith("global day cap") and "would be exceeded" in d.reason for d in refused)
+    settled, reserved, _ = spend(await show(nc, settings), "global", "*", "day")
+    assert reserved == 0.0
+    assert settled == pytest.approx(settled_total, abs=1e-9) and settled <= 1.0
+
+
+async def test_an_unsettled_reservation_expires_at_its_deadline(start_service, settings, nc):
+    clock = FakeClock(datetime(2025, 11, 20, 12, tzinfo=UTC))
+    await start_accountant(start_service, settings, caps(tenant_acme={"day": 0.01}), clock=clock, expiry_grace_s=0)
+    first = reservation(1, 0.01, expires_ms=clock.now + 5_000)
+    assert (await reserve(nc, settings, first)).granted
+    second = reservation(2, 0.01, expires_ms=clock.now + 60_000)
+    refused = await reserve(nc, settings, second)
+    assert not refused.granted and refused.reason.startswith("tenant acme day cap (2025-11-20) $0.010000")
+
+    clock.advance(4.9)
+    await asyncio.sleep(0.1)
+    assert (await show(nc, settings)).outstanding == 1
+    clock.advance(0.1)
+
+    async def released() -> bool:
+        return (await show(nc, settings)).outstanding == 0
+
+    await eventually(released)
+    assert (await reserve(nc, settings, second)).granted
+    # Settling the expired one still books what it cost (the money was spent).
+    await settle(nc, settings, first, 0.004)
+    assert spend(await show(nc, settings), "tenant", "acme", "day")[:2] == pytest.approx((0.004, 0.01))
+
+
+async def test_task_budget_and_model_cap(start_service, settings, nc):
+    await start_accountant(start_service, settings, caps(model_m2={"day": 0.05}))
+    assert (await reserve(nc, settings, reservation(1, 0.06, task_budget=0.1))).granted
+    refused = await reserve(nc, settings, reservation(2, 0.06))  # the task's cap is remembered
+    assert refused.reason.startswith("task task-1 budget $0.100000 would be exceeded")
+    refused = await reserve(nc, settings, reservation(3, 0.06, task="task-2", model="m2"))
+    assert refused.reason.startswith("model m2 day cap")
+    assert (await reserve(nc, settings, reservation(4, 0.05, task="task-2", model="m2"))).granted
+
+
+async def test_restart_keeps_budgets_and_outstanding_reservations(start_service, settings, nc):
+    app = await start_accountant(start_service, settings, caps(global_={"day": 100.0}))
+    state = await request(nc, settings.subjects.budget_set, BudgetUpdate(scope="tenant", key="acme", day_usd=0.05), BudgetState)
+    assert state.error is None and spend(state, "tenant", "acme", "day")[2] == 0.05
+    held = reservation(1, 0.03)
+    assert (await reserve(nc, settings, held)).granted
+    done = reservation(2, 0.01)
+    assert (await reserve(nc, settings, done)).granted
+    await settle(nc, settings, done, 0.008)
+    await asyncio.wait_for(app.stop(), 10)
+
+    await start_accountant(start_service, settings, caps(global_={"day": 100.0}))
+    state = await show(nc, settings)
+    assert state.outstanding == 1
+    assert spend(state, "tenant", "acme", "day") == pytest.approx((0.008, 0.03, 0.05))
+    refused = await reserve(nc, settings, reservation(3, 0.02))
+    assert not refused.granted and refused.reason.startswith("tenant acme day cap")
+    # The hold granted before the restart settles normally after it, once only.
+    await settle(nc, settings, held, 0.02)
+    await settle(nc, settings, held, 0.02)
+    assert spend(await show(nc, settings), "tenant", "acme", "day") == pytest.approx((0.028, 0.0, 0.05))
+
+
+async def test_a_hold_from_before_a_restart_that_expires_unsettled_is_charged(start_service, settings, nc):
+    clock = FakeClock(datetime(2025, 11, 20, 12, tzinfo=UTC))
+    options = {"clock": clock, "expiry_grace_s": 0}
+    app = await start_accountant(start_service, settings, caps(), **options)
+    assert (await reserve(nc, settings, reservation(1, 0.02, expires_ms=clock.now + 1_000))).granted
+    await asyncio.wait_for(app.stop(), 10)
+    await start_accountant(start_service, settings, caps(), **options)
+    clock.advance(2)
+
+    async def charged() -> bool:
+        return spend(await show(nc, settings), "tenant", "acme", "day")[:2] == pytest.approx((0.02, 0.0))
+
+    await eventually(charged)
+
+
+async def test_crossing_a_cap_trips_the_switch_and_records_it(start_service, settings, nc, clickhouse_url):
+    await start_accountant(start_service, settings, caps(tenant_acme={"day": 0.01}))
+    r = reservation(1, 0.01)
+    assert (await reserve(nc, settings, r)).granted
+    await settle(nc, settings, r, 0.01)
+
+    kv = await control_bucket(nc.jetstream(), settings.subjects)
+
+    async def tripped() -> bool:
+        try:
+            entry = await kv.get("kill.tenant.acme")
+        except Exception:
+            return False
+        return msgspec.json.decode(entry.value, type=KillSwitch).tripped
+
+    await eventually(tripped)
+    switch = msgspec.json.decode((await kv.get("kill.tenant.acme")).value, type=KillSwitch)
+    assert switch.by == "accountant"
+    assert switch.reason.startswith("tenant acme day cap") and "reached: settled $0.010000" in switch.reason
+    refused = await reserve(nc, settings, reservation(2, 0.0, task="task-2"))
+    assert not refused.granted and refused.reason.startswith("kill switch tripped (tenant acme)")
+
+    ch = client(clickhouse_url)
+    try:
+        async def recorded() -> bool:
+            rows = ch.query(f"SELECT scope, key, tripped, by FROM {settings.subject_prefix}.kill_events").result_rows
+            return rows == [("tenant", "acme", True, "accountant")]
+
+        await eventually(recorded)
+    finally:
+        ch.close()
+
+
+async def test_cli_budget_set_show_kill_and_clear(start_service, settings, nc, clickhouse_url):
+    await start_accountant(start_service, settings, caps())
+    cli = click.Group(commands={"budget": budget, "kill": kill, "clear": clear})
+    env = {"NATS_URL": settings.nats_url, "FRUGALMESH_SUBJECT_PREFIX": settings.subject_prefix}
+
+    def invoke(*args: str):
+        result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    # click runs asyncio.run, so the commands go to a worker thread, away from the test's loop.
+    await asyncio.to_thread(invoke, "budget", "set", "--scope", "tenant", "--key", "acme", "--day", "5", "--month", "100")
+    out = await asyncio.to_thread(invoke, "budget", "show", "--json")
+    state = msgspec.json.decode(out, type=BudgetState)
+    assert [(c.scope, c.key, c.day_usd, c.month_usd) for c in state.caps] == [("tenant", "acme", 5.0, 100.0)]
+    assert "$5.000000" in await asyncio.to_thread(invoke, "budget", "show", "--scope", "tenant")
+
+    await asyncio.to_thread(invoke, "kill", "--scope", "model", "--key", "m1", "--reason", "runaway")
+    refused = await reserve(nc, settings, reservation(1, 0.001))
+    assert not refused.granted and "(model m1): runaway" in refused.reason
+    await asyncio.to_thread(invoke, "clear", "--scope", "model", "--key", "m1")
+
+    async def granted() -> bool:
+        return (await reserve(nc, settings, reservation(2, 0.001))).granted
+
+    await eventually(granted)
+    ch = client(clickhouse_url)
+    try:
+        async def both_recorded() -> bool:
+            rows = ch.query(
+                f"SELECT scope, key, tripped, reason FROM {settings.subject_prefix}.kill_events ORDER BY time"
+            ).result_rows
+            return rows == [("model", "m1", True, "runaway"), ("model", "m1", False, "operator clear")]
+
+        await eventually(both_recorded)
+    finally:
+        ch.close()
+
+
+async def test_pacing_downgrades_throttles_and_restores(start_service, settings, nc):
+    # Mid-November (30 days): the $10 month curve stands at $5.
+    clock = FakeClock(datetime(2025, 11, 16, tzinfo=UTC))
+    await start_accountant(start_service, settings, caps(tenant_acme={"month": 10.0}), clock=clock)
+    kv = await control_bucket(nc.jetstream(), settings.subjects)
+
+    async def pace_is(action: str) -> PaceSignal:
+        async def check() -> bool:
+            try:
+                return msgspec.json.decode((await kv.get("pace.acme")).value, type=PaceSignal).action == action
+            except Exception:
+                return action == "normal"
+
+        await eventually(check)
+        return msgspec.json.decode((await kv.get("pace.acme")).value, type=PaceSignal)
+
+    async def spend_usd(i: int, amount: float) -> None:
+        r = reservation(i, amount, expires_ms=clock.now + 60_000)
+        assert (await reserve(nc, settings, r)).granted
+        await settle(nc, settings, r, amount)
+
+    await spend_usd(1, 5.2)  # ahead by $0.2: within 5% of the cap
+    await asyncio.sleep(0.2)
+    with pytest.raises(KeyNotFoundError):
+        await kv.get("pace.acme")
+    await spend_usd(2, 0.8)  # $6 against $5: ahead by 10%
+    signal = await pace_is("downgrade")
+    assert (signal.spend_usd, signal.curve_usd) == pytest.approx((6.0, 5.0))
+    await spend_usd(3, 2.0)  # $8: ahead by 30%
+    await pace_is("throttle")
+    clock.advance(9 * 86_400)  # Nov 25: the curve reaches $8
+    await pace_is("normal")

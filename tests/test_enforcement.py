@@ -1,0 +1,398 @@
+"""The cost defences where calls are made, on live services and a real nats-server: reservations
+(the accountant is a test peer, ``BudgetPeer``), the kill switch in the router and in both
+inference services, pinning, strict pinning and pacing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from fakes.budget_peer import BudgetPeer
+from fakes.deploy import openai_deploy
+from fakes.inference_peer import InferencePeer
+from fakes.openai_server import Behaviour, FakeOpenAI
+
+from schemas.messages import (
+    ChatMessage,
+    DeadLetter,
+    InferenceRequest,
+    InferenceResult,
+    KillSwitch,
+    PaceSignal,
+    StepRequest,
+    UsageEvent,
+)
+from schemas.subjects import STREAM_USAGE
+from services.runtime.bus import encode, ensure_streams, now_ms
+from services.runtime.catalog import Catalog
+from services.runtime.control import set_kill, set_pace
+from services.runtime.data import load_recorded_outcomes
+from services.runtime.reservations import HEADER_BUDGET
+from services.runtime.settings import REPO_DEPLOY_DIR
+from services.runtime.tokens import count_message_tokens
+
+LOCAL = "mixtral-8x7b-local"
+MID = "mixtral-8x7b"
+FRONTIER = "gpt-4-1106-preview"
+CATALOG = Catalog.load(REPO_DEPLOY_DIR)
+QUESTION = "What is six times seven?"
+
+
+@pytest.fixture(scope="module")
+def prompts(data_dir) -> Iterator[str]:
+    """Recorded GSM8K prompts, a fresh one per call (so the router's cache never answers)."""
+    return iter([r.prompt for r in load_recorded_outcomes(data_dir) if r.dataset == "gsm8k"])
+
+
+def switch(scope: str = "global", key: str = "*", tripped: bool = True) -> KillSwitch:
+    return KillSwitch(scope=scope, key=key, tripped=tripped, reason="test trip", by="test", time_ms=now_ms())
+
+
+def pace(tenant: str, action: str) -> PaceSignal:
+    return PaceSignal(tenant=tenant, action=action, spend_usd=2.0, curve_usd=1.0, time_ms=now_ms())
+
+
+def make_step(content: str, *, tenant: str = "acme", role: str = "draft", deadline_in_ms: int = 5_000, **fields):
+    return StepRequest(
+        task_id="task-1",
+        step_id="step-1",
+        tenant=tenant,
+        workflow="answer",
+        role=role,
+        messages=[ChatMessage(role="user", content=content)],
+        max_tokens=256,
+        deadline_ms=now_ms() + deadline_in_ms,
+        **fields,
+    )
+
+
+def make_request(model: str, content: str, *, tenant: str = "acme", max_tokens: int = 256) -> InferenceRequest:
+    return InferenceRequest(
+        call_id=uuid.uuid4().hex,
+        task_id="task-1",
+        step_id="step-1",
+        tenant=tenant,
+        model=model,
+        tier=CATALOG.model(model).tier,
+        messages=[ChatMessage(role="user", content=content)],
+        max_tokens=max_tokens,
+        deadline_ms=now_ms() + 10_000,
+    )
+
+
+async def ask(nc, settings, step: StepRequest, headers: dict[str, str] | None = None) -> InferenceResult:
+    reply = await nc.request(settings.subjects.step_request, encode(step), timeout=5, headers=headers)
+    return msgspec.json.decode(reply.data, type=InferenceResult)
+
+
+async def call(nc, subject: str, request: InferenceRequest) -> InferenceResult:
+    reply = await nc.request(subject, encode(request), timeout=10)
+    return msgspec.json.decode(reply.data, type=InferenceResult)
+
+
+async def usage_events(nc, settings) -> dict[str, UsageEvent]:
+    """Every usage event stored so far, by event id (= call id)."""
+    js = nc.jetstream()
+    name = settings.subjects.stream(STREAM_USAGE)
+    info = await js.stream_info(name)
+    if not info.state.messages:
+        return {}
+    events = [
+        msgspec.json.decode((await js.get_msg(name, seq)).data, type=UsageEvent)
+        for seq in range(info.state.first_seq, info.state.last_seq + 1)
+    ]
+    return {e.event_id: e for e in events}
+
+
+async def eventually(probe: Callable[[], Awaitable[InferenceResult]], kind: str | None) -> InferenceResult:
+    """Probe until a result's error kind is ``kind`` (None: no error); switches arrive pushed, in ms."""
+    deadline = time.monotonic() + 3
+    while True:
+        result = await probe()
+        if (result.error.kind if result.error else None) == kind:
+            return result
+        assert time.monotonic() < deadline, f"still {result.error} after 3 s"
+        await asyncio.sleep(0.01)
+
+
+# -- reservations, through the live router with test peers for the accountant and inference --
+
+
+async def test_a_refused_reservation_stops_the_call_and_is_metered_once(settings, start_service, nc):
+    budget = await BudgetPeer(nc, settings.subjects, refuse="tenant acme: day cap $1.00 reached").start()
+    inference = await InferencePeer(nc, settings.subjects).start()
+    await start_service("router", settings)
+    await nc.flush()
+    step = make_step(QUESTION, role="review")
+
+    result = await ask(nc, settings, step, headers={HEADER_BUDGET: "0.25"})
+
+    assert result.error is not None and result.error.kind == "refused"
+    assert (result.error.message, result.error.retryable) == ("tenant acme: day cap $1.00 reached", False)
+    assert (result.model, result.cost_usd) == (FRONTIER, 0)
+    await nc.flush()
+    assert inference.requests == [] and budget.settled == []
+    [reservation] = budget.reserved
+    frontier = CATALOG.model(FRONTIER)
+    worst_case = frontier.worst_case_cost(count_message_tokens(frontier.tokenizer, step.messages), step.max_tokens)
+    assert (reservation.id, reservation.tenant, reservation.task_id, reservation.model) == (
+        result.call_id,
+        "acme",
+        "task-1",
+        FRONTIER,
+    )
+    assert reservation.amount_usd == pytest.approx(worst_case) and worst_case > 0
+    assert (reservation.expires_ms, reservation.task_budget_usd) == (step.deadline_ms, 0.25)
+    events = await usage_events(nc, settings)
+    assert [(e.event_id, e.service, e.outcome, e.cost_usd) for e in events.values()] == [
+        (result.call_id, "router", "refused", 0)
+    ]
+
+
+async def test_without_an_accountant_paid_calls_fail_closed(settings, start_service, nc):
+    inference = await InferencePeer(nc, settings.subjects).start()
+    await start_service("router", settings)
+    await nc.flush()
+
+    result = await ask(nc, settings, make_step(QUESTION))
+
+    assert result.error is not None
+    assert (result.error.kind, result.error.message, result.error.retryable) == (
+        "refused",
+        "budget service unavailable",
+        True,
+    )
+    await nc.flush()
+    assert inference.requests == []
+    [event] = (await usage_events(nc, settings)).values()
+    assert (event.outcome, event.cost_usd) == ("refused", 0)
+
+
+async def test_a_granted_call_carries_its_reservation_and_settles_the_actual_cost(settings, start_service, nc):
+    budget = await BudgetPeer(nc, settings.subjects).start()
+    inference = await InferencePeer(nc, settings.subjects).start()
+    await start_service("router", settings)
+    await nc.flush()
+
+    result = await ask(nc, settings, make_step(QUESTION))
+
+    assert result.error is None and result.cost_usd == 0.001
+    [(request, _)] = inference.requests
+    [reservation] = budget.reserved
+    [settled] = budget.settled
+    assert request.reservation_id == reservation.id == settled.id == result.call_id
+    assert reservation.task_budget_usd is None and reservation.actual_usd is None
+    assert settled.actual_usd == 0.001 and settled.amount_usd == reservation.amount_usd
+
+
+async def test_an_unreadable_task_budget_is_rejected_before_any_reservation(settings, start_service, nc):
+    budget = await BudgetPeer(nc, settings.subjects).start()
+    dlq = await nc.subscribe(settings.subjects.dlq("router"))
+    await start_service("router", settings)
+    await nc.flush()
+
+    reply = await nc.request(
+        settings.subjects.step_request, encode(make_step(QUESTION)), timeout=5, headers={HEADER_BUDGET: "lots"}
+    )
+
+    assert msgspec.json.decode(reply.data)["error"]["kind"] == "invalid"
+    letter = msgspec.json.decode((await dlq.next_msg(timeout=2)).data, type=DeadLetter)
+    assert HEADER_BUDGET in letter.error
+    assert budget.reserved == []
+
+
+# -- (b) the kill switch, in the router and both inference services (replay backends) --
+
+
+async def start_mesh(settings, start_service, nc) -> None:
+    await BudgetPeer(nc, settings.subjects).start()
+    for service in ("local-inference", "cloud-inference", "router"):
+        await start_service(service, settings)
+    await nc.flush()
+
+
+def probes(nc, settings, prompts, tenant: str = "acme") -> dict[str, Callable[[], Awaitable[InferenceResult]]]:
+    """One fresh paid call per service: a step through the router, and one straight to each inference service."""
+    subjects = settings.subjects
+    return {
+        "router": lambda: ask(nc, settings, make_step(next(prompts), tenant=tenant)),
+        "local-inference": lambda: call(
+            nc, subjects.infer_local(LOCAL), make_request(LOCAL, next(prompts), tenant=tenant)
+        ),
+        "cloud-inference": lambda: call(
+            nc, subjects.infer_cloud("openai"), make_request(FRONTIER, next(prompts), tenant=tenant)
+        ),
+    }
+
+
+async def test_a_global_trip_stops_every_service_and_a_clear_restores_them(settings, start_service, nc, prompts):
+    await start_mesh(settings, start_service, nc)
+    js = nc.jetstream()
+    services = probes(nc, settings, prompts)
+    for probe in services.values():
+        assert (await probe()).error is None
+
+    await set_kill(js, settings.subjects, switch())
+    killed = {name: await eventually(probe, "killed") for name, probe in services.items()}
+
+    events = await usage_events(nc, settings)
+    for name, result in killed.items():
+        assert "kill switch tripped (global *): test trip" in result.error.message
+        event = events[result.call_id]
+        assert (event.service, event.outcome, event.cost_usd, event.output_tokens) == (name, "killed", 0, 0)
+    await set_kill(js, settings.subjects, switch(tripped=False))
+    for probe in services.values():
+        await eventually(probe, None)
+
+
+async def test_a_tenant_trip_stops_that_tenant_only(settings, start_service, nc, prompts):
+    await start_mesh(settings, start_service, nc)
+    await set_kill(nc.jetstream(), settings.subjects, switch("tenant", "acme"))
+
+    for probe in probes(nc, settings, prompts, tenant="acme").values():
+        await eventually(probe, "killed")
+    for probe in probes(nc, settings, prompts, tenant="globex").values():
+        assert (await probe()).error is None
+
+
+async def test_services_started_after_a_trip_refuse_their_first_call(settings, start_service, nc, prompts):
+    js = nc.jetstream()
+    # Nothing of the mesh runs yet: the trip's writer declares the streams, as the CLI does.
+    await ensure_streams(js, settings.subjects)
+    await set_kill(js, settings.subjects, switch())
+    await start_mesh(settings, start_service, nc)
+
+    for name, probe in probes(nc, settings, prompts).items():
+        result = await probe()
+        assert result.error is not None and result.error.kind == "killed", name
+
+
+# -- (b) a call in flight, on cloud-inference's openai backend against a loopback fake API --
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(Behaviour(api_key="sk-test")) as server:
+        yield server
+
+
+@pytest.fixture
+def openai_settings(settings, fake, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    return settings.model_copy(update={"deploy_dir": openai_deploy(tmp_path / "deploy", fake.url)})
+
+
+async def test_a_trip_cancels_covered_calls_in_flight_and_meters_them_killed(
+    openai_settings, start_service, nc, fake
+):
+    settings = openai_settings
+    fake.behaviour.reply = "word " * 30
+    fake.behaviour.token_delay_s = 0.02  # about 0.65 s a call
+    await start_service("cloud-inference", settings)
+    subject = settings.subjects.infer_cloud("openai")
+    doomed = make_request(FRONTIER, "Count slowly.", tenant="acme", max_tokens=300)
+    spared = make_request(FRONTIER, "Count slowly.", tenant="globex", max_tokens=300)
+    calls = [asyncio.create_task(call(nc, subject, r)) for r in (doomed, spared)]
+    while len(fake.requests) < 2:
+        await asyncio.sleep(0.01)
+
+    await set_kill(nc.jetstream(), settings.subjects, switch("tenant", "acme"))
+    killed, finished = await asyncio.gather(*calls)
+
+    assert killed.error is not None and killed.error.kind == "killed"
+    assert "cancelled in flight" in killed.error.message and killed.output == ""
+    assert await asyncio.to_thread(fake.disconnects.wait, 5), "the provider never saw the stream closed"
+    assert finished.error is None and finished.output == ("word " * 30).rstrip()
+    events = await usage_events(nc, settings)
+    event = events[doomed.call_id]
+    worst_case = CATALOG.model(FRONTIER).worst_case_cost(count_message_tokens("cl100k", doomed.messages), 300)
+    assert (event.outcome, event.usage_source, event.output_tokens) == ("killed", "estimated", 300)
+    assert event.cost_usd == pytest.approx(worst_case) == killed.cost_usd
+    assert events[spared.call_id].outcome == "ok"
+
+
+# -- (e) pinning --
+
+
+async def test_no_allowed_candidate_is_a_pinning_error_with_nothing_reserved_or_called(
+    settings, start_service, nc
+):
+    budget = await BudgetPeer(nc, settings.subjects).start()
+    inference = await InferencePeer(nc, settings.subjects).start()
+    await start_service("router", settings)
+    await nc.flush()
+
+    result = await ask(nc, settings, make_step(QUESTION, allow_models=["gpt-5", "claude-x"]))
+
+    assert result.error is not None and result.error.kind == "pinning"
+    await nc.flush()
+    assert (budget.reserved, inference.requests) == ([], [])
+
+
+async def test_strict_pinning_fails_a_call_the_provider_ran_on_another_model(openai_settings, start_service, nc, fake):
+    settings = openai_settings.model_copy(update={"strict_pinning": True})
+    fake.behaviour.model = "gpt-4-0613"
+    await start_service("cloud-inference", settings)
+    request = make_request(FRONTIER, QUESTION)
+
+    result = await call(nc, settings.subjects.infer_cloud("openai"), request)
+
+    assert result.error is not None and result.error.kind == "pinning"
+    assert "gpt-4-0613" in result.error.message and result.output == ""
+    assert (result.model, result.provider_model) == (FRONTIER, "gpt-4-0613")
+    [event] = (await usage_events(nc, settings)).values()
+    assert (event.outcome, event.model, event.requested_model) == ("error", "gpt-4-0613", FRONTIER)
+    assert event.output_tokens == 4 and event.cost_usd == pytest.approx(result.cost_usd) and event.cost_usd > 0
+
+
+# -- (f) pacing --
+
+
+async def test_downgrade_moves_a_tier_down_within_the_allow_list_and_normal_restores(settings, start_service, nc):
+    await BudgetPeer(nc, settings.subjects).start()
+    inference = await InferencePeer(nc, settings.subjects).start()
+    js = nc.jetstream()
+    await ensure_streams(js, settings.subjects)
+    await set_pace(js, settings.subjects, pace("acme", "downgrade"))
+    await start_service("router", settings)
+    await nc.flush()
+
+    downgraded = await ask(nc, settings, make_step("First?", role="review"))
+    pinned = await ask(nc, settings, make_step("Second?", role="review", allow_models=[FRONTIER]))
+    other_tenant = await ask(nc, settings, make_step("Third?", role="review", tenant="globex"))
+
+    assert (downgraded.model, pinned.model, other_tenant.model) == (MID, FRONTIER, FRONTIER)
+    await set_pace(js, settings.subjects, pace("acme", "normal"))
+    deadline = time.monotonic() + 3
+    # Until the signal arrives the step routes to MID again: a free cache hit, no call.
+    while (await ask(nc, settings, make_step("First?", role="review"))).model != FRONTIER:
+        assert time.monotonic() < deadline, "still downgraded 3 s after the pace went back to normal"
+        await asyncio.sleep(0.01)
+    assert inference.models == [MID, FRONTIER, FRONTIER, FRONTIER]
+
+
+async def test_throttle_spaces_a_tenants_paid_calls_and_refuses_one_past_its_deadline(settings, start_service, nc):
+    await BudgetPeer(nc, settings.subjects).start()
+    inference = await InferencePeer(nc, settings.subjects).start()
+    await ensure_streams(nc.jetstream(), settings.subjects)
+    await set_pace(nc.jetstream(), settings.subjects, pace("acme", "throttle"))
+    await start_service("router", settings, throttle_rate_per_s=10.0, throttle_burst=1)
+    await nc.flush()
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(ask(nc, settings, make_step(f"Question {i}?", role="review")) for i in range(4)))
+    elapsed = time.monotonic() - started
+    late = await ask(nc, settings, make_step("One more?", role="review", deadline_in_ms=50))
+    free_tenant = await ask(nc, settings, make_step("Question 0?", role="review", tenant="globex"))
+
+    # Slots at 0, 0.1, 0.2 and 0.3 s, each a tier down (frontier -> mid).
+    assert [r.error for r in results] == [None] * 4 and {r.model for r in results} == {MID}
+    assert 0.25 < elapsed < 1.5
+    assert late.error is not None and late.error.kind == "refused" and "throttled" in late.error.message
+    assert free_tenant.error is None and free_tenant.model == FRONTIER
+    assert len(inference.requests) == 5

@@ -1,0 +1,171 @@
+"""Load testing with recorded traffic: traces become tasks, the mesh serves them on the synthetic
+backend, and the zero-loss check holds. The six services run as processes (once for the module)
+on the session's nats-server and ClickHouse, with their own subject prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+
+import pytest
+from click.testing import CliRunner
+
+from loadtest.deploy import LOADTEST_MODELS, loadtest_deploy_dir
+from loadtest.prompts import BLOCK_TOKENS, prompt_text
+from loadtest.record import Recorder
+from loadtest.replay import ReplayOptions, replay
+from loadtest.traces import SHIPPED, TraceRow, read_trace, resolve_trace
+from schemas.messages import ChatMessage, InferenceRequest, Usage
+from services.cli.loadtest_commands import loadtest
+from services.cli.stack import Stack
+from services.runtime.catalog import Catalog
+from services.runtime.inference.latency import latency_s
+from services.runtime.inference.synthetic import WORDS, SyntheticBackend
+from services.runtime.settings import MeshSettings
+from services.runtime.tokens import count_tokens
+
+
+@pytest.fixture(scope="module")
+def deploy(tmp_path_factory):
+    """The load-test deploy directory, its latency model shrunk to milliseconds so tests stay fast."""
+    path = loadtest_deploy_dir(tmp_path_factory.mktemp("deploy") / "deploy")
+    models = LOADTEST_MODELS.read_text()
+    models = re.sub(r"(?m)^ttft_ms = .*$", "ttft_ms = 2", models)
+    models = re.sub(r"(?m)^output_tokens_per_s = .*$", "output_tokens_per_s = 100000", models)
+    (path / "models.toml").write_text(models)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mesh(infra, data_dir, deploy, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    settings = MeshSettings(
+        nats_url=infra[0],
+        clickhouse_url=infra[1],
+        subject_prefix="lt" + uuid.uuid4().hex[:8],
+        data=data_dir,
+        deploy_dir=deploy,
+        home=home,
+    )
+    with pytest.MonkeyPatch.context() as env:
+        # The stack's service processes take their servers, deploy dir and home from the environment.
+        env.setenv("NATS_URL", infra[0])
+        env.setenv("CLICKHOUSE_URL", infra[1])
+        env.setenv("FRUGALMESH_DEPLOY_DIR", str(deploy))
+        env.setenv("FRUGALMESH_HOME", str(home))
+        env.setenv("FRUGALMESH_SUBJECT_PREFIX", settings.subject_prefix)
+        with Stack(home=home, settings=settings) as stack:
+            yield stack.settings
+
+
+def fast(rows: list[TraceRow]) -> ReplayOptions:
+    """A speed that replays ``rows`` within about half a second, whatever their recorded span."""
+    span = rows[-1].arrival_s - rows[0].arrival_s
+    return ReplayOptions(speed=max(1.0, span / 0.5), deadline_s=60, salt=uuid.uuid4().hex)
+
+
+# -- the parts --
+
+
+def test_latency_model_is_time_to_first_token_plus_decode():
+    catalog = Catalog.load(LOADTEST_MODELS.parent)
+    gpt4 = catalog.model("gpt-4-1106-preview")
+    assert latency_s(gpt4, Usage(output_tokens=50)) == pytest.approx(gpt4.ttft_ms / 1000 + 50 / gpt4.output_tokens_per_s)
+    # Off unless configured: the production catalogue's replay backend answers at once.
+    production = Catalog.load(MeshSettings().deploy_dir)
+    assert all(latency_s(m, Usage(output_tokens=1000)) == 0 for m in production.models.values())
+
+
+async def test_synthetic_backend_answers_any_prompt_with_max_tokens_real_tokens(deploy):
+    catalog = Catalog.load(deploy)
+    backend = SyntheticBackend()
+    for model in catalog.models.values():
+        request = InferenceRequest(
+            call_id="c", task_id="t", step_id="s", model=model.name, tier=model.tier,
+            messages=[ChatMessage(role="user", content="no recording has this prompt")],
+            max_tokens=37, deadline_ms=0,
+        )  # fmt: skip
+        completion = await backend.complete(model, request)
+        assert completion.usage.output_tokens == 37 == count_tokens(model.tokenizer, completion.output)
+        assert completion.usage.input_tokens > 5
+
+
+def test_prompts_have_the_recorded_length_and_share_prefixes_by_block_id():
+    assert all(count_tokens("cl100k", " " + w) == 1 == count_tokens("mistral-v1", w) for w in WORDS)
+    a = TraceRow(arrival_s=0, input_tokens=1300, output_tokens=5, prefix_ids=("m:0", "m:1", "m:2"))
+    b = TraceRow(arrival_s=0, input_tokens=1100, output_tokens=5, prefix_ids=("m:0", "m:1", "m:9"))
+    text_a, text_b = prompt_text(a, "a"), prompt_text(b, "b")
+    for tok in ("cl100k", "mistral-v1"):
+        assert count_tokens(tok, text_a) == 1300 and count_tokens(tok, text_b) == 1100
+    shared = len(" ".join(text_a.split()[: 2 * BLOCK_TOKENS]))
+    assert text_a[:shared] == text_b[:shared] and text_a.split()[1024] != text_b.split()[1024]
+    # Without block ids every row is its own prompt; a salt renames every block.
+    plain = TraceRow(arrival_s=0, input_tokens=100, output_tokens=5)
+    assert prompt_text(plain, "x") != prompt_text(plain, "y")
+    assert prompt_text(a, "a", salt="s1")[:100] != text_a[:100]
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_every_shipped_trace_reads_as_rows_from_time_zero(name, data_dir):
+    rows = read_trace(resolve_trace(name, data_dir), limit=200)
+    assert len(rows) == 200 and rows[0].arrival_s == 0
+    assert all(b.arrival_s >= a.arrival_s for a, b in zip(rows, rows[1:]))
+    assert all(r.input_tokens > 0 and r.output_tokens is not None for r in rows)
+    if name.startswith("mooncake"):
+        assert all(len(r.prefix_ids) == -(-r.input_tokens // BLOCK_TOKENS) for r in rows)
+    assert read_trace(resolve_trace(name, data_dir), duration_s=0.0)[-1].arrival_s == 0
+
+
+# -- end to end --
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+async def test_short_replay_of_each_shipped_trace_loses_nothing(name, mesh, data_dir):
+    rows = read_trace(resolve_trace(name, data_dir), limit=20)
+    report = await replay(mesh, rows, fast(rows))
+    assert report.zero_loss.ok, report.zero_loss
+    assert report.published == 20 and report.outcomes["done"] == 20, report.outcomes
+    assert report.calls == report.zero_loss.calls_reported >= 20
+    assert report.e2e_latency_ms.n == 20 and report.mesh_overhead_ms.p50 > 0
+    assert report.spend_usd > 0
+
+
+async def test_record_then_replay_gives_the_same_tasks(mesh, data_dir, tmp_path):
+    rows = read_trace(resolve_trace("azure-code", data_dir), limit=12)
+    recorder = Recorder(mesh)
+    stop = asyncio.Event()
+    recording = asyncio.create_task(recorder.record(duration_s=None, stop=stop, grace_s=20))
+    await asyncio.sleep(0.3)  # the recorder's subscriptions are in place
+    first = await replay(mesh, rows, fast(rows))
+    stop.set()
+    await recording
+    out = tmp_path / "recording.jsonl"
+    assert recorder.write(out) == first.published == 12
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["input_tokens"] for line in lines] == [r.input_tokens for r in rows]
+    assert [line["output_tokens"] for line in lines] == [r.output_tokens for r in rows]
+
+    again = read_trace(out)
+    second = await replay(mesh, again, fast(again))
+    assert second.zero_loss.ok and second.published == first.published == second.zero_loss.ended
+
+
+def test_cli_replays_a_recording_and_writes_the_json_report(mesh, tmp_path):
+    trace = tmp_path / "tiny.jsonl"
+    trace.write_text(
+        "".join(json.dumps({"v": 1, "arrival_ms": 10 * i, "input_tokens": 600, "output_tokens": 8,
+                            "prefix_hashes": ["same", f"own{i}"]}) + "\n" for i in range(5))
+    )  # fmt: skip
+    out = tmp_path / "report.json"
+    env = {"FRUGALMESH_HOME": str(mesh.home), "NATS_URL": mesh.nats_url, "CLICKHOUSE_URL": mesh.clickhouse_url}
+    result = CliRunner().invoke(
+        loadtest, ["replay", str(trace), "--json", "--speed", "10", "--out", str(out)], env=env
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == json.loads(out.read_text())
+    assert report["zero_loss"]["ok"] and report["outcomes"]["done"] == 5
+    for figure in ("e2e_latency_ms", "mesh_overhead_ms"):
+        assert set(report[figure]) == {"n", "p50", "p95", "p99", "max"}
