@@ -133,7 +133,12 @@ def test_router_file_round_trips_without_pickle(router_file, small_data, tmp_pat
     prompts = [r.prompt for r in load_outcomes(small_data)[:20]]
     assert np.allclose(loaded.prompt_model.scores(prompts), router_file.prompt_model.scores(prompts), atol=1e-6)
     assert loaded.answer_model.score(GOOD_ANSWER) == pytest.approx(router_file.answer_model.score(GOOD_ANSWER))
-    assert loaded.trained_on == {"gsm8k_responses": 240, "mmlu/mmlu_anatomy": 60, "mmlu/mmlu_marketing": 60, "mmlu/mmlu_virology": 60}
+    assert loaded.trained_on == {
+        "gsm8k_responses": 240,
+        "mmlu/mmlu_anatomy": 60,
+        "mmlu/mmlu_marketing": 60,
+        "mmlu/mmlu_virology": 60,
+    }
 
 
 def test_the_validator_checks_structure_and_arithmetic(router_file):
@@ -238,13 +243,14 @@ async def test_each_policy_routes_as_configured_through_the_live_router(
     deploy = tmp_path / "deploy"
     shutil.copytree(REPO_DEPLOY_DIR, deploy)
     router_file.save(deploy / "routers" / "test.npz")
-    with (deploy / "routing.toml").open("a") as f:
-        f.write(
-            "\n[policies]\n"
-            'default = "rules"\n'
-            'router = "routers/test.npz"\n'
-            f'tenants = {{ pinned = "fixed:{STRONG}", smart = "learned", careful = "cascade" }}\n'
-        )
+    routing = deploy / "routing.toml"
+    shipped = routing.read_text().split("\n[policies]")[0]
+    routing.write_text(
+        shipped + "\n[policies]\n"
+        'default = "rules"\n'
+        'router = "routers/test.npz"\n'
+        f'tenants = {{ pinned = "fixed:{STRONG}", smart = "learned", careful = "cascade" }}\n'
+    )
     learned = LearnedPolicy.from_file(router_file)
     # The training prompts the learned policy is surest and least sure the weak model gets right.
     by_score = sorted((r.prompt for r in load_outcomes(small_data)), key=lambda p: learned.score(make_step(p)))
@@ -299,3 +305,14 @@ async def test_cascade_on_recorded_answers_meters_both_calls(settings, start_ser
     assert [e.model for e in events] == [WEAK, WEAK, STRONG]
     assert all(e.outcome == "ok" and e.cost_usd > 0 for e in events)
     assert escalated.cost_usd == pytest.approx(events[1].cost_usd + events[2].cost_usd)
+
+
+def test_the_shipped_router_file_loads_and_decides(catalog):
+    """deploy/routers/mixtral-gpt4.npz, named by the shipped routing.toml, works with this code."""
+    table = RoutingTable.load(REPO_DEPLOY_DIR)
+    shipped = PolicySet.load(REPO_DEPLOY_DIR, table, catalog)
+    assert shipped.for_step(make_step("q")) is table
+    raw = {"policies": {"default": "learned", "router": "routers/mixtral-gpt4.npz"}}
+    learned = PolicySet.parse(raw, table, catalog, REPO_DEPLOY_DIR).default
+    assert learned.choose(make_step("What is 2 + 2?"), catalog).name in (WEAK, STRONG)
+    assert learned.model.calibration.meets_target

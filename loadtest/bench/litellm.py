@@ -53,6 +53,8 @@ CALL_TIMEOUT_S = 10.0
 MODEL = "gpt-4-1106-preview"
 PROMPT = "Say 42."
 MAX_TOKENS = 16
+# LiteLLM refuses to start without a master key; with no database it is checked in memory.
+MASTER_KEY = "sk-frugalmesh-bench"
 
 
 class Missing(RuntimeError):
@@ -92,7 +94,8 @@ def start_litellm(command: str, upstream: str, tmp: Path) -> tuple[subprocess.Po
 """
     )
     port = _free_port()
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR"}
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR",
+           "LITELLM_MASTER_KEY": MASTER_KEY}
     log = (tmp / "litellm.log").open("wb")
     process = subprocess.Popen(
         [command, "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
@@ -140,7 +143,8 @@ async def drive_http(base_url: str, rate: float, seconds: float) -> dict:
     latencies: list[float | None] = [None] * count
     body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS}
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=CALL_TIMEOUT_S) as http:
+    headers = {"Authorization": f"Bearer {MASTER_KEY}"}  # the upstream ignores it
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=CALL_TIMEOUT_S, headers=headers) as http:
 
         async def call(i: int) -> None:
             start = time.perf_counter()
@@ -238,10 +242,13 @@ base_url = "{upstream}"
 
 
 def added(system: dict, direct: dict) -> dict:
+    """The system's percentiles minus the direct ones; null where the load generator could not
+    keep up even without a gateway (the difference would then measure the generator, not the gateway)."""
     out = dict(system)
+    out["baseline_saturated"] = not direct["kept_up"]
     for key in ("p50", "p99"):
-        if system[f"{key}_ms"] is not None and direct[f"{key}_ms"] is not None:
-            out[f"added_{key}_ms"] = system[f"{key}_ms"] - direct[f"{key}_ms"]
+        valid = direct["kept_up"] and system[f"{key}_ms"] is not None and direct[f"{key}_ms"] is not None
+        out[f"added_{key}_ms"] = system[f"{key}_ms"] - direct[f"{key}_ms"] if valid else None
     return out
 
 

@@ -230,9 +230,11 @@ def _register_command_modules() -> None:
     """Commands that live beside the service they drive."""
     from services.cli.budget_commands import budget, clear, kill
     from services.cli.estimate_command import estimate
+    from services.cli.loadtest_commands import loadtest
+    from services.cli.router_commands import eval_group, router
     from services.cli.schedule_commands import schedule
 
-    for command in (budget, kill, clear, estimate, schedule):
+    for command in (budget, kill, clear, estimate, schedule, loadtest, router, eval_group):
         cli.add_command(command)
 
 

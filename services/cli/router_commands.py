@@ -114,7 +114,7 @@ def split(data: Path, out: Path, by: str, test_share: float, seed: int) -> None:
     """Split recorded outcomes into a training and a held-out set (contaminated prompts dropped)."""
     from services.router.policies.dataset import split_outcomes
 
-    counts = split_outcomes(data, out, by, test_share, seed)  # type: ignore[arg-type]
+    counts = split_outcomes(data, out, "files" if by == "files" else "rows", test_share, seed)
     click.echo(f"train {counts['train']} prompts in {out / 'train'}, test {counts['test']} prompts in {out / 'test'}")
 
 

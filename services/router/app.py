@@ -1,4 +1,7 @@
-"""The router service: each StepRequest becomes one model call on the cheapest allowed tier, or a cache hit.
+"""The router service: each StepRequest becomes a model call, or a cache hit, on the model its
+routing policy picks (deploy/routing.toml [policies]: rules, fixed, learned, cascade; see
+services/router/policies). A cascade whose validator rejects the weak answer makes a second call
+on the strong model; each call is enforced, metered and cached on its own.
 
 Queue group ``router`` on ``mesh.step.request``; the reply is always an InferenceResult (an
 error one when the step cannot run), or ``Bus.rejection`` for a message that is not a step.
@@ -43,6 +46,7 @@ from schemas.subjects import (
     token,
 )
 from services.router.cache import ResponseCache, cache_key
+from services.router.policies import PolicySet, execute
 from services.router.table import PinningError, RoutingTable
 from services.router.throttle import DEFAULT_BURST, DEFAULT_RATE_PER_S, Throttle
 from services.runtime.bus import Bus, encode, now_ms
@@ -66,10 +70,10 @@ class Router:
     """The per-step logic, apart from FastStream so that it reads top to bottom."""
 
     def __init__(
-        self, bus: Bus, table: RoutingTable, catalog: Catalog, cache_ttl_s: float, throttle: Throttle
+        self, bus: Bus, policies: PolicySet, catalog: Catalog, cache_ttl_s: float, throttle: Throttle
     ) -> None:
         self.bus = bus
-        self.table = table
+        self.policies = policies
         self.catalog = catalog
         self.cache_ttl_s = cache_ttl_s
         self.throttle = throttle
@@ -92,21 +96,41 @@ class Router:
     async def route(
         self, step: StepRequest, traceparent: str | None = None, task_budget_usd: float | None = None
     ) -> InferenceResult:
+        assert self.cache is not None and self.control is not None, "start runs at startup, before any subscriber"
+        pace = self.control.pace(step.tenant)
+
+        async def call(model: ModelSpec) -> InferenceResult:
+            return await self._run(step, model, traceparent, pace, task_budget_usd)
+
+        try:
+            # The step's policy (deploy/routing.toml [policies]) decides; a cascade may call twice.
+            return await execute(
+                self.policies.for_step(step),
+                step,
+                self.catalog,
+                call,
+                downgrade=pace is not None and pace.action in ("downgrade", "throttle"),
+            )
+        except PinningError as exc:
+            # Nothing is sent, so nothing is spent or metered: the planner sees why.
+            self.log.warning("pinning_refused", task_id=step.task_id, step_id=step.step_id, error=str(exc))
+            return InferenceResult(
+                call_id=uuid.uuid4().hex, model="", tier=exc.tier, error=ErrorInfo(kind="pinning", message=str(exc))
+            )
+
+    async def _run(
+        self,
+        step: StepRequest,
+        model: ModelSpec,
+        traceparent: str | None,
+        pace: PaceSignal | None,
+        task_budget_usd: float | None,
+    ) -> InferenceResult:
+        """One call on ``model``: from the cache, or enforced, sent and metered under its own call id."""
+        assert self.cache is not None
         started = time.perf_counter()
         call_id = uuid.uuid4().hex
-        assert self.cache is not None and self.control is not None, "start runs at startup, before any subscriber"
         with structlog.contextvars.bound_contextvars(task_id=step.task_id, call_id=call_id):
-            pace = self.control.pace(step.tenant)
-            try:
-                model = self.table.choose(
-                    step, self.catalog, downgrade=pace is not None and pace.action in ("downgrade", "throttle")
-                )
-            except PinningError as exc:
-                # Nothing is sent, so nothing is spent or metered: the planner sees why.
-                self.log.warning("pinning_refused", step_id=step.step_id, error=str(exc))
-                return InferenceResult(
-                    call_id=call_id, model="", tier=exc.tier, error=ErrorInfo(kind="pinning", message=str(exc))
-                )
             key = cache_key(model.name, step)
             # A hit spends nothing, so neither the kill switch nor pacing holds it back.
             cached = await self.cache.get(key)
@@ -372,18 +396,22 @@ def create_app(
     *,
     table: RoutingTable | None = None,
     catalog: Catalog | None = None,
+    policies: PolicySet | None = None,
     cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
     throttle_rate_per_s: float = DEFAULT_RATE_PER_S,
     throttle_burst: int = DEFAULT_BURST,
     max_concurrency: int = DEFAULT_CONCURRENCY,
 ) -> FastStream:
-    """The router; ``table`` and ``catalog`` default to deploy/routing.toml and deploy/models.toml.
+    """The router; ``table`` and ``catalog`` default to deploy/routing.toml and deploy/models.toml,
+    ``policies`` to routing.toml's [policies] (the rules alone when it has none).
     ``throttle_*``: the paid calls per second (and burst) of a tenant whose pace says "throttle"."""
     bus = Bus(settings, SERVICE)
+    table = table or RoutingTable.load(settings.deploy_dir)
+    catalog = catalog or Catalog.load(settings.deploy_dir)
     router = Router(
         bus,
-        table or RoutingTable.load(settings.deploy_dir),
-        catalog or Catalog.load(settings.deploy_dir),
+        policies or PolicySet.load(settings.deploy_dir, table, catalog),
+        catalog,
         cache_ttl_s,
         Throttle(throttle_rate_per_s, throttle_burst),
     )

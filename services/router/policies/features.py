@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn.feature_extraction.text import HashingVectorizer
 
 # 2^18 buckets per analyzer: collisions among the ~10^5 distinct n-grams of the training data
 # stay rare, and the file only stores the buckets that occur.
@@ -66,6 +65,9 @@ class PromptFeatures:
     """Hashed n-gram counts of prompts (stateless: the same function at training and at routing)."""
 
     def __post_init__(self) -> None:
+        # Imported here: a router that only runs rules or fixed policies starts without scikit-learn.
+        from sklearn.feature_extraction.text import HashingVectorizer
+
         words = HashingVectorizer(
             n_features=BUCKETS, ngram_range=(1, 2), alternate_sign=False, norm=None, dtype=np.float32
         )
