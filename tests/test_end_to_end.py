@@ -61,7 +61,8 @@ def gsm8k(data_dir):
     return [r for r in load_recorded_outcomes(data_dir) if r.dataset == "gsm8k"]
 
 
-def usage_rows(clickhouse_url: str, task_id: str) -> list[tuple]:
+def usage_rows(clickhouse_url: str, task_id: str, expected: int) -> list[tuple]:
+    """The task's usage rows, once the accountant has ingested ``expected`` of them (or 30 s)."""
     client = clickhouse_connect.get_client(dsn=clickhouse_url)
     deadline = time.monotonic() + 30
     while True:
@@ -70,7 +71,7 @@ def usage_rows(clickhouse_url: str, task_id: str) -> list[tuple]:
             "FROM usage_events FINAL WHERE task_id = %(t)s",
             parameters={"t": task_id},
         ).result_rows
-        if rows or time.monotonic() > deadline:
+        if len(rows) >= expected or time.monotonic() > deadline:
             return rows
         time.sleep(0.2)
 
@@ -96,7 +97,7 @@ def test_answer_task_runs_through_all_six_services_and_is_metered_once_per_call(
     kinds = [line.split()[0] for line in lines[1:] if line.startswith("  ")]
     assert kinds[:2] == ["accepted", "planned"] and kinds[-1] == "done"
     assert "step_done" in kinds
-    rows = usage_rows(infra[1], task_id)
+    rows = usage_rows(infra[1], task_id, expected=1)
     assert len(rows) == 1, rows
     event_id, model, tier, outcome, tokens_in, tokens_out, cost = rows[0]
     assert outcome == "ok" and tokens_in > 0 and tokens_out > 0
@@ -117,7 +118,7 @@ def test_draft_review_yields_three_artifacts_and_two_metered_calls(mesh, infra, 
     assert result.returncode == 0, result.stdout + result.stderr
     done_steps = [line.split()[1] for line in lines if line.strip().startswith("step_done")]
     assert sorted(done_steps) == ["[draft]", "[final]", "[review]"]
-    rows = usage_rows(infra[1], task_id)
+    rows = usage_rows(infra[1], task_id, expected=2)
     assert sorted(r[2] for r in rows) == ["frontier", "local"]  # cheap draft, frontier review
     sql = frugalmesh(mesh, "sql", f"SELECT count() AS calls FROM usage_events FINAL WHERE task_id = '{task_id}'", "--format", "tsv")
     assert sql.returncode == 0, sql.stderr

@@ -131,7 +131,12 @@ class Planner:
         deadline_s = task.deadline_s if task.deadline_s is not None else self.timeout_s
         state = _TaskState(task, workflow, deadline_ms=(task.submitted_ms or now_ms()) + int(deadline_s * 1000))
         # The estimate first: it costs nothing, while a claim uses up one of the day's attempts.
-        refusal = self._preflight(state) or await self.attempts.claim(task, schedule_run)
+        _t0 = __import__("time").perf_counter()
+        refusal = self._preflight(state)
+        _prof("preflight", _t0)
+        _t0 = __import__("time").perf_counter()
+        refusal = refusal or await self.attempts.claim(task, schedule_run)
+        _prof("claim", _t0)
         if refusal is not None:
             await self._emit(task, "refused", detail=refusal)
             await self._emit(task, "failed", detail=refusal)
@@ -344,6 +349,7 @@ class Planner:
         if task.budget_usd is not None:
             # The router reserves against the task's cap; a decimal string, never "1e-05".
             headers[HEADER_BUDGET] = format(Decimal(repr(task.budget_usd)), "f")
+        _t0 = __import__("time").perf_counter()
         try:
             reply = await self.bus.broker.request(
                 encode(request), self.subjects.step_request, headers=headers, timeout=timeout_s
@@ -352,6 +358,7 @@ class Planner:
             raise StepFailed("no router is answering step requests", kind="unavailable", retryable=True) from None
         except NatsTimeoutError:
             raise StepFailed("the router did not answer before the deadline", kind="timeout") from None
+        _prof("call", _t0)
         try:
             return msgspec.json.decode(reply.body, type=InferenceResult)
         except msgspec.DecodeError:
@@ -391,12 +398,15 @@ class Planner:
         return reply.artifact
 
     async def _artifact_request(self, subject: str, message: msgspec.Struct) -> ArtifactReply:
+        _t0 = __import__("time").perf_counter()
         try:
             return await self.bus.request(subject, message, ArtifactReply, self.timeout_s)
         except (NoRespondersError, NatsTimeoutError):
             raise StepFailed("the artifact store is not answering", kind="unavailable") from None
         except msgspec.DecodeError as exc:
             raise StepFailed(f"the artifact store's reply is not an ArtifactReply: {exc}", kind="invalid") from None
+        finally:
+            _prof("artifact", _t0)
 
     # -- events --
 
@@ -422,12 +432,20 @@ class Planner:
             cost_usd=state.cost_usd if state else 0.0,
             calls=state.calls if state else 0,
         )
+        _t0 = __import__("time").perf_counter()
         await self.bus.broker.publish(
             encode(event), self.subjects.task_event(task.id), stream=self.subjects.stream(STREAM_TASK_EVENTS)
         )
+        _prof("emit", _t0)
 
 
 def _verdict(output: str) -> str:
     """A review accepts when its first or last word is ACCEPT; anything else is a correction."""
     words = _VERDICT_WORD.findall(output)
     return "accept" if words and "ACCEPT" in {words[0].upper(), words[-1].upper()} else "revise"
+
+
+def _prof(name, t0):
+    import time
+    with open("/tmp/prof/planner_hops.txt", "a") as f:
+        f.write(f"{name} {(time.perf_counter() - t0) * 1000:.3f}\n")

@@ -246,34 +246,10 @@ class Router:
     ) -> InferenceResult:
         """A paid call stopped before it was sent: one usage row at $0 (nothing was spent), so
         every refusal is counted, and an error result of the same kind."""
-        latency_ms = (time.perf_counter() - started) * 1000
         self.log.warning("call_not_started", model=model.name, outcome=outcome, reason=message)
-        await self.bus.publish_usage(
-            UsageEvent(
-                event_id=call_id,
-                time_ms=now_ms(),
-                tenant=step.tenant,
-                task_id=step.task_id,
-                step_id=step.step_id,
-                call_id=call_id,
-                service=SERVICE,
-                tier=model.tier,
-                provider=model.provider,
-                model=model.name,
-                requested_model=model.name,
-                latency_ms=latency_ms,
-                outcome=outcome,
-            )
-        )
         kind: ErrorKind = "killed" if outcome == "killed" else "refused"
-        return InferenceResult(
-            call_id=call_id,
-            model=model.name,
-            tier=model.tier,
-            provider=model.provider,
-            latency_ms=latency_ms,
-            error=ErrorInfo(kind=kind, message=message, retryable=retryable),
-        )
+        error = ErrorInfo(kind=kind, message=message, retryable=retryable)
+        return await self._meter_unanswered(step, model, call_id, started, outcome, error, None)
 
     @staticmethod
     def _expired(model: ModelSpec, call_id: str) -> InferenceResult:
@@ -352,10 +328,27 @@ class Router:
         """Reply an error and meter the call at its worst case: whether it ran, and what it cost,
         is unknown here, and unknown usage is never recorded as zero. If the inference service
         meters the same call, both rows share event_id = call_id and JetStream keeps one."""
-        latency_ms = (time.perf_counter() - started) * 1000
-        usage = Usage(input_tokens=count_message_tokens(model.tokenizer, step.messages), output_tokens=step.max_tokens)
-        cost = model.worst_case_cost(usage.input_tokens, usage.output_tokens)
         self.log.warning("call_failed", model=model.name, kind=kind, error=message)
+        worst_case = Usage(input_tokens=count_message_tokens(model.tokenizer, step.messages), output_tokens=step.max_tokens)
+        # Another replica may be up by the time the planner retries; a timed-out step has no time left.
+        error = ErrorInfo(kind=kind, message=message, retryable=kind == "unavailable")
+        return await self._meter_unanswered(step, model, call_id, started, outcome, error, worst_case)
+
+    async def _meter_unanswered(
+        self,
+        step: StepRequest,
+        model: ModelSpec,
+        call_id: str,
+        started: float,
+        outcome: Outcome,
+        error: ErrorInfo,
+        estimated: Usage | None,
+    ) -> InferenceResult:
+        """The one usage row of a call no inference service answered, and its error result.
+        ``estimated`` is the usage to charge when the call may have run; None when it never started."""
+        latency_ms = (time.perf_counter() - started) * 1000
+        usage = estimated or Usage()
+        cost = model.worst_case_cost(usage.input_tokens, usage.output_tokens) if estimated else 0.0
         await self.bus.publish_usage(
             UsageEvent(
                 event_id=call_id,
@@ -374,7 +367,7 @@ class Router:
                 cost_usd=cost,
                 latency_ms=latency_ms,
                 outcome=outcome,
-                usage_source="estimated",
+                usage_source="estimated" if estimated else "provider",
             )
         )
         # The reply carries the metered cost too, so the planner's running total matches the books.
@@ -386,10 +379,8 @@ class Router:
             usage=usage,
             latency_ms=latency_ms,
             cost_usd=cost,
-            # Another replica may be up by the time the planner retries; a timed-out step has no time left.
-            error=ErrorInfo(kind=kind, message=message, retryable=kind == "unavailable"),
+            error=error,
         )
-
 
 def create_app(
     settings: MeshSettings,
