@@ -348,6 +348,7 @@ async def test_router_rejection_fails_the_step_with_its_reason(settings, nc, mes
     events = await submit(nc, settings, new_task(goal="q"))
     assert events[-1].kind == "failed"
     assert "pinning: model not allowed" in events[-1].detail
+    assert events[-1].calls == 0  # refused before any inference call: nothing metered, nothing counted
 
 
 async def test_killed_call_ends_the_task_killed(settings, nc, mesh, peers):
@@ -365,6 +366,8 @@ async def test_deadline_cancels_the_task_and_records_a_timeout(settings, nc, mes
     assert events[-1].kind == "failed" and events[-1].detail.startswith("timeout: the deadline of 1s passed")
     assert "refused" not in [e.kind for e in events]
     assert time.monotonic() - started < 3
+    # The call was sent and is in flight at the deadline: a real router meters it, so it counts.
+    assert events[-1].calls == 1
 
 
 async def test_spent_budget_stops_new_steps_and_ends_partial(settings, nc, mesh, peers):
@@ -516,3 +519,4 @@ async def test_no_router_fails_the_task_after_one_retry(settings, nc, mesh):
     await mesh()
     events = await submit(nc, settings, new_task(goal="q"))
     assert events[-1].kind == "failed" and "no router is answering" in events[-1].detail
+    assert events[-1].calls == 0  # no router got either attempt

@@ -12,6 +12,8 @@ the stream behind it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,9 @@ from typing import Any, Generic, TypeVar
 import msgspec
 from clickhouse_connect.driver.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import NotFoundError
 
 from schemas.messages import TERMINAL_EVENTS, Artifact, KillSwitch, TaskEvent, UsageEvent
 from services.accountant import ddl
@@ -34,6 +39,10 @@ Row = tuple[Any, ...]
 PICODOLLAR = Decimal("1e-12")  # the scale of the Decimal(18, 12) money columns
 MAX_USD = Decimal("1e6")  # Decimal(18, 12) holds less than a million per row
 MAX_TIME_MS = 10_000_000_000_000  # year 2286, inside DateTime64(3)'s range
+SELECT_KEYS = 2000  # keys per duplicate-check SELECT
+PULL_API = "$JS.API.CONSUMER.MSG.NEXT"
+STATUS_HEADER = "Status"
+HEARTBEAT = "100"
 
 
 def usd(value: float) -> Decimal:
@@ -209,6 +218,8 @@ class Store:
     async def open(self) -> None:
         self._ch = await asyncio.to_thread(client, self.url)
         self.database = await asyncio.to_thread(create_schema, self._ch, self.database)
+        # clickhouse-connect imports numpy and pandas on its first insert (about a second): now, not then.
+        await asyncio.to_thread(_warm_up_inserts)
 
     def close(self) -> None:
         if self._ch is not None:
@@ -224,15 +235,27 @@ class Store:
         if not rows:
             return 0
         db = ddl.quote_identifier(self.database)
-        stored = self._ch.query(
-            f"SELECT {', '.join(sink.key)} FROM {db}.{sink.table} WHERE {sink.key[0]} IN {{keys:Array(String)}}",
-            parameters={"keys": sorted({key[0] for key in rows})},
-        ).result_rows
-        seen = {tuple(key) for key in stored}
+        keys = sorted({key[0] for key in rows})
+        seen: set[tuple[Any, ...]] = set()
+        # The keys travel as one HTTP form field, which ClickHouse caps (about 4,000 keys): in slices.
+        for start in range(0, len(keys), SELECT_KEYS):
+            stored = self._ch.query(
+                f"SELECT {', '.join(sink.key)} FROM {db}.{sink.table} WHERE {sink.key[0]} IN {{keys:Array(String)}}",
+                parameters={"keys": keys[start : start + SELECT_KEYS]},
+            ).result_rows
+            seen.update(tuple(key) for key in stored)
         new = [row for key, row in rows.items() if key not in seen]
         if new:
             self._ch.insert(sink.table, new, column_names=list(sink.columns), database=self.database)
         return len(new)
+
+
+def _warm_up_inserts() -> None:
+    from clickhouse_connect.driver import options
+
+    for name in ("np", "pd"):
+        with contextlib.suppress(Exception):
+            getattr(options, name)
 
 
 class Ingest(Generic[M]):
@@ -245,11 +268,20 @@ class Ingest(Generic[M]):
         self.retry_delay_s = retry_delay_s
 
     async def __call__(self, batch: Sequence[Msg]) -> None:
+        pending, rows = await self.prepare(batch)
+        await self.store_and_ack(pending, rows)
+
+    async def prepare(self, batch: Sequence[Msg]) -> tuple[list[Msg], dict[tuple[Any, ...], Row]]:
+        """Decode ``batch`` into rows (the messages to ack once they are stored, and the rows by key);
+        a message that cannot become a row is dead-lettered and acked here."""
         pending: list[Msg] = []
         rows: dict[tuple[Any, ...], Row] = {}
+        decode = self._decode
+        to_row = self.sink.to_row
+        key_of = self.sink.key_of
         for raw in batch:
             try:
-                row = self.sink.to_row(msgspec.json.decode(raw.data, type=self.sink.message_type))
+                row = to_row(decode(raw.data))
             except (msgspec.DecodeError, ValueError) as exc:
                 error = f"{self.sink.message_type.__name__}: {exc}"
                 await self.bus.dead_letter(raw.subject, raw.data, raw.headers, error)
@@ -258,7 +290,11 @@ class Ingest(Generic[M]):
             pending.append(raw)
             if row is not None:
                 # The first copy wins: a redelivered or re-published message is the same fact.
-                rows.setdefault(self.sink.key_of(row), row)
+                rows.setdefault(key_of(row), row)
+        return pending, rows
+
+    async def store_and_ack(self, pending: list[Msg], rows: dict[tuple[Any, ...], Row]) -> None:
+        """One insert of the new rows, then the acks; a failed insert naks them all with a delay."""
         try:
             inserted = await self.store.insert_new(self.sink, rows)
         except Exception as exc:  # any ClickHouse or network failure: JetStream keeps the batch
@@ -268,4 +304,140 @@ class Ingest(Generic[M]):
             return
         for raw in pending:
             await raw.ack()
-        self.bus.log.debug("batch", table=self.sink.table, messages=len(batch), rows=len(rows), inserted=inserted)
+        self.bus.log.debug("batch", table=self.sink.table, messages=len(pending), rows=len(rows), inserted=inserted)
+
+    @property
+    def _decode(self) -> Callable[[bytes], M]:
+        decoder = self.__dict__.get("_decoder")
+        if decoder is None:
+            decoder = self.__dict__["_decoder"] = msgspec.json.Decoder(self.sink.message_type).decode
+        return decoder
+
+
+class BatchConsumer:
+    """A durable pull consumer fetched in real batches with nats-py, and an ``Ingest`` fed from it.
+
+    A fetch is one pull request for ``batch_size`` messages that expires after ``batch_timeout_s``:
+    it returns when the batch is full or the server says the request ended (expired, no messages).
+    The messages are collected by a subscription callback, not one ``next_msg`` each (nats-py's
+    ``fetch`` waits on every message with its own timeout, which cost more than the insert).
+    While one batch is being stored, the next is fetched and decoded; stores run one at a time,
+    so the duplicate check of a batch always sees the rows of the batch before it.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        ingest: Ingest[Any],
+        *,
+        stream: str,
+        subject: str,
+        durable: str,
+        batch_size: int,
+        batch_timeout_s: float,
+        config: ConsumerConfig,
+    ) -> None:
+        self.bus = bus
+        self.ingest = ingest
+        self.stream = stream
+        self.subject = subject
+        self.durable = durable
+        self.batch_size = batch_size
+        self.batch_timeout_s = batch_timeout_s
+        self.config = config
+        self._sub: Subscription | None = None
+        self._inbox = ""
+        self._received: list[Msg] = []
+        self._ended = 0  # status messages seen (each ends one pull request)
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._storing: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        nc = self.bus.broker.connection
+        js = nc.jetstream()
+        try:
+            # An existing consumer is kept as it is (as nats-py's pull_subscribe does).
+            await js.consumer_info(self.stream, self.durable)
+        except NotFoundError:
+            config = _durable_config(self.config, self.durable, self.subject)
+            await js.add_consumer(self.stream, config=config)
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(self._inbox, cb=self._on_message)
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop fetching; a store in progress finishes (its acks go out), the rest is redelivered."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._storing is not None:
+            await asyncio.wait([self._storing], timeout=10)
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def _on_message(self, msg: Msg) -> None:
+        if msg.headers and msg.headers.get(STATUS_HEADER):
+            if msg.headers[STATUS_HEADER] != HEARTBEAT:
+                self._ended += 1
+        else:
+            self._received.append(msg)
+        self._arrived.set()
+
+    async def fetch(self) -> list[Msg]:
+        """One pull request: up to ``batch_size`` messages, within about ``batch_timeout_s``."""
+        nc = self.bus.broker.connection
+        ended = self._ended
+        request = {"batch": self.batch_size - len(self._received), "expires": int(self.batch_timeout_s * 1e9)}
+        if request["batch"] > 0:
+            await nc.publish(
+                f"{PULL_API}.{self.stream}.{self.durable}", msgspec.json.encode(request), reply=self._inbox
+            )
+            # The server ends the request at its expiry; the client's own limit only covers a lost reply.
+            limit = asyncio.get_running_loop().time() + self.batch_timeout_s + 1.0
+            while len(self._received) < self.batch_size and self._ended == ended:
+                self._arrived.clear()
+                left = limit - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), left)
+        batch, self._received = self._received, []
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                batch = await self.fetch()
+                if not batch:
+                    continue
+                pending, rows = await self.ingest.prepare(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # e.g. disconnected: what was fetched is redelivered after ack_wait
+                self.bus.log.error("fetch_failed", stream=self.stream, durable=self.durable, error=str(exc))
+                await asyncio.sleep(self.batch_timeout_s)
+                continue
+            if self._storing is not None:
+                # Not awaited directly: stopping the fetch loop must not cancel a store half-way.
+                await asyncio.wait([self._storing])
+            self._storing = asyncio.create_task(self.ingest.store_and_ack(pending, rows))
+            self._storing.add_done_callback(self._stored)
+
+    def _stored(self, storing: asyncio.Task[None]) -> None:
+        if not storing.cancelled() and storing.exception() is not None:
+            # Unacked, the batch comes back after ack_wait.
+            self.bus.log.error("store_failed", stream=self.stream, error=str(storing.exception()))
+
+
+def _durable_config(config: ConsumerConfig, durable: str, subject: str) -> ConsumerConfig:
+    """``config`` as the durable consumer ``durable`` of ``subject`` with explicit acks."""
+    return dataclasses.replace(
+        config,
+        name=durable,
+        durable_name=durable,
+        filter_subject=subject,
+        ack_policy=config.ack_policy or AckPolicy.EXPLICIT,
+    )

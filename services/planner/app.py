@@ -112,9 +112,6 @@ def create_app(
     async def submit(msg: NatsMessage) -> None:
         task = await bus.decode(msg, Task)
         if task is not None:
-            import time as _t
-            with open("/tmp/prof/planner_hops.txt", "a") as f:
-                f.write(f"pull {_t.time()*1000 - task.submitted_ms:.3f}\n")
             try:
                 token(task.id)
                 token(task.tenant)

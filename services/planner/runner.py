@@ -5,7 +5,8 @@ exactly one terminal event: ``done`` (the final step's artifact), ``partial`` (a
 run but others produced artifacts: the best one so far), ``failed`` or ``killed``. Ready steps
 run concurrently up to the fan-out cap; once a step fails, or the budget is spent, no new step
 starts and the ones in flight finish (their artifacts count for ``partial``). The deadline
-cancels whatever is still running, and the terminal event's detail says ``timeout``.
+cancels whatever is still running, and the terminal event's detail says ``timeout``. Progress
+events are published pipelined; their acknowledgements are awaited before the terminal event.
 
 Defences, each a ``refused`` event with its reason just before the terminal event:
 
@@ -32,9 +33,12 @@ from decimal import Decimal
 import msgspec
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from schemas.artifacts import ARTIFACT_TYPES
 from schemas.messages import (
+    TERMINAL_EVENTS,
     Artifact,
     ArtifactGet,
     ArtifactRef,
@@ -117,11 +121,20 @@ class Planner:
         self.preflight = preflight
         self.attempts = attempts
         self.timeout_s = bus.settings.request_timeout_s
+        self._js: JetStreamContext | None = None
+        # Per task id: the acknowledgements of its progress events, awaited before its terminal event.
+        self._unacked: dict[str, list[asyncio.Future[PubAck]]] = {}
 
     async def run(self, task: Task, schedule_run: str = "") -> TaskEventKind:
         """Run ``task`` to its terminal event and return that event's kind.
 
         ``schedule_run``: the ``Mesh-Schedule-Run`` header of a scheduled run (its own attempts count)."""
+        try:
+            return await self._run(task, schedule_run)
+        finally:
+            self.forget(task)
+
+    async def _run(self, task: Task, schedule_run: str) -> TaskEventKind:
         workflow = self.workflows.get(task.workflow)
         await self._emit(task, "accepted")
         if workflow is None:
@@ -131,12 +144,7 @@ class Planner:
         deadline_s = task.deadline_s if task.deadline_s is not None else self.timeout_s
         state = _TaskState(task, workflow, deadline_ms=(task.submitted_ms or now_ms()) + int(deadline_s * 1000))
         # The estimate first: it costs nothing, while a claim uses up one of the day's attempts.
-        _t0 = __import__("time").perf_counter()
-        refusal = self._preflight(state)
-        _prof("preflight", _t0)
-        _t0 = __import__("time").perf_counter()
-        refusal = refusal or await self.attempts.claim(task, schedule_run)
-        _prof("claim", _t0)
+        refusal = self._preflight(state) or await self.attempts.claim(task, schedule_run)
         if refusal is not None:
             await self._emit(task, "refused", detail=refusal)
             await self._emit(task, "failed", detail=refusal)
@@ -287,7 +295,6 @@ class Planner:
                 await asyncio.sleep(NO_RESPONDERS_PAUSE_S)
                 continue
             results.append(result)
-            state.calls += 1
             state.cost_usd += result.cost_usd
             if result.error is None:
                 return result
@@ -349,22 +356,26 @@ class Planner:
         if task.budget_usd is not None:
             # The router reserves against the task's cap; a decimal string, never "1e-05".
             headers[HEADER_BUDGET] = format(Decimal(repr(task.budget_usd)), "f")
-        _t0 = __import__("time").perf_counter()
+        # Counted when sent: a call the deadline cancels in flight is still metered by the services.
+        state.calls += 1
         try:
-            reply = await self.bus.broker.request(
-                encode(request), self.subjects.step_request, headers=headers, timeout=timeout_s
+            # nats-py directly, as Bus.request does: FastStream's request path costs more than the round trip.
+            reply = await self.bus.broker.connection.request(
+                self.subjects.step_request, encode(request), headers=headers, timeout=timeout_s
             )
         except NoRespondersError:
+            state.calls -= 1  # no router got it: nothing was metered
             raise StepFailed("no router is answering step requests", kind="unavailable", retryable=True) from None
         except NatsTimeoutError:
             raise StepFailed("the router did not answer before the deadline", kind="timeout") from None
-        _prof("call", _t0)
         try:
-            return msgspec.json.decode(reply.body, type=InferenceResult)
+            return msgspec.json.decode(reply.data, type=InferenceResult)
         except msgspec.DecodeError:
             pass  # ValidationError is a DecodeError too: it may be a rejection, tried next
+        # A rejection: the router refused the step before any inference call, so nothing was metered.
+        state.calls -= 1
         try:
-            error = msgspec.json.decode(reply.body, type=_Rejection).error
+            error = msgspec.json.decode(reply.data, type=_Rejection).error
         except msgspec.DecodeError as exc:
             raise StepFailed(f"the router's reply is neither a result nor an error: {exc}", kind="invalid") from None
         raise StepFailed(f"router refused the step: {error.kind}: {error.message}", error.kind, error.retryable)
@@ -398,15 +409,12 @@ class Planner:
         return reply.artifact
 
     async def _artifact_request(self, subject: str, message: msgspec.Struct) -> ArtifactReply:
-        _t0 = __import__("time").perf_counter()
         try:
             return await self.bus.request(subject, message, ArtifactReply, self.timeout_s)
         except (NoRespondersError, NatsTimeoutError):
             raise StepFailed("the artifact store is not answering", kind="unavailable") from None
         except msgspec.DecodeError as exc:
             raise StepFailed(f"the artifact store's reply is not an ArtifactReply: {exc}", kind="invalid") from None
-        finally:
-            _prof("artifact", _t0)
 
     # -- events --
 
@@ -432,20 +440,32 @@ class Planner:
             cost_usd=state.cost_usd if state else 0.0,
             calls=state.calls if state else 0,
         )
-        _t0 = __import__("time").perf_counter()
-        await self.bus.broker.publish(
-            encode(event), self.subjects.task_event(task.id), stream=self.subjects.stream(STREAM_TASK_EVENTS)
-        )
-        _prof("emit", _t0)
+        subject, stream = self.subjects.task_event(task.id), self.subjects.stream(STREAM_TASK_EVENTS)
+        if kind not in TERMINAL_EVENTS:
+            # Pipelined: sent now (in order, on one connection), its acknowledgement awaited with the
+            # terminal event's, so a task's progress costs no JetStream round trip per event.
+            if self._js is None:
+                self._js = self.bus.broker.connection.jetstream()
+            ack = await self._js.publish_async(subject, encode(event), stream=stream)
+            self._unacked.setdefault(task.id, []).append(ack)
+            return
+        # Every earlier event must be stored before the terminal one: the task's message is acked
+        # after it, and a failure here makes the task crash, so JetStream redelivers it.
+        unacked = self._unacked.pop(task.id, [])
+        if unacked:
+            async with asyncio.timeout(self.timeout_s):
+                await asyncio.gather(*unacked)
+        await self.bus.broker.publish(encode(event), subject, stream=stream)
+
+    def forget(self, task: Task) -> None:
+        """Drop the acknowledgements still awaited for ``task``'s events (it ended without its terminal event)."""
+        for ack in self._unacked.pop(task.id, []):
+            if ack.done() and not ack.cancelled():
+                ack.exception()  # retrieved: the task already failed for its own reason
+            ack.cancel()
 
 
 def _verdict(output: str) -> str:
     """A review accepts when its first or last word is ACCEPT; anything else is a correction."""
     words = _VERDICT_WORD.findall(output)
     return "accept" if words and "ACCEPT" in {words[0].upper(), words[-1].upper()} else "revise"
-
-
-def _prof(name, t0):
-    import time
-    with open("/tmp/prof/planner_hops.txt", "a") as f:
-        f.write(f"{name} {(time.perf_counter() - t0) * 1000:.3f}\n")
