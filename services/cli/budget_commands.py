@@ -28,19 +28,18 @@ def _settings() -> MeshSettings:
 
 
 async def _request(settings: MeshSettings, subject: str, message: msgspec.Struct) -> BudgetState:
-    import nats
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
 
-    nc = await nats.connect(settings.nats_url, connect_timeout=REQUEST_TIMEOUT_S, max_reconnect_attempts=0)
-    try:
-        reply = await nc.request(subject, msgspec.json.encode(message), timeout=REQUEST_TIMEOUT_S)
-    except (NoRespondersError, NatsTimeout):
-        raise click.ClickException(
-            f"no answer from the accountant on {subject}; is it running (`frugalmesh up` or `frugalmesh run accountant`)?"
-        ) from None
-    finally:
-        await nc.close()
+    from services.cli.client import MeshClient
+
+    async with MeshClient(settings) as client:
+        try:
+            reply = await client.nc.request(subject, msgspec.json.encode(message), timeout=REQUEST_TIMEOUT_S)
+        except (NoRespondersError, NatsTimeout):
+            raise click.ClickException(
+                f"no answer from the accountant on {subject}; is it running (`frugalmesh up` or `frugalmesh run accountant`)?"
+            ) from None
     state = msgspec.json.decode(reply.data, type=BudgetState)
     if state.error:
         raise click.ClickException(state.error)
@@ -48,12 +47,10 @@ async def _request(settings: MeshSettings, subject: str, message: msgspec.Struct
 
 
 def _run(coro: Any) -> Any:
-    from nats.errors import NoServersError
-
     try:
         return asyncio.run(coro)
-    except (ConnectionError, OSError, NoServersError) as exc:
-        raise click.ClickException(f"cannot reach NATS: {exc}. Is the mesh up (`frugalmesh up`)?") from None
+    except ConnectionError as exc:  # MeshClient says what it could not reach and how to start it
+        raise click.ClickException(str(exc)) from None
 
 
 def _usd(value: float | None) -> str:
@@ -120,15 +117,11 @@ def _switch(scope: str, key: str | None, tripped: bool, reason: str) -> None:
     settings = _settings()
 
     async def write() -> None:
-        import nats
+        from services.cli.client import MeshClient
 
-        nc = await nats.connect(settings.nats_url, connect_timeout=REQUEST_TIMEOUT_S, max_reconnect_attempts=0)
-        try:
-            js = nc.jetstream()
-            await ensure_streams(js, settings.subjects)
-            await set_kill(js, settings.subjects, switch)
-        finally:
-            await nc.close()
+        async with MeshClient(settings) as client:
+            await ensure_streams(client.js, settings.subjects)
+            await set_kill(client.js, settings.subjects, switch)
 
     _run(write())
     where = "global" if scope == "global" else f"{scope} {key}"

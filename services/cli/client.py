@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,11 @@ from services.runtime.bus import now_ms
 from services.runtime.settings import MeshSettings
 
 
+async def _log_nats_error(exc: Exception) -> None:
+    # nats-py's default prints a traceback per failed attempt; a command reports the outcome once.
+    logging.getLogger("frugalmesh.client").debug("nats error: %s", exc)
+
+
 def new_task_id() -> str:
     return uuid.uuid4().hex
 
@@ -29,7 +35,9 @@ class MeshClient:
 
     async def __aenter__(self) -> MeshClient:
         try:
-            self.nc = await nats.connect(self.settings.nats_url, connect_timeout=3, max_reconnect_attempts=3)
+            self.nc = await nats.connect(
+                self.settings.nats_url, connect_timeout=3, max_reconnect_attempts=3, error_cb=_log_nats_error
+            )
         except Exception as exc:  # nats-py raises several unrelated types for "no server"
             raise ConnectionError(
                 f"cannot reach NATS at {self.settings.nats_url} ({exc}). "

@@ -34,8 +34,10 @@ from schemas.messages import (
     PaceSignal,
     Reservation,
     StepRequest,
+    Tier,
     Usage,
     UsageEvent,
+    UsageSource,
 )
 from schemas.subjects import (
     BUCKET_RESPONSE_CACHE,
@@ -152,26 +154,8 @@ class Router:
         latency_ms = (time.perf_counter() - started) * 1000
         result = msgspec.structs.replace(cached, call_id=call_id, cache_hit=True, cost_usd=0.0, latency_ms=latency_ms)
         # The tokens are the original call's, so analysts can see what the hit saved.
-        await self.bus.publish_usage(
-            UsageEvent(
-                event_id=call_id,
-                time_ms=now_ms(),
-                tenant=step.tenant,
-                task_id=step.task_id,
-                step_id=step.step_id,
-                call_id=call_id,
-                service=SERVICE,
-                tier=cached.tier,
-                provider=cached.provider,
-                model=cached.model,
-                requested_model=model.name,
-                input_tokens=cached.usage.input_tokens,
-                cached_input_tokens=cached.usage.cached_input_tokens,
-                output_tokens=cached.usage.output_tokens,
-                cost_usd=0.0,
-                latency_ms=latency_ms,
-                outcome="cache_hit",
-            )
+        await self._meter(
+            step, call_id, cached.tier, cached.provider, cached.model, model.name, cached.usage, 0.0, latency_ms, "cache_hit"
         )
         self.log.debug("cache_hit", model=model.name)
         return result
@@ -334,6 +318,44 @@ class Router:
         error = ErrorInfo(kind=kind, message=message, retryable=kind == "unavailable")
         return await self._meter_unanswered(step, model, call_id, started, outcome, error, worst_case)
 
+    async def _meter(
+        self,
+        step: StepRequest,
+        call_id: str,
+        tier: Tier,
+        provider: str,
+        model: str,
+        requested_model: str,
+        usage: Usage,
+        cost_usd: float,
+        latency_ms: float,
+        outcome: Outcome,
+        usage_source: UsageSource = "provider",
+    ) -> None:
+        """The usage row of a call the router answered itself (cache hit, refusal, no answer)."""
+        await self.bus.publish_usage(
+            UsageEvent(
+                event_id=call_id,
+                time_ms=now_ms(),
+                tenant=step.tenant,
+                task_id=step.task_id,
+                step_id=step.step_id,
+                call_id=call_id,
+                service=SERVICE,
+                tier=tier,
+                provider=provider,
+                model=model,
+                requested_model=requested_model,
+                input_tokens=usage.input_tokens,
+                cached_input_tokens=usage.cached_input_tokens,
+                output_tokens=usage.output_tokens,
+                cost_usd=cost_usd,
+                latency_ms=latency_ms,
+                outcome=outcome,
+                usage_source=usage_source,
+            )
+        )
+
     async def _meter_unanswered(
         self,
         step: StepRequest,
@@ -349,26 +371,9 @@ class Router:
         latency_ms = (time.perf_counter() - started) * 1000
         usage = estimated or Usage()
         cost = model.worst_case_cost(usage.input_tokens, usage.output_tokens) if estimated else 0.0
-        await self.bus.publish_usage(
-            UsageEvent(
-                event_id=call_id,
-                time_ms=now_ms(),
-                tenant=step.tenant,
-                task_id=step.task_id,
-                step_id=step.step_id,
-                call_id=call_id,
-                service=SERVICE,
-                tier=model.tier,
-                provider=model.provider,
-                model=model.name,
-                requested_model=model.name,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                cost_usd=cost,
-                latency_ms=latency_ms,
-                outcome=outcome,
-                usage_source="estimated" if estimated else "provider",
-            )
+        source: UsageSource = "estimated" if estimated else "provider"
+        await self._meter(
+            step, call_id, model.tier, model.provider, model.name, model.name, usage, cost, latency_ms, outcome, source
         )
         # The reply carries the metered cost too, so the planner's running total matches the books.
         return InferenceResult(
