@@ -202,10 +202,16 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, ch, tm
         )
         refused = await request(nc, subjects.budget_reserve, again, ReservationDecision)
         assert not refused.granted and refused.reason.startswith("kill switch tripped (model m-capped)")
-        rows = ch.query(
-            "SELECT count() FROM kill_events WHERE scope = 'model' AND key = 'm-capped' AND reason LIKE {r:String}",
-            parameters={"r": "%" + "model m-capped day cap%"},
-        ).result_rows
+        # The trip's row arrives through its own consumer, which may still be catching up.
+        deadline = time.monotonic() + 10
+        while True:
+            rows = ch.query(
+                "SELECT count() FROM kill_events WHERE scope = 'model' AND key = 'm-capped' AND reason LIKE {r:String}",
+                parameters={"r": "%" + "model m-capped day cap%"},
+            ).result_rows
+            if rows == [(1,)] or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
         assert rows == [(1,)]
     finally:
         accountant.stop()
