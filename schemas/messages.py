@@ -118,6 +118,9 @@ class InferenceRequest(Message, kw_only=True):
     response_schema: dict[str, Any] | None = None
     deadline_ms: int
     reservation_id: str | None = None
+    # Set by the router when the local tier's queue would break the deadline: the local model
+    # this call was meant for, so the usage row says the call spilled over.
+    spilled_from: str = ""
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -152,6 +155,9 @@ class InferenceResult(Message, kw_only=True):
     error: ErrorInfo | None = None
     # Replay backends only: whether the recorded answer was graded correct.
     graded: bool | None = None
+    # Time from the service taking the call to the engine's first output token (0: not streamed).
+    ttft_ms: float = 0.0
+    spilled_from: str = ""
 
 
 Outcome = Literal["ok", "error", "timeout", "killed", "cache_hit", "refused"]
@@ -179,6 +185,10 @@ class UsageEvent(Message, kw_only=True):
     latency_ms: float = 0.0
     outcome: Outcome
     usage_source: UsageSource = "provider"
+    # The hardware profile (deploy/hardware.toml) that priced a local call; "" for list prices.
+    hardware_profile: str = ""
+    # The local model a spilled call was meant for (InferenceRequest.spilled_from).
+    spilled_from: str = ""
 
 
 class Reservation(Message, kw_only=True):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.embedded import EmbeddedClickHouse, EmbeddedNats
+from services.runtime.embedded import EmbeddedClickHouse, EmbeddedEngine, EmbeddedNats
 from services.runtime.settings import MeshSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +73,15 @@ def infra(tmp_path_factory) -> tuple[str, str]:
     finally:
         clickhouse.stop()
         nats.stop()
+
+
+@pytest.fixture(scope="session")
+def local_engine(tmp_path_factory) -> str:
+    """Base URL (ending /v1) of the real embedded engine serving SmolLM2-135M, shared by the session."""
+    engine = EmbeddedEngine(tmp_path_factory.mktemp("engine"))
+    url = engine.start()
+    yield url
+    engine.stop()
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ def zero_latency_models() -> str:
 
 @contextmanager
 def bench_stack(models_toml: str) -> Iterator[MeshSettings]:
-    """nats-server, ClickHouse and the six services, in a temporary home, on ``models_toml``."""
+    """nats-server, ClickHouse and the six services, in a temporary home, on ``models_toml``
+    (no local engine: the load-test models answer on the synthetic backend)."""
     with tempfile.TemporaryDirectory(prefix="frugalmesh-bench-") as tmp:
         deploy = loadtest_deploy_dir(Path(tmp) / "deploy")
         (deploy / "models.toml").write_text(models_toml)
@@ -32,7 +33,7 @@ def bench_stack(models_toml: str) -> Iterator[MeshSettings]:
         # The services are child processes: they read the deploy directory from the environment.
         os.environ["FRUGALMESH_DEPLOY_DIR"] = str(deploy)
         settings = MeshSettings(deploy_dir=deploy, home=home, subject_prefix="bench" + uuid.uuid4().hex[:6])
-        with Stack(home=home, nats_port=-1, clickhouse_port=0, settings=settings) as stack:
+        with Stack(home=home, nats_port=-1, clickhouse_port=0, settings=settings, local_engine=None) as stack:
             yield stack.settings
 
 

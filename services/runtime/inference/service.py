@@ -209,6 +209,8 @@ class InferenceService:
                 latency_ms=latency_ms,
                 outcome=metered.outcome,
                 usage_source=metered.usage_source,
+                hardware_profile=model.hardware if model else "",
+                spilled_from=request.spilled_from,
             )
         )
         if metered.error:
@@ -226,6 +228,8 @@ class InferenceService:
             cost_usd=cost,
             error=metered.error,
             graded=completion.graded if completion else None,
+            ttft_ms=completion.ttft_ms if completion else 0.0,
+            spilled_from=request.spilled_from,
         )
 
 

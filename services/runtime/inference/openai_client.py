@@ -9,6 +9,7 @@ with ``usage=None`` when the provider did not report usage.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ class ChatCompletion:
     # The model the provider says served the call ("" if it did not say).
     model: str
     usage: ProviderUsage | None
+    # Seconds from sending the request to the first output text (0.0: none came, or not streamed).
+    ttft_s: float = 0.0
 
 
 class OpenAIError(Exception):
@@ -83,6 +86,7 @@ class OpenAIClient:
         }
         if response_format is not None:
             payload["response_format"] = dict(response_format)
+        sent = time.monotonic()
         try:
             async with self.http.stream("POST", self.url, json=payload, headers=self.headers) as response:
                 if response.status_code != 200:
@@ -96,7 +100,7 @@ class OpenAIClient:
                 if response.headers.get("content-type", "").startswith("application/json"):
                     # Some compatible servers ignore stream=true and answer with one JSON body.
                     return _from_body(json.loads(await response.aread()))
-                return await _from_stream(sse_data(response.aiter_lines()))
+                return await _from_stream(sse_data(response.aiter_lines()), sent)
         except httpx.TransportError as exc:
             # Connection failures, resets and read timeouts are transient. Only a call that never
             # reached the provider is surely unbilled.
@@ -128,11 +132,12 @@ async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
         yield "\n".join(data)
 
 
-async def _from_stream(events: AsyncIterator[str]) -> ChatCompletion:
+async def _from_stream(events: AsyncIterator[str], sent: float) -> ChatCompletion:
     text: list[str] = []
     finish_reason = ""
     model = ""
     usage: ProviderUsage | None = None
+    ttft_s = 0.0
     async for data in events:
         if data == "[DONE]":
             break
@@ -146,9 +151,12 @@ async def _from_stream(events: AsyncIterator[str]) -> ChatCompletion:
         for choice in chunk.get("choices") or []:
             if choice.get("index", 0) != 0:
                 continue
-            text.append((choice.get("delta") or {}).get("content") or "")
+            content = (choice.get("delta") or {}).get("content") or ""
+            if content and not ttft_s:
+                ttft_s = time.monotonic() - sent
+            text.append(content)
             finish_reason = choice.get("finish_reason") or finish_reason
-    return ChatCompletion(text="".join(text), finish_reason=finish_reason, model=model, usage=usage)
+    return ChatCompletion(text="".join(text), finish_reason=finish_reason, model=model, usage=usage, ttft_s=ttft_s)
 
 
 def _from_body(body: Mapping[str, Any]) -> ChatCompletion:

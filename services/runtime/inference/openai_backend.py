@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from schemas.messages import InferenceRequest, Usage
-from services.cloud_inference.openai_client import OpenAIClient, OpenAIError
+from services.runtime.inference.openai_client import OpenAIClient, OpenAIError
 from services.runtime.catalog import ModelSpec, ProviderSpec
 from services.runtime.inference.backend import BackendError, Completion, worst_case_usage
 from services.runtime.settings import MeshSettings
@@ -23,7 +23,8 @@ class OpenAIBackend:
 
     @classmethod
     def from_provider(cls, provider: ProviderSpec, settings: MeshSettings) -> OpenAIBackend:
-        if not provider.base_url:
+        base_url = provider.url(settings)
+        if not base_url:
             raise ValueError(f"providers.{provider.name}: backend 'openai' needs a base_url")
         api_key = None
         if provider.api_key_env:
@@ -31,7 +32,7 @@ class OpenAIBackend:
             if not api_key:
                 # Fail at start, not on the first paid call.
                 raise ValueError(f"providers.{provider.name}: {provider.api_key_env} is not set")
-        return cls(OpenAIClient(provider.base_url, api_key))
+        return cls(OpenAIClient(base_url, api_key))
 
     async def complete(self, model: ModelSpec, request: InferenceRequest) -> Completion:
         try:
@@ -44,6 +45,7 @@ class OpenAIBackend:
             )
         except OpenAIError as exc:
             raise BackendError("provider", str(exc), retryable=exc.retryable, started=exc.started) from exc
+        ttft_ms = reply.ttft_s * 1000
         if reply.usage is None:
             return Completion(
                 output=reply.text,
@@ -51,13 +53,16 @@ class OpenAIBackend:
                 provider_model=reply.model,
                 usage=worst_case_usage(model, request),
                 usage_source="estimated",
+                ttft_ms=ttft_ms,
             )
         usage = Usage(
             input_tokens=reply.usage.prompt_tokens,
             cached_input_tokens=reply.usage.cached_tokens,
             output_tokens=reply.usage.completion_tokens,
         )
-        return Completion(output=reply.text, finish_reason=reply.finish_reason, provider_model=reply.model, usage=usage)
+        return Completion(
+            output=reply.text, finish_reason=reply.finish_reason, provider_model=reply.model, usage=usage, ttft_ms=ttft_ms
+        )
 
     async def aclose(self) -> None:
         await self.client.aclose()
