@@ -29,7 +29,8 @@ from services.router.table import PinningError, RoutingTable, pick_model
 from services.runtime.bus import encode, now_ms
 from services.runtime.catalog import Catalog
 from services.runtime.settings import REPO_DEPLOY_DIR
-from services.runtime.tokens import count_message_tokens
+from services.runtime.data import load_recorded_outcomes
+from services.runtime.tokens import count_message_tokens, count_tokens, count_tokens_capped
 
 LOCAL = "mixtral-8x7b-local"
 MID = "mixtral-8x7b"
@@ -129,6 +130,18 @@ def test_table_rejects_a_bad_tier_and_unknown_keys():
 def test_shipped_threshold_splits_short_from_long(table):
     threshold = next(rule.max_prompt_tokens for rule in table.rules if rule.max_prompt_tokens)
     assert table.prompt_tokens(make_step(SHORT)) <= threshold < table.prompt_tokens(make_step(LONG))
+
+
+def test_capped_counts_are_exact_up_to_the_cap_and_past_it_beyond(data_dir):
+    """The table counts a long prompt only until it passes the largest threshold; the decision
+    must equal the one a full count makes, for every recorded prompt and awkward text."""
+    texts = [r.prompt for r in load_recorded_outcomes(data_dir)[:2000]]
+    texts += ["word " * 300, "x" * 2000, " \n  a  b\t\tc " * 80, "naïve café 中文 " * 60, "1234567 " * 200, ".\x1c." * 200]
+    for text in texts:
+        full = count_tokens("cl100k", text)
+        for cap in (0, 16, 64, 200):
+            capped = count_tokens_capped("cl100k", text, cap)
+            assert capped == full if full <= cap else capped > cap, (text[:60], cap)
 
 
 def test_cache_key_covers_model_and_limits():

@@ -9,12 +9,13 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from schemas.messages import StepRequest, Tier
 from services.runtime.catalog import TIER_LADDER, Catalog, ModelSpec
-from services.runtime.tokens import TOKENIZERS, count_message_tokens
+from services.runtime.tokens import TOKENIZERS, count_message_tokens_capped
 
 ROUTING_FILE = "routing.toml"
 
@@ -99,9 +100,16 @@ class RoutingTable:
             raise ValueError(f"{source}: prompt_tokenizer must be one of {TOKENIZERS}, not {prompt_tokenizer!r}")
         return cls(rules=tuple(rules), default_tier=default_tier, prompt_tokenizer=prompt_tokenizer)
 
+    @cached_property
+    def largest_threshold(self) -> int:
+        bounds = [b for r in self.rules for b in (r.min_prompt_tokens, r.max_prompt_tokens) if b is not None]
+        return max(bounds, default=0)
+
     def prompt_tokens(self, step: StepRequest) -> int:
-        """The step's input size as the thresholds count it: contents plus chat framing."""
-        return count_message_tokens(self.prompt_tokenizer, step.messages)
+        """The step's input size as the thresholds count it (contents plus chat framing): exact up
+        to the largest threshold; past it, only "past every threshold" is decided (a long
+        prompt's tail is never tokenized)."""
+        return count_message_tokens_capped(self.prompt_tokenizer, step.messages, self.largest_threshold)
 
     def tier(self, step: StepRequest, prompt_tokens: int) -> Tier:
         for rule in self.rules:
