@@ -4,12 +4,18 @@ An ``Artifact`` (schemas/messages.py) carries its body as a plain JSON object so
 can read it; the artifact store checks that body against the Struct registered here for the
 artifact's ``type`` before it stores anything. A new artifact type is one Struct and one entry in
 ``ARTIFACT_TYPES``; a breaking change to a body bumps that type's ``SCHEMA_VERSION``.
+
+A type a model writes itself as JSON (structured output) subclasses ``StructuredBody``: its own
+fields are the model's, ``response_schema`` is the JSON Schema a call sends for them, and
+``parse_structured`` validates a reply into a body (the store then validates it again, as it does
+every body).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, ClassVar, Literal
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
@@ -53,11 +59,59 @@ class Review(ArtifactBody, kw_only=True):
     graded: bool | None = None
 
 
+class StructuredBody(ArtifactBody, kw_only=True):
+    """Base of a body that a model writes itself, as one JSON object (structured output).
+
+    The fields a subclass declares are the model's: their JSON Schema (``response_schema``) is
+    sent with the call, and the model's reply must decode to them (``parse_structured``). The
+    fields below are not the model's: the planner fills them in, so that two items that happen
+    to get the same answer are still two artifacts, each with its own lineage.
+    """
+
+    # The planner's fields, left out of the response schema.
+    PROVENANCE: ClassVar[tuple[str, ...]] = ("input", "model")
+
+    # The id of the task input this body is about ("" when it is about no single input).
+    input: str = ""
+    # The model that wrote it, as the inference service reported it.
+    model: str = ""
+
+
+TicketCategory = Literal["billing", "bug", "account", "feature", "other"]
+
+
+class TicketLabel(StructuredBody, kw_only=True):
+    """One support ticket triaged (the ``triage`` workflow): its topic and whether it is urgent."""
+
+    label: TicketCategory
+    urgent: bool
+
+
+_ARTIFACT_ID = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+
+
+class Batch(ArtifactBody, kw_only=True):
+    """What a step run once per task input (``for_each = "inputs"``) produced: one artifact of type
+    ``of`` per input, in the task's input order (``items[i]`` answers ``inputs[i]``)."""
+
+    of: str
+    items: list[_ARTIFACT_ID]
+    inputs: list[_ARTIFACT_ID]
+
+    def __post_init__(self) -> None:
+        if self.of not in ARTIFACT_TYPES or self.of == "batch":
+            raise ValueError(f"a batch holds artifacts of one known type, not {self.of!r}")
+        if len(self.items) != len(self.inputs):
+            raise ValueError(f"a batch pairs each item with its input: {len(self.items)} items, {len(self.inputs)} inputs")
+
+
 ARTIFACT_TYPES: dict[str, type[ArtifactBody]] = {
     "text": Text,
     "prompt": Prompt,
     "answer": Answer,
     "review": Review,
+    "ticket_label": TicketLabel,
+    "batch": Batch,
 }
 
 
@@ -81,6 +135,67 @@ def validate_body(artifact_type: str, schema_version: int, body: dict[str, Any])
         return msgspec.to_builtins(msgspec.convert(body, type=schema))
     except msgspec.ValidationError as exc:
         raise ArtifactError(f"invalid {artifact_type!r} body: {exc}") from None
+
+
+def is_structured(artifact_type: str) -> bool:
+    """Whether a model writes this type's body itself, as JSON (a StructuredBody)."""
+    schema = ARTIFACT_TYPES.get(artifact_type)
+    return schema is not None and issubclass(schema, StructuredBody)
+
+
+def response_schema(artifact_type: str) -> dict[str, Any]:
+    """The JSON Schema a model's reply must follow for ``artifact_type`` (a StructuredBody): the
+    model's own fields only, as one self-contained object schema (no ``$ref``), which is what
+    grammar-constrained decoding (llama.cpp) and OpenAI's ``response_format`` both take."""
+    schema = ARTIFACT_TYPES[artifact_type]
+    if not issubclass(schema, StructuredBody):
+        raise ArtifactError(f"artifact type {artifact_type!r} is not written by a model as JSON")
+    document = msgspec.json.schema(schema)
+    definitions = document.get("$defs", {})
+    resolved = dict(definitions[document["$ref"].rsplit("/", 1)[-1]]) if "$ref" in document else dict(document)
+    properties = {k: v for k, v in resolved.get("properties", {}).items() if k not in schema.PROVENANCE}
+    for value in properties.values():
+        if "$ref" in value:
+            raise ArtifactError(f"artifact type {artifact_type!r}: nested types are not supported in a response schema")
+    resolved["properties"] = properties
+    resolved["required"] = [k for k in resolved.get("required", []) if k in properties]
+    resolved["additionalProperties"] = False
+    return resolved
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+def parse_structured(artifact_type: str, output: str, **provenance: str) -> dict[str, Any]:
+    """The body a model's ``output`` stands for: its JSON decoded and checked against the type's
+    schema (msgspec: types, enums, unknown fields, and any ``__post_init__`` rule), with the
+    planner's ``provenance`` fields set. Raises ArtifactError saying what is wrong.
+
+    A reply wrapped in a Markdown code fence is unwrapped first (models without a grammar do that);
+    nothing else is repaired: a truncated or malformed reply is invalid."""
+    schema = ARTIFACT_TYPES[artifact_type]
+    if not issubclass(schema, StructuredBody):
+        raise ArtifactError(f"artifact type {artifact_type!r} is not written by a model as JSON")
+    text = output.strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1)
+    try:
+        decoded = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise ArtifactError(f"not valid JSON ({exc}): {_clip(output)}") from None
+    if not isinstance(decoded, dict):
+        raise ArtifactError(f"expected a JSON object, got {type(decoded).__name__}: {_clip(output)}")
+    # The planner's fields are the planner's: whatever the model wrote there is replaced.
+    body = {**{k: v for k, v in decoded.items() if k not in schema.PROVENANCE}, **provenance}
+    try:
+        return msgspec.to_builtins(msgspec.convert(body, type=schema))
+    except msgspec.ValidationError as exc:
+        raise ArtifactError(f"does not match the {artifact_type!r} schema ({exc}): {_clip(output)}") from None
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def canonical_json(value: Any) -> bytes:

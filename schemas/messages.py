@@ -239,6 +239,32 @@ class PaceSignal(Message, kw_only=True):
     time_ms: int
 
 
+class LocalLoad(Message, kw_only=True):
+    """What a local model's engine is doing now, as one local-inference replica sees it
+    (``mesh.local.load.<model>``, core NATS, about every 250 ms; the router keeps the latest).
+
+    ``engine`` names whose /metrics the numbers come from (``llamacpp``: llama.cpp's server or the
+    embedded engine; ``vllm``); "" when the engine has none (a replay model) or could not be read,
+    and then only ``in_flight`` is known.
+    """
+
+    model: str
+    # The local-inference process that measured it: replicas report separately.
+    replica: str
+    engine: str = ""
+    # The /metrics URL read: replicas reporting the same endpoint report the same engine.
+    endpoint: str = ""
+    running: int = 0
+    waiting: int = 0
+    # Share of the engine's KV cache in use, 0 to 1.
+    kv_cache_usage: float = 0.0
+    # Recent decoding speed of one sequence, output tokens per second; None when not measured yet.
+    decode_tokens_per_s: float | None = None
+    # Calls this replica has sent to the model and not yet had answered.
+    in_flight: int = 0
+    time_ms: int
+
+
 BudgetScope = Literal["global", "tenant", "model"]
 BudgetWindow = Literal["day", "month"]
 
@@ -346,6 +372,7 @@ WIRE_MESSAGES: tuple[type[Message], ...] = (
     ReservationDecision,
     KillSwitch,
     PaceSignal,
+    LocalLoad,
     BudgetUpdate,
     BudgetQuery,
     BudgetState,

@@ -62,6 +62,14 @@ class Subjects:
     def infer_cloud_all(self) -> str:
         return f"{self.prefix}.infer.cloud.>"
 
+    # -- local engines' load, for spillover (core NATS, latest value wins) --
+    def local_load(self, model: str) -> str:
+        return f"{self.prefix}.local.load.{token(model)}"
+
+    @property
+    def local_load_all(self) -> str:
+        return f"{self.prefix}.local.load.>"
+
     # -- metering (JetStream, dedupe on Nats-Msg-Id) --
     def usage(self, tenant: str) -> str:
         return f"{self.prefix}.usage.{token(tenant)}"

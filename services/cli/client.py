@@ -12,7 +12,7 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
-from schemas.messages import TERMINAL_EVENTS, Artifact, ArtifactGet, ArtifactReply, Task, TaskEvent
+from schemas.messages import TERMINAL_EVENTS, Artifact, ArtifactGet, ArtifactRef, ArtifactReply, Task, TaskEvent
 from schemas.subjects import HEADER_MSG_ID, STREAM_TASKS
 from services.runtime.bus import now_ms
 from services.runtime.settings import MeshSettings
@@ -88,3 +88,11 @@ class MeshClient:
         if decoded.artifact is None:
             raise LookupError(f"artifact {artifact_id}: {decoded.error}")
         return decoded.artifact
+
+    async def put_artifact(self, artifact: Artifact) -> ArtifactRef:
+        """Store an artifact (a task input, say); raises ValueError with the store's reason if refused."""
+        reply = await self.nc.request(self.subjects.artifact_put, msgspec.json.encode(artifact), timeout=10)
+        decoded = msgspec.json.decode(reply.data, type=ArtifactReply)
+        if decoded.ref is None:
+            raise ValueError(f"the artifact store refused the {artifact.type!r} artifact: {decoded.error}")
+        return decoded.ref

@@ -16,6 +16,8 @@ import click
 @click.option("--deadline", "deadline_s", type=float, help="Check the plan against this deadline, seconds.")
 @click.option("--allow-model", "allow_models", multiple=True, help="Pin the task to these models (repeatable).")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Override every model step's max_tokens.")
+@click.option("--item", "items", multiple=True, help="A task input, for a step run once per input (repeatable).")
+@click.option("--items-file", type=click.File("r"), help="Task inputs, one per non-empty line (`-` reads stdin).")
 @click.option("--data", type=click.Path(path_type=Path), help="Recorded data directory [FRUGALMESH_DATA or the cache].")
 def estimate(
     workflow: str,
@@ -24,6 +26,8 @@ def estimate(
     deadline_s: float | None,
     allow_models: tuple[str, ...],
     max_tokens: int | None,
+    items: tuple[str, ...],
+    items_file,
     data: Path | None,
 ) -> None:
     """Cost, critical-path latency, reliability and reliability per dollar of WORKFLOW, step by step.
@@ -48,20 +52,30 @@ def estimate(
         raise click.ClickException(str(exc)) from None
     if workflow not in workflows:
         raise click.BadParameter(f"unknown workflow {workflow!r}; known: {', '.join(sorted(workflows))}", param_hint="WORKFLOW")
+    texts = list(dict.fromkeys([*items, *([line.strip() for line in items_file if line.strip()] if items_file else [])]))
+    per_input = [s.id for s in workflows[workflow].steps if s.for_each is not None]
+    if per_input and not texts:
+        texts = [""]
+        click.echo(
+            f"step {per_input[0]!r} runs once per task input and none was given (--item, --items-file): "
+            "priced for one empty input",
+            err=True,
+        )
     try:
-        steps = preflight.steps(workflows[workflow], goal, list(allow_models) or None, max_tokens)
+        steps = preflight.steps(workflows[workflow], goal, list(allow_models) or None, max_tokens, items=texts)
     except PinningError as exc:
         raise click.ClickException(str(exc)) from None
     total = Preflight.total(steps)
 
     console = Console(width=160)
-    per_step = Table("step", "model", "tier", "input tok", "max tok", "cost (worst)", "latency", "success (with retries)", title=workflow)
+    per_step = Table("step", "model", "tier", "calls", "input tok", "max tok", "cost (worst)", "latency", "success (with retries)", title=workflow)
     for step in steps:
         model = step.model
         per_step.add_row(
             step.step_id,
             model.name if model else "- (no call)",
             model.tier if model else "-",
+            str(step.calls if model else 0),
             str(step.input_tokens),
             str(step.max_tokens),
             f"${step.step.cost_usd:.6f}",

@@ -122,12 +122,25 @@ def _redact(url: str) -> str:
 @click.option("--budget", "budget_usd", type=float, help="Budget for the task, USD.")
 @click.option("--deadline", "deadline_s", type=float, default=60.0, show_default=True, help="Seconds.")
 @click.option("--allow-model", "allow_models", multiple=True, help="Pin the task to these models (repeatable).")
-def submit(goal: str, workflow: str, tenant: str, budget_usd: float | None, deadline_s: float, allow_models: tuple[str, ...]) -> None:
+@click.option("--item", "items", multiple=True, help="A task input (a `text` artifact), e.g. one ticket for `triage` (repeatable).")
+@click.option("--items-file", type=click.File("r"), help="Task inputs, one per non-empty line (`-` reads stdin).")
+def submit(
+    goal: str,
+    workflow: str,
+    tenant: str,
+    budget_usd: float | None,
+    deadline_s: float,
+    allow_models: tuple[str, ...],
+    items: tuple[str, ...],
+    items_file,
+) -> None:
     """Publish a task and follow its events to the end."""
-    from schemas.messages import Task
+    from schemas.messages import Artifact, Task
     from services.cli.client import MeshClient, new_task_id
     from services.cli.stack import client_settings
+    from services.runtime.bus import now_ms
 
+    texts = list(items) + ([line.strip() for line in items_file if line.strip()] if items_file else [])
     task = Task(
         id=new_task_id(),
         tenant=tenant,
@@ -140,6 +153,9 @@ def submit(goal: str, workflow: str, tenant: str, budget_usd: float | None, dead
 
     async def go() -> str:
         async with MeshClient(client_settings()) as client:
+            for text in texts:
+                artifact = Artifact(type="text", task_id=task.id, step_id="input", body={"text": text}, created_ms=now_ms())
+                task.inputs.append(await client.put_artifact(artifact))
             follow = client.follow(task.id, timeout_s=deadline_s + 10)
             await client.submit(task)
             click.echo(f"task {task.id}")
@@ -158,6 +174,8 @@ def submit(goal: str, workflow: str, tenant: str, budget_usd: float | None, dead
         kind = asyncio.run(go())
     except (ConnectionError, TimeoutError) as exc:
         _fail(str(exc) or "timed out waiting for the task's events; is the mesh running (`frugalmesh up`)?")
+    except ValueError as exc:
+        _fail(str(exc))
     sys.exit(0 if kind == "done" else 1)
 
 

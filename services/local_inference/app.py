@@ -3,12 +3,16 @@
 Backends by ``[providers.local] backend``: ``replay`` answers from the recorded outcomes;
 ``openai`` calls a local engine that speaks the OpenAI wire protocol (vLLM, llama.cpp's server)
 at ``base_url``.
+
+Every replica also publishes each local model's load (``mesh.local.load.<model>``, every
+``load_interval_s``; services/local_inference/load.py) for the router's spillover.
 """
 
 from __future__ import annotations
 
 from faststream import FastStream
 
+from services.local_inference.load import DEFAULT_LOAD_INTERVAL_S, publish_load
 from services.runtime.inference.openai_backend import OpenAIBackend
 from services.runtime.inference.backend import BackendFactory
 from services.runtime.inference.replay import ReplayBackend
@@ -24,5 +28,11 @@ BACKENDS: dict[str, BackendFactory] = {
 }
 
 
-def create_app(settings: MeshSettings, max_concurrency: int = DEFAULT_CONCURRENCY) -> FastStream:
-    return create_inference_app(settings, "local", BACKENDS, max_concurrency)
+def create_app(
+    settings: MeshSettings,
+    max_concurrency: int = DEFAULT_CONCURRENCY,
+    load_interval_s: float = DEFAULT_LOAD_INTERVAL_S,
+) -> FastStream:
+    """``load_interval_s``: how often the models' load is published; 0 publishes none."""
+    setup = publish_load(load_interval_s) if load_interval_s > 0 else None
+    return create_inference_app(settings, "local", BACKENDS, max_concurrency, setup=setup)

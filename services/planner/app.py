@@ -66,6 +66,9 @@ def create_app(
     limits = limits or config.limits
     workflows = load_workflows(settings.deploy_dir / "workflows")
     preflight = Preflight.load(settings.deploy_dir, settings.data, config)
+    # A step pinned to a model the catalogue lacks cannot run: said now, refused per task by the estimate.
+    for problem in preflight.check(workflows):
+        bus.log.warning("workflow_cannot_run", problem=problem)
     attempts = AttemptCounter(limits.attempts_per_day, clock)
     planner = Planner(bus, workflows, max_fanout, limits, preflight, attempts)
     slots = asyncio.Semaphore(max_in_flight)

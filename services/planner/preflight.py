@@ -15,12 +15,19 @@ what one call of it costs, takes and achieves. ``estimate.py`` turns them into t
 
 A select step makes no call: $0, no time, always succeeds. Cache hits are not foreseen (the plan is
 priced as if every call were paid), and a looping step (``retry_if``) is priced once, like a retry.
+
+A step run once per task input (``for_each``) is N calls, one per distinct input: its cost is
+the sum of their worst cases (each prompt with its own input), its latency ``ceil(N / fanout)``
+calls one after another (the fan-out cap runs them in waves), its success every item's. Its output,
+as a later step's placeholder sees it, is every input plus ``max_tokens`` per item. A retry or an
+escalation after an invalid structured output is, like any retry, not priced.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -30,7 +37,7 @@ import msgspec
 from schemas.messages import ChatMessage, StepRequest
 from services.planner.config import PlannerConfig
 from services.planner.estimate import CallProfile, Estimate, Step, estimate, plan_from_dag
-from services.planner.workflow import GOAL, Workflow, render
+from services.planner.workflow import GOAL, ITEM, Workflow, allowed_models, render
 from services.router.table import RoutingTable, pick_model
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.data import DataNotFound, load_recorded_outcomes, resolve_data_dir
@@ -63,6 +70,9 @@ class StepEstimate:
     step: Step
     # False when the model's success probability is unknown: ``step.reliability`` then means nothing.
     p_known: bool = True
+    # Model calls the step makes (a for_each step: one per distinct input); input_tokens and
+    # max_tokens are their totals.
+    calls: int = 1
 
 
 class Preflight:
@@ -92,10 +102,40 @@ class Preflight:
             profiles[model.name] = (profile.latency_s, p_success)
         return cls(catalog, RoutingTable.load(deploy_dir), profiles, config.limits.step_attempts - 1)
 
+    def check(self, workflows: Mapping[str, Workflow]) -> list[str]:
+        """Steps that name a model or tier this catalogue does not have. Not fatal: a catalogue may
+        be a subset (a load test's), and such a step's tasks are refused by the pre-flight, with the
+        reason, before any call; the planner logs these at start."""
+        problems = []
+        for workflow in workflows.values():
+            for spec in workflow.steps:
+                unknown = [m for m in spec.allow_models or [] if m not in self.catalog.models]
+                if unknown:
+                    problems.append(
+                        f"workflow {workflow.name!r}, step {spec.id!r}: allow_models names models not in the "
+                        f"catalogue: {unknown}"
+                    )
+                if spec.escalate_to is not None and not self.catalog.in_tier(spec.escalate_to):
+                    problems.append(
+                        f"workflow {workflow.name!r}, step {spec.id!r}: escalate_to {spec.escalate_to!r}: "
+                        "the catalogue has no model of that tier"
+                    )
+        return problems
+
     def steps(
-        self, workflow: Workflow, goal: str, allow_models: list[str] | None, max_tokens: int | None
+        self,
+        workflow: Workflow,
+        goal: str,
+        allow_models: list[str] | None,
+        max_tokens: int | None,
+        *,
+        items: Sequence[str] = (),
+        fanout: int = 9,
     ) -> list[StepEstimate]:
-        """Each step priced; raises PinningError when the allow-list permits no model for a step."""
+        """Each step priced; raises PinningError when the allow-list permits no model for a step.
+
+        ``items``: the texts of the task's distinct inputs, which a for_each step runs once each;
+        ``fanout``: how many of those calls run at once."""
         out_tokens: dict[str, int] = {}
         estimates = []
         for spec in workflow.steps:
@@ -104,34 +144,63 @@ class Preflight:
                 estimates.append(StepEstimate(spec.id, tuple(spec.needs), None, 0, 0, Step(profile=FREE)))
                 continue
             limit = max_tokens or spec.max_tokens
-            out_tokens[spec.id] = limit
-            values = {GOAL: goal, **{need: "" for need in spec.needs}}
-            messages = [ChatMessage(role=m.role, content=render(m.content, values)) for m in spec.messages]
+            step_allow = allowed_models(allow_models, spec.allow_models)
             upstream = sum(
                 m.content.count("{" + need + "}") * out_tokens[need] for m in spec.messages for need in spec.needs
             )
-            request = StepRequest(
-                task_id="preflight",
-                step_id=spec.id,
-                workflow=workflow.name,
-                role=spec.role,
-                messages=messages,
-                max_tokens=limit,
-                allow_models=allow_models,
-                deadline_ms=0,
-            )
-            model = pick_model(self.table.tier(request, self.table.prompt_tokens(request) + upstream), allow_models, self.catalog)
-            input_tokens = count_message_tokens(model.tokenizer, messages) + upstream
+            texts = list(items) if spec.for_each is not None else [None]
+            model = None
+            input_tokens = []
+            for text in texts:
+                values = {GOAL: goal, **{need: "" for need in spec.needs}}
+                if text is not None:
+                    values[ITEM] = text
+                messages = [ChatMessage(role=m.role, content=render(m.content, values)) for m in spec.messages]
+                request = StepRequest(
+                    task_id="preflight",
+                    step_id=spec.id,
+                    workflow=workflow.name,
+                    role=spec.role,
+                    messages=messages,
+                    max_tokens=limit,
+                    allow_models=step_allow,
+                    deadline_ms=0,
+                )
+                tier = self.table.tier(request, self.table.prompt_tokens(request) + upstream)
+                model = pick_model(tier, step_allow, self.catalog)
+                input_tokens.append(count_message_tokens(model.tokenizer, messages) + upstream)
+            if model is None:
+                # No inputs, so no call: the rules pick the model of an empty item, to say which it would be.
+                model = pick_model(self.table.default_tier, step_allow, self.catalog)
             latency_s, p_success = self.profiles[model.name]
+            calls = len(texts)
+            if spec.for_each is not None:
+                # What a later step's placeholder receives: each input with its output.
+                tokenizer = self.table.prompt_tokenizer
+                out_tokens[spec.id] = sum(count_message_tokens(tokenizer, [_user(t)]) for t in texts) + calls * limit
+            else:
+                out_tokens[spec.id] = limit
+            per_call = 1.0 if p_success is None else p_success
+            waves = math.ceil(calls / max(fanout, 1))
             profile = CallProfile(
-                cost_usd=model.worst_case_cost(input_tokens, limit),
-                latency_s=latency_s,
+                cost_usd=math.fsum(model.worst_case_cost(n, limit) for n in input_tokens),
+                latency_s=latency_s * waves,
                 # Any probability will do when it is unknown: total() reports the reliability as NaN.
-                p_success=1.0 if p_success is None else p_success,
+                # A for_each step succeeds when every item does, each with its own retries.
+                p_success=per_call if calls == 1 else (1.0 - (1.0 - per_call) ** (self.retries + 1)) ** calls,
             )
-            step = Step(profile=profile, retries=self.retries)
+            step = Step(profile=profile, retries=self.retries if calls == 1 else 0)
             estimates.append(
-                StepEstimate(spec.id, tuple(spec.needs), model, input_tokens, limit, step, p_success is not None)
+                StepEstimate(
+                    spec.id,
+                    tuple(spec.needs),
+                    model,
+                    sum(input_tokens),
+                    limit * calls,
+                    step,
+                    p_success is not None,
+                    calls,
+                )
             )
         return estimates
 
@@ -148,6 +217,10 @@ class Preflight:
         model = self.table.choose(request, self.catalog)
         worst_usd = model.worst_case_cost(count_message_tokens(model.tokenizer, request.messages), request.max_tokens)
         return worst_usd, self.profiles[model.name][0]
+
+
+def _user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
 
 
 def describe(figures: Estimate) -> str:

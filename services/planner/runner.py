@@ -17,6 +17,13 @@ Defences, each a ``refused`` event with its reason just before the terminal even
   messages) may not repeat more than ``limits.identical_calls`` times in the task (layer 2).
 - After a call: a reservation the router could not get (error ``refused``) stops the task.
 
+A step run once per task input (``for_each``) makes one call per distinct input, each holding one
+of the task's fan-out slots, so a task never has more calls in flight than its fan-out cap; once
+an item fails, no new item starts. A structured step's output is validated against its artifact
+type; an invalid one is asked again with the error (a ``step_started`` event for that call, its
+detail saying why), then escalated once to the step's ``escalate_to`` tier (an ``escalated``
+event) before the step fails. Every call of a step is in its artifact's ``calls``.
+
 A refusal never overruns: the task ends ``partial`` with the best artifact so far, or ``failed``
 when there is none. A tripped kill switch (error ``killed``) ends it ``killed``.
 """
@@ -36,7 +43,14 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from schemas.artifacts import ARTIFACT_TYPES
+from schemas.artifacts import (
+    ARTIFACT_TYPES,
+    ArtifactError,
+    StructuredBody,
+    is_structured,
+    parse_structured,
+    response_schema,
+)
 from schemas.messages import (
     TERMINAL_EVENTS,
     Artifact,
@@ -56,7 +70,7 @@ from services.planner.antiloop import AttemptCounter
 from services.planner.config import Limits
 from services.planner.estimate import fits
 from services.planner.preflight import Preflight, describe
-from services.planner.workflow import GOAL, StepSpec, Workflow, render
+from services.planner.workflow import GOAL, ITEM, StepSpec, Workflow, allowed_models, render
 from services.router.table import PinningError
 from services.runtime.bus import Bus, encode, now_ms
 from services.runtime.reservations import HEADER_BUDGET
@@ -66,6 +80,10 @@ NO_RESPONDERS_PAUSE_S = 0.2
 _VERDICT_WORD = re.compile(r"[A-Za-z]+")
 # Why a step may stop that is a defence doing its job: announced as a ``refused`` event.
 REFUSALS = frozenset({"refused", "budget", "deadline", "loop"})
+# The artifact type of a for_each step's result: its items, in input order.
+BATCH = "batch"
+# What a model is told when its structured output did not validate, before it answers again.
+INVALID_FEEDBACK = "That reply is invalid: {error}. Reply again with only the JSON object the schema asks for."
 
 
 class StepFailed(Exception):
@@ -97,6 +115,10 @@ class _TaskState:
     in_flight_usd: float = 0.0
     # How often each call (by role and messages) was sent.
     call_counts: Counter[str] = field(default_factory=Counter)
+    # The task's inputs, fetched when a step runs once per input.
+    inputs: list[Artifact] = field(default_factory=list)
+    # One per model call in flight (a step's, or an item's of a for_each step): the fan-out cap.
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
 
 
 class Planner:
@@ -142,7 +164,16 @@ class Planner:
             await self._emit(task, "failed", detail=f"unknown workflow {task.workflow!r}; known: {known}")
             return "failed"
         deadline_s = task.deadline_s if task.deadline_s is not None else self.timeout_s
-        state = _TaskState(task, workflow, deadline_ms=(task.submitted_ms or now_ms()) + int(deadline_s * 1000))
+        state = _TaskState(
+            task,
+            workflow,
+            deadline_ms=(task.submitted_ms or now_ms()) + int(deadline_s * 1000),
+            slots=asyncio.Semaphore(self._fanout(workflow)),
+        )
+        problem = await self._fetch_inputs(state)
+        if problem is not None:
+            await self._emit(task, "failed", detail=problem)
+            return "failed"
         # The estimate first: it costs nothing, while a claim uses up one of the day's attempts.
         refusal = self._preflight(state) or await self.attempts.claim(task, schedule_run)
         if refusal is not None:
@@ -161,7 +192,14 @@ class Planner:
         """Why the plan cannot fit the task's budget or remaining time, or None when it can."""
         task = state.task
         try:
-            steps = self.preflight.steps(state.workflow, task.goal, task.allow_models, task.max_tokens)
+            steps = self.preflight.steps(
+                state.workflow,
+                task.goal,
+                task.allow_models,
+                task.max_tokens,
+                items=[_text(a) for a in _distinct(state.inputs)],
+                fanout=self._fanout(state.workflow),
+            )
         except PinningError as exc:
             return f"pre-flight estimate: {exc}"
         figures = Preflight.total(steps)
@@ -170,9 +208,29 @@ class Planner:
             return None
         return f"pre-flight estimate: {reason} (plan: {describe(figures)})"
 
+    def _fanout(self, workflow: Workflow) -> int:
+        return min(self.max_fanout, workflow.max_fanout or self.max_fanout)
+
+    async def _fetch_inputs(self, state: _TaskState) -> str | None:
+        """Fetch the task's inputs when a step runs once per input; why the task cannot run, or None."""
+        steps = [s.id for s in state.workflow.steps if s.for_each == "inputs"]
+        if not steps:
+            return None
+        task = state.task
+        if not task.inputs:
+            return (
+                f"workflow {task.workflow!r} runs step {steps[0]!r} once per task input, and the task has no inputs "
+                "(Task.inputs: one artifact per item)"
+            )
+        try:
+            state.inputs = list(await asyncio.gather(*(self._get(ref) for ref in task.inputs)))
+        except StepFailed as exc:
+            return f"a task input could not be read: {exc.reason}"
+        return None
+
     async def _run_steps(self, state: _TaskState) -> StepFailed | None:
         """Run the DAG; return why it stopped early, or None when every step produced its artifact."""
-        fanout = min(self.max_fanout, state.workflow.max_fanout or self.max_fanout)
+        fanout = self._fanout(state.workflow)
         waiting = list(state.workflow.steps)
         running: dict[asyncio.Task[ArtifactRef], StepSpec] = {}
         stop: StepFailed | None = None
@@ -232,6 +290,8 @@ class Planner:
         inputs = {need: await self._get(state.refs[need]) for need in step.needs}
         if step.kind == "select":
             ref = await self._select(state, step, inputs)
+        elif step.for_each is not None:
+            ref = await self._map_step(state, step, inputs)
         else:
             ref = await self._model_step(state, step, inputs)
         if ref not in state.produced:
@@ -240,22 +300,120 @@ class Planner:
         return ref
 
     async def _model_step(self, state: _TaskState, step: StepSpec, inputs: dict[str, Artifact]) -> ArtifactRef:
+        request = self._request(state, step, step.id, await self._values(state, inputs))
+        async with state.slots:
+            body, results = await self._produce(state, step, request, input_id="")
+        return await self._put(
+            state,
+            step,
+            body,
+            parents=[a.id for a in inputs.values()],
+            calls=[r.call_id for r in results],
+            cost_usd=sum(r.cost_usd for r in results),
+        )
+
+    async def _map_step(self, state: _TaskState, step: StepSpec, inputs: dict[str, Artifact]) -> ArtifactRef:
+        """One call per distinct task input (an identical input gets the same artifact), at most the
+        fan-out cap at once; the result is a ``batch`` of the items in the task's input order."""
+        values = await self._values(state, inputs)
+        first_at: dict[str, int] = {}
+        for position, artifact in enumerate(state.inputs):
+            first_at.setdefault(artifact.id, position)
+        by_id = {artifact.id: artifact for artifact in state.inputs}
+        stopped: list[StepFailed] = []
+
+        async def item(input_id: str) -> ArtifactRef:
+            async with state.slots:
+                if stopped:
+                    raise _Skipped()
+                try:
+                    return await self._item(state, step, first_at[input_id], by_id[input_id], values)
+                except StepFailed as exc:
+                    stopped.append(exc)
+                    raise
+
+        outcomes = await asyncio.gather(*(item(i) for i in first_at), return_exceptions=True)
+        refs: dict[str, ArtifactRef] = {}
+        for input_id, outcome in zip(first_at, outcomes, strict=True):
+            if isinstance(outcome, ArtifactRef):
+                refs[input_id] = outcome
+            elif not isinstance(outcome, (StepFailed, _Skipped)):
+                raise outcome
+        if stopped:
+            first = stopped[0]
+            raise StepFailed(f"{first.reason} ({len(refs)} of {len(first_at)} items done)", first.kind)
+        body = {
+            "of": step.artifact,
+            "items": [refs[a.id].id for a in state.inputs],
+            "inputs": [a.id for a in state.inputs],
+        }
+        items = sorted({r.id for r in refs.values()})
+        # The batch itself cost nothing: its items carry their calls and costs.
+        return await self._put(state, step, body, parents=items, calls=[], cost_usd=0.0, artifact_type=BATCH)
+
+    async def _item(
+        self, state: _TaskState, step: StepSpec, position: int, item: Artifact, values: dict[str, str]
+    ) -> ArtifactRef:
+        """The artifact of one input of a for_each step (the caller holds a fan-out slot)."""
+        step_id = f"{step.id}[{position}]"
+        request = self._request(state, step, step_id, {**values, ITEM: _text(item)})
+        body, results = await self._produce(state, step, request, input_id=item.id)
+        ref = await self._put(
+            state,
+            step,
+            body,
+            parents=[item.id],
+            calls=[r.call_id for r in results],
+            cost_usd=sum(r.cost_usd for r in results),
+            step_id=step_id,
+        )
+        if ref not in state.produced:
+            state.produced.append(ref)
+        return ref
+
+    def _request(self, state: _TaskState, step: StepSpec, step_id: str, values: dict[str, str]) -> StepRequest:
         task = state.task
-        values = {GOAL: task.goal, **{need: artifact.body["text"] for need, artifact in inputs.items()}}
-        request = StepRequest(
+        return StepRequest(
             task_id=task.id,
-            step_id=step.id,
+            step_id=step_id,
             tenant=task.tenant,
             workflow=task.workflow,
             role=step.role,
             messages=[ChatMessage(role=m.role, content=render(m.content, values)) for m in step.messages],
             max_tokens=task.max_tokens or step.max_tokens,
-            allow_models=task.allow_models,
+            response_schema=response_schema(step.artifact) if is_structured(step.artifact) else None,
+            # The step's own pin narrows the task's; the router never leaves it.
+            allow_models=allowed_models(task.allow_models, step.allow_models),
             deadline_ms=state.deadline_ms,
             # Numbered from 1 by each call, retries and loops included.
             attempt=0,
         )
+
+    async def _values(self, state: _TaskState, inputs: dict[str, Artifact]) -> dict[str, str]:
+        """What the placeholders of a step's messages stand for: the goal and each need's text."""
+        rendered = await asyncio.gather(*(self._render(artifact) for artifact in inputs.values()))
+        return {GOAL: state.task.goal, **dict(zip(inputs, rendered, strict=True))}
+
+    async def _render(self, artifact: Artifact) -> str:
+        """An artifact as prompt text: its ``text``; a batch as each input with its output."""
+        if artifact.type != BATCH:
+            return _text(artifact)
+        body = artifact.body
+        ids = sorted(set(body["items"]) | set(body["inputs"]))
+        bodies = await asyncio.gather(*(self._get(ArtifactRef(id=i, type="")) for i in ids))
+        fetched = dict(zip(ids, bodies, strict=True))
+        lines = []
+        for n, (item_id, input_id) in enumerate(zip(body["items"], body["inputs"], strict=True), start=1):
+            lines.append(f"{n}. {_text(fetched[input_id]).strip()}\n   => {_text(fetched[item_id])}")
+        return "\n".join(lines)
+
+    async def _produce(
+        self, state: _TaskState, step: StepSpec, request: StepRequest, input_id: str
+    ) -> tuple[dict, list[InferenceResult]]:
+        """The body of a model step's artifact and every call it took (the caller holds a slot)."""
         results: list[InferenceResult] = []
+        if is_structured(step.artifact):
+            return await self._structured(state, step, request, results, input_id), results
         loops = min(step.max_loops, self.limits.max_loops) if step.retry_if is not None else 0
         for _ in range(loops + 1):
             result = await self._answer(state, request, results)
@@ -267,8 +425,6 @@ class Planner:
                 "the most this step may make",
                 kind="loop",
             )
-        calls = [r.call_id for r in results]
-        cost = sum(r.cost_usd for r in results)
         schema_fields = ARTIFACT_TYPES[step.artifact].__struct_fields__
         produced = {
             "text": result.output,
@@ -276,19 +432,89 @@ class Planner:
             "graded": result.graded,
             "verdict": _verdict(result.output),
         }
-        body = {name: value for name, value in produced.items() if name in schema_fields}
-        return await self._put(state, step, body, parents=[a.id for a in inputs.values()], calls=calls, cost_usd=cost)
+        return {name: value for name, value in produced.items() if name in schema_fields}, results
 
-    async def _answer(self, state: _TaskState, request: StepRequest, results: list[InferenceResult]) -> InferenceResult:
+    async def _structured(
+        self, state: _TaskState, step: StepSpec, request: StepRequest, results: list[InferenceResult], input_id: str
+    ) -> dict:
+        """A body of the step's structured type, validated: the answer to ``request``; while it is
+        invalid, asked again with the error (``invalid_retries`` times) on the same models; then
+        once on the ``escalate_to`` tier. Raises StepFailed (kind ``invalid``) when none validates."""
+
+        def parse(result: InferenceResult) -> dict:
+            return parse_structured(step.artifact, result.output, input=input_id, model=result.model)
+
+        result = await self._answer(state, request, results)
+        try:
+            return parse(result)
+        except ArtifactError as exc:
+            error = str(exc)
+        retries = step.retries_when_invalid
+        current = request
+        for retry in range(1, retries + 1):
+            await self._emit(
+                state.task,
+                "step_started",
+                step_id=request.step_id,
+                detail=f"retry {retry} of {retries} on {result.model}: the output is invalid: {error}",
+                state=state,
+            )
+            # The same call again would get the same answer (temperature 0, and the router's cache):
+            # the model is shown its reply and what is wrong with it.
+            feedback = [
+                ChatMessage(role="assistant", content=result.output),
+                ChatMessage(role="user", content=INVALID_FEEDBACK.format(error=error)),
+            ]
+            current = msgspec.structs.replace(
+                request, messages=[*request.messages, *feedback], attempt=current.attempt
+            )
+            result = await self._answer(state, current, results)
+            try:
+                return parse(result)
+            except ArtifactError as exc:
+                error = str(exc)
+        invalid = f"the output of {result.model} is invalid after {retries} retries: {error}"
+        tier = step.escalate_to
+        if tier is None:
+            raise StepFailed(invalid, kind="invalid")
+        models = self._escalation_models(state, tier)
+        if not models:
+            raise StepFailed(f"{invalid}; no {tier} model is allowed to escalate to (allow_models)", kind="invalid")
+        await self._emit(
+            state.task,
+            "escalated",
+            step_id=request.step_id,
+            detail=f"to tier {tier} ({', '.join(models)}): {invalid}",
+            state=state,
+        )
+        # The original request, on the next tier: the stronger model starts afresh.
+        escalated = msgspec.structs.replace(request, allow_models=models, attempt=current.attempt)
+        result = await self._answer(state, escalated, results, loop_key=f"escalated to {tier}")
+        try:
+            return parse(result)
+        except ArtifactError as exc:
+            raise StepFailed(
+                f"the output is invalid, escalated to tier {tier} too ({result.model}): {exc}", kind="invalid"
+            ) from None
+
+    def _escalation_models(self, state: _TaskState, tier: str) -> list[str]:
+        """The models of ``tier`` the task allows (the router takes the cheapest)."""
+        allow = state.task.allow_models
+        return sorted(m.name for m in self.preflight.catalog.in_tier(tier) if allow is None or m.name in allow)
+
+    async def _answer(
+        self, state: _TaskState, request: StepRequest, results: list[InferenceResult], loop_key: str = ""
+    ) -> InferenceResult:
         """One answer to ``request``: up to ``limits.step_attempts`` calls while errors are retryable.
-        Every result is appended to ``results``; the step fails when no attempt succeeds."""
+        Every result is appended to ``results``; the step fails when no attempt succeeds.
+        ``loop_key`` sets a deliberate repeat (an escalation) apart from a loop."""
         attempt = 0
         while True:
             attempt += 1
             request.attempt += 1
             may_retry = attempt < self.limits.step_attempts
             try:
-                result = await self._guarded_call(state, request)
+                result = await self._guarded_call(state, request, loop_key)
             except StepFailed as exc:
                 if not (exc.retryable and may_retry):
                     raise
@@ -301,10 +527,12 @@ class Planner:
             if not (result.error.retryable and may_retry):
                 raise StepFailed(f"{result.error.kind}: {result.error.message}", result.error.kind)
 
-    async def _guarded_call(self, state: _TaskState, request: StepRequest) -> InferenceResult:
+    async def _guarded_call(self, state: _TaskState, request: StepRequest, loop_key: str = "") -> InferenceResult:
         """``_call`` once the call passes the per-call defences (identical calls, budget, deadline)."""
-        # Whatever model runs it: a repeat on another model is the same loop.
-        key = hashlib.sha256(msgspec.json.encode([request.role, request.messages])).hexdigest()
+        # Whatever model runs it: a repeat on another model is the same loop. An escalation (bounded:
+        # once per call of a step) is the planner's own decision, counted apart.
+        parts = [request.role, request.messages, loop_key] if loop_key else [request.role, request.messages]
+        key = hashlib.sha256(msgspec.json.encode(parts)).hexdigest()
         state.call_counts[key] += 1
         if state.call_counts[key] > self.limits.identical_calls:
             raise StepFailed(
@@ -383,12 +611,22 @@ class Planner:
     # -- artifacts --
 
     async def _put(
-        self, state: _TaskState, step: StepSpec, body: dict, parents: list[str], calls: list[str], cost_usd: float
+        self,
+        state: _TaskState,
+        step: StepSpec,
+        body: dict,
+        parents: list[str],
+        calls: list[str],
+        cost_usd: float,
+        *,
+        step_id: str | None = None,
+        artifact_type: str | None = None,
     ) -> ArtifactRef:
+        artifact_type = artifact_type or step.artifact
         artifact = Artifact(
-            type=step.artifact,
+            type=artifact_type,
             task_id=state.task.id,
-            step_id=step.id,
+            step_id=step_id or step.id,
             calls=calls,
             parents=parents,
             body=body,
@@ -398,7 +636,7 @@ class Planner:
         reply = await self._artifact_request(self.subjects.artifact_put, artifact)
         if reply.ref is None:
             raise StepFailed(
-                f"the artifact store refused the {step.artifact!r} artifact: {reply.error}", kind="invalid"
+                f"the artifact store refused the {artifact_type!r} artifact: {reply.error}", kind="invalid"
             )
         return reply.ref
 
@@ -463,6 +701,28 @@ class Planner:
             if ack.done() and not ack.cancelled():
                 ack.exception()  # retrieved: the task already failed for its own reason
             ack.cancel()
+
+
+class _Skipped(Exception):
+    """An item of a for_each step not started because another item had failed."""
+
+
+def _distinct(artifacts: list[Artifact]) -> list[Artifact]:
+    seen: dict[str, Artifact] = {}
+    for artifact in artifacts:
+        seen.setdefault(artifact.id, artifact)
+    return list(seen.values())
+
+
+def _text(artifact: Artifact) -> str:
+    """An artifact's body as prompt text: its ``text`` field, else the JSON a model wrote (a
+    structured body without the planner's provenance fields)."""
+    body = artifact.body
+    if isinstance(body.get("text"), str):
+        return body["text"]
+    schema = ARTIFACT_TYPES.get(artifact.type)
+    hidden = schema.PROVENANCE if schema is not None and issubclass(schema, StructuredBody) else ()
+    return msgspec.json.encode({k: v for k, v in body.items() if k not in hidden}).decode()
 
 
 def _verdict(output: str) -> str:

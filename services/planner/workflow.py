@@ -10,6 +10,23 @@ A model step may loop: with ``retry_if`` (a regular expression) it runs again, w
 request, while its output matches, at most ``max_loops`` more times (the planner caps that at its
 own ``limits.max_loops``). A loop that is still asking after that fails the step.
 
+A model step may run once per task input (``for_each = "inputs"``, the map of a map-reduce): one
+call per distinct input, in parallel under the task's fan-out cap, with ``{item}`` standing for
+that input's text. Each call's output is an artifact of the step's type; the step's own result is
+a ``batch`` artifact listing them in input order, and a later step's ``{<step id>}`` renders the
+whole batch (each input with its output).
+
+A step whose artifact type is structured (a model writes it as JSON: schemas/artifacts.py,
+``StructuredBody``) is called with that type's JSON Schema as its response schema, and its output
+is validated against the type before it is stored. An invalid output is asked again, with the
+validation error, up to ``invalid_retries`` times (default 1) on the same model; then, with
+``escalate_to = "<tier>"``, once on the cheapest model of that tier the task allows (an
+``escalated`` event); then the step fails.
+
+``allow_models`` pins a step: its calls run only on the models listed (and on those of the
+task's own allow-list, when it has one: a step's list narrows the task's, never widens it). The
+one exception is the workflow's own ``escalate_to`` tier, still inside the task's allow-list.
+
 Everything is checked when the file is loaded, so a bad workflow stops the planner at start
 with the file and the reason, never a task half-way through.
 """
@@ -24,13 +41,19 @@ from typing import Literal
 
 import msgspec
 
-from schemas.artifacts import ARTIFACT_TYPES
-from schemas.messages import ChatMessage
+from schemas.artifacts import ARTIFACT_TYPES, is_structured
+from schemas.messages import ChatMessage, Tier
 
 GOAL = "goal"
 # Replay backends find the recorded answer by the prompt, so the first user message of every
 # model step must be the goal itself, untouched.
 FIRST_USER_MESSAGE = "{goal}"
+# In a step run once per task input: that input's text.
+ITEM = "item"
+# What a step may run once per: the task's inputs (Task.inputs), in order.
+ForEach = Literal["inputs"]
+# An output that fails its schema is asked again this many times unless the step says otherwise.
+DEFAULT_INVALID_RETRIES = 1
 
 _STEP_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_-]*)\}")
@@ -52,6 +75,18 @@ class StepSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Model steps: run again while the output matches this regular expression, up to max_loops times.
     retry_if: str | None = None
     max_loops: int = 1
+    # Model steps: one call per task input, ``{item}`` being that input's text.
+    for_each: ForEach | None = None
+    # Model steps: the models its calls may run on (None: any the task allows).
+    allow_models: list[str] | None = None
+    # Structured artifact types only: how often an invalid output is asked again (None: the default),
+    # and the tier it then goes to once (None: the step fails instead).
+    invalid_retries: int | None = None
+    escalate_to: Tier | None = None
+
+    @property
+    def retries_when_invalid(self) -> int:
+        return DEFAULT_INVALID_RETRIES if self.invalid_retries is None else self.invalid_retries
 
 
 class Workflow(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -65,6 +100,15 @@ class Workflow(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def final(self) -> StepSpec:
         """The step whose artifact is the task's answer: the last one listed."""
         return self.steps[-1]
+
+
+def allowed_models(task_allow: list[str] | None, step_allow: list[str] | None) -> list[str] | None:
+    """The models a step's call may run on: the task's list narrowed by the step's (None: any)."""
+    if step_allow is None:
+        return task_allow
+    if task_allow is None:
+        return list(step_allow)
+    return [m for m in step_allow if m in task_allow]
 
 
 def render(template: str, values: dict[str, str]) -> str:
@@ -122,8 +166,8 @@ def _problems(workflow: Workflow) -> list[str]:
 
 def _step_problems(step: StepSpec, by_id: dict[str, StepSpec]) -> list[str]:
     problems: list[str] = []
-    if not _STEP_ID.match(step.id) or step.id == GOAL:
-        problems.append(f"a step id must be letters, digits, '_' or '-' (and not {GOAL!r})")
+    if not _STEP_ID.match(step.id) or step.id in (GOAL, ITEM):
+        problems.append(f"a step id must be letters, digits, '_' or '-' (and not {GOAL!r} or {ITEM!r})")
     if step.artifact not in ARTIFACT_TYPES:
         problems.append(f"unknown artifact type {step.artifact!r}; known: {', '.join(sorted(ARTIFACT_TYPES))}")
     unknown = [n for n in step.needs if n not in by_id]
@@ -131,10 +175,19 @@ def _step_problems(step: StepSpec, by_id: dict[str, StepSpec]) -> list[str]:
         problems.append(f"needs unknown steps: {', '.join(unknown)}")
     if step.id in step.needs:
         problems.append("needs itself")
+    if step.artifact in ARTIFACT_TYPES and not is_structured(step.artifact):
+        if step.invalid_retries is not None or step.escalate_to is not None:
+            problems.append(
+                f"invalid_retries and escalate_to need a structured artifact type (one a model writes as JSON), "
+                f"not {step.artifact!r}"
+            )
     if step.kind == "model":
         problems.extend(_model_step_problems(step))
-    elif not unknown:
-        problems.extend(_select_step_problems(step, by_id))
+    else:
+        if step.for_each is not None or step.allow_models is not None or step.escalate_to is not None:
+            problems.append("a select step makes no model call: it takes no for_each, allow_models or escalate_to")
+        if not unknown:
+            problems.extend(_select_step_problems(step, by_id))
     return problems
 
 
@@ -151,13 +204,25 @@ def _model_step_problems(step: StepSpec) -> list[str]:
             problems.append(f"retry_if is not a regular expression: {exc}")
     if step.max_loops < 1:
         problems.append(f"max_loops must be at least 1, not {step.max_loops}")
+    if step.invalid_retries is not None and step.invalid_retries < 0:
+        problems.append(f"invalid_retries must not be negative, not {step.invalid_retries}")
+    if step.allow_models is not None and not step.allow_models:
+        problems.append("allow_models must name at least one model (leave it out to allow any)")
+    if step.for_each is not None and step.retry_if is not None:
+        problems.append("a step run for each input takes no retry_if")
+    elif step.retry_if is not None and step.artifact in ARTIFACT_TYPES and is_structured(step.artifact):
+        problems.append("a structured step takes no retry_if: an invalid output is retried by invalid_retries")
     user = [m.content for m in step.messages if m.role == "user"]
     if not user or user[0] != FIRST_USER_MESSAGE:
         problems.append(f"the first user message must be exactly {FIRST_USER_MESSAGE!r}")
-    for message in step.messages:
-        for name in _PLACEHOLDER.findall(message.content):
-            if name != GOAL and name not in step.needs:
-                problems.append(f"placeholder {{{name}}} is neither {{goal}} nor one of its needs")
+    names = {name for message in step.messages for name in _PLACEHOLDER.findall(message.content)}
+    for name in sorted(names):
+        if name == ITEM and step.for_each is None:
+            problems.append(f"placeholder {{{ITEM}}} needs for_each = \"inputs\"")
+        elif name not in (GOAL, ITEM) and name not in step.needs:
+            problems.append(f"placeholder {{{name}}} is neither {{goal}} nor one of its needs")
+    if step.for_each is not None and ITEM not in names:
+        problems.append(f"a step run for each input must use {{{ITEM}}} in its messages")
     return problems
 
 
@@ -168,6 +233,8 @@ def _select_step_problems(step: StepSpec, by_id: dict[str, StepSpec]) -> list[st
         return ["a select step needs exactly [candidate, review]"]
     candidate, review = (by_id[n] for n in step.needs)
     problems = []
+    if candidate.for_each is not None or review.for_each is not None:
+        problems.append("it cannot select from a step run for each input (that produces a batch)")
     if review.artifact != "review":
         problems.append(f"its second need {review.id!r} must produce a 'review', not {review.artifact!r}")
     if candidate.artifact != step.artifact:

@@ -11,6 +11,13 @@ kill switch (a tripped switch covering the call: ``killed``), pacing (ahead of t
 one tier down, and under "throttle" a per-tenant rate of paid calls) and the reservation of the
 call's worst case with the accountant (refused: ``refused``). After the call it settles the
 metered cost. A call that never started is metered once, at $0, with its outcome.
+
+Spillover (services/router/load.py): the router follows each local model's load
+(``mesh.local.load.>``, published by local-inference) and, when a call on a local model would
+finish past the step's deadline behind the engine's queue, sends it one tier up inside the
+allow-list instead. The request, its usage row and the result carry ``spilled_from`` = the local
+model. No spill while pacing says spend less, onto a model a kill switch blocks, or when the local
+model's answer is cached; a spilled call the accountant refuses runs locally after all.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from contextvars import ContextVar
 
 import msgspec
 import nats.errors
@@ -30,6 +38,7 @@ from schemas.messages import (
     ErrorKind,
     InferenceRequest,
     InferenceResult,
+    LocalLoad,
     Outcome,
     PaceSignal,
     Reservation,
@@ -48,6 +57,7 @@ from schemas.subjects import (
     token,
 )
 from services.router.cache import ResponseCache, cache_key
+from services.router.load import DEFAULT_STALE_S, LoadBoard, spill_target
 from services.router.policies import PolicySet, execute
 from services.router.table import PinningError, RoutingTable
 from services.router.throttle import DEFAULT_BURST, DEFAULT_RATE_PER_S, Throttle
@@ -67,18 +77,29 @@ DEFAULT_CACHE_TTL_S = 24 * 3600.0
 # throttled tenant's queued steps must not hold up other tenants'.
 DEFAULT_CONCURRENCY = 64
 
+# The local model the call being made spilled from ("" for a call on the model the policy chose);
+# set by Router.route around a spilled call, read where the request and usage rows are built.
+_spilled_from: ContextVar[str] = ContextVar("spilled_from", default="")
+
 
 class Router:
     """The per-step logic, apart from FastStream so that it reads top to bottom."""
 
     def __init__(
-        self, bus: Bus, policies: PolicySet, catalog: Catalog, cache_ttl_s: float, throttle: Throttle
+        self,
+        bus: Bus,
+        policies: PolicySet,
+        catalog: Catalog,
+        cache_ttl_s: float,
+        throttle: Throttle,
+        load: LoadBoard | None = None,
     ) -> None:
         self.bus = bus
         self.policies = policies
         self.catalog = catalog
         self.cache_ttl_s = cache_ttl_s
         self.throttle = throttle
+        self.load = load or LoadBoard()
         self.reservations = ReservationClient(bus)
         self.log = bus.log
         self.cache: ResponseCache | None = None
@@ -102,7 +123,25 @@ class Router:
         pace = self.control.pace(step.tenant)
 
         async def call(model: ModelSpec) -> InferenceResult:
-            return await self._run(step, model, traceparent, pace, task_budget_usd)
+            if model.service != "local":
+                return await self._run(step, model, traceparent, pace, task_budget_usd)
+            target = await self._spill_target(step, model, pace)
+            if target is not None:
+                marked = _spilled_from.set(model.name)
+                try:
+                    spilled = await self._run(step, target, traceparent, pace, task_budget_usd)
+                finally:
+                    _spilled_from.reset(marked)
+                spilled = msgspec.structs.replace(spilled, spilled_from=model.name)
+                if spilled.error is None or spilled.error.kind not in ("refused", "killed"):
+                    return spilled
+                # Not started (a cap or a switch on the bigger model): the local queue is still an answer.
+                self.log.info("spill_refused", model=model.name, to=target.name, reason=spilled.error.message)
+            self.load.pending[model.name] += 1
+            try:
+                return await self._run(step, model, traceparent, pace, task_budget_usd)
+            finally:
+                self.load.pending[model.name] -= 1
 
         try:
             # The step's policy (deploy/routing.toml [policies]) decides; a cascade may call twice.
@@ -119,6 +158,39 @@ class Router:
             return InferenceResult(
                 call_id=uuid.uuid4().hex, model="", tier=exc.tier, error=ErrorInfo(kind="pinning", message=str(exc))
             )
+
+    async def _spill_target(self, step: StepRequest, model: ModelSpec, pace: PaceSignal | None) -> ModelSpec | None:
+        """The model to run ``step`` on instead of the local ``model`` when its queue would break
+        the step's deadline; None to stay local."""
+        assert self.cache is not None and self.control is not None
+        estimate = self.load.estimate(model, step.max_tokens)
+        remaining_s = (step.deadline_ms - now_ms()) / 1000
+        if estimate is None or not estimate.breaks(remaining_s):
+            return None
+        decision = {
+            "model": model.name,
+            "ahead": estimate.ahead,
+            "finish_s": round(estimate.finish_s, 3),
+            "remaining_s": round(remaining_s, 3),
+            "tokens_per_s": round(estimate.decode_tokens_per_s, 1),
+        }
+        target = spill_target(model, step.allow_models, self.catalog)
+        if target is None:
+            self.log.info("spill_not_allowed", allow_models=step.allow_models, **decision)
+            return None
+        if pace is not None and pace.action in ("downgrade", "throttle"):
+            # Ahead of the month's curve the mesh spends less, not more: the call stays local.
+            self.log.info("spill_paced", to=target.name, pace=pace.action, **decision)
+            return None
+        if self.control.blocked(tenant=step.tenant, task_id=step.task_id, model=target.name) is not None:
+            return None
+        if await self.cache.get(cache_key(model.name, step)) is not None:
+            return None  # the local answer is cached: instant and free
+        self.log.info("spilled", to=target.name, task_id=step.task_id, step_id=step.step_id, **decision)
+        return target
+
+    def on_load(self, load: LocalLoad) -> None:
+        self.load.update(load)
 
     async def _run(
         self,
@@ -152,7 +224,14 @@ class Router:
         self, step: StepRequest, model: ModelSpec, cached: InferenceResult, call_id: str, started: float
     ) -> InferenceResult:
         latency_ms = (time.perf_counter() - started) * 1000
-        result = msgspec.structs.replace(cached, call_id=call_id, cache_hit=True, cost_usd=0.0, latency_ms=latency_ms)
+        result = msgspec.structs.replace(
+            cached,
+            call_id=call_id,
+            cache_hit=True,
+            cost_usd=0.0,
+            latency_ms=latency_ms,
+            spilled_from=_spilled_from.get(),
+        )
         # The tokens are the original call's, so analysts can see what the hit saved.
         await self._meter(
             step, call_id, cached.tier, cached.provider, cached.model, model.name, cached.usage, 0.0, latency_ms, "cache_hit"
@@ -272,6 +351,7 @@ class Router:
             response_schema=step.response_schema,
             deadline_ms=step.deadline_ms,
             reservation_id=reservation_id,
+            spilled_from=_spilled_from.get(),
         )
         headers = {HEADER_DEADLINE: str(step.deadline_ms), HEADER_TASK: step.task_id, HEADER_TENANT: step.tenant}
         if traceparent:
@@ -353,6 +433,7 @@ class Router:
                 latency_ms=latency_ms,
                 outcome=outcome,
                 usage_source=usage_source,
+                spilled_from=_spilled_from.get(),
             )
         )
 
@@ -397,10 +478,12 @@ def create_app(
     throttle_rate_per_s: float = DEFAULT_RATE_PER_S,
     throttle_burst: int = DEFAULT_BURST,
     max_concurrency: int = DEFAULT_CONCURRENCY,
+    load_stale_s: float = DEFAULT_STALE_S,
 ) -> FastStream:
     """The router; ``table`` and ``catalog`` default to deploy/routing.toml and deploy/models.toml,
     ``policies`` to routing.toml's [policies] (the rules alone when it has none).
-    ``throttle_*``: the paid calls per second (and burst) of a tenant whose pace says "throttle"."""
+    ``throttle_*``: the paid calls per second (and burst) of a tenant whose pace says "throttle".
+    ``load_stale_s``: how old a local model's load report may be and still steer spillover."""
     bus = Bus(settings, SERVICE)
     table = table or RoutingTable.load(settings.deploy_dir)
     catalog = catalog or Catalog.load(settings.deploy_dir)
@@ -410,6 +493,7 @@ def create_app(
         catalog,
         cache_ttl_s,
         Throttle(throttle_rate_per_s, throttle_burst),
+        LoadBoard(load_stale_s),
     )
     app = bus.app()
     # Registered after bus.app()'s own hook, which connects the broker; subscribers start after both.
@@ -430,5 +514,12 @@ def create_app(
             await bus.dead_letter(msg.raw_message.subject, msg.body, msg.headers, str(exc))
             return bus.rejection(str(exc))
         return encode(await router.route(step, msg.headers.get(HEADER_TRACEPARENT), task_budget_usd))
+
+    # Every replica needs every report: no queue group.
+    @bus.broker.subscriber(settings.subjects.local_load_all)
+    async def on_local_load(msg: NatsMessage) -> None:
+        load = await bus.decode(msg, LocalLoad)
+        if load is not None:
+            router.on_load(load)
 
     return app

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -238,9 +238,11 @@ def create_inference_app(
     kind: ServiceKind,
     factories: Mapping[str, BackendFactory],
     max_concurrency: int = DEFAULT_CONCURRENCY,
+    setup: Callable[[FastStream, InferenceService], None] | None = None,
 ) -> FastStream:
     """The FastStream app of ``<kind>-inference``: one backend per provider of this service's models,
-    chosen by the provider's ``backend`` in models.toml from ``factories``."""
+    chosen by the provider's ``backend`` in models.toml from ``factories``. ``setup`` lets a service
+    add its own hooks (local-inference publishes its engines' load) once the app is built."""
     service = f"{kind}-inference"
     bus = Bus(settings, service)
     catalog = Catalog.load(settings.deploy_dir)
@@ -270,4 +272,6 @@ def create_inference_app(
         for backend in backends.values():
             await backend.aclose()
 
+    if setup is not None:
+        setup(app, handler)
     return app
