@@ -1,15 +1,20 @@
 """Durable ledger: a group-committed journal in JetStream plus periodic snapshots.
 
 Every ledger operation is appended here after it was applied in memory; ``append`` returns the
-future of the batch it joined, which resolves once the batch is stored. The accountant replies
-to a reserve or a settle only after that, so a decision a caller has seen is never lost by a
-crash. Operations that arrive while one commit is in flight go together in the next one (group
-commit: one JetStream publish carries up to ``MAX_BATCH`` operations, and up to
-``MAX_IN_FLIGHT`` publishes are pipelined), so under load the journal adds about one JetStream
-round trip to a reservation, not one per reservation.
+``Commit`` (one journal message) it joined. The accountant answers a reservation only once that
+commit is stored, so a decision a caller has seen is never lost by a crash.
 
-Every ``snapshot_interval_s`` the committer also encodes the whole ledger as of the batch it is
-about to publish, stores it in the Object Store ``<prefix>_ledger`` under the batch's sequence
+Group commit: the operations decided while the event loop works through a burst of requests go
+out together, one JetStream message of up to ``MAX_BATCH`` operations, published one loop turn
+after the first of them; up to ``MAX_IN_FLIGHT`` messages await their acknowledgement at once,
+and while that many are out the next commit grows. Acknowledgements come to the journal's own
+inbox, and the callback that reads one runs the commit's waiters there and then (the
+accountant's send the parked replies) and publishes the next commit: no future, task or timer
+stands between an acknowledgement and its replies. Under load every such hop waited behind a
+whole burst of decisions, and together they were most of a reservation's time in the accountant.
+
+Every ``snapshot_interval_s`` the committer also encodes the whole ledger as of the commit it is
+about to publish, stores it in the Object Store ``<prefix>_ledger`` under that commit's sequence
 number and then purges the journal up to that sequence, so a restart replays at most one
 interval of operations.
 """
@@ -20,10 +25,14 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import msgspec
-from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import ConsumerConfig, DeliverPolicy, Header, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, BucketNotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 from structlog.stdlib import BoundLogger
@@ -32,20 +41,64 @@ from schemas.subjects import BUCKET_LEDGER, STREAM_LEDGER, Subjects
 from services.accountant.ledger import Ledger, Op
 
 MAX_BATCH = 2000  # operations per journal message, well under NATS's 1 MB payload limit
-MAX_IN_FLIGHT = 4  # journal writes awaiting their acknowledgement at once
+MAX_IN_FLIGHT = 16  # journal messages awaiting their acknowledgement at once
+ACK_TIMEOUT_S = 5.0  # a message not acknowledged by then counts as not stored
+NO_RESPONDERS = "503"  # the status of a request nobody (no stream) answered
 SNAPSHOT = "snapshot"
+
+# Run once the commit is stored (None) or could not be (the error).
+Waiter = Callable[[BaseException | None], Awaitable[None]]
+
+
+class JournalWriteError(Exception):
+    """JetStream did not store a journal message: it refused it, or did not acknowledge it in time."""
 
 
 class Batch(msgspec.Struct):
     ops: list[Op]
 
 
+class _ApiError(msgspec.Struct):
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    seq: int = 0
+    error: _ApiError | None = None
+
+
 _decode_batch = msgspec.json.Decoder(Batch).decode
+_decode_ack = msgspec.json.Decoder(_PubAck).decode
+
+
+class Commit:
+    """One journal message: operations in ledger order, and who waits for it to be stored."""
+
+    __slots__ = ("ops", "waiters")
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+        self.waiters: list[Waiter] = []
+
+    def on_stored(self, waiter: Waiter) -> None:
+        """Run ``waiter`` once the commit is stored or has failed (a commit ``append`` or
+        ``barrier`` just returned is neither yet, so no waiter is ever late)."""
+        self.waiters.append(waiter)
+
+
+@dataclass
+class _Write:
+    """A published commit awaiting its acknowledgement."""
+
+    commit: Commit
+    timeout: asyncio.TimerHandle
+    state: bytes | None  # the ledger snapshot to store under this message's sequence, if due
 
 
 class Journal:
-    def __init__(self, js: JetStreamContext, subjects: Subjects, log: BoundLogger, snapshot_interval_s: float) -> None:
-        self.js = js
+    def __init__(self, nc: Client, subjects: Subjects, log: BoundLogger, snapshot_interval_s: float) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
         self.subject = subjects.ledger
         self.stream = subjects.stream(STREAM_LEDGER)
         self.bucket = subjects.bucket(BUCKET_LEDGER)
@@ -53,16 +106,21 @@ class Journal:
         self.snapshot_interval_s = snapshot_interval_s
         self.ledger = Ledger()
         self._store: ObjectStore | None = None
-        # Batches waiting to be written, oldest first, each with the future its callers wait on.
-        self._batches: deque[tuple[list[Op], asyncio.Future[None]]] = deque()
+        # Commits not yet published, oldest first; only the last one still takes operations.
+        self._pending: deque[Commit] = deque()
+        # Published commits by write number (in publishing order), until acknowledged or failed.
+        self._unacked: dict[int, _Write] = {}
+        self._writes = 0
+        self._ack_inbox = ""
+        self._ack_sub: Subscription | None = None
         self._wakeup = asyncio.Event()
-        self._in_flight: asyncio.Future[None] | None = None
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        self._writes: set[asyncio.Task] = set()
+        self._progress = asyncio.Event()
+        self._timeouts: set[asyncio.Task] = set()
         self._committer: asyncio.Task | None = None
         self._snapshotting: asyncio.Task | None = None
         self._last_snapshot = time.monotonic()
         self._encode = msgspec.json.Encoder().encode
+        self._headers = {Header.EXPECTED_STREAM: self.stream}
 
     async def open(self) -> Ledger:
         """Declare the stream and store, rebuild the ledger from snapshot + journal, start committing."""
@@ -76,6 +134,8 @@ class Journal:
         except BucketNotFoundError:
             self._store = await self.js.create_object_store(self.bucket)
         self.ledger = await self._recover()
+        self._ack_inbox = self.nc.new_inbox() + "."
+        self._ack_sub = await self.nc.subscribe(self._ack_inbox + "*", cb=self._on_ack)
         self._committer = asyncio.create_task(self._commit_forever())
         return self.ledger
 
@@ -111,76 +171,114 @@ class Journal:
         self.log.info("ledger_recovered", snapshot_seq=seq, replayed_ops=replayed, holds=len(ledger.holds))
         return ledger
 
-    def append(self, op: Op) -> asyncio.Future[None]:
-        """Queue an operation (already applied to the ledger); the future resolves once it is stored."""
-        if not self._batches or len(self._batches[-1][0]) >= MAX_BATCH:
-            future = asyncio.get_running_loop().create_future()
-            # A failed write is reported to whoever waits; retrieving it here keeps asyncio quiet
-            # about the batches nobody waits on (expiries, trips).
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._batches.append(([], future))
-        ops, future = self._batches[-1]
-        ops.append(op)
+    def append(self, op: Op) -> Commit:
+        """Queue an operation (already applied to the ledger); returns the commit that will carry it."""
+        if not self._pending or len(self._pending[-1].ops) >= MAX_BATCH:
+            self._pending.append(Commit())
+        commit = self._pending[-1]
+        commit.ops.append(op)
         self._wakeup.set()
-        return future
+        return commit
 
-    def barrier(self) -> asyncio.Future[None]:
-        """A future that resolves once every operation appended so far is stored."""
-        if self._batches:
-            return self._batches[-1][1]
-        if self._in_flight is not None and not self._in_flight.done():
-            return self._in_flight
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
+    def barrier(self) -> Commit | None:
+        """The commit whose storing means every operation appended so far is stored; None if they are."""
+        if self._pending:
+            return self._pending[-1]
+        if self._unacked:
+            return next(reversed(self._unacked.values())).commit
+        return None
 
     async def _commit_forever(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._batches:
-                await self._slots.acquire()
-                self._start_write()
+            await self._publish_ready()
 
-    def _start_write(self) -> None:
-        """Send the oldest batch without waiting for the one before it to be acknowledged.
+    async def _publish_ready(self) -> None:
+        """Publish pending commits, oldest first, while fewer than ``MAX_IN_FLIGHT`` are unacknowledged.
 
-        JetStream orders the writes of one connection, so the journal keeps the order of the
-        ledger; pipelining only takes the acknowledgement's round trip off the next batch's wait.
+        Publishing does not wait for earlier acknowledgements: JetStream stores the messages of
+        one connection in the order sent, so the journal keeps the order of the ledger.
         """
-        ops, future = self._batches.popleft()
-        self._in_flight = future
-        # The ledger now holds exactly what the journal will hold once this batch is stored (every
-        # applied op is stored, in flight or in this batch), so this is the moment to copy it.
-        snapshot_due = (
-            not self._batches
-            and self._snapshotting is None
-            and time.monotonic() - self._last_snapshot >= self.snapshot_interval_s
-        )
-        if snapshot_due:
-            self._last_snapshot = time.monotonic()
-        state = self.ledger.snapshot() if snapshot_due else None
-        task = asyncio.create_task(self._write(self._encode(Batch(ops)), len(ops), future, state))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        while self._pending and len(self._unacked) < MAX_IN_FLIGHT:
+            commit = self._pending.popleft()
+            self._writes += 1
+            write = self._writes
+            timeout = asyncio.get_running_loop().call_later(ACK_TIMEOUT_S, self._ack_timed_out, write)
+            self._unacked[write] = _Write(commit, timeout, self._snapshot_if_due())
+            try:
+                # nats-py queues the bytes before anything in publish() can suspend, so a commit
+                # published meanwhile by the acknowledgement callback still goes out after this one.
+                await self.nc.publish(
+                    self.subject, self._encode(Batch(commit.ops)), reply=f"{self._ack_inbox}{write}", headers=self._headers
+                )
+            except Exception as exc:  # connection closed, or its buffer full while reconnecting
+                await self._notify(self._done(write, exc), exc)
 
-    async def _write(self, data: bytes, n_ops: int, future: asyncio.Future[None], state: bytes | None) -> None:
-        try:
-            ack = await self.js.publish(self.subject, data, stream=self.stream)
-        except Exception as exc:  # JetStream unavailable: the callers decide (a grant is withdrawn)
-            self.log.error("journal_write_failed", ops=n_ops, error=str(exc))
-            future.set_exception(exc)
-            return
-        finally:
-            self._slots.release()
-        future.set_result(None)
-        if state is not None:
-            self._snapshotting = asyncio.create_task(self._save_snapshot(state, ack.seq))
+    def _snapshot_if_due(self) -> bytes | None:
+        """The ledger's state when a snapshot is due and the commit being published is the last
+        pending one: the ledger then holds exactly what the journal will once it is stored."""
+        if (
+            self._pending
+            or self._snapshotting is not None
+            or time.monotonic() - self._last_snapshot < self.snapshot_interval_s
+        ):
+            return None
+        self._last_snapshot = time.monotonic()
+        return self.ledger.snapshot()
+
+    async def _on_ack(self, msg: Msg) -> None:
+        write = int(msg.subject[len(self._ack_inbox) :])
+        seq, error = 0, None
+        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS:
+            error = JournalWriteError(f"no stream {self.stream} for {self.subject}")
+        else:
+            try:
+                ack = _decode_ack(msg.data)
+                seq = ack.seq
+                if ack.error is not None:
+                    error = JournalWriteError(ack.error.description)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                error = JournalWriteError(f"unreadable acknowledgement: {exc}")
+        await self._finish(write, error, seq)
+
+    def _ack_timed_out(self, write: int) -> None:
+        error = JournalWriteError(f"not acknowledged within {ACK_TIMEOUT_S} s")
+        task = asyncio.get_running_loop().create_task(self._finish(write, error))
+        self._timeouts.add(task)
+        task.add_done_callback(self._timeouts.discard)
+
+    async def _finish(self, write: int, error: BaseException | None, seq: int = 0) -> None:
+        """A write was answered (or timed out): its slot lets the next commit out, then its waiters run."""
+        commit = self._done(write, error, seq)
+        if commit is not None:
+            await self._publish_ready()
+            await self._notify(commit, error)
+
+    def _done(self, write: int, error: BaseException | None, seq: int = 0) -> Commit | None:
+        """Take a write off the unacknowledged ones; None if it already was (answered after timing out)."""
+        done = self._unacked.pop(write, None)
+        if done is None:
+            return None
+        done.timeout.cancel()
+        self._progress.set()
+        if error is not None:  # JetStream unavailable: the waiters decide (a grant is withdrawn)
+            self.log.error("journal_write_failed", ops=len(done.commit.ops), error=str(error))
+        elif done.state is not None:
+            self._snapshotting = asyncio.create_task(self._save_snapshot(done.state, seq))
+        return done.commit
+
+    async def _notify(self, commit: Commit | None, error: BaseException | None) -> None:
+        for waiter in commit.waiters if commit is not None else ():
+            try:
+                await waiter(error)
+            except Exception as exc:  # one waiter's failure (its caller went away) is not the others'
+                self.log.error("journal_waiter_failed", error=str(exc))
 
     async def _save_snapshot(self, state: bytes, seq: int) -> None:
         assert self._store is not None
         try:
-            # A header line carries the sequence, known only once the batch was stored.
+            # A header line carries the sequence, known only once the commit was stored.
             await self._store.put(SNAPSHOT, b"%d\n" % seq + state)
             # Only after the snapshot is stored may the operations it covers go.
             await self.js.purge_stream(self.stream, seq=seq + 1)
@@ -191,16 +289,19 @@ class Journal:
             self._snapshotting = None
 
     async def close(self) -> None:
-        """Store what is queued, then stop."""
+        """Store what is queued and run its waiters, then stop."""
         if self._committer is not None:
             self._committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._committer
-            while self._batches:
-                await self._slots.acquire()
-                self._start_write()
-        if self._writes:
-            await asyncio.wait(self._writes)
+        await self._publish_ready()
+        # Each acknowledgement publishes the next pending commit; each write times out at worst.
+        while self._unacked:
+            self._progress.clear()
+            await self._progress.wait()
+        if self._ack_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._ack_sub.unsubscribe()
         if self._snapshotting is not None:
             with contextlib.suppress(Exception):
                 await self._snapshotting
