@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from nats.js.errors import KeyNotFoundError
 
 from schemas.messages import BudgetQuery, BudgetState, BudgetUpdate, KillSwitch, PaceSignal, Reservation, ReservationDecision
+from schemas.subjects import STREAM_LEDGER
 from services.accountant.budget import BudgetConfig, Caps, PacingConfig
 from services.accountant.clickhouse import client
 from services.accountant.ledger import pico
@@ -217,6 +218,19 @@ async def test_a_hold_from_before_a_restart_that_expires_unsettled_is_charged(st
         return spend(await show(nc, settings), "tenant", "acme", "day")[:2] == pytest.approx((0.02, 0.0))
 
     await eventually(charged)
+
+
+async def test_a_grant_the_journal_cannot_store_is_withdrawn(start_service, settings, nc):
+    await start_accountant(start_service, settings, caps(tenant_acme={"day": 0.05}))
+    assert (await reserve(nc, settings, reservation(1, 0.01))).granted
+    # Without its stream, a journal write is answered "no responders": nothing is stored.
+    await nc.jetstream().delete_stream(settings.subjects.stream(STREAM_LEDGER))
+    refused = await reserve(nc, settings, reservation(2, 0.01))
+    assert not refused.granted and refused.reason.startswith("ledger unavailable")
+    # The refused hold was given back: only the first one holds room.
+    state = await show(nc, settings)
+    assert state.outstanding == 1
+    assert spend(state, "tenant", "acme", "day")[:2] == pytest.approx((0.0, 0.01))
 
 
 async def test_crossing_a_cap_trips_the_switch_and_records_it(start_service, settings, nc, clickhouse_url):

@@ -90,6 +90,20 @@ def test_up_reports_where_everything_listens(mesh):
         assert service in banner
 
 
+def test_up_serves_a_real_local_model(mesh, infra):
+    """The engine `up` started generates for real: a task pinned to it runs on SmolLM2 and is
+    metered with the engine's own token counts, priced by its hardware profile."""
+    assert "Local model http://127.0.0.1:" in mesh["banner"]
+    task_id, lines, result = submit(mesh, "Say hello in one short sentence.", "--workflow", "answer",
+                                    "--allow-model", "smollm2-135m")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert lines[-1].strip(), "no answer printed"
+    [row] = usage_rows(infra[1], task_id, expected=1)
+    _, model, tier, outcome, tokens_in, tokens_out, cost = row
+    assert (model, tier, outcome) == ("smollm2-135m", "local", "ok")
+    assert tokens_in > 0 and tokens_out > 0 and cost > 0
+
+
 def test_answer_task_runs_through_all_six_services_and_is_metered_once_per_call(mesh, infra, gsm8k):
     record = gsm8k[0]
     task_id, lines, result = submit(mesh, record.prompt, "--workflow", "answer")

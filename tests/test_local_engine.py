@@ -11,10 +11,10 @@ import json
 import time
 import uuid
 
-import clickhouse_connect
 import httpx
 import msgspec
 import pytest
+from mesh_client import usage_rows
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.messages import ChatMessage, InferenceRequest, InferenceResult, KillSwitch
@@ -69,19 +69,9 @@ async def call(nc, settings, req: InferenceRequest) -> InferenceResult:
 
 
 async def usage_row(clickhouse_url: str, database: str, call_id: str) -> dict:
-    """The call's row, once the accountant (in this event loop) has ingested it."""
-    client = clickhouse_connect.get_client(dsn=clickhouse_url)
-    deadline = time.monotonic() + 30
-    while True:
-        result = client.query(
-            "SELECT outcome, usage_source, input_tokens, cached_input_tokens, output_tokens, cost_usd, hardware_profile "
-            f"FROM {database}.usage_events FINAL WHERE call_id = %(c)s",
-            parameters={"c": call_id},
-        )
-        if result.result_rows:
-            return dict(zip(result.column_names, result.result_rows[0]))
-        assert time.monotonic() < deadline, f"no usage row for {call_id}"
-        await asyncio.sleep(0.2)
+    columns = "outcome, usage_source, input_tokens, cached_input_tokens, output_tokens, cost_usd, hardware_profile"
+    [row] = await usage_rows(clickhouse_url, database, "call_id = %(c)s", {"c": call_id}, columns=columns)
+    return row
 
 
 # -- the engine itself, over HTTP --

@@ -15,18 +15,17 @@ import asyncio
 import json
 import re
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import get_args
 
-import clickhouse_connect
 import msgspec
 import pytest
 from click.testing import CliRunner
-
 from fakes.openai_server import Behaviour, FakeOpenAI
+from mesh_client import artifact, submit, usage_rows
+
 from schemas.artifacts import (
     ArtifactError,
     TicketCategory,
@@ -35,15 +34,11 @@ from schemas.artifacts import (
     validate_body,
 )
 from schemas.messages import (
-    TERMINAL_EVENTS,
     Artifact,
-    ArtifactGet,
     ArtifactRef,
     ArtifactReply,
     Task,
-    TaskEvent,
 )
-from schemas.subjects import HEADER_MSG_ID
 from services.planner.config import PlannerConfig
 from services.planner.preflight import Preflight
 from services.planner.workflow import WorkflowError, load_workflows, parse_workflow
@@ -126,27 +121,6 @@ async def put_tickets(nc, settings, tickets: list[str]) -> list[ArtifactRef]:
     return refs
 
 
-async def submit(nc, settings, task: Task, timeout_s: float = 90.0) -> list[TaskEvent]:
-    sub = await nc.subscribe(settings.subjects.task_event(task.id))
-    await nc.jetstream().publish(
-        settings.subjects.task_submit, msgspec.json.encode(task), headers={HEADER_MSG_ID: task.id}
-    )
-    events: list[TaskEvent] = []
-    try:
-        while not events or events[-1].kind not in TERMINAL_EVENTS:
-            events.append(msgspec.json.decode((await sub.next_msg(timeout=timeout_s)).data, type=TaskEvent))
-    finally:
-        await sub.unsubscribe()
-    return events
-
-
-async def artifact(nc, settings, artifact_id: str) -> Artifact:
-    reply = await nc.request(settings.subjects.artifact_get, msgspec.json.encode(ArtifactGet(id=artifact_id)), timeout=5)
-    found = msgspec.json.decode(reply.data, type=ArtifactReply).artifact
-    assert found is not None
-    return found
-
-
 def triage_task(refs: list[ArtifactRef], **fields) -> Task:
     return Task(
         id=uuid.uuid4().hex[:12],
@@ -160,21 +134,11 @@ def triage_task(refs: list[ArtifactRef], **fields) -> Task:
     )
 
 
-async def usage_rows(clickhouse_url: str, database: str, task_id: str, expected: int) -> list[dict]:
-    """The task's usage rows, once the accountant has ingested ``expected`` of them."""
-    client = clickhouse_connect.get_client(dsn=clickhouse_url)
-    deadline = time.monotonic() + 30
-    while True:
-        result = client.query(
-            "SELECT step_id, model, tier, outcome, usage_source, input_tokens, output_tokens, cost_usd, "
-            f"hardware_profile, time FROM {database}.usage_events FINAL WHERE task_id = %(t)s ORDER BY time",
-            parameters={"t": task_id},
-        )
-        rows = [dict(zip(result.column_names, row)) for row in result.result_rows]
-        if len(rows) >= expected:
-            return rows
-        assert time.monotonic() < deadline, f"{len(rows)} of {expected} usage rows: {rows}"
-        await asyncio.sleep(0.2)
+LABEL_COLUMNS = "step_id, model, tier, outcome, usage_source, input_tokens, output_tokens, cost_usd, hardware_profile, time"
+
+
+async def task_rows(clickhouse_url: str, database: str, task_id: str, expected: int) -> list[dict]:
+    return await usage_rows(clickhouse_url, database, "task_id = %(t)s", {"t": task_id}, columns=LABEL_COLUMNS, expected=expected)
 
 
 # -- end to end, on the real engine --
@@ -188,7 +152,7 @@ async def test_triage_labels_every_ticket_locally_and_synthesises_once_on_the_fr
     assert refs[0] == refs[-1]  # content-addressed: the duplicate ticket is the same input
     task = triage_task(refs)
 
-    events = await submit(nc, settings, task)
+    events = await submit(nc, settings, task, timeout_s=90)
 
     assert events[-1].kind == "done", events[-1].detail
     assert [(e.kind, e.step_id) for e in events] == [
@@ -232,7 +196,7 @@ async def test_triage_labels_every_ticket_locally_and_synthesises_once_on_the_fr
         assert json.dumps({"label": body["label"], "urgent": body["urgent"]}, separators=(",", ":")) in prompt
 
     # Metered: one row per call; the local ones with the engine's own token counts.
-    rows = await usage_rows(clickhouse_url, settings.subject_prefix, task.id, expected=distinct + 1)
+    rows = await task_rows(clickhouse_url, settings.subject_prefix, task.id, expected=distinct + 1)
     local = [r for r in rows if r["model"] == LOCAL]
     assert sorted(r["step_id"] for r in local) == sorted(f"label[{i}]" for i in range(distinct))
     for row in local:
@@ -256,7 +220,7 @@ async def test_an_invalid_local_output_is_retried_then_escalated_to_the_mid_tier
     refs = await put_tickets(nc, settings, tickets)
     task = triage_task(refs, max_tokens=4)
 
-    events = await submit(nc, settings, task)
+    events = await submit(nc, settings, task, timeout_s=90)
 
     assert events[-1].kind == "done", events[-1].detail
     for position in range(len(tickets)):
@@ -281,7 +245,7 @@ async def test_an_invalid_local_output_is_retried_then_escalated_to_the_mid_tier
         assert body["response_format"]["json_schema"]["schema"] == response_schema("ticket_label")
         assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
 
-    rows = await usage_rows(clickhouse_url, settings.subject_prefix, task.id, expected=3 * len(tickets) + 1)
+    rows = await task_rows(clickhouse_url, settings.subject_prefix, task.id, expected=3 * len(tickets) + 1)
     for position in range(len(tickets)):
         calls = [r for r in rows if r["step_id"] == f"label[{position}]"]
         assert [(r["model"], r["tier"]) for r in calls] == [(LOCAL, "local"), (LOCAL, "local"), (MID, "mid")]
@@ -297,13 +261,13 @@ async def test_escalation_never_leaves_the_tasks_allow_list(mesh, nc, frontier, 
     refs = await put_tickets(nc, settings, TICKETS[:1])
     task = triage_task(refs, max_tokens=4, allow_models=[LOCAL, FRONTIER])
 
-    events = await submit(nc, settings, task)
+    events = await submit(nc, settings, task, timeout_s=90)
 
     assert events[-1].kind == "failed"
     assert "no mid model is allowed to escalate to" in events[-1].detail
     assert "escalated" not in [e.kind for e in events]
     assert mid.requests == [] and frontier.requests == []
-    rows = await usage_rows(clickhouse_url, settings.subject_prefix, task.id, expected=2)
+    rows = await task_rows(clickhouse_url, settings.subject_prefix, task.id, expected=2)
     assert [r["model"] for r in rows] == [LOCAL, LOCAL]
 
 
@@ -330,7 +294,7 @@ async def test_frugalmesh_submit_items_pinned_to_the_local_model_runs_everything
     task_id = lines[0].removeprefix("task ").strip()
     kinds = [line.split()[0] for line in lines[1:] if line.startswith("  ")]
     assert kinds == ["accepted", "planned", "step_started", "step_done", "step_started", "step_done", "done"]
-    rows = await usage_rows(clickhouse_url, settings.subject_prefix, task_id, expected=len(tickets) + 1)
+    rows = await task_rows(clickhouse_url, settings.subject_prefix, task_id, expected=len(tickets) + 1)
     assert sorted(r["step_id"] for r in rows) == sorted([*(f"label[{i}]" for i in range(len(tickets))), "note"])
     assert all(r["model"] == LOCAL and r["usage_source"] == "provider" and r["output_tokens"] > 0 for r in rows)
     assert frontier.requests == [] and mid.requests == []

@@ -16,20 +16,22 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from mesh_client import artifact, submit
 
 from schemas.messages import (
-    TERMINAL_EVENTS,
-    Artifact,
-    ArtifactGet,
-    ArtifactReply,
     DeadLetter,
     ErrorInfo,
     InferenceResult,
     StepRequest,
     Task,
-    TaskEvent,
 )
-from schemas.subjects import HEADER_DEADLINE, HEADER_MSG_ID, HEADER_TASK, HEADER_TENANT, STREAM_DLQ, STREAM_TASKS
+from schemas.subjects import (
+    HEADER_DEADLINE,
+    HEADER_TASK,
+    HEADER_TENANT,
+    STREAM_DLQ,
+    STREAM_TASKS,
+)
 from services.runtime.reservations import HEADER_BUDGET
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,30 +123,6 @@ async def mesh(settings, start_service):
         return used
 
     return start
-
-
-async def submit(nc, settings, task: Task, timeout_s: float = 10.0) -> list[TaskEvent]:
-    """Publish ``task`` as a client would and collect its events up to the terminal one."""
-    sub = await nc.subscribe(settings.subjects.task_event(task.id))
-    await nc.jetstream().publish(
-        settings.subjects.task_submit, msgspec.json.encode(task), headers={HEADER_MSG_ID: task.id}
-    )
-    events: list[TaskEvent] = []
-    try:
-        while not events or events[-1].kind not in TERMINAL_EVENTS:
-            events.append(msgspec.json.decode((await sub.next_msg(timeout=timeout_s)).data, type=TaskEvent))
-    finally:
-        await sub.unsubscribe()
-    return events
-
-
-async def artifact(nc, settings, artifact_id: str) -> Artifact:
-    reply = await nc.request(
-        settings.subjects.artifact_get, msgspec.json.encode(ArtifactGet(id=artifact_id)), timeout=5
-    )
-    found = msgspec.json.decode(reply.data, type=ArtifactReply).artifact
-    assert found is not None
-    return found
 
 
 def new_task(**fields) -> Task:

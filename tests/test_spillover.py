@@ -13,12 +13,12 @@ import asyncio
 import contextlib
 import time
 
-import clickhouse_connect
 import httpx
 import msgspec
 import pytest
 from fakes.budget_peer import BudgetPeer
 from fakes.inference_peer import InferencePeer
+from mesh_client import usage_rows
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.messages import (
@@ -35,7 +35,12 @@ from services.runtime.bus import encode, now_ms
 from services.runtime.catalog import Catalog
 from services.runtime.control import set_kill, set_pace
 from services.runtime.data import load_recorded_outcomes
-from services.runtime.inference.engine_load import MetricsError, metrics_url, parse_metrics, with_decode_rate
+from services.runtime.inference.engine_load import (
+    MetricsError,
+    metrics_url,
+    parse_metrics,
+    with_decode_rate,
+)
 from services.runtime.settings import REPO_DEPLOY_DIR
 
 LOCAL = "smollm2-135m"
@@ -475,19 +480,9 @@ def draft(prompt: str, *, allow_models: list[str], deadline_s: float = 10.0) -> 
 
 
 async def usage_row(clickhouse_url: str, database: str, call_id: str) -> dict:
-    """The call's row, once the accountant has ingested it."""
-    client = clickhouse_connect.get_client(dsn=clickhouse_url)
-    deadline = time.monotonic() + 30
-    while True:
-        result = client.query(
-            "SELECT service, tier, model, requested_model, outcome, spilled_from, cost_usd "
-            f"FROM {database}.usage_events FINAL WHERE call_id = %(c)s",
-            parameters={"c": call_id},
-        )
-        if result.result_rows:
-            return dict(zip(result.column_names, result.result_rows[0]))
-        assert time.monotonic() < deadline, f"no usage row for {call_id}"
-        await asyncio.sleep(0.2)
+    columns = "service, tier, model, requested_model, outcome, spilled_from, cost_usd"
+    [row] = await usage_rows(clickhouse_url, database, "call_id = %(c)s", {"c": call_id}, columns=columns)
+    return row
 
 
 async def loads_seen(nc, settings, condition, count: int = 2) -> LocalLoad:

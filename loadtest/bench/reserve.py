@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -112,6 +113,12 @@ async def measure(url: str, callers: int, rounds: int, raw_subject: str, prefix:
                 out["reserve"].append(reserve_ms)
                 out["settle"].append(settle_ms)
 
+    # The callers' own process pauses for full garbage collections too: over its start-up objects
+    # one took 60-70 ms on these CPUs, and the reserve phase, which allocates more, was where it
+    # usually fell, so it was counted as reservation time. Frozen, they are left out of
+    # collections (as the accountant does with its own).
+    gc.collect()
+    gc.freeze()
     # Two alternating halves, so a change in the machine's other load hits both phases alike.
     for half in (rounds // 2, rounds - rounds // 2):
         await asyncio.gather(*(raw_caller(c, half) for c in range(callers)))

@@ -30,6 +30,7 @@ from schemas.messages import BudgetQuery, BudgetUpdate, Reservation, Reservation
 from schemas.subjects import STREAM_ARTIFACT_EVENTS, STREAM_CONTROL, STREAM_TASK_EVENTS, STREAM_USAGE
 from services.accountant.budget import BUDGETS_FILE, BudgetConfig
 from services.accountant.ingest import ARTIFACTS, KILLS, TASKS, USAGE, BatchConsumer, Ingest, Sink, Store
+from services.accountant.journal import Commit
 from services.accountant.reservations import Budgets, Clock
 from services.runtime.bus import Bus, encode, now_ms
 from services.runtime.settings import MeshSettings
@@ -44,17 +45,17 @@ class HotPath:
     Every paid call makes these two requests, so they skip FastStream: its per-message work
     (dependency resolution, context, thread hops for sync steps) costs several times a
     reservation's own decision. The handler decides synchronously and parks the reply on the
-    journal batch its decision joined; when the batch is stored, one task sends all of that
-    batch's replies. So the subscription never waits on a journal write, and many decisions
-    share one (group commit).
+    journal commit its decision joined; the journal's acknowledgement callback then sends all of
+    that commit's replies itself. So the subscription never waits on a journal write, many
+    decisions share one (group commit), and a stored grant is answered without another trip
+    through the event loop.
     """
 
     def __init__(self, bus: Bus, ledger: Budgets) -> None:
         self.bus = bus
         self.ledger = ledger
         self._subs: list[Subscription] = []
-        self._parked: dict[asyncio.Future[None], list[tuple[str, Reservation, ReservationDecision, Outcome]]] = {}
-        self._sending: set[asyncio.Task] = set()
+        self._parked: dict[Commit, list[tuple[str, Reservation, ReservationDecision, Outcome]]] = {}
 
     async def subscribe(self) -> None:
         nc = self.bus.broker.connection
@@ -68,11 +69,6 @@ class HotPath:
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-
-    async def drain(self) -> None:
-        """Send the replies still waiting (call after the journal has stored what it had)."""
-        if self._sending:
-            await asyncio.wait(self._sending, timeout=5)
 
     async def _reserve(self, msg: Msg) -> None:
         r = await self._decode(msg)
@@ -95,33 +91,24 @@ class HotPath:
             return None
 
     async def _reply(
-        self,
-        msg: Msg,
-        r: Reservation,
-        decision: ReservationDecision,
-        stored: asyncio.Future[None] | None,
-        outcome: Outcome,
+        self, msg: Msg, r: Reservation, decision: ReservationDecision, stored: Commit | None, outcome: Outcome
     ) -> None:
-        if stored is None:  # nothing to store (a refusal): answer at once
+        if stored is None:  # nothing to wait for (a refusal, a settle of a live hold): answer at once
             await msg.respond(encode(decision))
             return
         parked = self._parked.get(stored)
         if parked is None:
             parked = self._parked[stored] = []
-            stored.add_done_callback(self._stored)
+            stored.on_stored(self._send)
         parked.append((msg.reply, r, decision, outcome))
 
-    def _stored(self, stored: asyncio.Future[None]) -> None:
-        error = asyncio.CancelledError() if stored.cancelled() else stored.exception()
-        replies = [(to, encode(outcome(r, decision, error))) for to, r, decision, outcome in self._parked.pop(stored)]
-        task = asyncio.create_task(self._send(replies))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, replies: list[tuple[str, bytes]]) -> None:
-        nc = self.bus.broker.connection
-        for to, data in replies:
-            await nc.publish(to, data)
+    async def _send(self, stored: Commit, error: BaseException | None) -> None:
+        """Answer everyone parked on ``stored`` (run by the journal once it is stored or failed)."""
+        publish = self.bus.broker.connection.publish
+        for to, r, decision, outcome in self._parked.pop(stored):
+            reply = encode(outcome(r, decision, error))
+            if to:  # a request sent without a reply subject waits for nothing
+                await publish(to, reply)
 
 
 _decode_reservation = msgspec.json.Decoder(Reservation).decode
@@ -187,8 +174,7 @@ def create_app(
     @app.on_shutdown
     async def close_ledger() -> None:
         await hot_path.unsubscribe()
-        await ledger.stop()
-        await hot_path.drain()
+        await ledger.stop()  # stores what the journal holds, which sends the replies parked on it
 
     @app.after_shutdown
     async def close_store() -> None:
@@ -245,6 +231,10 @@ def create_app(
         # they are left out of collections; what the ledger allocates later is still collected.
         gc.collect()
         gc.freeze()
+
+    @app.after_shutdown
+    async def unfreeze() -> None:
+        gc.unfreeze()  # in a process that goes on (tests), what was frozen can be collected again
 
     @app.on_shutdown
     async def stop_ingest() -> None:

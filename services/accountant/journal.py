@@ -8,10 +8,15 @@ Group commit: the operations decided while the event loop works through a burst 
 out together, one JetStream message of up to ``MAX_BATCH`` operations, published one loop turn
 after the first of them; up to ``MAX_IN_FLIGHT`` messages await their acknowledgement at once,
 and while that many are out the next commit grows. Acknowledgements come to the journal's own
-inbox, and the callback that reads one runs the commit's waiters there and then (the
-accountant's send the parked replies) and publishes the next commit: no future, task or timer
-stands between an acknowledgement and its replies. Under load every such hop waited behind a
+inbox, and the callback that reads one publishes the next commit and runs the commit's waiters
+there and then (the accountant's send the replies parked on it): no future, task or timer stands
+between an acknowledgement and its replies. Under load every such hop waited behind a
 whole burst of decisions, and together they were most of a reservation's time in the accountant.
+
+A write JetStream refuses, or does not acknowledge within ``ACK_TIMEOUT_S``, is not retried: its
+waiters get the error (a grant is withdrawn), and its other operations, applied in memory, reach
+the store with the next snapshot. Until then a crash would lose them, and with a lost settle or
+release the room it freed, which grants stored since may already use.
 
 Every ``snapshot_interval_s`` the committer also encodes the whole ledger as of the commit it is
 about to publish, stores it in the Object Store ``<prefix>_ledger`` under that commit's sequence
@@ -41,13 +46,14 @@ from schemas.subjects import BUCKET_LEDGER, STREAM_LEDGER, Subjects
 from services.accountant.ledger import Ledger, Op
 
 MAX_BATCH = 2000  # operations per journal message, well under NATS's 1 MB payload limit
-MAX_IN_FLIGHT = 16  # journal messages awaiting their acknowledgement at once
+MAX_IN_FLIGHT = 4  # journal messages awaiting their acknowledgement at once
 ACK_TIMEOUT_S = 5.0  # a message not acknowledged by then counts as not stored
 NO_RESPONDERS = "503"  # the status of a request nobody (no stream) answered
 SNAPSHOT = "snapshot"
 
-# Run once the commit is stored (None) or could not be (the error).
-Waiter = Callable[[BaseException | None], Awaitable[None]]
+# Run with the commit once it is stored (error None) or could not be (the error). Given the commit
+# rather than bound to it, so a commit and its waiters make no reference cycle for the collector.
+Waiter = Callable[["Commit", BaseException | None], Awaitable[None]]
 
 
 class JournalWriteError(Exception):
@@ -209,11 +215,11 @@ class Journal:
             try:
                 # nats-py queues the bytes before anything in publish() can suspend, so a commit
                 # published meanwhile by the acknowledgement callback still goes out after this one.
-                await self.nc.publish(
-                    self.subject, self._encode(Batch(commit.ops)), reply=f"{self._ack_inbox}{write}", headers=self._headers
-                )
+                data = self._encode(Batch(commit.ops))
+                await self.nc.publish(self.subject, data, reply=f"{self._ack_inbox}{write}", headers=self._headers)
             except Exception as exc:  # connection closed, or its buffer full while reconnecting
-                await self._notify(self._done(write, exc), exc)
+                self._done(write, exc)
+                await self._notify(commit, exc)
 
     def _snapshot_if_due(self) -> bytes | None:
         """The ledger's state when a snapshot is due and the commit being published is the last
@@ -268,10 +274,10 @@ class Journal:
             self._snapshotting = asyncio.create_task(self._save_snapshot(done.state, seq))
         return done.commit
 
-    async def _notify(self, commit: Commit | None, error: BaseException | None) -> None:
-        for waiter in commit.waiters if commit is not None else ():
+    async def _notify(self, commit: Commit, error: BaseException | None) -> None:
+        for waiter in commit.waiters:
             try:
-                await waiter(error)
+                await waiter(commit, error)
             except Exception as exc:  # one waiter's failure (its caller went away) is not the others'
                 self.log.error("journal_waiter_failed", error=str(exc))
 

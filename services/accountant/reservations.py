@@ -2,7 +2,7 @@
 
 Decisions are exact under any concurrency because a decision and its effect on the ledger are
 one synchronous step (``decide_reserve`` never awaits between the cap check and the update);
-the caller's reply then waits for the journal (``journal.py``), so a decision that was answered
+a grant's reply then waits for the journal (``journal.py``), so a grant that was answered
 survives a crash. One accountant owns the budgets: the reserve and settle subjects are served
 by a single replica (see docs/architecture.md on partitioning tenants across instances).
 """
@@ -29,7 +29,7 @@ from schemas.messages import (
     ReservationDecision,
 )
 from services.accountant.budget import BudgetBook, BudgetConfig
-from services.accountant.journal import Journal
+from services.accountant.journal import Commit, Journal
 from services.accountant.ledger import (
     Bucket,
     Expire,
@@ -101,7 +101,7 @@ class Budgets:
         await self.book.open(js, self.bus.subjects)
         self.control = await ControlState.open(js, self.bus.subjects)
         self.paces = {tenant: signal.action for tenant, signal in self.control.paces.items()}
-        self.journal = Journal(js, self.bus.subjects, self.bus.log, self.snapshot_interval_s)
+        self.journal = Journal(self.bus.broker.connection, self.bus.subjects, self.bus.log, self.snapshot_interval_s)
         self.ledger = await self.journal.open()
         for rid, hold in self.ledger.holds.items():
             heapq.heappush(self._expiries, (hold.reservation.expires_ms + self.expiry_grace_ms, rid))
@@ -132,10 +132,10 @@ class Budgets:
 
     # -- reserve and settle: decide at once (no await), reply once the journal has the decision --
 
-    def decide_reserve(self, r: Reservation) -> tuple[ReservationDecision, asyncio.Future[None] | None]:
+    def decide_reserve(self, r: Reservation) -> tuple[ReservationDecision, Commit | None]:
         """Check every cap and book the hold, with no await in between.
 
-        Returns the decision and, for a grant, the journal write to wait for before replying
+        Returns the decision and, for a grant, the journal commit to wait for before replying
         (then ``reserve_outcome``); a refusal changes nothing and can be sent at once.
         """
         assert self.journal is not None and self.control is not None
@@ -190,13 +190,17 @@ class Budgets:
             self._record(Expire(r.id))
         return ReservationDecision(id=r.id, granted=False, reason=f"ledger unavailable: {error}")
 
-    def decide_settle(self, r: Reservation) -> tuple[ReservationDecision, asyncio.Future[None] | None]:
-        """Replace the hold by the actual cost (no await); returns the journal write to wait for, if any.
+    def decide_settle(self, r: Reservation) -> tuple[ReservationDecision, Commit | None]:
+        """Replace the hold by the actual cost (no await); returns the journal commit to wait for, if any.
 
-        A settle of a live hold is answered at once: if a crash loses its journal write, the
-        hold comes back from the journal and, never settled again, is charged its worst case when
-        it expires, which is more than the call cost. A settle without a hold (it expired) is the
-        only record of that money, so it is answered once stored.
+        A settle of a live hold that costs no more than the hold is answered at once: if a crash
+        loses its journal write, the hold comes back from the journal and, never settled again,
+        is charged its worst case when it expires. That is at least the call's cost, so a lost
+        settle over-counts; it never lets a cap be passed and is never counted twice (a settle
+        repeated after the restart finds the hold and replaces it, once). A grant that reuses the
+        room this settle frees is answered only once its own commit is stored, which JetStream
+        stores after this one. A settle above its hold, or without one (it expired), would
+        under-count if lost, so it is answered once stored.
         """
         assert self.journal is not None
         if r.id in self.ledger.settled_ids:
@@ -216,7 +220,8 @@ class Budgets:
         stored = self._record(settle)
         self._check_crossings(buckets)
         self._pace(r.tenant, now)
-        return ReservationDecision(id=r.id, granted=True), None if hold is not None else stored
+        answer_now = hold is not None and actual <= hold.amount
+        return ReservationDecision(id=r.id, granted=True), None if answer_now else stored
 
     def settle_outcome(
         self, r: Reservation, decision: ReservationDecision, error: BaseException | None
@@ -227,7 +232,7 @@ class Budgets:
 
     # -- shared steps --
 
-    def _record(self, op: Op) -> asyncio.Future[None]:
+    def _record(self, op: Op) -> Commit:
         """Apply ``op`` to the ledger and queue it for the journal."""
         assert self.journal is not None
         self.ledger.apply(op)

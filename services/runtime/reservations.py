@@ -72,8 +72,14 @@ class ReservationClient:
         """
         settled = msgspec.structs.replace(reservation, actual_usd=actual_usd)
         try:
-            await self.bus.broker.request(
-                msgspec.json.encode(settled), self.bus.subjects.budget_settle, timeout=self.timeout_s
-            )
+            # Bus.request (nats-py's), as for the reserve: FastStream's costs more than the round trip.
+            subject = self.bus.subjects.budget_settle
+            decision = await self.bus.request(subject, settled, ReservationDecision, self.timeout_s)
         except (nats.errors.NoRespondersError, TimeoutError) as exc:
             self.bus.log.warning("settle_unanswered", reservation_id=reservation.id, error=type(exc).__name__)
+            return
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.bus.log.error("settle_reply_unreadable", reservation_id=reservation.id, error=str(exc))
+            return
+        if not decision.granted:
+            self.bus.log.warning("settle_refused", reservation_id=reservation.id, reason=decision.reason)

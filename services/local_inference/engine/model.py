@@ -113,6 +113,9 @@ class LocalModel:
             self._turn.release()
 
     def _generate(self, request: Generation, outcome: Outcome, cancelled: threading.Event) -> Iterator[str]:
+        if cancelled.is_set():  # its client left while it waited for its turn
+            outcome.finish_reason = "cancelled"
+            return
         prompt = request.prompt
         outcome.prompt_tokens = len(prompt)
         # Llama.generate keeps the longest prefix already in the KV cache and evaluates the rest

@@ -2,7 +2,8 @@
 
 - ``POST /v1/chat/completions``: streamed (server-sent events, with a final usage chunk when
   ``stream_options.include_usage``) or one JSON body; ``response_format`` json_schema is
-  enforced by grammar. A client that disconnects stops its generation at the next token.
+  enforced by grammar. A streaming client that disconnects stops its generation at the next
+  token (or before it starts, if it was still waiting for its turn).
 - ``GET /v1/models``, ``GET /health``.
 - ``GET /metrics``: llama.cpp server's metric names (``llamacpp:requests_processing``,
   ``llamacpp:requests_deferred``, ``llamacpp:kv_cache_usage_ratio``, ...), so one reader serves
