@@ -44,6 +44,10 @@ def ch(clickhouse_url: str) -> Iterator[Client]:
     c.close()
 
 
+# The accountant's ack_wait (create_app's default) plus room to ingest.
+REDELIVERY_S = 45.0
+
+
 class Accountant:
     """`python -m services.cli.main run accountant` as a child process."""
 
@@ -183,7 +187,9 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, ch, tm
 
         await accountant.start()
         expected = (len(events), len(events), sum(usd(e.cost_usd) for e in events))
-        deadline = time.monotonic() + 30
+        # What the killed accountant had fetched but not acked comes back after the consumers'
+        # ack_wait (30 s): each wait below allows for that.
+        deadline = time.monotonic() + REDELIVERY_S
         while stored(ch, tenant) != expected:
             assert stored(ch, tenant)[0] <= len(events), "a row was doubled"
             assert time.monotonic() < deadline, f"ingest did not catch up: {stored(ch, tenant)} != {expected}"
@@ -203,7 +209,7 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, ch, tm
         refused = await request(nc, subjects.budget_reserve, again, ReservationDecision)
         assert not refused.granted and refused.reason.startswith("kill switch tripped (model m-capped)")
         # The trip's row arrives through its own consumer, which may still be catching up.
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + REDELIVERY_S
         while True:
             rows = ch.query(
                 "SELECT count() FROM kill_events WHERE scope = 'model' AND key = 'm-capped' AND reason LIKE {r:String}",
