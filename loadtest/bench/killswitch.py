@@ -1,24 +1,28 @@
-"""Kill-switch propagation: from the trip's write to the last service refusing paid calls.
+"""Kill-switch propagation: from a settle crossing a cap to the last service refusing paid calls.
 
-``python -m loadtest.bench.killswitch --json`` starts its own nats-server (port picked free) and
-the router, local-inference and cloud-inference as separate processes (``frugalmesh run``), each
-on the shipped catalogue with the replay backends. A helper process answers reservations (it
-grants every one: the accountant's budget rules are not what is measured here) and echoes the
-raw request/reply probe.
+``python -m loadtest.bench.killswitch --json`` starts its own nats-server and ClickHouse (ports
+picked free) and the accountant, router, local-inference and cloud-inference as separate
+processes (``frugalmesh run``), each on the shipped catalogue and budgets with the replay
+backends. A helper process echoes the raw request/reply probe.
 
-Per trip, ``t0`` is taken just before ``set_kill`` writes the switch (the KV put every service
-watches); at the same moment one probe per service starts sending paid calls back to back: a
-step through the router (a local-tier draft), and a call straight to each inference service. A
-service's refusal time is when its first reply saying ``killed`` arrives; propagation is the last
-service's refusal minus ``t0``. It is an upper bound: it includes the KV write and up to one
-probe round trip (a killed call is still metered, so that round trip includes a JetStream
-publish). The switch is then cleared the same way, until every service admits calls again; the
-mesh is idle between trips, so probing adds no background load. It is measured from the
-``set_kill`` write, not from a settle crossing a cap: the accountant's trip on a cap is that
-same write, made after it has decided.
+Two measurements in the same run, 200 trips each (``--trips``):
 
-The prompts are not recorded ones, so an admitted call ends at once as ``unavailable`` at $0
-and is never cached: the probes load the services, not a model.
+- **from the cap crossing** (the headline figure): per trip a fresh task reserves $0.01 against
+  its own $0.01 cap (``task_budget_usd``) and ``t0`` is taken just before it settles $0.01 with
+  the accountant; that settle reaches the cap, so the accountant trips the task's switch (the KV
+  write every service watches) and publishes the trip. At ``t0`` one probe per service starts
+  sending paid calls of that task back to back: a step through the router (a local-tier draft),
+  and a call straight to each inference service. A service's refusal time is when its first reply
+  saying ``killed`` arrives; propagation is the last service's refusal minus ``t0``.
+- **from the switch write**: the same probes, the global switch written with ``set_kill`` at
+  ``t0`` (what ``frugalmesh kill`` does), then cleared the same way until every service admits
+  calls again.
+
+Each figure is an upper bound: it includes up to one probe round trip (a killed call is still
+metered, so that round trip includes a JetStream publish), and for the cap crossing the settle's
+own round trip. The mesh is idle between trips. The prompts are not recorded ones, so an admitted
+call ends at once as ``unavailable`` at $0 and is never cached: the probes load the services,
+not a model.
 """
 
 from __future__ import annotations
@@ -53,15 +57,17 @@ from schemas.messages import (
 from schemas.subjects import Subjects
 from services.runtime.bus import ensure_streams, now_ms
 from services.runtime.control import set_kill
-from services.runtime.embedded import EmbeddedNats, stop_process
+from services.runtime.embedded import EmbeddedClickHouse, EmbeddedNats, stop_process
 
-SERVICES = ("router", "local-inference", "cloud-inference")
+SERVICES = ("accountant", "router", "local-inference", "cloud-inference")
 LOCAL = "mixtral-8x7b-local"
 FRONTIER = "gpt-4-1106-preview"
 PROBE_TIMEOUT_S = 5.0
 READY_TIMEOUT_S = 60.0
 # A trip that no service sees within this long is a failure, not a slow sample.
 TRIP_TIMEOUT_S = 5.0
+# Each cap-crossing trip's task spends exactly its cap.
+TASK_CAP_USD = 0.01
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -71,7 +77,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
-# -- the helper process: reservations granted, settles acknowledged, raw echo --
+# -- the helper process: the raw echo --
 
 
 def echo_subject(subjects: Subjects) -> str:
@@ -80,19 +86,12 @@ def echo_subject(subjects: Subjects) -> str:
 
 def _helper_main(nats_url: str, prefix: str, ready: multiprocessing.synchronize.Event) -> None:
     async def serve() -> None:
-        subjects = Subjects(prefix)
         nc = await nats.connect(nats_url)
-
-        async def reserve(msg) -> None:
-            reservation = msgspec.json.decode(msg.data, type=Reservation)
-            await msg.respond(msgspec.json.encode(ReservationDecision(id=reservation.id, granted=True)))
 
         async def echo(msg) -> None:
             await msg.respond(msg.data)
 
-        await nc.subscribe(subjects.budget_reserve, cb=reserve)
-        await nc.subscribe(subjects.budget_settle, cb=reserve)
-        await nc.subscribe(echo_subject(subjects), cb=echo)
+        await nc.subscribe(echo_subject(Subjects(prefix)), cb=echo)
         await nc.flush()
         ready.set()
         await asyncio.Event().wait()
@@ -108,17 +107,18 @@ class Probe:
     """One service's probe: paid calls sent back to back until one gets the awaited reply."""
 
     name: str
-    send: Callable[[], Awaitable[InferenceResult]]
+    send: Callable[[str], Awaitable[InferenceResult]]
     errors: int = 0
     round_trips_ms: list[float] = field(default_factory=list)
 
-    async def until(self, killed: bool, timeout_s: float) -> float:
-        """The time the first reply arrives whose error is (``killed``) or is not a kill."""
+    async def until(self, killed: bool, timeout_s: float, task_id: str = "bench") -> float:
+        """The time the first reply to a call of ``task_id`` arrives whose error is (``killed``) or
+        is not a kill."""
         deadline = time.perf_counter() + timeout_s
         while time.perf_counter() < deadline:
             sent = time.perf_counter()
             try:
-                result = await self.send()
+                result = await self.send(task_id)
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError, msgspec.DecodeError):
                 # A service still subscribing at start-up; counted, and the probe goes on.
                 self.errors += 1
@@ -137,9 +137,9 @@ def probes(nc, subjects: Subjects) -> list[Probe]:
     def messages() -> list[ChatMessage]:
         return [ChatMessage(role="user", content=f"kill-switch probe {next(counter)}")]
 
-    async def step() -> InferenceResult:
+    async def step(task_id: str) -> InferenceResult:
         request = StepRequest(
-            task_id="bench",
+            task_id=task_id,
             step_id="probe",
             tenant="bench",
             workflow="answer",
@@ -151,11 +151,11 @@ def probes(nc, subjects: Subjects) -> list[Probe]:
         reply = await nc.request(subjects.step_request, msgspec.json.encode(request), timeout=PROBE_TIMEOUT_S)
         return msgspec.json.decode(reply.data, type=InferenceResult)
 
-    def inference(model: str, tier: str, subject: str) -> Callable[[], Awaitable[InferenceResult]]:
-        async def send() -> InferenceResult:
+    def inference(model: str, tier: str, subject: str) -> Callable[[str], Awaitable[InferenceResult]]:
+        async def send(task_id: str) -> InferenceResult:
             request = InferenceRequest(
                 call_id=uuid.uuid4().hex,
-                task_id="bench",
+                task_id=task_id,
                 step_id="probe",
                 tenant="bench",
                 model=model,
@@ -191,26 +191,77 @@ async def raw_round_trips(nc, subjects: Subjects, samples: int) -> list[float]:
     return times
 
 
+async def cross_cap(nc, subjects: Subjects, task_id: str) -> Reservation:
+    """Reserve a task's whole cap, then settle it: the settle reaches the cap and trips the switch."""
+    hold = Reservation(
+        id=uuid.uuid4().hex,
+        tenant="bench",
+        task_id=task_id,
+        model=LOCAL,
+        amount_usd=TASK_CAP_USD,
+        expires_ms=now_ms() + 60_000,
+        task_budget_usd=TASK_CAP_USD,
+    )
+    reply = await nc.request(subjects.budget_reserve, msgspec.json.encode(hold), timeout=PROBE_TIMEOUT_S)
+    decision = msgspec.json.decode(reply.data, type=ReservationDecision)
+    if not decision.granted:
+        raise RuntimeError(f"the accountant refused the trip's reservation: {decision.reason}")
+    return hold
+
+
+def summary(name: str, totals: list[float], per_service: dict[str, list[float]], loops: list[Probe]) -> dict:
+    return {
+        f"{name}_p50_ms": round(percentile(totals, 50), 3),
+        f"{name}_p99_ms": round(percentile(totals, 99), 3),
+        f"{name}_max_ms": round(max(totals), 3),
+        f"{name}_per_service": [
+            {
+                "service": p.name,
+                "first_refusal_p50_ms": round(percentile(per_service[p.name], 50), 3),
+                "first_refusal_p99_ms": round(percentile(per_service[p.name], 99), 3),
+            }
+            for p in loops
+        ],
+    }
+
+
 async def measure(nats_url: str, subjects: Subjects, trips: int, rtt_samples: int) -> dict:
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     loops = probes(nc, subjects)
+    run = uuid.uuid4().hex[:6]
     try:
         # Warm up: every service answers, and admits paid calls.
         await asyncio.gather(*(p.until(killed=False, timeout_s=30) for p in loops))
         rtt = await raw_round_trips(nc, subjects, rtt_samples)
-        propagation: list[float] = []
-        per_service: dict[str, list[float]] = {p.name: [] for p in loops}
+
+        crossing: list[float] = []
+        crossing_per_service: dict[str, list[float]] = {p.name: [] for p in loops}
+        for i in range(trips):
+            task_id = f"trip-{run}-{i}"
+            hold = await cross_cap(nc, subjects, task_id)
+            settle = msgspec.json.encode(msgspec.structs.replace(hold, actual_usd=TASK_CAP_USD))
+            # The probes start with the settle that crosses the cap.
+            t0 = time.perf_counter()
+            _, *refused = await asyncio.gather(
+                nc.request(subjects.budget_settle, settle, timeout=PROBE_TIMEOUT_S),
+                *(p.until(killed=True, timeout_s=TRIP_TIMEOUT_S, task_id=task_id) for p in loops),
+            )
+            for p, at in zip(loops, refused, strict=True):
+                crossing_per_service[p.name].append((at - t0) * 1000)
+            crossing.append((max(refused) - t0) * 1000)
+
+        writes: list[float] = []
+        write_per_service: dict[str, list[float]] = {p.name: [] for p in loops}
         clears: list[float] = []
         for _ in range(trips):
-            # The probes start with the write, so the mesh is idle between trips and busy during one.
             t0 = time.perf_counter()
             _, *refused = await asyncio.gather(
                 set_kill(js, subjects, kill(True)), *(p.until(killed=True, timeout_s=TRIP_TIMEOUT_S) for p in loops)
             )
             for p, at in zip(loops, refused, strict=True):
-                per_service[p.name].append((at - t0) * 1000)
-            propagation.append((max(refused) - t0) * 1000)
+                write_per_service[p.name].append((at - t0) * 1000)
+            writes.append((max(refused) - t0) * 1000)
             cleared = time.perf_counter()
             _, *admitted = await asyncio.gather(
                 set_kill(js, subjects, kill(False)), *(p.until(killed=False, timeout_s=TRIP_TIMEOUT_S) for p in loops)
@@ -219,32 +270,29 @@ async def measure(nats_url: str, subjects: Subjects, trips: int, rtt_samples: in
     finally:
         await nc.close()
     return {
-        "kill_propagation_p50_ms": round(percentile(propagation, 50), 3),
-        "kill_propagation_p99_ms": round(percentile(propagation, 99), 3),
-        "kill_propagation_max_ms": round(max(propagation), 3),
-        "trips": len(propagation),
-        "measured_from": "the set_kill write (KV put of the switch), to the first 'killed' reply from the last service",
-        "services": [
-            {
-                "service": p.name,
-                "process": "separate (frugalmesh run)",
-                "first_refusal_p50_ms": round(percentile(per_service[p.name], 50), 3),
-                "first_refusal_p99_ms": round(percentile(per_service[p.name], 99), 3),
-                "probe_rtt_p50_ms": round(percentile(p.round_trips_ms, 50), 3),
-                "probe_errors": p.errors,
-            }
-            for p in loops
-        ],
+        **summary("kill_propagation", crossing, crossing_per_service, loops),
+        "trips": len(crossing),
+        "measured_from": "a settle that reaches a task's cap (sent to the accountant), to the first 'killed' reply "
+        "from the last of router, local-inference and cloud-inference (separate processes)",
+        **summary("switch_write_propagation", writes, write_per_service, loops),
         "clear_propagation_p50_ms": round(percentile(clears, 50), 3),
         "clear_propagation_p99_ms": round(percentile(clears, 99), 3),
+        "probe_rtt_p50_ms": {p.name: round(percentile(p.round_trips_ms, 50), 3) for p in loops},
+        "probe_errors": {p.name: p.errors for p in loops},
         "raw_nats_rtt_p50_ms": round(percentile(rtt, 50), 3),
         "raw_nats_rtt_p99_ms": round(percentile(rtt, 99), 3),
         "raw_nats_rtt_samples": len(rtt),
     }
 
 
-def start_services(nats_url: str, prefix: str, run_dir: Path) -> dict[str, subprocess.Popen]:
-    env = {**os.environ, "NATS_URL": nats_url, "FRUGALMESH_SUBJECT_PREFIX": prefix, "PYTHONUNBUFFERED": "1"}
+def start_services(nats_url: str, clickhouse_url: str, prefix: str, run_dir: Path) -> dict[str, subprocess.Popen]:
+    env = {
+        **os.environ,
+        "NATS_URL": nats_url,
+        "CLICKHOUSE_URL": clickhouse_url,
+        "FRUGALMESH_SUBJECT_PREFIX": prefix,
+        "PYTHONUNBUFFERED": "1",
+    }
     processes = {}
     for name in SERVICES:
         ready = run_dir / f"{name}.ready"
@@ -285,6 +333,7 @@ def main() -> None:
         run_dir = Path(tmp)
         server = EmbeddedNats(run_dir / "nats", port=-1)
         server.start()
+        clickhouse = EmbeddedClickHouse(run_dir / "clickhouse", port=0)
         helper = None
         processes: dict[str, subprocess.Popen] = {}
         try:
@@ -295,8 +344,8 @@ def main() -> None:
             )
             helper.start()
             if not ready.wait(30):
-                raise RuntimeError("the reservation/echo helper did not start")
-            processes = start_services(server.url, prefix, run_dir)
+                raise RuntimeError("the echo helper did not start")
+            processes = start_services(server.url, clickhouse.start(), prefix, run_dir)
             report = asyncio.run(measure(server.url, subjects, args.trips, args.rtt_samples))
         finally:
             for process in processes.values():
@@ -304,17 +353,19 @@ def main() -> None:
             if helper is not None:
                 helper.terminate()
                 helper.join(5)
+            clickhouse.stop()
             server.stop()
     if args.json:
         print(json.dumps(report))
         return
     print(f"kill-switch propagation over {report['trips']} trips ({report['measured_from']}):")
-    print(f"  p50 {report['kill_propagation_p50_ms']} ms, p99 {report['kill_propagation_p99_ms']} ms")
-    for service in report["services"]:
-        print(
-            f"  {service['service']:<16} first refusal p50 {service['first_refusal_p50_ms']} ms, "
-            f"p99 {service['first_refusal_p99_ms']} ms (probe round trip p50 {service['probe_rtt_p50_ms']} ms)"
-        )
+    for name in ("kill_propagation", "switch_write_propagation"):
+        print(f"  {name}: p50 {report[name + '_p50_ms']} ms, p99 {report[name + '_p99_ms']} ms")
+        for service in report[name + "_per_service"]:
+            print(
+                f"    {service['service']:<16} first refusal p50 {service['first_refusal_p50_ms']} ms, "
+                f"p99 {service['first_refusal_p99_ms']} ms"
+            )
     print(f"raw NATS request/reply: p50 {report['raw_nats_rtt_p50_ms']} ms, p99 {report['raw_nats_rtt_p99_ms']} ms")
 
 
