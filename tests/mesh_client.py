@@ -1,5 +1,5 @@
 """What tests do as a client of a live mesh: submit a task and follow it, read an artifact back,
-and wait for the accountant's usage rows in ClickHouse."""
+wait for the accountant's usage rows in ClickHouse, and read the local engine's load."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import time
 from typing import Any
 
 import clickhouse_connect
+import httpx
 import msgspec
+from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.messages import (
     TERMINAL_EVENTS,
@@ -19,6 +21,7 @@ from schemas.messages import (
     TaskEvent,
 )
 from schemas.subjects import HEADER_MSG_ID
+from services.runtime.inference.engine_load import metrics_url
 
 
 async def submit(nc, settings, task: Task, timeout_s: float = 10.0) -> list[TaskEvent]:
@@ -61,3 +64,20 @@ async def usage_rows(
             return rows
         assert time.monotonic() < deadline, f"{len(rows)} of {expected} usage rows after 30 s ({where}, {parameters})"
         await asyncio.sleep(0.2)
+
+
+def engine_metrics(base_url: str) -> dict[str, float]:
+    """The engine's /metrics samples by name (``base_url`` ends /v1)."""
+    text = httpx.get(metrics_url(base_url)).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def wait_engine_idle(base_url: str) -> None:
+    """Until the engine has nothing running or queued (another test's generations end)."""
+    deadline = time.monotonic() + 60
+    while True:
+        load = await asyncio.to_thread(engine_metrics, base_url)
+        if load["llamacpp:requests_processing"] == 0 and load["llamacpp:requests_deferred"] == 0:
+            return
+        assert time.monotonic() < deadline, f"engine still busy: {load}"
+        await asyncio.sleep(0.05)

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 
 import httpx
 import msgspec
 import pytest
-from mesh_client import usage_rows
-from prometheus_client.parser import text_string_to_metric_families
+from mesh_client import engine_metrics, usage_rows, wait_engine_idle
 
 from schemas.messages import ChatMessage, InferenceRequest, InferenceResult, KillSwitch
 from services.runtime.bus import encode, now_ms
@@ -25,22 +23,6 @@ from services.runtime.inference.openai_client import OpenAIClient
 MODEL = "smollm2-135m"
 LABELS = {"type": "object", "properties": {"label": {"enum": ["positive", "negative"]}}, "required": ["label"]}
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
-
-
-def metrics(base_url: str) -> dict[str, float]:
-    text = httpx.get(base_url.removesuffix("/v1") + "/metrics").text
-    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-async def wait_idle(base_url: str) -> None:
-    """Until the engine has nothing running or queued (a previous test's generation ends)."""
-    deadline = time.monotonic() + 30
-    while True:
-        load = await asyncio.to_thread(metrics, base_url)
-        if load["llamacpp:requests_processing"] == 0 and load["llamacpp:requests_deferred"] == 0:
-            return
-        assert time.monotonic() < deadline, f"engine still busy: {load}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -78,7 +60,7 @@ async def usage_row(clickhouse_url: str, database: str, call_id: str) -> dict:
 
 
 async def test_a_stream_reports_the_engines_own_usage_and_cached_prompt_tokens(local_engine):
-    await wait_idle(local_engine)
+    await wait_engine_idle(local_engine)
     client = OpenAIClient(local_engine)
     prompt = [{"role": "user", "content": "Name three colours."}]
     first = await client.chat(MODEL, prompt, max_tokens=16)
@@ -95,7 +77,7 @@ async def test_a_stream_reports_the_engines_own_usage_and_cached_prompt_tokens(l
 
 
 async def test_structured_output_follows_the_schema(local_engine):
-    await wait_idle(local_engine)
+    await wait_engine_idle(local_engine)
     client = OpenAIClient(local_engine)
     reply = await client.chat(
         MODEL,
@@ -121,7 +103,7 @@ async def test_bad_requests_get_clear_errors(local_engine):
 async def test_generation_through_the_mesh_is_metered_with_the_engines_token_counts(
     engine_settings, start_service, nc, clickhouse_url
 ):
-    await wait_idle(engine_settings.local_engine_url)
+    await wait_engine_idle(engine_settings.local_engine_url)
     await start_service("accountant", engine_settings, database=engine_settings.subject_prefix)
     await start_service("local-inference", engine_settings)
     req = request(max_tokens=24, messages=[{"role": "user", "content": "Say hello to the mesh."}])
@@ -137,16 +119,16 @@ async def test_generation_through_the_mesh_is_metered_with_the_engines_token_cou
 
 async def test_a_deadline_stops_the_generation_on_the_engine(engine_settings, start_service, nc, clickhouse_url):
     base = engine_settings.local_engine_url
-    await wait_idle(base)
+    await wait_engine_idle(base)
     await start_service("accountant", engine_settings, database=engine_settings.subject_prefix)
     await start_service("local-inference", engine_settings)
-    before = metrics(base)["llamacpp:tokens_predicted_total"]
+    before = engine_metrics(base)["llamacpp:tokens_predicted_total"]
     req = request(max_tokens=2000, deadline_s=1.0)
     result = await call(nc, engine_settings, req)
 
     assert result.error is not None and result.error.kind == "timeout"
-    await wait_idle(base)
-    generated = metrics(base)["llamacpp:tokens_predicted_total"] - before
+    await wait_engine_idle(base)
+    generated = engine_metrics(base)["llamacpp:tokens_predicted_total"] - before
     # Stopped after about a second of decoding, far short of max_tokens.
     assert 0 < generated < 1000
     row = await usage_row(clickhouse_url, engine_settings.subject_prefix, req.call_id)
@@ -155,12 +137,12 @@ async def test_a_deadline_stops_the_generation_on_the_engine(engine_settings, st
 
 async def test_a_kill_switch_cancels_the_generation_on_the_engine(engine_settings, start_service, nc):
     base = engine_settings.local_engine_url
-    await wait_idle(base)
+    await wait_engine_idle(base)
     await start_service("local-inference", engine_settings)
-    before = metrics(base)["llamacpp:tokens_predicted_total"]
+    before = engine_metrics(base)["llamacpp:tokens_predicted_total"]
     req = request(max_tokens=2000, tenant="doomed")
     running = asyncio.create_task(call(nc, engine_settings, req))
-    while metrics(base)["llamacpp:requests_processing"] == 0:
+    while engine_metrics(base)["llamacpp:requests_processing"] == 0:
         await asyncio.sleep(0.02)
 
     trip = KillSwitch(scope="tenant", key="doomed", tripped=True, reason="test", by="test", time_ms=now_ms())
@@ -168,5 +150,5 @@ async def test_a_kill_switch_cancels_the_generation_on_the_engine(engine_setting
     result = await running
 
     assert result.error is not None and result.error.kind == "killed"
-    await wait_idle(base)
-    assert metrics(base)["llamacpp:tokens_predicted_total"] - before < 1000
+    await wait_engine_idle(base)
+    assert engine_metrics(base)["llamacpp:tokens_predicted_total"] - before < 1000

@@ -18,8 +18,7 @@ import msgspec
 import pytest
 from fakes.budget_peer import BudgetPeer
 from fakes.inference_peer import InferencePeer
-from mesh_client import usage_rows
-from prometheus_client.parser import text_string_to_metric_families
+from mesh_client import engine_metrics, usage_rows, wait_engine_idle
 
 from schemas.messages import (
     ChatMessage,
@@ -405,22 +404,6 @@ LABEL = {"type": "object", "properties": {"label": {"enum": ["easy", "hard"]}}, 
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 
 
-def metrics(base_url: str) -> dict[str, float]:
-    text = httpx.get(metrics_url(base_url)).text
-    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-async def wait_idle(base_url: str) -> None:
-    """Until the engine has nothing running or queued (another test's generations end)."""
-    deadline = time.monotonic() + 60
-    while True:
-        load = await asyncio.to_thread(metrics, base_url)
-        if load["llamacpp:requests_processing"] == 0 and load["llamacpp:requests_deferred"] == 0:
-            return
-        assert time.monotonic() < deadline, f"engine still busy: {load}"
-        await asyncio.sleep(0.05)
-
-
 async def generate(http: httpx.AsyncClient, base_url: str) -> None:
     """One long streamed generation, straight to the engine (not through the mesh)."""
     body = {"model": LOCAL, "messages": STORY, "max_tokens": 400, "stream": True}
@@ -438,7 +421,7 @@ async def saturated(base_url: str):
         try:
             deadline = time.monotonic() + 30
             while True:
-                load = await asyncio.to_thread(metrics, base_url)
+                load = await asyncio.to_thread(engine_metrics, base_url)
                 if load["llamacpp:requests_processing"] + load["llamacpp:requests_deferred"] >= SATURATING:
                     break
                 assert time.monotonic() < deadline, f"engine never saturated: {load}"
@@ -448,7 +431,7 @@ async def saturated(base_url: str):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    await wait_idle(base_url)
+    await wait_engine_idle(base_url)
 
 
 @pytest.fixture(scope="module")
@@ -506,7 +489,7 @@ async def loads_seen(nc, settings, condition, count: int = 2) -> LocalLoad:
 async def mesh(settings, local_engine, start_service, nc):
     """Accountant, local-inference on the real engine, cloud-inference (replay), router."""
     engine_settings = settings.model_copy(update={"local_engine_url": local_engine})
-    await wait_idle(local_engine)
+    await wait_engine_idle(local_engine)
     # The engine's first generation pays for loading the weights; the tests time later ones.
     async with httpx.AsyncClient(timeout=60) as http:
         body = {"model": LOCAL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
