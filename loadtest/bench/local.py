@@ -32,11 +32,12 @@ import nats
 from loadtest.stats import percentiles
 from schemas.messages import ChatMessage, InferenceRequest, InferenceResult
 from services.cli.stack import Stack
+from services.local_inference.engine import SMOLLM2_NAME
 from services.runtime.bus import encode, now_ms
 from services.runtime.inference.openai_client import OpenAIClient
 from services.runtime.settings import MeshSettings
 
-MODEL = "smollm2-135m"
+MODEL = SMOLLM2_NAME
 TOKENS = 200
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections import Counter
 
 import httpx
 from faststream import FastStream
@@ -81,7 +80,7 @@ class LoadPublisher:
         return loads
 
     async def _measure(self, model: str) -> LocalLoad:
-        in_flight = Counter(flight.request.model for flight in self.service.in_flight)[model]
+        in_flight = sum(1 for flight in self.service.in_flight if flight.request.model == model)
         load = LocalLoad(model=model, replica=self.replica, in_flight=in_flight, time_ms=now_ms())
         reader = self.readers.get(model)
         if reader is None:

@@ -23,6 +23,8 @@ from urllib.parse import quote
 
 import httpx
 
+from services.local_inference.engine import SMOLLM2_NAME
+
 
 class EmbeddedError(RuntimeError):
     pass
@@ -212,7 +214,7 @@ class EmbeddedEngine:
     log_dir: Path
     kind: EngineKind = "cpu"
     model: str = ""
-    name: str = "smollm2-135m"
+    name: str = SMOLLM2_NAME
     port: int = 0
     host: str = "127.0.0.1"
     threads: int = 2

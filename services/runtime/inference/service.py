@@ -37,7 +37,8 @@ from schemas.subjects import token
 from services.runtime.bus import Bus, encode, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.control import ControlState, covers
-from services.runtime.inference.backend import Backend, BackendError, BackendFactory, Completion, worst_case_usage
+from services.runtime.inference.backend import Backend, BackendError, Completion, worst_case_usage
+from services.runtime.inference.backends import BACKENDS
 from services.runtime.reservations import is_paid
 from services.runtime.settings import MeshSettings
 
@@ -236,12 +237,11 @@ class InferenceService:
 def create_inference_app(
     settings: MeshSettings,
     kind: ServiceKind,
-    factories: Mapping[str, BackendFactory],
     max_concurrency: int = DEFAULT_CONCURRENCY,
     setup: Callable[[FastStream, InferenceService], None] | None = None,
 ) -> FastStream:
     """The FastStream app of ``<kind>-inference``: one backend per provider of this service's models,
-    chosen by the provider's ``backend`` in models.toml from ``factories``. ``setup`` lets a service
+    chosen by the provider's ``backend`` in models.toml (services/runtime/inference/backends.py). ``setup`` lets a service
     add its own hooks (local-inference publishes its engines' load) once the app is built."""
     service = f"{kind}-inference"
     bus = Bus(settings, service)
@@ -249,12 +249,12 @@ def create_inference_app(
     backends: dict[str, Backend] = {}
     for provider_name in sorted({m.provider for m in catalog.models.values() if m.service == kind}):
         provider = catalog.providers[provider_name]
-        if provider.backend not in factories:
+        if provider.backend not in BACKENDS:
             raise ValueError(
                 f"providers.{provider_name}: {service} has no backend {provider.backend!r}; "
-                f"it has: {', '.join(sorted(factories))}"
+                f"it has: {', '.join(sorted(BACKENDS))}"
             )
-        backends[provider_name] = factories[provider.backend](provider, settings)
+        backends[provider_name] = BACKENDS[provider.backend](provider, settings)
     handler = InferenceService(bus, kind, catalog, backends)
     subject = settings.subjects.infer_local_all if kind == "local" else settings.subjects.infer_cloud_all
 

@@ -1,0 +1,16 @@
+"""The backends a provider can run on, by its ``backend`` in deploy/models.toml; both inference
+services take theirs from here."""
+
+from __future__ import annotations
+
+from services.runtime.inference.backend import BackendFactory
+from services.runtime.inference.openai_backend import OpenAIBackend
+from services.runtime.inference.replay import ReplayBackend
+from services.runtime.inference.synthetic import SyntheticBackend
+
+BACKENDS: dict[str, BackendFactory] = {
+    "replay": ReplayBackend.from_provider,
+    "openai": OpenAIBackend.from_provider,
+    # Any prompt, max_tokens of text after the latency model's delay: for load tests of recorded traffic.
+    "synthetic": SyntheticBackend.from_provider,
+}
