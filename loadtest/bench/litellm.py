@@ -41,6 +41,7 @@ import msgspec
 import nats
 
 from loadtest.bench.common import bench_stack, open_loop
+from loadtest.httpload import Post, drive
 from loadtest.stats import percentiles
 from schemas.messages import ChatMessage, InferenceResult, Reservation, StepRequest
 from services.runtime.bus import now_ms
@@ -139,25 +140,13 @@ def summary(latencies: list[float | None], span_s: float, wall_s: float, rate: f
 
 
 async def drive_http(base_url: str, rate: float, seconds: float) -> dict:
-    count = int(rate * seconds)
-    latencies: list[float | None] = [None] * count
-    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS}
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    # Not streamed: LiteLLM's proxy passes a non-streamed call on to an openai/ model non-streamed
+    # (the openai SDK's chat.completions.create), so direct is the request LiteLLM makes upstream.
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS})
     headers = {"Authorization": f"Bearer {MASTER_KEY}"}  # the upstream ignores it
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=CALL_TIMEOUT_S, headers=headers) as http:
-
-        async def call(i: int) -> None:
-            start = time.perf_counter()
-            try:
-                response = await http.post("/chat/completions", json=body)
-            except httpx.HTTPError:
-                return
-            if response.status_code == 200:
-                latencies[i] = (time.perf_counter() - start) * 1000
-
-        started = time.monotonic()
-        span = await open_loop(rate, count, call)
-        return summary(latencies, span, time.monotonic() - started, rate)
+    post = Post.json(f"{base_url}/chat/completions", body.encode(), headers)
+    run = await drive(post, rate, int(rate * seconds), CALL_TIMEOUT_S)
+    return summary(run.latencies_ms, run.span_s, run.wall_s, rate)
 
 
 async def drive_mesh(settings: MeshSettings, rate: float, seconds: float) -> dict:
