@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -16,9 +18,20 @@ def render() -> dict[str, str]:
     """File name -> schema text, for every wire message."""
     out = {}
     for message in WIRE_MESSAGES:
-        schema = msgspec.json.schema(message)
+        schema = _clean_descriptions(msgspec.json.schema(message))
         out[f"{message.__name__}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return out
+
+
+def _clean_descriptions(node: Any) -> Any:
+    """Docstrings as ``inspect.cleandoc`` leaves them: msgspec 0.23 dedents them and earlier
+    versions do not, and the checked-in schemas must not depend on which one is installed."""
+    if isinstance(node, dict):
+        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str) else _clean_descriptions(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_clean_descriptions(v) for v in node]
+    return node
 
 
 def export(directory: Path = JSON_DIR) -> list[Path]:
