@@ -19,9 +19,9 @@ from fakes.inference_peer import InferencePeer
 from schemas.messages import ChatMessage, InferenceResult, StepRequest, UsageEvent
 from services.cli.router_commands import eval_group, router
 from services.router.policies import CascadePolicy, LearnedPolicy, PolicySet, execute
-from services.router.policies.calibration import calibrate
+from services.router.policies.calibration import calibrate, calibrate_every_fold
 from services.router.policies.dataset import load_outcomes
-from services.router.policies.features import answer_features
+from services.router.policies.features import EMBEDDING_DIMENSIONS, answer_features, prompt_embeddings
 from services.router.policies.fixed import FixedPolicy
 from services.router.policies.routerfile import RouterFile
 from services.router.policies.training import train
@@ -117,6 +117,35 @@ def test_calibration_picks_the_cheapest_threshold_that_meets_the_target():
     assert point.threshold == 0.6 and point.weak_share == pytest.approx(4 / 6)
     assert point.accuracy == pytest.approx(4 / 6) and point.meets_target
     assert calibrate(scores, weak, strong, target=1.0).threshold == 0.8
+
+
+def test_every_fold_calibration_meets_the_target_in_each_fold():
+    # Fold A: the weak model is right wherever its score is high; fold B: only at the very top.
+    weak = np.array([1, 1, 1, 0, 1, 0, 0, 0], bool)
+    strong = np.ones(8, bool)
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.95, 0.85, 0.75, 0.65])
+    folds = [np.arange(4), np.arange(4, 8)]
+
+    point = calibrate_every_fold(scores, weak, strong, folds, target=0.8)
+
+    # Alone, fold A would keep three weak (threshold 0.7), fold B one (0.95): the stricter wins.
+    assert [calibrate(scores[f], weak[f], strong[f], 0.8).threshold for f in folds] == [0.7, 0.95]
+    assert point.threshold == 0.95 and point.weak_share == pytest.approx(1 / 8) and point.accuracy == 1.0
+    for fold in folds:
+        kept_weak = scores[fold] >= point.threshold
+        assert np.where(kept_weak, weak[fold], strong[fold]).mean() >= 0.8
+
+
+def test_prompt_embeddings_come_from_the_wheel_and_are_unit_length():
+    vectors = prompt_embeddings(["How many eggs does she sell?", "Which treaty ended the war?", ""])
+    assert vectors.shape == (3, EMBEDDING_DIMENSIONS)
+    assert np.allclose(np.linalg.norm(vectors[:2], axis=1), 1.0, atol=1e-5)
+    # An empty prompt has no tokens: the zero vector, never NaN.
+    assert not np.isnan(vectors).any() and not vectors[2].any()
+    # Similar questions sit closer than unrelated ones.
+    eggs, treaty, _ = vectors
+    chickens = prompt_embeddings(["How many chickens does the farmer sell?"])[0]
+    assert eggs @ chickens > eggs @ treaty
 
 
 def test_each_policy_meets_its_target_on_training_data(router_file):

@@ -1,7 +1,7 @@
 """Decision latency of each routing policy on this CPU: `python -m loadtest.bench.router --json`.
 
 One decision is ``policy.choose(step, catalog)``, what the router calls per step, including
-feature extraction (prompt token count for the rules, hashed tf-idf for the learned policy) and,
+feature extraction (prompt token count for the rules, the prompt's embedding for the learned policy) and,
 for the cascade, the validator's check of the weak answer. Prompts are the recorded GSM8K and
 MMLU prompts, cycled; the router file is the shipped one (deploy/routers/).
 """
@@ -22,6 +22,7 @@ from services.router.policies.dataset import load_outcomes
 from services.router.policies.fixed import FixedPolicy
 from services.router.policies.routerfile import RouterFile
 from services.router.table import RoutingTable
+from services.runtime.bus import freeze_startup_objects
 from services.runtime.catalog import Catalog
 from services.runtime.data import ROUTING_DIR, resolve_data_dir
 from services.runtime.settings import REPO_DEPLOY_DIR
@@ -60,6 +61,7 @@ def run(n: int, router_path: Path, data: Path | None) -> dict[str, dict[str, flo
     answers = [r.responses[WEAK_COLUMN] for r in records if r.responses.get(WEAK_COLUMN)]
     learned, cascade = LearnedPolicy.from_file(router), CascadePolicy.from_file(router)
     fixed = FixedPolicy(router.strong_model)
+    freeze_startup_objects()  # as the router service does once it has started
     warmup = min(200, n)
     return {
         "fixed": _time_us(lambda i: fixed.choose(steps[i % len(steps)], catalog), n, warmup),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -222,19 +221,6 @@ def create_app(
     async def start_ingest() -> None:
         for consumer in consumers:
             await consumer.start()
-
-    @app.after_startup
-    async def freeze_startup_objects() -> None:
-        # The modules, settings and clients loaded at start (about 100,000 objects) never die, yet
-        # every full collection walked them all: about 100 ms on these CPUs, a stall every reply
-        # waiting in the process sat through (it was the reservation round trip's p99). Frozen,
-        # they are left out of collections; what the ledger allocates later is still collected.
-        gc.collect()
-        gc.freeze()
-
-    @app.after_shutdown
-    async def unfreeze() -> None:
-        gc.unfreeze()  # in a process that goes on (tests), what was frozen can be collected again
 
     @app.on_shutdown
     async def stop_ingest() -> None:

@@ -38,11 +38,14 @@ from schemas.messages import ChatMessage, StepRequest
 from services.planner.config import PlannerConfig
 from services.planner.estimate import CallProfile, Estimate, Step, estimate, plan_from_dag
 from services.planner.workflow import GOAL, ITEM, Workflow, allowed_models, render
-from services.router.table import RoutingTable, pick_model
+from services.router.table import RoutingTable, pick_model, prompt_chars
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.data import DataNotFound, load_recorded_outcomes, resolve_data_dir
 from services.runtime.tokens import count_message_tokens
 
+# An upstream output not yet written counts as its max_tokens; the table's size rules measure
+# characters, about 4 to a token in English (4.25 on the recorded prompts, in GPT-4's tokenizer).
+CHARS_PER_TOKEN = 4
 FREE = CallProfile(cost_usd=0.0, latency_s=0.0, p_success=1.0)
 
 
@@ -166,7 +169,7 @@ class Preflight:
                     allow_models=step_allow,
                     deadline_ms=0,
                 )
-                tier = self.table.tier(request, self.table.prompt_tokens(request) + upstream)
+                tier = self.table.tier(request, prompt_chars(request) + upstream * CHARS_PER_TOKEN)
                 model = pick_model(tier, step_allow, self.catalog)
                 input_tokens.append(count_message_tokens(model.tokenizer, messages) + upstream)
             if model is None:
@@ -176,8 +179,9 @@ class Preflight:
             calls = len(texts)
             if spec.for_each is not None:
                 # What a later step's placeholder receives: each input with its output.
-                tokenizer = self.table.prompt_tokenizer
-                out_tokens[spec.id] = sum(count_message_tokens(tokenizer, [_user(t)]) for t in texts) + calls * limit
+                out_tokens[spec.id] = (
+                    sum(count_message_tokens(model.tokenizer, [_user(t)]) for t in texts) + calls * limit
+                )
             else:
                 out_tokens[spec.id] = limit
             per_call = 1.0 if p_success is None else p_success

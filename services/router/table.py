@@ -9,13 +9,11 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from schemas.messages import StepRequest, Tier
 from services.runtime.catalog import TIER_LADDER, Catalog, ModelSpec
-from services.runtime.tokens import TOKENIZERS, count_message_tokens_capped
 
 ROUTING_FILE = "routing.toml"
 
@@ -36,19 +34,21 @@ class Rule:
     name: str = ""
     workflow: str | None = None
     role: str | None = None
-    min_prompt_tokens: int | None = None
-    max_prompt_tokens: int | None = None
+    min_prompt_chars: int | None = None
+    max_prompt_chars: int | None = None
 
-    def matches(self, step: StepRequest, prompt_tokens: int) -> bool:
+    def matches(self, step: StepRequest, prompt_chars: int) -> bool:
         return (
             (self.workflow is None or step.workflow == self.workflow)
             and (self.role is None or step.role == self.role)
-            and (self.min_prompt_tokens is None or prompt_tokens >= self.min_prompt_tokens)
-            and (self.max_prompt_tokens is None or prompt_tokens <= self.max_prompt_tokens)
+            and (self.min_prompt_chars is None or prompt_chars >= self.min_prompt_chars)
+            and (self.max_prompt_chars is None or prompt_chars <= self.max_prompt_chars)
         )
 
 
 _RULE_KEYS = frozenset(f.name for f in fields(Rule))
+# [policies] is read by services.router.policies.PolicySet.
+_TABLE_KEYS = frozenset({"rules", "default_tier", "policies"})
 
 
 def pick_model(tier: Tier, allow_models: Sequence[str] | None, catalog: Catalog) -> ModelSpec:
@@ -71,9 +71,6 @@ def pick_model(tier: Tier, allow_models: Sequence[str] | None, catalog: Catalog)
 class RoutingTable:
     rules: tuple[Rule, ...]
     default_tier: Tier
-    # Prompt-size thresholds are counted in one declared tokenizer: the tier (and so the model,
-    # with its own tokenizer) is not known until a rule has matched.
-    prompt_tokenizer: str
 
     @classmethod
     def load(cls, deploy_dir: Path) -> RoutingTable:
@@ -82,6 +79,9 @@ class RoutingTable:
 
     @classmethod
     def parse(cls, raw: dict[str, Any], source: str = ROUTING_FILE) -> RoutingTable:
+        unknown = set(raw) - _TABLE_KEYS
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {sorted(unknown)}; known: {sorted(_TABLE_KEYS)}")
         rules = []
         for index, entry in enumerate(raw.get("rules", [])):
             unknown = set(entry) - _RULE_KEYS
@@ -89,31 +89,17 @@ class RoutingTable:
                 raise ValueError(f"{source}: rule {index}: unknown keys {sorted(unknown)}; known: {sorted(_RULE_KEYS)}")
             rule = Rule(**entry)
             _check_tier(rule.tier, f"{source}: rule {index}")
-            low, high = rule.min_prompt_tokens, rule.max_prompt_tokens
+            low, high = rule.min_prompt_chars, rule.max_prompt_chars
             if low is not None and high is not None and low > high:
-                raise ValueError(f"{source}: rule {index}: min_prompt_tokens {low} > max_prompt_tokens {high}")
+                raise ValueError(f"{source}: rule {index}: min_prompt_chars {low} > max_prompt_chars {high}")
             rules.append(rule)
         default_tier = raw.get("default_tier", "frontier")
         _check_tier(default_tier, f"{source}: default_tier")
-        prompt_tokenizer = raw.get("prompt_tokenizer")
-        if prompt_tokenizer not in TOKENIZERS:
-            raise ValueError(f"{source}: prompt_tokenizer must be one of {TOKENIZERS}, not {prompt_tokenizer!r}")
-        return cls(rules=tuple(rules), default_tier=default_tier, prompt_tokenizer=prompt_tokenizer)
+        return cls(rules=tuple(rules), default_tier=default_tier)
 
-    @cached_property
-    def largest_threshold(self) -> int:
-        bounds = [b for r in self.rules for b in (r.min_prompt_tokens, r.max_prompt_tokens) if b is not None]
-        return max(bounds, default=0)
-
-    def prompt_tokens(self, step: StepRequest) -> int:
-        """The step's input size as the thresholds count it (contents plus chat framing): exact up
-        to the largest threshold; past it, only "past every threshold" is decided (a long
-        prompt's tail is never tokenized)."""
-        return count_message_tokens_capped(self.prompt_tokenizer, step.messages, self.largest_threshold)
-
-    def tier(self, step: StepRequest, prompt_tokens: int) -> Tier:
+    def tier(self, step: StepRequest, prompt_chars: int) -> Tier:
         for rule in self.rules:
-            if rule.matches(step, prompt_tokens):
+            if rule.matches(step, prompt_chars):
                 return rule.tier
         return self.default_tier
 
@@ -123,8 +109,20 @@ class RoutingTable:
         ``downgrade`` (pacing) moves the table's tier one step down the ladder first; pick_model
         still never leaves the allow-list, so a step pinned to one tier stays on it.
         """
-        tier = self.tier(step, self.prompt_tokens(step))
+        tier = self.tier(step, prompt_chars(step))
         return pick_model(tier_below(tier) if downgrade else tier, step.allow_models, catalog)
+
+
+def prompt_chars(step: StepRequest) -> int:
+    """A step's prompt size as the table's thresholds measure it: the characters of its messages.
+
+    Not tokens: a rule picks the tier before the model, and so the tokenizer, is known, and
+    tokenizing costs more than the whole decision may (tiktoken takes about 20 us for a
+    150-character prompt on this CPU; the rules' budget is 50 us at p99). A size rule only needs
+    to tell short from long; where the exact count matters, the reservation's worst case, the
+    router counts tokens with the chosen model's tokenizer.
+    """
+    return sum(len(m.content) for m in step.messages)
 
 
 def tier_below(tier: Tier) -> Tier:

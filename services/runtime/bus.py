@@ -7,6 +7,7 @@ malformed or schema-invalid message never reaches service code: it goes whole to
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import TypeVar
@@ -91,6 +92,18 @@ def stream_configs(subjects: Subjects) -> list[StreamConfig]:
     ]
 
 
+def freeze_startup_objects() -> None:
+    """Leave what a service loaded at start out of the garbage collector's full collections.
+
+    The modules, settings, clients and tables loaded at start (about 100,000 objects) never die,
+    yet every full collection walked them all: about 100 ms on these CPUs, a stall every message
+    waiting in the process sat through (it was the reservation round trip's p99, and the routing
+    decision's). What the service allocates later is still collected.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class Bus:
     """One per service process. ``broker`` is the FastStream NatsBroker to register handlers on."""
 
@@ -126,6 +139,12 @@ class Bus:
             # after start-up can get "no responders".
             await self.broker.connection.flush()
             await self.broker.connection.flush()
+
+        app.after_startup(freeze_startup_objects)
+
+        @app.after_shutdown
+        async def unfreeze() -> None:
+            gc.unfreeze()  # in a process that goes on (tests), what was frozen can be collected again
 
         return app
 

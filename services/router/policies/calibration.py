@@ -52,15 +52,39 @@ def calibrate(
     threshold is not fitted to the noise of the model that made them."""
     if not 0 < target <= 1.5:
         raise ValueError(f"target must be a share of the strong model's accuracy, e.g. 0.95, not {target}")
-    strong_accuracy = float(np.mean(strong_correct))
-    thresholds, weak_share, accuracy = sweep(scores, weak_correct, strong_correct)
-    ok = np.nonzero(accuracy >= target * strong_accuracy)[0]
+    thresholds, _, accuracy = sweep(scores, weak_correct, strong_correct)
+    ok = np.nonzero(accuracy >= target * float(np.mean(strong_correct)))[0]
     # Cut 0 (everything strong) always qualifies when target <= 1; above 1 nothing may.
     best = int(ok.max()) if len(ok) else int(np.argmax(accuracy))
+    return operating_point(float(thresholds[best]), scores, weak_correct, strong_correct, target)
+
+
+def calibrate_every_fold(
+    scores: np.ndarray,
+    weak_correct: np.ndarray,
+    strong_correct: np.ndarray,
+    folds: list[np.ndarray],
+    target: float,
+) -> OperatingPoint:
+    """The lowest threshold that meets ``target`` on each held-out fold on its own: the highest of
+    the folds' calibrated thresholds, described on all the scores together.
+
+    One threshold over the pooled folds is set by the average fold; a fold of unseen domains that
+    suits the weak model less then falls short, and so do new domains later (on the held-out MMLU
+    domains, 91% of GPT-4's accuracy instead of 95%). Asking it of every fold prices in that spread.
+    """
+    threshold = max(calibrate(scores[f], weak_correct[f], strong_correct[f], target).threshold for f in folds)
+    return operating_point(threshold, scores, weak_correct, strong_correct, target)
+
+
+def operating_point(
+    threshold: float, scores: np.ndarray, weak_correct: np.ndarray, strong_correct: np.ndarray, target: float
+) -> OperatingPoint:
+    weak = scores >= threshold
     return OperatingPoint(
-        threshold=float(thresholds[best]),
-        weak_share=float(weak_share[best]),
-        accuracy=float(accuracy[best]),
-        strong_accuracy=strong_accuracy,
+        threshold=threshold,
+        weak_share=float(np.mean(weak)),
+        accuracy=float(np.mean(np.where(weak, weak_correct, strong_correct))),
+        strong_accuracy=float(np.mean(strong_correct)),
         target=target,
     )

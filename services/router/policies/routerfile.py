@@ -8,38 +8,38 @@ model (cascade validator), each with the threshold calibrated on its training da
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from services.router.policies.calibration import OperatingPoint
-from services.router.policies.features import ANSWER_FEATURES, N_FEATURES, PromptFeatures, answer_features, tfidf
+from services.router.policies.features import (
+    ANSWER_FEATURES,
+    EMBEDDING_DIMENSIONS,
+    PROMPT_EMBEDDING,
+    answer_features,
+    prompt_embeddings,
+)
 
-FORMAT = "frugalmesh-router/1"
+# Version 2: the prompt model reads embeddings (version 1 read hashed n-grams).
+FORMAT = "frugalmesh-router/2"
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def prompt_probability(counts: sp.csr_matrix, idf: np.ndarray, coef: np.ndarray, intercept: float) -> np.ndarray:
-    return sigmoid(tfidf(counts, idf) @ coef + intercept)
-
-
 @dataclass(frozen=True)
 class PromptModel:
-    """Logistic regression on prompt tf-idf: the chance the weak model answers correctly."""
+    """Logistic regression on the prompt's embedding: the chance the weak model answers correctly."""
 
-    idf: np.ndarray  # N_FEATURES
-    coef: np.ndarray  # N_FEATURES
+    coef: np.ndarray  # EMBEDDING_DIMENSIONS
     intercept: float
     calibration: OperatingPoint
-    features: PromptFeatures = field(default_factory=PromptFeatures)
 
     def scores(self, prompts: list[str]) -> np.ndarray:
-        return prompt_probability(self.features.counts(prompts), self.idf, self.coef, self.intercept)
+        return sigmoid(prompt_embeddings(prompts) @ self.coef + self.intercept)
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,12 @@ class RouterFile:
         arrays: dict[str, np.ndarray] = {}
         if self.prompt_model is not None:
             m = self.prompt_model
-            # Only the buckets seen in training carry weight; the rest share the unseen (highest) idf.
-            unseen_idf = float(m.idf.max())
-            seen = np.nonzero((m.idf < unseen_idf) | (m.coef != 0))[0]
             header["prompt_model"] = {
+                "embedding": PROMPT_EMBEDDING,
                 "intercept": m.intercept,
-                "unseen_idf": unseen_idf,
                 "calibration": asdict(m.calibration),
             }
-            arrays |= {"prompt_index": seen.astype(np.int32), "prompt_idf": m.idf[seen], "prompt_coef": m.coef[seen]}
+            arrays["prompt_coef"] = m.coef
         if self.answer_model is not None:
             m = self.answer_model
             header["answer_model"] = {
@@ -99,15 +96,17 @@ class RouterFile:
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(str(data["header"]))
             if header.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a router file of format {FORMAT} (got {header.get('format')!r})")
+                raise ValueError(
+                    f"{path}: router file format {header.get('format')!r}, this version reads {FORMAT}: "
+                    "train it again with `frugalmesh router train`"
+                )
             prompt_model = None
             if "prompt_model" in header:
                 spec = header["prompt_model"]
-                idf = np.full(N_FEATURES, spec["unseen_idf"], dtype=np.float32)
-                coef = np.zeros(N_FEATURES, dtype=np.float32)
-                idf[data["prompt_index"]] = data["prompt_idf"]
-                coef[data["prompt_index"]] = data["prompt_coef"]
-                prompt_model = PromptModel(idf, coef, spec["intercept"], OperatingPoint(**spec["calibration"]))
+                coef = data["prompt_coef"]
+                if spec["embedding"] != PROMPT_EMBEDDING or coef.shape != (EMBEDDING_DIMENSIONS,):
+                    raise ValueError(f"{path}: prompt model reads {spec['embedding']}, not this version's {PROMPT_EMBEDDING}")
+                prompt_model = PromptModel(coef, spec["intercept"], OperatingPoint(**spec["calibration"]))
         answer_model = None
         if "answer_model" in header:
             spec = header["answer_model"]
