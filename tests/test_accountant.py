@@ -16,11 +16,13 @@ from decimal import Decimal
 import msgspec
 import pytest
 from clickhouse_connect.driver.client import Client
+from nats.js.api import ConsumerConfig
 
 from schemas.messages import Artifact, ArtifactRef, DeadLetter, TaskEvent, UsageEvent
 from schemas.subjects import HEADER_MSG_ID, STREAM_ARTIFACT_EVENTS, STREAM_DLQ, STREAM_TASK_EVENTS, STREAM_USAGE
 from services.accountant.clickhouse import client, create_schema
 from services.accountant.ingest import USAGE, usage_row, usd
+from services.runtime.bus import ensure_streams
 from services.runtime.settings import MeshSettings
 
 DAY1_MS = 1_763_596_800_000  # 2025-11-20 00:00 UTC
@@ -103,10 +105,11 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout_s: flo
     raise AssertionError("condition not met in time")
 
 
-def stored(ch: Client, database: str) -> tuple[int, int, Decimal]:
-    """(rows, distinct event ids, total cost) of usage_events, without FINAL: the raw truth."""
+def stored(ch: Client, database: str, *, final: bool = False) -> tuple[int, int, Decimal]:
+    """(rows, distinct event ids, total cost) of usage_events: without FINAL the raw truth, with it
+    what every view reads."""
     rows, ids, cost = ch.query(
-        f"SELECT count(), uniqExact(event_id), sum(cost_usd) FROM {database}.usage_events"
+        f"SELECT count(), uniqExact(event_id), sum(cost_usd) FROM {database}.usage_events{' FINAL' if final else ''}"
     ).result_rows[0]
     return rows, ids, cost
 
@@ -121,19 +124,26 @@ async def test_duplicates_make_exactly_one_row_each(start_service, settings, dat
     stream = settings.subjects.stream(STREAM_USAGE)
     events = [usage(i) for i in range(300)]
 
+    total = sum(usd(e.cost_usd) for e in events)
+
     # First wave, with some events published twice inside it under a new msg id (in-batch dupes).
     await publish_usage(js, settings, events)
     await publish_usage(js, settings, events[:40], suffix="-retry")
     # The same msg id again: JetStream's dedupe window drops these before the accountant.
     await publish_usage(js, settings, events[:50])
     await drained(js, stream, "accountant")
-    # Second wave: already-stored ids under new msg ids, so JetStream delivers them again.
+    assert stored(ch, database) == (300, 300, total)
+
+    # Second wave: already-stored ids under new msg ids, as a producer's retry after the stream's
+    # dedupe window would be: a first delivery, not looked up, so a second copy may be stored;
+    # the key's ReplacingMergeTree keeps it out of every read with FINAL, which is what views read.
     await publish_usage(js, settings, events[100:160], suffix="-late")
     await drained(js, stream, "accountant")
 
     info = await js.stream_info(stream)
     assert info.state.messages == 300 + 40 + 60
-    assert stored(ch, database) == (300, 300, sum(usd(e.cost_usd) for e in events))
+    assert stored(ch, database, final=True) == (300, 300, total)
+    assert ch.query(f"SELECT sum(cost_usd) FROM {database}.spend_daily").result_rows[0][0] == total
     assert ch.query(
         f"SELECT toUnixTimestamp64Milli(time), tenant, task_id, call_id, input_tokens, cached_input_tokens, "
         f"output_tokens, latency_ms, outcome, usage_source FROM {database}.usage_events WHERE event_id = 'call-00007'"
@@ -190,11 +200,24 @@ async def test_rows_inserted_but_never_acked_are_not_doubled(start_service, sett
     """The crash window: a batch reached ClickHouse but its acks did not reach JetStream."""
     js = nc.jetstream()
     events = [usage(i) for i in range(100)]
-    create_schema(ch, database)
-    ch.insert("usage_events", [usage_row(e) for e in events[:60]], column_names=list(USAGE.columns), database=database)
-    await start_accountant(start_service, settings, database)
+    stream = settings.subjects.stream(STREAM_USAGE)
+    await ensure_streams(js, settings.subjects)
     await publish_usage(js, settings, events)
-    await drained(js, settings.subjects.stream(STREAM_USAGE), "accountant")
+    # A first accountant fetched 60 messages on the durable, stored their rows and died unacked.
+    crashed = await js.pull_subscribe(
+        settings.subjects.usage_all, "accountant", stream=stream,
+        config=ConsumerConfig(ack_wait=FAST["ack_wait_s"], max_ack_pending=4000),
+    )  # fmt: skip
+    fetched = await crashed.fetch(60, timeout=5)
+    create_schema(ch, database)
+    rows = [usage_row(msgspec.json.decode(m.data, type=UsageEvent)) for m in fetched]
+    ch.insert("usage_events", rows, column_names=list(USAGE.columns), database=database)
+    await crashed.unsubscribe()
+
+    # The restarted accountant keeps the durable: the 40 never fetched come first, the 60 come
+    # back as redeliveries once their ack wait ends, and those are looked up before the insert.
+    await start_accountant(start_service, settings, database)
+    await drained(js, stream, "accountant")
     assert stored(ch, database) == (100, 100, sum(usd(e.cost_usd) for e in events))
 
 

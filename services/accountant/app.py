@@ -119,7 +119,7 @@ def create_app(
     settings: MeshSettings,
     *,
     database: str | None = None,
-    batch_size: int = 1000,
+    batch_size: int = 5000,
     batch_timeout_s: float = 0.2,
     ack_wait_s: float = 30.0,
     retry_delay_s: float = 1.0,

@@ -1,12 +1,22 @@
 """Batched, exactly-once ingest of JetStream messages into ClickHouse tables.
 
 A batch (up to N messages or a short wait, whichever first) becomes one INSERT. Exactness comes
-from here, not from the table engine: keys already stored are dropped with one SELECT before the
-insert, and so are duplicates inside the batch. Messages are acked only after the insert
-succeeded; a failed insert naks the whole batch with a delay, so JetStream redelivers it and the
-key check makes the retry harmless. A message that cannot become a row (malformed, or a value
-the column cannot hold) is dead-lettered and acked at once: it would fail every retry and block
-the stream behind it.
+from here, not from the table engine: duplicates inside the batch are dropped, and so are the
+keys of redelivered messages that are already stored, with one SELECT before the insert.
+Messages are acked only after the insert succeeded; a failed insert naks the whole batch with a
+delay, so JetStream redelivers it and the key check makes the retry harmless.
+
+Only redelivered messages are looked up because only they can already be stored: a row is
+inserted before its message is acked, so a stored row whose message comes again comes as a
+redelivery (an insert that failed, or succeeded just before a crash, before the ack). A producer's
+retry of the same event is the same Nats-Msg-Id, which the stream drops within its duplicate
+window (600 s). Past that window a retried event would be a first delivery of a new message and
+be stored twice; the tables are ReplacingMergeTree on the key and every view reads FINAL, so it
+still counts once. Looking up every key instead cost about 15 ms per 1,000 rows, a SELECT whose
+cost grows with the table, and halved the ingest rate (docs/benchmarks.md).
+
+A message that cannot become a row (malformed, or a value the column cannot hold) is
+dead-lettered and acked at once: it would fail every retry and block the stream behind it.
 """
 
 from __future__ import annotations
@@ -230,16 +240,18 @@ class Store:
             self._ch.close()
             self._ch = None
 
-    async def insert_new(self, sink: Sink[Any], rows: dict[tuple[Any, ...], Row]) -> int:
-        """Insert the rows whose key is not stored yet; return how many were inserted."""
-        return await asyncio.to_thread(self._insert_new, sink, rows)
+    async def insert_new(self, sink: Sink[Any], batch: Batch) -> int:
+        """Insert the batch's rows but those of its redelivered keys already stored; return how many
+        were inserted."""
+        return await asyncio.to_thread(self._insert_new, sink, batch)
 
-    def _insert_new(self, sink: Sink[Any], rows: dict[tuple[Any, ...], Row]) -> int:
+    def _insert_new(self, sink: Sink[Any], batch: Batch) -> int:
         assert self._ch is not None and self.database is not None, "Store.open() first"
+        rows = batch.rows
         if not rows:
             return 0
         db = ddl.quote_identifier(self.database)
-        keys = sorted({key[0] for key in rows})
+        keys = sorted(batch.redelivered)
         seen: set[tuple[Any, ...]] = set()
         # The keys travel as one HTTP form field, which ClickHouse caps (about 4,000 keys): in slices.
         for start in range(0, len(keys), SELECT_KEYS):
@@ -262,6 +274,16 @@ def _warm_up_inserts() -> None:
             getattr(options, name)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """A fetched batch, decoded: the messages to ack once stored, the rows by key, and the first
+    key column of the rows whose message was delivered before (the only ones that may be stored)."""
+
+    pending: list[Msg]
+    rows: dict[tuple[Any, ...], Row]
+    redelivered: set[Any]
+
+
 class Ingest(Generic[M]):
     """Turns one fetched batch of a stream into (at most) one insert into ``sink.table``."""
 
@@ -271,19 +293,16 @@ class Ingest(Generic[M]):
         self.sink = sink
         self.retry_delay_s = retry_delay_s
 
-    async def __call__(self, batch: Sequence[Msg]) -> None:
-        pending, rows = await self.prepare(batch)
-        await self.store_and_ack(pending, rows)
-
-    async def prepare(self, batch: Sequence[Msg]) -> tuple[list[Msg], dict[tuple[Any, ...], Row]]:
-        """Decode ``batch`` into rows (the messages to ack once they are stored, and the rows by key);
-        a message that cannot become a row is dead-lettered and acked here."""
+    async def prepare(self, messages: Sequence[Msg]) -> Batch:
+        """Decode ``messages`` into a Batch; a message that cannot become a row is dead-lettered and
+        acked here."""
         pending: list[Msg] = []
         rows: dict[tuple[Any, ...], Row] = {}
+        redelivered: set[Any] = set()
         decode = self._decode
         to_row = self.sink.to_row
         key_of = self.sink.key_of
-        for raw in batch:
+        for raw in messages:
             try:
                 row = to_row(decode(raw.data))
             except (msgspec.DecodeError, ValueError) as exc:
@@ -293,14 +312,18 @@ class Ingest(Generic[M]):
                 continue
             pending.append(raw)
             if row is not None:
+                key = key_of(row)
                 # The first copy wins: a redelivered or re-published message is the same fact.
-                rows.setdefault(key_of(row), row)
-        return pending, rows
+                rows.setdefault(key, row)
+                if raw.metadata.num_delivered > 1:
+                    redelivered.add(key[0])
+        return Batch(pending, rows, redelivered)
 
-    async def store_and_ack(self, pending: list[Msg], rows: dict[tuple[Any, ...], Row]) -> None:
+    async def store_and_ack(self, batch: Batch) -> None:
         """One insert of the new rows, then the acks; a failed insert naks them all with a delay."""
+        pending, rows = batch.pending, batch.rows
         try:
-            inserted = await self.store.insert_new(self.sink, rows)
+            inserted = await self.store.insert_new(self.sink, batch)
         except Exception as exc:  # any ClickHouse or network failure: JetStream keeps the batch
             self.bus.log.error("insert_failed", table=self.sink.table, messages=len(pending), error=str(exc))
             for raw in pending:
@@ -417,7 +440,7 @@ class BatchConsumer:
                 batch = await self.fetch()
                 if not batch:
                     continue
-                pending, rows = await self.ingest.prepare(batch)
+                decoded = await self.ingest.prepare(batch)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # e.g. disconnected: what was fetched is redelivered after ack_wait
@@ -427,7 +450,7 @@ class BatchConsumer:
             if self._storing is not None:
                 # Not awaited directly: stopping the fetch loop must not cancel a store half-way.
                 await asyncio.wait([self._storing])
-            self._storing = asyncio.create_task(self.ingest.store_and_ack(pending, rows))
+            self._storing = asyncio.create_task(self.ingest.store_and_ack(decoded))
             self._storing.add_done_callback(self._stored)
 
     def _stored(self, storing: asyncio.Task[None]) -> None:
