@@ -16,9 +16,10 @@ exits 2.
   the planner and the artifact store, which LiteLLM has no counterpart for, are not in the path.
   Every reply's call must have its one usage row in ClickHouse (loss otherwise).
 
-Each system gets the same open-loop schedule at 100, 500 and 1,000 calls/s; added latency is the
-system's percentile minus the direct percentile at the same rate; a rate is sustained with no
-error or time-out, no lost usage row, and every call answered within 10% of the send time.
+Each system gets the same open-loop schedule at 50, 100, 200, 500 and 1,000 calls/s; added
+latency is the system's percentile minus the direct percentile at the same rate; a rate is
+sustained with no error or time-out, no lost usage row, and every call answered within 10% of
+the send time.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from services.runtime.bus import now_ms
 from services.runtime.embedded import stop_process
 from services.runtime.settings import MeshSettings
 
-RATES = ((100, 5.0), (500, 4.0), (1000, 3.0))  # calls/s, seconds at that rate
+# calls/s, seconds at that rate: 100, 500 and 1,000, and 50 and 200 to place the highest rate sustained.
+RATES = ((50, 5.0), (100, 5.0), (200, 5.0), (500, 4.0), (1000, 3.0))
 CALL_TIMEOUT_S = 10.0
 # A catalogue model, so the planner's pre-flight table (deploy/planner.toml) knows it.
 MODEL = "gpt-4-1106-preview"
