@@ -97,8 +97,8 @@ def freeze_startup_objects() -> None:
 
     The modules, settings, clients and tables loaded at start (about 100,000 objects) never die,
     yet every full collection walked them all: about 100 ms on these CPUs, a stall every message
-    waiting in the process sat through (it was the reservation round trip's p99, and the routing
-    decision's). What the service allocates later is still collected.
+    waiting in the process sat through (it was the accountant's reservation round trip's p99).
+    What the service allocates later is still collected.
     """
     gc.collect()
     gc.freeze()

@@ -30,6 +30,8 @@ class LearnedPolicy:
             raise ValueError("the router file has no prompt model (train it with --policy learned)")
         model = router.prompt_model
         chosen = model.calibration.threshold if threshold is None else threshold
+        # Loads the embedding model now (about 0.25 s), not on the first step routed.
+        model.scores([""])
         return cls(router.weak_model, router.strong_model, model, chosen)
 
     def score(self, step: StepRequest) -> float:
