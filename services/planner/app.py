@@ -47,7 +47,7 @@ def create_app(
     max_fanout: int = 9,
     max_in_flight: int = 256,
     ack_wait_s: float = 60.0,
-    pull_batch: int = 32,
+    pull_batch: int = 1,
     limits: Limits | None = None,
     clock: Clock = utc_now,
     schedule_tick_s: float = 1.0,
@@ -108,6 +108,10 @@ def create_app(
         settings.subjects.task_submit,
         stream=bus.stream(STREAM_TASKS),
         durable=DURABLE,
+        # One task per fetch by default: once nothing was waiting, nats-py's fetch holds its pull
+        # open until the whole batch arrived or the timeout passed, so with 32 the first task of a
+        # quiet spell waited for 31 more or a second (overhead p95 688 ms at 50 tasks/s, 298 ms
+        # with 1; throughput unchanged, docs/benchmarks.md).
         pull_sub=PullSub(batch_size=pull_batch, timeout=1.0),
         ack_policy=AckPolicy.MANUAL,
         config=ConsumerConfig(ack_policy=JsAckPolicy.EXPLICIT, ack_wait=ack_wait_s, max_deliver=MAX_DELIVER),
