@@ -92,6 +92,7 @@ class Preflight:
     def load(cls, deploy_dir: Path, data: Path | None, config: PlannerConfig) -> Preflight:
         """Profiles for every catalogued model; ValueError for a model planner.toml gives no latency."""
         catalog = Catalog.load(deploy_dir)
+        catalog.load_tokenizers()
         try:
             accuracy = recorded_accuracy(resolve_data_dir(data))
         except DataNotFound:

@@ -487,6 +487,7 @@ def create_app(
     bus = Bus(settings, SERVICE)
     table = table or RoutingTable.load(settings.deploy_dir)
     catalog = catalog or Catalog.load(settings.deploy_dir)
+    catalog.load_tokenizers()
     router = Router(
         bus,
         policies or PolicySet.load(settings.deploy_dir, table, catalog),

@@ -16,6 +16,7 @@ from schemas.messages import Tier, Usage
 from schemas.subjects import Subjects, token
 from services.runtime.hardware import HardwareProfile, load_profiles
 from services.runtime.settings import MeshSettings
+from services.runtime.tokens import tokenizer
 
 TIER_LADDER: tuple[Tier, ...] = ("local", "mid", "frontier")
 MILLION = 1_000_000
@@ -114,6 +115,13 @@ class Catalog:
 
     def in_tier(self, tier: Tier) -> list[ModelSpec]:
         return [m for m in self.models.values() if m.tier == tier]
+
+    def load_tokenizers(self) -> None:
+        """Load every model's tokenizer now. A service calls this as it is built: loaded on first
+        use instead (cl100k takes about 0.2 s), the first call stalled, and the calls queued
+        behind it with it (the first 0.4 s of a 50 calls/s run took 100-330 ms each)."""
+        for name in sorted({m.tokenizer for m in self.models.values()}):
+            tokenizer(name)
 
 
 def _priced_by_hardware(

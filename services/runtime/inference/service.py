@@ -246,6 +246,7 @@ def create_inference_app(
     service = f"{kind}-inference"
     bus = Bus(settings, service)
     catalog = Catalog.load(settings.deploy_dir)
+    catalog.load_tokenizers()
     backends: dict[str, Backend] = {}
     for provider_name in sorted({m.provider for m in catalog.models.values() if m.service == kind}):
         provider = catalog.providers[provider_name]
