@@ -12,8 +12,8 @@ redelivery (an insert that failed, or succeeded just before a crash, before the 
 retry of the same event is the same Nats-Msg-Id, which the stream drops within its duplicate
 window (600 s). Past that window a retried event would be a first delivery of a new message and
 be stored twice; the tables are ReplacingMergeTree on the key and every view reads FINAL, so it
-still counts once. Looking up every key instead cost about 15 ms per 1,000 rows, a SELECT whose
-cost grows with the table, and halved the ingest rate (docs/benchmarks.md).
+still counts once. Looking up every key instead cost about 15 ms per 1,000 keys on a table of
+100,000 rows, a SELECT whose cost grows with the table (docs/benchmarks.md).
 
 A message that cannot become a row (malformed, or a value the column cannot hold) is
 dead-lettered and acked at once: it would fail every retry and block the stream behind it.
