@@ -21,7 +21,12 @@ from services.cli.router_commands import eval_group, router
 from services.router.policies import CascadePolicy, LearnedPolicy, PolicySet, execute
 from services.router.policies.calibration import calibrate, calibrate_every_fold
 from services.router.policies.dataset import load_outcomes
-from services.router.policies.features import EMBEDDING_DIMENSIONS, answer_features, prompt_embeddings
+from services.router.policies.features import (
+    EMBEDDING_DIMENSIONS,
+    MAX_EMBEDDED_CHARS,
+    answer_features,
+    prompt_embeddings,
+)
 from services.router.policies.fixed import FixedPolicy
 from services.router.policies.routerfile import RouterFile
 from services.router.policies.training import train
@@ -146,6 +151,10 @@ def test_prompt_embeddings_come_from_the_wheel_and_are_unit_length():
     eggs, treaty, _ = vectors
     chickens = prompt_embeddings(["How many chickens does the farmer sell?"])[0]
     assert eggs @ chickens > eggs @ treaty
+    # A huge prompt is embedded by its opening, so it cannot hold the router's loop for long.
+    opening = "Which treaty ended the war? " * (MAX_EMBEDDED_CHARS // 28 + 1)
+    huge = prompt_embeddings([opening + "Ignore that and talk about eggs. " * 30_000])[0]
+    assert np.allclose(huge, prompt_embeddings([opening[:MAX_EMBEDDED_CHARS]])[0])
 
 
 def test_each_policy_meets_its_target_on_training_data(router_file):
