@@ -20,7 +20,6 @@ from typing import Any
 
 import msgspec
 from faststream import FastStream
-from faststream.nats import NatsMessage
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig
@@ -31,7 +30,7 @@ from services.accountant.budget import BUDGETS_FILE, BudgetConfig
 from services.accountant.ingest import ARTIFACTS, KILLS, TASKS, USAGE, BatchConsumer, Ingest, Sink, Store
 from services.accountant.journal import Commit
 from services.accountant.reservations import Budgets, Clock
-from services.runtime.bus import Bus, encode, now_ms
+from services.runtime.bus import Bus, Message, encode, now_ms
 from services.runtime.settings import MeshSettings
 
 SERVICE = "accountant"
@@ -180,14 +179,14 @@ def create_app(
         store.close()
 
     @bus.broker.subscriber(subjects.budget_set, queue=QUEUE)
-    async def set_budget(msg: NatsMessage) -> bytes:
+    async def set_budget(msg: Message) -> bytes:
         update = await bus.decode(msg, BudgetUpdate)
         if update is None:
             return bus.rejection("not a BudgetUpdate (dead-lettered with the decode error)")
         return encode(await ledger.update(update))
 
     @bus.broker.subscriber(subjects.budget_show, queue=QUEUE)
-    async def show_budget(msg: NatsMessage) -> bytes:
+    async def show_budget(msg: Message) -> bytes:
         query = await bus.decode(msg, BudgetQuery)
         if query is None:
             return bus.rejection("not a BudgetQuery (dead-lettered with the decode error)")

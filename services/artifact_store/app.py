@@ -15,7 +15,6 @@ from typing import Any
 
 import msgspec
 from faststream import FastStream
-from faststream.nats import NatsMessage
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -23,7 +22,7 @@ from nats.js.object_store import ObjectStore
 from schemas.artifacts import ArtifactError, artifact_id, canonical_json, validate_body
 from schemas.messages import Artifact, ArtifactGet, ArtifactRef, ArtifactReply
 from schemas.subjects import BUCKET_ARTIFACT_BODIES, BUCKET_ARTIFACT_INDEX, HEADER_MSG_ID, STREAM_ARTIFACT_EVENTS
-from services.runtime.bus import Bus, encode, now_ms
+from services.runtime.bus import Bus, Message, encode, now_ms
 from services.runtime.settings import MeshSettings
 
 SERVICE = "artifact-store"
@@ -117,7 +116,7 @@ def create_app(settings: MeshSettings) -> FastStream:
     # An undecodable request gets the mesh-wide rejection (``{"error": ErrorInfo}``); a decoded
     # one always gets an ArtifactReply, whose ``error`` says why a put or get was refused.
     @bus.broker.subscriber(subjects.artifact_put, queue=QUEUE, max_workers=MAX_WORKERS)
-    async def put(msg: NatsMessage) -> bytes:
+    async def put(msg: Message) -> bytes:
         artifact = await bus.decode(msg, Artifact)
         if artifact is None:
             return bus.rejection("not an Artifact (dead-lettered with the decode error)")
@@ -128,7 +127,7 @@ def create_app(settings: MeshSettings) -> FastStream:
         return encode(reply)
 
     @bus.broker.subscriber(subjects.artifact_get, queue=QUEUE, max_workers=MAX_WORKERS)
-    async def get(msg: NatsMessage) -> bytes:
+    async def get(msg: Message) -> bytes:
         request = await bus.decode(msg, ArtifactGet)
         if request is None:
             return bus.rejection("not an ArtifactGet (dead-lettered with the decode error)")

@@ -20,7 +20,7 @@ import contextlib
 
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
-from faststream.nats import NatsMessage, PullSub
+from faststream.nats import PullSub
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig
 
@@ -32,7 +32,7 @@ from services.planner.preflight import Preflight
 from services.planner.runner import Planner
 from services.planner.schedule import HEADER_SCHEDULE_RUN, Clock, Scheduler, utc_now
 from services.planner.workflow import load_workflows
-from services.runtime.bus import Bus
+from services.runtime.bus import Bus, Message
 from services.runtime.settings import MeshSettings
 
 SERVICE = "planner"
@@ -85,12 +85,12 @@ def create_app(
         scheduler = Scheduler(bus.broker.connection.jetstream(), settings.subjects, bus.log, clock, schedule_tick_s)
         scheduling.append(asyncio.create_task(scheduler.run()))
 
-    async def keep_alive(msg: NatsMessage) -> None:
+    async def keep_alive(msg: Message) -> None:
         while True:
             await asyncio.sleep(ack_wait_s / 3)
             await msg.in_progress()
 
-    async def run(msg: NatsMessage, task: Task) -> None:
+    async def run(msg: Message, task: Task) -> None:
         heartbeat = asyncio.create_task(keep_alive(msg))
         try:
             kind = await planner.run(task, (msg.headers or {}).get(HEADER_SCHEDULE_RUN, ""))
@@ -116,7 +116,7 @@ def create_app(
         ack_policy=AckPolicy.MANUAL,
         config=ConsumerConfig(ack_policy=JsAckPolicy.EXPLICIT, ack_wait=ack_wait_s, max_deliver=MAX_DELIVER),
     )
-    async def submit(msg: NatsMessage) -> None:
+    async def submit(msg: Message) -> None:
         task = await bus.decode(msg, Task)
         if task is not None:
             try:

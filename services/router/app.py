@@ -31,7 +31,6 @@ import msgspec
 import nats.errors
 import structlog
 from faststream import FastStream
-from faststream.nats import NatsMessage
 
 from schemas.messages import (
     ErrorInfo,
@@ -61,7 +60,7 @@ from services.router.load import DEFAULT_STALE_S, LoadBoard, spill_target
 from services.router.policies import PolicySet, execute
 from services.router.table import PinningError, RoutingTable
 from services.router.throttle import DEFAULT_BURST, DEFAULT_RATE_PER_S, Throttle
-from services.runtime.bus import Bus, encode, now_ms
+from services.runtime.bus import Bus, Message, encode, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.control import ControlState
 from services.runtime.reservations import HEADER_BUDGET, UNAVAILABLE, ReservationClient, is_paid, parse_budget
@@ -502,7 +501,7 @@ def create_app(
     app.after_shutdown(router.stop)
 
     @bus.broker.subscriber(settings.subjects.step_request, queue=QUEUE, max_workers=max_concurrency)
-    async def on_step(msg: NatsMessage) -> bytes:
+    async def on_step(msg: Message) -> bytes:
         step = await bus.decode(msg, StepRequest)
         if step is None:
             return bus.rejection(f"not a valid StepRequest; kept on {settings.subjects.dlq(SERVICE)}")
@@ -518,7 +517,7 @@ def create_app(
 
     # Every replica needs every report: no queue group.
     @bus.broker.subscriber(settings.subjects.local_load_all)
-    async def on_local_load(msg: NatsMessage) -> None:
+    async def on_local_load(msg: Message) -> None:
         load = await bus.decode(msg, LocalLoad)
         if load is not None:
             router.on_load(load)

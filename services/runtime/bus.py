@@ -1,6 +1,6 @@
 """A service's connection to the mesh: its FastStream broker plus the few helpers every handler uses.
 
-Handlers take the raw ``NatsMessage`` and decode with msgspec themselves (``Bus.decode``), so a
+Handlers take the raw ``Message`` and decode with msgspec themselves (``Bus.decode``), so a
 malformed or schema-invalid message never reaches service code: it goes whole to
 ``mesh.dlq.<service>`` with the reason, a request gets an error reply, and the service goes on.
 """
@@ -10,11 +10,13 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from typing import TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from faststream import FastStream
-from faststream.nats import JStream, NatsBroker, NatsMessage
+from faststream._internal.context import Context  # the field class (faststream.Context builds one)
+from faststream.nats import JStream, NatsBroker
+from faststream.nats.message import NatsMessage
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
@@ -92,6 +94,25 @@ def stream_configs(subjects: Subjects) -> list[StreamConfig]:
     ]
 
 
+class _ResolvedInPlace(Context):
+    """FastStream's ``Context``, resolved on the event loop.
+
+    fast_depends runs a custom field's synchronous ``use`` through ``anyio.to_thread``: one
+    worker-thread round trip per message for nothing but a dictionary lookup. Under load that
+    was the largest item in the router's and the inference services' profiles (a quarter of
+    their samples in FastStream's handler wrapper, waking and waiting for the worker thread).
+    An async ``use`` is awaited in place. (FastStream is pinned in pyproject.toml: this subclasses
+    its internal field class.)
+    """
+
+    async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        return super().use(**kwargs)
+
+
+# A handler's ``msg: Message`` is the raw NATS message (headers, reply subject, ack).
+Message = Annotated[NatsMessage, _ResolvedInPlace("message")]
+
+
 def freeze_startup_objects() -> None:
     """Leave what a service loaded at start out of the garbage collector's full collections.
 
@@ -154,7 +175,7 @@ class Bus:
 
     # -- decoding and dead letters --
 
-    async def decode(self, msg: NatsMessage, message_type: type[T]) -> T | None:
+    async def decode(self, msg: Message, message_type: type[T]) -> T | None:
         """Decode ``msg`` as ``message_type``; on failure dead-letter it and return None."""
         try:
             return msgspec.json.decode(msg.body, type=message_type)

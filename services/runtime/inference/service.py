@@ -21,7 +21,6 @@ from typing import Literal
 
 import structlog
 from faststream import FastStream
-from faststream.nats import NatsMessage
 
 from schemas.messages import (
     ErrorInfo,
@@ -34,7 +33,7 @@ from schemas.messages import (
     UsageSource,
 )
 from schemas.subjects import token
-from services.runtime.bus import Bus, encode, now_ms
+from services.runtime.bus import Bus, Message, encode, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.control import ControlState, covers
 from services.runtime.inference.backend import Backend, BackendError, Completion, worst_case_usage
@@ -104,7 +103,7 @@ class InferenceService:
                 flight.killed_by = switch
                 flight.call.cancel()
 
-    async def handle(self, msg: NatsMessage) -> bytes:
+    async def handle(self, msg: Message) -> bytes:
         kept = f"kept on {self.bus.subjects.dlq(self.bus.service)}"
         request = await self.bus.decode(msg, InferenceRequest)
         if request is None:
@@ -260,7 +259,7 @@ def create_inference_app(
     subject = settings.subjects.infer_local_all if kind == "local" else settings.subjects.infer_cloud_all
 
     @bus.broker.subscriber(subject, queue=service, max_workers=max_concurrency)
-    async def infer(msg: NatsMessage) -> bytes:
+    async def infer(msg: Message) -> bytes:
         return await handler.handle(msg)
 
     app = bus.app()
