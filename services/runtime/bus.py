@@ -98,11 +98,10 @@ class _ResolvedInPlace(Context):
     """FastStream's ``Context``, resolved on the event loop.
 
     fast_depends runs a custom field's synchronous ``use`` through ``anyio.to_thread``: one
-    worker-thread round trip per message for nothing but a dictionary lookup. Under load that
-    was the largest item in the router's and the inference services' profiles (a quarter of
-    their samples in FastStream's handler wrapper, waking and waiting for the worker thread).
-    An async ``use`` is awaited in place. (FastStream is pinned in pyproject.toml: this subclasses
-    its internal field class.)
+    worker-thread round trip per message for nothing but a dictionary lookup (8% of the router's
+    samples under load, plus the thread's own wake-ups; without it the mesh went from 152 to 211
+    tasks/s, docs/benchmarks.md). An async ``use`` is awaited in place. (FastStream is pinned in
+    pyproject.toml: this subclasses its internal field class.)
     """
 
     async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
