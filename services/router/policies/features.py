@@ -5,8 +5,8 @@ dimensions, a 32,000-token vocabulary) trained from large language models' token
 averaged over the prompt's tokens and L2-normalised. Its weights (16 MB) and tokenizer ship inside
 the ``wordllama`` wheel, so nothing is downloaded, and embedding a prompt is one tokenizer pass
 and one average: about 0.2 ms for a median prompt on this CPU, against about 5 ms for
-all-MiniLM-L6-v2 as int8 ONNX. On the held-out MMLU domains it also routes better than the hashed word and
-character n-grams it replaced (docs/routing.md).
+all-MiniLM-L6-v2 as int8 ONNX. On the held-out MMLU domains it also routes better than the
+hashed word and character n-grams it replaced (docs/routing.md).
 """
 
 from __future__ import annotations

@@ -105,7 +105,9 @@ class RouterFile:
                 spec = header["prompt_model"]
                 coef = data["prompt_coef"]
                 if spec["embedding"] != PROMPT_EMBEDDING or coef.shape != (EMBEDDING_DIMENSIONS,):
-                    raise ValueError(f"{path}: prompt model reads {spec['embedding']}, not this version's {PROMPT_EMBEDDING}")
+                    raise ValueError(
+                        f"{path}: prompt model reads {spec['embedding']}, not this version's {PROMPT_EMBEDDING}"
+                    )
                 prompt_model = PromptModel(coef, spec["intercept"], OperatingPoint(**spec["calibration"]))
         answer_model = None
         if "answer_model" in header:

@@ -245,7 +245,7 @@ def create_inference_app(
     service = f"{kind}-inference"
     bus = Bus(settings, service)
     catalog = Catalog.load(settings.deploy_dir)
-    catalog.load_tokenizers()
+    catalog.load_tokenizers(kind)  # only the models this service serves are counted here
     backends: dict[str, Backend] = {}
     for provider_name in sorted({m.provider for m in catalog.models.values() if m.service == kind}):
         provider = catalog.providers[provider_name]
