@@ -46,7 +46,7 @@ from loadtest.httpload import Post, drive
 from loadtest.stats import percentiles
 from schemas.messages import ChatMessage, InferenceResult, Reservation, StepRequest
 from services.runtime.bus import now_ms
-from services.runtime.embedded import stop_process
+from services.runtime.embedded import free_port, stop_process
 from services.runtime.settings import MeshSettings
 
 # calls/s, seconds at that rate: 100, 500 and 1,000, and 50 and 200 to place the highest rate sustained.
@@ -96,7 +96,7 @@ def start_litellm(command: str, upstream: str, tmp: Path) -> tuple[subprocess.Po
       budget_duration: 30d
 """
     )
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR",
            "LITELLM_MASTER_KEY": MASTER_KEY}
     log = (tmp / "litellm.log").open("wb")
@@ -119,14 +119,6 @@ def start_litellm(command: str, upstream: str, tmp: Path) -> tuple[subprocess.Po
         time.sleep(0.5)
     stop_process(process)
     raise RuntimeError("litellm did not come up within 120 s")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def summary(latencies: list[float | None], span_s: float, wall_s: float, rate: float) -> dict:
