@@ -16,12 +16,13 @@ from decimal import Decimal
 import msgspec
 import pytest
 from clickhouse_connect.driver.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
 from schemas.messages import Artifact, ArtifactRef, DeadLetter, TaskEvent, UsageEvent
 from schemas.subjects import HEADER_MSG_ID, STREAM_ARTIFACT_EVENTS, STREAM_DLQ, STREAM_TASK_EVENTS, STREAM_USAGE
 from services.accountant.clickhouse import client, create_schema
-from services.accountant.ingest import USAGE, usage_row, usd
+from services.accountant.ingest import USAGE, delivery_count, usage_row, usd
 from services.runtime.bus import ensure_streams
 from services.runtime.settings import MeshSettings
 
@@ -350,3 +351,15 @@ async def test_schema_creation_is_idempotent(ch, database):
         "cache_hit_daily",
         "task_tokens",
     }
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.frugalmesh_usage.accountant.3.1021.998.1764572400000000000.12",
+        "$JS.ACK.hub.ACCHASH.frugalmesh_usage.accountant.3.1021.998.1764572400000000000.12.rand0",
+    ],
+    ids=["ack subject", "ack subject with domain"],
+)
+def test_delivery_count_reads_the_ack_subject_as_nats_py_does(reply):
+    assert delivery_count(reply) == Msg.Metadata._from_reply(reply).num_delivered == 3

@@ -3,7 +3,6 @@ nats-server and ClickHouse), `frugalmesh submit`, `frugalmesh sql`, and garbage 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
