@@ -118,6 +118,8 @@ class Report:
     calls: int
     cache_hits: int
     cache_hit_share: float
+    # The share of the calls' input tokens the serving engines had cached (prefix caching).
+    cached_input_share: float
     spend_usd: float
     zero_loss: ZeroLoss
 
@@ -274,8 +276,8 @@ class Replayer:
         backend: list[float] = []
         mismatched = 0
         for task_id, entry in ended.items():
-            rows, _, backend_ms, _ = usage.get(task_id, (0, 0, 0.0, 0.0))
-            mismatched += rows != entry.event.calls
+            task_usage = usage.get(task_id, NO_USAGE)
+            mismatched += task_usage.rows != entry.event.calls
             if entry.event.kind != "done":
                 continue
             # Recovered from the stream: timed by the mesh's clock (same machine in a load test).
@@ -285,10 +287,11 @@ class Replayer:
                 else entry.event.time_ms - entry.task.submitted_ms
             )
             e2e.append(total_ms)
-            backend.append(backend_ms)
-            overhead.append(total_ms - backend_ms)
-        calls = sum(u[0] for u in usage.values())
-        cache_hits = sum(u[1] for u in usage.values())
+            backend.append(task_usage.backend_ms)
+            overhead.append(total_ms - task_usage.backend_ms)
+        calls = sum(u.rows for u in usage.values())
+        cache_hits = sum(u.cache_hits for u in usage.values())
+        input_tokens = sum(u.input_tokens for u in usage.values())
         finish = max((e.ended_at for e in ended.values() if e.ended_at is not None), default=time.monotonic())
         wall_s = max(finish - started, 1e-9)
         span_s = (self.rows[-1].arrival_s - self.rows[0].arrival_s) / self.options.speed if self.rows else 0.0
@@ -310,7 +313,8 @@ class Replayer:
             calls=calls,
             cache_hits=cache_hits,
             cache_hit_share=cache_hits / calls if calls else 0.0,
-            spend_usd=sum(u[3] for u in usage.values()),
+            cached_input_share=sum(u.cached_input_tokens for u in usage.values()) / input_tokens if input_tokens else 0.0,
+            spend_usd=sum(u.usd for u in usage.values()),
             zero_loss=ZeroLoss(
                 published=len(self.sent),
                 ended=len(ended),
@@ -322,8 +326,23 @@ class Replayer:
         )
 
 
-def _usage_by_task(clickhouse_url: str, ended: dict[str, _Sent]) -> dict[str, tuple[int, int, float, float]]:
-    """Per task: usage rows, cache hits, backend milliseconds, USD; waits for the accountant to catch up."""
+@dataclass(frozen=True)
+class TaskUsage:
+    """A task's usage rows in ClickHouse, summed."""
+
+    rows: int
+    cache_hits: int
+    backend_ms: float  # latency of the inference services' rows
+    usd: float
+    input_tokens: int  # of the inference services' rows, as is cached_input_tokens
+    cached_input_tokens: int
+
+
+NO_USAGE = TaskUsage(rows=0, cache_hits=0, backend_ms=0.0, usd=0.0, input_tokens=0, cached_input_tokens=0)
+
+
+def _usage_by_task(clickhouse_url: str, ended: dict[str, _Sent]) -> dict[str, TaskUsage]:
+    """Per task, its usage; waits for the accountant to catch up."""
     expected = sum(e.event.calls for e in ended.values())
     ch = clickhouse_connect.get_client(dsn=clickhouse_url)
     ids = sorted(ended)
@@ -331,12 +350,14 @@ def _usage_by_task(clickhouse_url: str, ended: dict[str, _Sent]) -> dict[str, tu
     while True:
         result = ch.query(
             "SELECT task_id, count(), countIf(outcome = 'cache_hit'), "
-            "sumIf(latency_ms, service IN {services:Array(String)}), toFloat64(sum(cost_usd)) "
+            "sumIf(latency_ms, service IN {services:Array(String)}), toFloat64(sum(cost_usd)), "
+            "sumIf(input_tokens, service IN {services:Array(String)}), "
+            "sumIf(cached_input_tokens, service IN {services:Array(String)}) "
             "FROM usage_events FINAL WHERE task_id IN {ids:Array(String)} GROUP BY task_id",
             parameters={"ids": ids, "services": list(INFERENCE_SERVICES)},
         ).result_rows
-        by_task = {row[0]: (row[1], row[2], row[3], row[4]) for row in result}
-        if sum(r[0] for r in by_task.values()) >= expected or time.monotonic() > deadline:
+        by_task = {row[0]: TaskUsage(*row[1:]) for row in result}
+        if sum(u.rows for u in by_task.values()) >= expected or time.monotonic() > deadline:
             ch.close()
             return by_task
         time.sleep(0.25)

@@ -5,6 +5,7 @@ on the session's nats-server and ClickHouse, with their own subject prefix."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import uuid
@@ -22,6 +23,7 @@ from services.cli.loadtest_commands import loadtest
 from services.cli.stack import Stack
 from services.runtime.catalog import Catalog
 from services.runtime.inference.latency import latency_s
+from services.runtime.inference.prefix_cache import PrefixCache
 from services.runtime.inference.synthetic import WORDS, SyntheticBackend
 from services.runtime.settings import MeshSettings
 from services.runtime.tokens import count_tokens
@@ -29,11 +31,13 @@ from services.runtime.tokens import count_tokens
 
 @pytest.fixture(scope="module")
 def deploy(tmp_path_factory):
-    """The load-test deploy directory, its latency model shrunk to milliseconds so tests stay fast."""
+    """The load-test deploy directory, its latency model shrunk to milliseconds so tests stay fast,
+    and every model caching prefixes (long prompts go to the frontier, which ships without)."""
     path = loadtest_deploy_dir(tmp_path_factory.mktemp("deploy") / "deploy")
     models = LOADTEST_MODELS.read_text()
-    models = re.sub(r"(?m)^ttft_ms = .*$", "ttft_ms = 2", models)
-    models = re.sub(r"(?m)^output_tokens_per_s = .*$", "output_tokens_per_s = 100000", models)
+    models = re.sub(r"(?m)^prompt_cache_block_tokens = .*\n", "", models)
+    models = re.sub(r"(?m)^ttft_ms = .*$", "ttft_ms = 2\nprompt_cache_block_tokens = 16", models)
+    models = re.sub(r"(?m)^(output|prefill)_tokens_per_s = .*$", r"\1_tokens_per_s = 100000", models)
     (path / "models.toml").write_text(models)
     return path
 
@@ -69,10 +73,12 @@ def fast(rows: list[TraceRow]) -> ReplayOptions:
 # -- the parts --
 
 
-def test_latency_model_is_time_to_first_token_plus_decode():
+def test_latency_model_is_time_to_first_token_plus_uncached_prefill_plus_decode():
     catalog = Catalog.load(LOADTEST_MODELS.parent)
     gpt4 = catalog.model("gpt-4-1106-preview")
-    assert latency_s(gpt4, Usage(output_tokens=50)) == pytest.approx(gpt4.ttft_ms / 1000 + 50 / gpt4.output_tokens_per_s)
+    usage = Usage(input_tokens=3000, cached_input_tokens=1000, output_tokens=50)
+    expected = gpt4.ttft_ms / 1000 + 2000 / gpt4.prefill_tokens_per_s + 50 / gpt4.output_tokens_per_s
+    assert latency_s(gpt4, usage) == pytest.approx(expected)
     # Off unless configured: the production catalogue's replay backend answers at once.
     production = Catalog.load(MeshSettings().deploy_dir)
     assert all(latency_s(m, Usage(output_tokens=1000)) == 0 for m in production.models.values())
@@ -90,6 +96,38 @@ async def test_synthetic_backend_answers_any_prompt_with_max_tokens_real_tokens(
         completion = await backend.complete(model, request)
         assert completion.usage.output_tokens == 37 == count_tokens(model.tokenizer, completion.output)
         assert completion.usage.input_tokens > 5
+
+
+def test_prefix_cache_hits_whole_blocks_as_far_as_the_prefix_agrees():
+    cache = PrefixCache(block_tokens=4, capacity_tokens=40)
+    assert cache.serve(list(range(10))) == 0
+    # Same first 9 tokens: the two whole blocks hit, the partial third was never cached.
+    assert cache.serve([*range(9), 99, 5, 5]) == 8
+    assert cache.serve([*range(6), 99, 99, 8, 9]) == 4  # the second block differs: only the first hits
+    assert cache.serve([1, *range(1, 10)]) == 0  # a block is known by everything before it, too
+    # 40 tokens hold 10 blocks: ten new blocks push every older one out, least recently used first.
+    cache.serve(list(range(100, 140)))
+    assert cache.serve(list(range(8))) == 0
+
+
+async def test_synthetic_backend_reports_the_prefix_its_engine_cached(deploy):
+    local = Catalog.load(LOADTEST_MODELS.parent).model("mixtral-8x7b-local")
+    assert local.prompt_cache_block_tokens == 16
+    backend = SyntheticBackend()
+    shared = " ".join(WORDS) * 4  # 256 words, one token each
+
+    def request(content: str) -> InferenceRequest:
+        return InferenceRequest(
+            call_id="c", task_id="t", step_id="s", model=local.name, tier=local.tier,
+            messages=[ChatMessage(role="user", content=content)], max_tokens=4, deadline_ms=0,
+        )  # fmt: skip
+
+    first = await backend.complete(local, request(shared + " first question"))
+    second = await backend.complete(local, request(shared + " second question"))
+    assert first.usage.cached_input_tokens == 0
+    assert second.usage.cached_input_tokens == 256 < second.usage.input_tokens
+    priced = dataclasses.replace(local, cached_input_usd_per_mtok=local.input_usd_per_mtok / 10)
+    assert priced.cost(second.usage) < priced.cost(first.usage)
 
 
 def test_prompts_have_the_recorded_length_and_share_prefixes_by_block_id():
@@ -130,6 +168,12 @@ async def test_short_replay_of_each_shipped_trace_loses_nothing(name, mesh, data
     assert report.calls == report.zero_loss.calls_reported >= 20
     assert report.e2e_latency_ms.n == 20 and report.mesh_overhead_ms.p50 > 0
     assert report.spend_usd > 0
+    # Mooncake's conversations share prefixes (19 of the first 20 rows' 579 blocks repeat an
+    # earlier row's); Azure's rows have no block ids, so nothing they send was sent before.
+    if name == "mooncake-conversation":
+        assert 0 < report.cached_input_share < 0.2
+    elif name.startswith("azure"):
+        assert report.cached_input_share == 0
 
 
 async def test_record_then_replay_gives_the_same_tasks(mesh, data_dir, tmp_path):

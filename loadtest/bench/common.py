@@ -18,8 +18,10 @@ from services.runtime.settings import MeshSettings
 
 
 def zero_latency_models() -> str:
-    """deploy/loadtest/models.toml with the latency model off: a benchmark measures the mesh, not a model."""
-    return re.sub(r"(?m)^(ttft_ms|output_tokens_per_s) = .*\n", "", LOADTEST_MODELS.read_text())
+    """deploy/loadtest/models.toml with the latency model and prefix cache off: a benchmark
+    measures the mesh, not a model."""
+    keys = "ttft_ms|prefill_tokens_per_s|output_tokens_per_s|prompt_cache_block_tokens"
+    return re.sub(rf"(?m)^({keys}) = .*\n", "", LOADTEST_MODELS.read_text())
 
 
 @contextmanager

@@ -147,6 +147,7 @@ def print_report(report: Report, trace: str) -> None:
     console.print(
         f"throughput {report.throughput_tasks_per_s:.1f} tasks/s (offered {report.offered_tasks_per_s:.1f}/s) "
         f"over {report.wall_s:.1f}s; {report.calls} calls, cache-hit share {report.cache_hit_share:.1%}, "
+        f"prompt tokens cached by the engines {report.cached_input_share:.1%}, "
         f"spend ${report.spend_usd:.4f}"
     )
     z = report.zero_loss

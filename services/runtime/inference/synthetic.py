@@ -4,7 +4,9 @@ Recorded load traces (Azure, Mooncake) carry sizes, not text, so the replay back
 answers recorded prompts, cannot serve them. This backend stands in for a provider of any size:
 the output is common English words that are one token each in both shipped tokenizers, and usage
 is counted with the model's real tokenizer, so token counts, prices and the latency model all
-see the sizes the trace recorded. Nothing is spent.
+see the sizes the trace recorded. A model with ``prompt_cache_block_tokens`` reports the prompt
+prefixes its engine would have cached as ``cached_input_tokens`` (``prefix_cache``). Nothing is
+spent.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from schemas.messages import InferenceRequest, Usage
 from services.runtime.catalog import ModelSpec, ProviderSpec
 from services.runtime.inference.backend import Completion
 from services.runtime.inference.latency import simulate_latency
+from services.runtime.inference.prefix_cache import PrefixCache
 from services.runtime.settings import MeshSettings
-from services.runtime.tokens import count_message_tokens, truncate_tokens
+from services.runtime.tokens import count_message_tokens, tokenizer, truncate_tokens
 
 # One token each (with a leading space) in cl100k and in Mixtral's SentencePiece model; tested.
 WORDS: tuple[str, ...] = (
@@ -33,6 +36,11 @@ def synthetic_text(n_words: int, offset: int = 0) -> str:
 
 
 class SyntheticBackend:
+    def __init__(self) -> None:
+        # Per model with prompt_cache_block_tokens: what its engine has cached (one per process,
+        # as one engine's cache is shared by every call it serves).
+        self._prefix_caches: dict[str, PrefixCache] = {}
+
     @classmethod
     def from_provider(cls, provider: ProviderSpec, settings: MeshSettings) -> SyntheticBackend:
         return cls()
@@ -40,9 +48,22 @@ class SyntheticBackend:
     async def complete(self, model: ModelSpec, request: InferenceRequest) -> Completion:
         # A word or two more than asked, cut at max_tokens by the real tokenizer: the count is measured, not assumed.
         text, output_tokens = truncate_tokens(model.tokenizer, synthetic_text(request.max_tokens + 2), request.max_tokens)
-        usage = Usage(input_tokens=count_message_tokens(model.tokenizer, request.messages), output_tokens=output_tokens)
+        usage = Usage(
+            input_tokens=count_message_tokens(model.tokenizer, request.messages),
+            cached_input_tokens=self._cached_tokens(model, request),
+            output_tokens=output_tokens,
+        )
         await simulate_latency(model, usage)
         return Completion(output=text, finish_reason="length", provider_model=model.name, usage=usage)
+
+    def _cached_tokens(self, model: ModelSpec, request: InferenceRequest) -> int:
+        if not model.prompt_cache_block_tokens:
+            return 0
+        cache = self._prefix_caches.get(model.name)
+        if cache is None:
+            cache = self._prefix_caches[model.name] = PrefixCache(model.prompt_cache_block_tokens)
+        encode = tokenizer(model.tokenizer).encode
+        return cache.serve([token for message in request.messages for token in encode(message.content)])
 
     async def aclose(self) -> None:
         return None
