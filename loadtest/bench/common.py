@@ -1,4 +1,4 @@
-"""What the benchmarks share: a private stack on free ports, and open-loop pacing."""
+"""What the benchmarks share: a private stack on free ports, open-loop pacing, CPU time by process."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 from loadtest.deploy import LOADTEST_MODELS, loadtest_deploy_dir
 from services.cli.stack import Stack
@@ -53,3 +55,30 @@ async def open_loop(rate_per_s: float, count: int, call: Callable[[int], Awaitab
     span = time.monotonic() - started
     await asyncio.gather(*running)
     return span
+
+
+def cpu_seconds_by_process() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process (the load generator) and each of
+    its child processes, the stack's servers and services, by name."""
+    me = psutil.Process()
+    processes = [me, *me.children(recursive=True)]
+    seconds: dict[str, float] = {}
+    for process in processes:
+        try:
+            name = _process_name(process, me)
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        seconds[name] = seconds.get(name, 0.0) + times.user + times.system
+    return seconds
+
+
+def _process_name(process: psutil.Process, me: psutil.Process) -> str:
+    if process.pid == me.pid:
+        return "load generator"
+    command = process.cmdline()
+    if "services.cli.main" in command:
+        return command[command.index("run") + 1]  # `services.cli.main run <service> ...`
+    if "services.runtime.chserver" in command:
+        return "clickhouse"
+    return Path(command[0]).name if command else process.name()

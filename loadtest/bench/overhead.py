@@ -9,20 +9,27 @@ so the synthetic backend answers at once. Three measurements:
   rate; per task, end-to-end time (publish to terminal event) minus the backend time the
   inference service metered in its usage row;
 - throughput: the same tasks open loop at rising rates; a rate is sustained when every task ends
-  done, every call has its one usage row, and the tasks finish within 10% of the send time.
+  done, every call has its one usage row, and the tasks finish within 10% of the send time. For
+  each rate, the CPU time every process of the stack (and this one, the load generator) used per
+  task: what bounds the rate on a machine of N cores is N seconds of CPU a second;
+- messages: last, at 50 tasks/s, every message nats-server routes to a ``>`` subscriber (it sees
+  them all: JetStream API requests, replies, acks, and each JetStream delivery to a consumer,
+  which carries the stored message's own subject) per task, by kind.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
+import re
 import sys
 import time
 
 import nats
 
-from loadtest.bench.common import bench_stack, zero_latency_models
+from loadtest.bench.common import bench_stack, cpu_seconds_by_process, zero_latency_models
 from loadtest.replay import ReplayOptions, replay
 from loadtest.stats import percentiles
 from loadtest.traces import TraceRow
@@ -54,6 +61,33 @@ async def nats_round_trip(settings: MeshSettings, n: int = 2000) -> dict:
     return {"p50": p.p50, "p95": p.p95, "p99": p.p99}
 
 
+async def bus_messages_per_task(settings: MeshSettings, n: int = 200) -> dict[str, float]:
+    """Messages nats-server routes per single-step task, counted by a ``>`` subscriber, by kind."""
+    nc = await nats.connect(settings.nats_url)
+    counts: collections.Counter[str] = collections.Counter()
+
+    async def count(msg) -> None:
+        counts[message_kind(msg.subject, settings.subject_prefix)] += 1
+
+    await nc.subscribe(">", cb=count)
+    await nc.flush()
+    report = await replay(settings, rows(n, 50), ReplayOptions(deadline_s=DEADLINE_S, drain_s=5))
+    await asyncio.sleep(1.0)  # the accountant's last acks
+    await nc.drain()
+    per_task = {kind: c / report.published for kind, c in counts.most_common()}
+    return {"total": sum(per_task.values()), **per_task}
+
+
+def message_kind(subject: str, prefix: str) -> str:
+    """A subject with its per-call parts (inbox, ack, key, task id) folded away."""
+    if subject.startswith("_INBOX."):
+        return "_INBOX.* (replies)"
+    for folded in ("$JS.ACK", "$JS.EVENT", "$KV", "$O", f"{prefix}.task.event"):
+        if subject.startswith(folded + "."):
+            return folded.replace(prefix, "<prefix>") + ".*"
+    return re.sub(r"^(\$JS\.API(?:\.[A-Z]+)+)\..*", r"\1", subject).replace(prefix, "<prefix>", 1)
+
+
 def rows(count: int, rate: float) -> list[TraceRow]:
     return [TraceRow(arrival_s=i / rate, input_tokens=64, output_tokens=16) for i in range(count)]
 
@@ -71,7 +105,12 @@ async def run(settings: MeshSettings) -> dict:
     result["throughput"] = {}
     for rate in RATES:
         log(f"open loop at {rate} tasks/s for {RATE_SECONDS:g}s...")
+        cpu_before = cpu_seconds_by_process()
         report = await replay(settings, rows(int(rate * RATE_SECONDS), rate), ReplayOptions(deadline_s=DEADLINE_S, drain_s=5))
+        cpu_ms = {
+            name: (seconds - cpu_before.get(name, 0.0)) * 1000 / max(report.published, 1)
+            for name, seconds in cpu_seconds_by_process().items()
+        }
         send_s = RATE_SECONDS
         ok = report.zero_loss.ok and report.outcomes["done"] == report.published
         kept_up = report.wall_s <= send_s * 1.1 + 1.0
@@ -83,11 +122,15 @@ async def run(settings: MeshSettings) -> dict:
             "mesh_overhead_ms_p50": report.mesh_overhead_ms.p50,
             "mesh_overhead_ms_p99": report.mesh_overhead_ms.p99,
             "zero_loss": report.zero_loss.ok,
+            "cpu_ms_per_task": dict(sorted(cpu_ms.items(), key=lambda item: -item[1])),
+            "cpu_ms_per_task_total": sum(cpu_ms.values()),
         }
         if not (ok and kept_up):
             break  # a higher rate only queues more behind the same bottleneck
         sustained = rate
     result["highest_sustained_tasks_per_s"] = sustained
+    log("messages per task at 50/s...")
+    result["bus_messages_per_task"] = await bus_messages_per_task(settings)
     return result
 
 
