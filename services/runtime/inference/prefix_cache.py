@@ -45,6 +45,7 @@ class PrefixCache:
                 continue
             hit = False
             self._blocks[key] = None
+            self._blocks.move_to_end(key)  # a block still cached after its prefix was evicted
             if len(self._blocks) > self.capacity_blocks:
                 self._blocks.popitem(last=False)
         return cached
