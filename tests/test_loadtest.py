@@ -213,3 +213,12 @@ def test_cli_replays_a_recording_and_writes_the_json_report(mesh, tmp_path):
     assert report["zero_loss"]["ok"] and report["outcomes"]["done"] == 5
     for figure in ("e2e_latency_ms", "mesh_overhead_ms"):
         assert set(report[figure]) == {"n", "p50", "p95", "p99", "max"}
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(["--speed", "0"], "--speed"), (["--limit", "0"], "--limit"), (["--deadline", "-1"], "--deadline")],
+)
+def test_cli_refuses_a_bad_option_before_starting_anything(args, option):
+    result = CliRunner().invoke(loadtest, ["replay", "azure-conv", *args])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output

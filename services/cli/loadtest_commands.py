@@ -23,6 +23,11 @@ import nats.errors
 from loadtest.replay import Live, Report, ReplayOptions
 
 
+# Checked before a stack starts: a bad value is a usage error, not a traceback minutes later.
+POSITIVE = click.FloatRange(min=0, min_open=True)
+NON_NEGATIVE = click.FloatRange(min=0)
+
+
 @click.group()
 def loadtest() -> None:
     """Load-test the mesh with recorded traffic."""
@@ -31,13 +36,13 @@ def loadtest() -> None:
 @loadtest.command("replay")
 @click.argument("trace")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (progress goes to stderr).")
-@click.option("--speed", default=1.0, show_default=True, help="Arrival times are divided by this.")
-@click.option("--duration", "duration_s", type=float, help="Replay only the rows of the first S recorded seconds.")
-@click.option("--limit", type=int, help="Replay only the first N rows.")
+@click.option("--speed", type=POSITIVE, default=1.0, show_default=True, help="Arrival times are divided by this.")
+@click.option("--duration", "duration_s", type=NON_NEGATIVE, help="Replay only the rows of the first S recorded seconds.")
+@click.option("--limit", type=click.IntRange(min=1), help="Replay only the first N rows.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("loadtest-report.json"), show_default=True)
 @click.option("--tenant", default="loadtest", show_default=True, help="For rows that do not name one.")
 @click.option("--workflow", default="answer", show_default=True, help="For rows that do not name one.")
-@click.option("--deadline", "deadline_s", default=300.0, show_default=True, help="Each task's deadline, seconds.")
+@click.option("--deadline", "deadline_s", type=POSITIVE, default=300.0, show_default=True, help="Each task's deadline, seconds.")
 @click.option("--salt", default="", help="Renames every prompt block, so a rerun does not hit the earlier run's cache.")
 @click.option("--data", type=click.Path(path_type=Path), help="Data directory holding traces/ [FRUGALMESH_DATA or the cache].")
 @click.option(
@@ -161,8 +166,8 @@ def print_report(report: Report, trace: str) -> None:
 
 @loadtest.command("record")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The recording (JSONL) to write.")
-@click.option("--duration", "duration_s", type=float, help="Seconds to record [until Ctrl-C].")
-@click.option("--grace", "grace_s", default=30.0, show_default=True, help="Seconds to wait for recorded tasks to end.")
+@click.option("--duration", "duration_s", type=POSITIVE, help="Seconds to record [until Ctrl-C].")
+@click.option("--grace", "grace_s", type=NON_NEGATIVE, default=30.0, show_default=True, help="Seconds to wait for recorded tasks to end.")
 def record_command(out: Path, duration_s: float | None, grace_s: float) -> None:
     """Tap a running mesh's tasks and usage into a recording that `loadtest replay` reads."""
     from loadtest.record import Recorder
