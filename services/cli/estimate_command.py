@@ -8,12 +8,14 @@ from pathlib import Path
 
 import click
 
+from services.cli.options import POSITIVE
+
 
 @click.command()
 @click.argument("workflow")
 @click.option("--goal", default="", help="The task's goal: its size sets prompt sizes and so routing and cost.")
-@click.option("--budget", "budget_usd", type=float, help="Check the plan against this budget, USD.")
-@click.option("--deadline", "deadline_s", type=float, help="Check the plan against this deadline, seconds.")
+@click.option("--budget", "budget_usd", type=POSITIVE, help="Check the plan against this budget, USD.")
+@click.option("--deadline", "deadline_s", type=POSITIVE, help="Check the plan against this deadline, seconds.")
 @click.option("--allow-model", "allow_models", multiple=True, help="Pin the task to these models (repeatable).")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Override every model step's max_tokens.")
 @click.option("--item", "items", multiple=True, help="A task input, for a step run once per input (repeatable).")

@@ -21,11 +21,7 @@ import click
 import nats.errors
 
 from loadtest.replay import Live, Report, ReplayOptions
-
-
-# Checked before a stack starts: a bad value is a usage error, not a traceback minutes later.
-POSITIVE = click.FloatRange(min=0, min_open=True)
-NON_NEGATIVE = click.FloatRange(min=0)
+from services.cli.options import NON_NEGATIVE, POSITIVE
 
 
 @click.group()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from services.cli.options import POSITIVE
 from services.registry import SERVICES
 
 
@@ -119,8 +120,8 @@ def _redact(url: str) -> str:
 @click.argument("goal")
 @click.option("--workflow", default="answer", show_default=True)
 @click.option("--tenant", default="default", show_default=True)
-@click.option("--budget", "budget_usd", type=float, help="Budget for the task, USD.")
-@click.option("--deadline", "deadline_s", type=float, default=60.0, show_default=True, help="Seconds.")
+@click.option("--budget", "budget_usd", type=POSITIVE, help="Budget for the task, USD.")
+@click.option("--deadline", "deadline_s", type=POSITIVE, default=60.0, show_default=True, help="Seconds.")
 @click.option("--allow-model", "allow_models", multiple=True, help="Pin the task to these models (repeatable).")
 @click.option("--item", "items", multiple=True, help="A task input (a `text` artifact), e.g. one ticket for `triage` (repeatable).")
 @click.option("--items-file", type=click.File("r"), help="Task inputs, one per non-empty line (`-` reads stdin).")

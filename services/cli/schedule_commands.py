@@ -16,6 +16,7 @@ import click
 from croniter import croniter
 
 from schemas.subjects import token
+from services.cli.options import POSITIVE
 
 T = TypeVar("T")
 
@@ -92,7 +93,7 @@ def schedule() -> None:
 @click.option("--timeout", "timeout_s", type=Duration(), required=True, help="Hard timeout of each run, e.g. 60s.")
 @click.option("--workflow", default="answer", show_default=True)
 @click.option("--tenant", default="default", show_default=True, callback=_token)
-@click.option("--budget", "budget_usd", type=click.FloatRange(min=0, min_open=True), help="Budget of each run, USD.")
+@click.option("--budget", "budget_usd", type=POSITIVE, help="Budget of each run, USD.")
 def add(goal: str, cron: str, timeout_s: float, workflow: str, tenant: str, budget_usd: float | None) -> None:
     """Run GOAL on a schedule; prints the new schedule's id."""
     from services.cli.stack import client_settings
