@@ -110,7 +110,7 @@ def test_prefix_cache_hits_whole_blocks_as_far_as_the_prefix_agrees():
     assert cache.serve(list(range(8))) == 0
 
 
-async def test_synthetic_backend_reports_the_prefix_its_engine_cached(deploy):
+async def test_synthetic_backend_reports_the_prefix_its_engine_cached():
     local = Catalog.load(LOADTEST_MODELS.parent).model("mixtral-8x7b-local")
     assert local.prompt_cache_block_tokens == 16
     backend = SyntheticBackend()
