@@ -22,8 +22,8 @@ from nats.js.api import ConsumerConfig
 from schemas.messages import Artifact, ArtifactRef, DeadLetter, TaskEvent, UsageEvent
 from schemas.subjects import HEADER_MSG_ID, STREAM_ARTIFACT_EVENTS, STREAM_DLQ, STREAM_TASK_EVENTS, STREAM_USAGE
 from services.accountant.clickhouse import client, create_schema
-from services.accountant.ingest import USAGE, delivery_count, usage_row, usd
-from services.runtime.bus import ensure_streams
+from services.accountant.ingest import USAGE, BatchConsumer, Ingest, Store, delivery_count, usage_row, usd
+from services.runtime.bus import Bus, ensure_streams
 from services.runtime.settings import MeshSettings
 
 DAY1_MS = 1_763_596_800_000  # 2025-11-20 00:00 UTC
@@ -363,3 +363,26 @@ async def test_schema_creation_is_idempotent(ch, database):
 )
 def test_delivery_count_reads_the_ack_subject_as_nats_py_does(reply):
     assert delivery_count(reply) == Msg.Metadata._from_reply(reply).num_delivered == 3
+
+
+async def test_stop_ends_the_fetch_loop_even_as_a_message_arrives(settings):
+    """Python 3.11's ``asyncio.wait_for`` drops a cancellation that lands as its wait ends; the
+    ingest's fetch loop waited that way, so a stop during a stream of messages could hang."""
+    bus = Bus(settings, "accountant")
+    await bus.broker.connect()
+    await ensure_streams(bus.broker.connection.jetstream(), settings.subjects)
+    ingest = Ingest(bus, Store(settings.clickhouse_url, None), USAGE, retry_delay_s=1.0)
+    consumer = BatchConsumer(
+        bus, ingest, stream=settings.subjects.stream(STREAM_USAGE), subject=settings.subjects.usage_all,
+        durable="stop-test", batch_size=10, batch_timeout_s=5.0, config=ConsumerConfig(),
+    )  # fmt: skip
+    await consumer.start()
+    try:
+        await asyncio.sleep(0.2)  # the loop is waiting for its pull request's messages
+        consumer._arrived.set()  # what a message's arrival does, in the same turn as the stop
+        stopping = asyncio.create_task(consumer.stop())
+        # Well inside the pull's 5 s: a lost cancellation kept the loop fetching for good.
+        done, _ = await asyncio.wait([stopping], timeout=2)
+        assert stopping in done, "stop() did not end the fetch loop"
+    finally:
+        await bus.broker.stop()

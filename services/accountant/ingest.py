@@ -415,8 +415,9 @@ class BatchConsumer:
         """Stop fetching; a store in progress finishes (its acks go out), the rest is redelivered."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # wait, not await: the fetch task's CancelledError is expected, and a cancellation of
+            # stop() itself must still reach its caller.
+            await asyncio.wait([self._task])
         if self._storing is not None:
             await asyncio.wait([self._storing], timeout=10)
         if self._sub is not None:
@@ -441,14 +442,13 @@ class BatchConsumer:
                 f"{PULL_API}.{self.stream}.{self.durable}", msgspec.json.encode(request), reply=self._inbox
             )
             # The server ends the request at its expiry; the client's own limit only covers a lost reply.
-            limit = asyncio.get_running_loop().time() + self.batch_timeout_s + 1.0
-            while len(self._received) < self.batch_size and self._ended == ended:
-                self._arrived.clear()
-                left = limit - asyncio.get_running_loop().time()
-                if left <= 0:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), left)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that lands
+            # as the wait ends, and stop() then waited on a fetch loop that went on fetching.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.batch_timeout_s + 1.0):
+                    while len(self._received) < self.batch_size and self._ended == ended:
+                        self._arrived.clear()
+                        await self._arrived.wait()
         batch, self._received = self._received, []
         return batch
 
