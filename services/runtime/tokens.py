@@ -69,8 +69,21 @@ def count_tokens(tokenizer_name: str, text: str) -> int:
 
 def count_message_tokens(tokenizer_name: str, messages: Sequence[ChatMessage]) -> int:
     """The input tokens of a chat request: every message's content plus the chat-format overhead."""
-    content = sum(count_tokens(tokenizer_name, m.content) for m in messages)
-    return content + MESSAGE_OVERHEAD_TOKENS * len(messages) + REPLY_PRIMING_TOKENS
+    return chat_input_tokens(sum(count_tokens(tokenizer_name, m.content) for m in messages), len(messages))
+
+
+def chat_input_tokens(content_tokens: int, n_messages: int) -> int:
+    """A chat request's input tokens from its messages' content tokens: plus the chat-format overhead."""
+    return content_tokens + MESSAGE_OVERHEAD_TOKENS * n_messages + REPLY_PRIMING_TOKENS
+
+
+def message_token_ids(tokenizer_name: str, messages: Sequence[ChatMessage]) -> list[int]:
+    """The content tokens of a chat request's messages, in order (what a prefix cache keys on)."""
+    encode = tokenizer(tokenizer_name).encode
+    ids: list[int] = []
+    for message in messages:
+        ids.extend(encode(message.content))
+    return ids
 
 
 def truncate_tokens(tokenizer_name: str, text: str, limit: int) -> tuple[str, int]:

@@ -17,7 +17,7 @@ from services.runtime.inference.backend import Completion
 from services.runtime.inference.latency import simulate_latency
 from services.runtime.inference.prefix_cache import PrefixCache
 from services.runtime.settings import MeshSettings
-from services.runtime.tokens import count_message_tokens, tokenizer, truncate_tokens
+from services.runtime.tokens import chat_input_tokens, message_token_ids, truncate_tokens
 
 # One token each (with a leading space) in cl100k and in Mixtral's SentencePiece model; tested.
 WORDS: tuple[str, ...] = (
@@ -48,22 +48,22 @@ class SyntheticBackend:
     async def complete(self, model: ModelSpec, request: InferenceRequest) -> Completion:
         # A word or two more than asked, cut at max_tokens by the real tokenizer: the count is measured, not assumed.
         text, output_tokens = truncate_tokens(model.tokenizer, synthetic_text(request.max_tokens + 2), request.max_tokens)
+        content = message_token_ids(model.tokenizer, request.messages)
         usage = Usage(
-            input_tokens=count_message_tokens(model.tokenizer, request.messages),
-            cached_input_tokens=self._cached_tokens(model, request),
+            input_tokens=chat_input_tokens(len(content), len(request.messages)),
+            cached_input_tokens=self._cached_tokens(model, content),
             output_tokens=output_tokens,
         )
         await simulate_latency(model, usage)
         return Completion(output=text, finish_reason="length", provider_model=model.name, usage=usage)
 
-    def _cached_tokens(self, model: ModelSpec, request: InferenceRequest) -> int:
+    def _cached_tokens(self, model: ModelSpec, content: list[int]) -> int:
         if not model.prompt_cache_block_tokens:
             return 0
         cache = self._prefix_caches.get(model.name)
         if cache is None:
             cache = self._prefix_caches[model.name] = PrefixCache(model.prompt_cache_block_tokens)
-        encode = tokenizer(model.tokenizer).encode
-        return cache.serve([token for message in request.messages for token in encode(message.content)])
+        return cache.serve(content)
 
     async def aclose(self) -> None:
         return None
