@@ -14,6 +14,7 @@ task ended, and every call it reports has exactly one usage row.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from services.runtime.settings import MeshSettings
 # A task has ended once it is terminal, or refused before it started (nothing ran, nothing spent).
 ENDINGS: frozenset[str] = TERMINAL_EVENTS | {"refused"}
 INFERENCE_SERVICES = ("local-inference", "cloud-inference")
+MAX_REASONS = 5
 # How long the accountant may take to store the last rows after the last task ended.
 INGEST_WAIT_S = 30.0
 
@@ -109,6 +111,8 @@ class Report:
     publish_errors: int
     skipped_oversize: int
     outcomes: dict[str, int]
+    # Why tasks did not end done: the most common details of their last events, with counts.
+    not_done_reasons: dict[str, int]
     wall_s: float
     offered_tasks_per_s: float
     throughput_tasks_per_s: float
@@ -296,14 +300,19 @@ class Replayer:
         wall_s = max(finish - started, 1e-9)
         span_s = (self.rows[-1].arrival_s - self.rows[0].arrival_s) / self.options.speed if self.rows else 0.0
         outcomes = {kind: 0 for kind in sorted(ENDINGS)}
+        reasons: collections.Counter[str] = collections.Counter()
         for entry in ended.values():
-            outcomes["refused" if entry.refused else entry.event.kind] += 1
+            outcome = "refused" if entry.refused else entry.event.kind
+            outcomes[outcome] += 1
+            if outcome != "done":
+                reasons[f"{outcome}: {entry.event.detail}"] += 1
         return Report(
             rows=len(self.rows),
             published=len(self.sent),
             publish_errors=self.live.publish_errors,
             skipped_oversize=self.skipped_oversize,
             outcomes=outcomes,
+            not_done_reasons=dict(reasons.most_common(MAX_REASONS)),
             wall_s=wall_s,
             offered_tasks_per_s=len(self.sent) / span_s if span_s > 0 else float(len(self.sent)),
             throughput_tasks_per_s=len(ended) / wall_s,

@@ -222,3 +222,12 @@ def test_cli_replays_a_recording_and_writes_the_json_report(mesh, tmp_path):
 def test_cli_refuses_a_bad_option_before_starting_anything(args, option):
     result = CliRunner().invoke(loadtest, ["replay", "azure-conv", *args])
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+
+
+async def test_the_report_says_why_tasks_did_not_end_done(mesh):
+    rows = [TraceRow(arrival_s=i / 100, input_tokens=50, output_tokens=5) for i in range(3)]
+    options = dataclasses.replace(fast(rows), workflow="no-such-workflow")
+    report = await replay(mesh, rows, options)
+    assert report.zero_loss.ok and report.outcomes["done"] == 0
+    ((reason, count),) = report.not_done_reasons.items()
+    assert count == 3 and "no-such-workflow" in reason, reason

@@ -145,6 +145,8 @@ def print_report(report: Report, trace: str) -> None:
         f"{report.published} tasks published of {report.rows} rows ({report.publish_errors} publish errors, "
         f"{report.skipped_oversize} too large for a message): {outcomes or 'none ended'}"
     )
+    for reason, n in report.not_done_reasons.items():
+        console.print(f"  {n} x {reason}", markup=False)
     console.print(
         f"throughput {report.throughput_tasks_per_s:.1f} tasks/s (offered {report.offered_tasks_per_s:.1f}/s) "
         f"over {report.wall_s:.1f}s; {report.calls} calls, cache-hit share {report.cache_hit_share:.1%}, "
