@@ -12,7 +12,7 @@ import random
 from functools import lru_cache
 
 from loadtest.traces import TraceRow
-from services.runtime.inference.synthetic import WORDS
+from services.inference.synthetic import WORDS
 
 BLOCK_TOKENS = 512
 

@@ -138,6 +138,14 @@ class ErrorInfo(msgspec.Struct, kw_only=True):
     retryable: bool = False
 
 
+class Rejection(Message, kw_only=True):
+    """The reply to a request the service could not accept (undecodable, invalid, refused before
+    any work): every request/reply subject of the mesh answers this instead of its reply type, so
+    a requester gets the reason at once rather than a time-out."""
+
+    error: ErrorInfo
+
+
 class InferenceResult(Message, kw_only=True):
     """The answer to an InferenceRequest (also the router's reply to a StepRequest)."""
 
@@ -362,6 +370,7 @@ class DeadLetter(Message, kw_only=True):
 
 # Every message a non-Python agent may need a JSON Schema for, by name.
 WIRE_MESSAGES: tuple[type[Message], ...] = (
+    Rejection,
     Task,
     TaskEvent,
     StepRequest,

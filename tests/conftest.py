@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.embedded import EmbeddedClickHouse, EmbeddedEngine, EmbeddedNats
+from services.embedded.servers import EmbeddedClickHouse, EmbeddedEngine, EmbeddedNats
 from services.runtime.settings import MeshSettings
 
 REPO = Path(__file__).resolve().parents[1]

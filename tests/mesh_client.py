@@ -21,7 +21,7 @@ from schemas.messages import (
     TaskEvent,
 )
 from schemas.subjects import HEADER_MSG_ID
-from services.runtime.inference.engine_load import metrics_url
+from services.inference.engine_load import metrics_url
 
 
 async def submit(nc, settings, task: Task, timeout_s: float = 10.0) -> list[TaskEvent]:

@@ -23,7 +23,8 @@ from schemas.messages import Artifact, ArtifactRef, DeadLetter, TaskEvent, Usage
 from schemas.subjects import HEADER_MSG_ID, STREAM_ARTIFACT_EVENTS, STREAM_DLQ, STREAM_TASK_EVENTS, STREAM_USAGE
 from services.accountant.clickhouse import client, create_schema
 from services.accountant.ingest import USAGE, BatchConsumer, Ingest, Store, delivery_count, usage_row, usd
-from services.runtime.bus import Bus, ensure_streams
+from services.runtime.bus import Bus
+from services.runtime.streams import ensure_streams
 from services.runtime.settings import MeshSettings
 
 DAY1_MS = 1_763_596_800_000  # 2025-11-20 00:00 UTC

@@ -28,7 +28,8 @@ from schemas.messages import BudgetQuery, BudgetState, BudgetUpdate, KillSwitch,
 from schemas.subjects import HEADER_MSG_ID, STREAM_USAGE
 from services.accountant.clickhouse import client
 from services.accountant.ingest import usd
-from services.runtime.bus import encode, ensure_streams, now_ms
+from services.runtime.bus import encode, now_ms
+from services.runtime.streams import ensure_streams
 from services.runtime.control import control_bucket
 from services.runtime.settings import MeshSettings
 

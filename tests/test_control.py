@@ -3,7 +3,8 @@
 import asyncio
 
 from schemas.messages import KillSwitch, PaceSignal
-from services.runtime.bus import ensure_streams, now_ms
+from services.runtime.bus import now_ms
+from services.runtime.streams import ensure_streams
 from services.runtime.control import ControlState, set_kill, set_pace
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from services.runtime import datafetch
-from services.runtime.datafetch import (
+from services.datafetch.fetch import (
     MANIFEST,
     PROVENANCE_FILE,
     PROVENANCE_MARKER,

@@ -28,7 +28,8 @@ from schemas.messages import (
     UsageEvent,
 )
 from schemas.subjects import STREAM_USAGE
-from services.runtime.bus import encode, ensure_streams, now_ms
+from services.runtime.bus import encode, now_ms
+from services.runtime.streams import ensure_streams
 from services.runtime.catalog import Catalog
 from services.runtime.control import set_kill, set_pace
 from services.runtime.data import load_recorded_outcomes

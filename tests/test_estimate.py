@@ -48,7 +48,7 @@ from services.planner.estimate import (
 )
 from services.planner.preflight import Preflight, describe
 from services.planner.workflow import load_workflows
-from services.router.table import PinningError
+from services.routing.table import PinningError
 from services.runtime.data import load_recorded_outcomes
 
 PREMIUM = CallProfile(cost_usd=0.030, latency_s=2.0, p_success=0.985)

@@ -15,7 +15,7 @@ from clickhouse_connect.driver.client import Client
 from schemas.messages import ChatMessage, InferenceRequest, Usage, UsageEvent
 from services.accountant.clickhouse import client, create_schema
 from services.accountant.ingest import USAGE, usage_row
-from services.router.table import pick_model
+from services.routing.table import pick_model
 from services.runtime.bus import encode, now_ms
 from services.runtime.catalog import Catalog
 from services.runtime.data import load_recorded_outcomes

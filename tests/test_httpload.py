@@ -11,7 +11,7 @@ import pytest
 
 from loadtest.bench.litellm import start_upstream
 from loadtest.httpload import Post, drive
-from services.runtime.embedded import stop_process
+from services.embedded.servers import stop_process
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from schemas.subjects import STREAM_DLQ, STREAM_USAGE
 from services.runtime.bus import encode, now_ms
 from services.runtime.catalog import Catalog
 from services.runtime.data import Record, load_recorded_outcomes
-from services.runtime.inference.backend import BackendError
-from services.runtime.inference.replay import ReplayBackend, frontier_baseline, index_records, replay
+from services.inference.backend import BackendError
+from services.inference.replay import ReplayBackend, frontier_baseline, index_records, replay
 from services.runtime.settings import REPO_DEPLOY_DIR
 from services.runtime.tokens import count_message_tokens, count_tokens
 

@@ -20,11 +20,11 @@ from loadtest.replay import ReplayOptions, replay
 from loadtest.traces import SHIPPED, TraceRow, read_trace, resolve_trace
 from schemas.messages import ChatMessage, InferenceRequest, Usage
 from services.cli.loadtest_commands import loadtest
-from services.cli.stack import Stack
+from services.embedded.stack import Stack
 from services.runtime.catalog import Catalog
-from services.runtime.inference.latency import latency_s
-from services.runtime.inference.prefix_cache import PrefixCache
-from services.runtime.inference.synthetic import WORDS, SyntheticBackend
+from services.inference.latency import latency_s
+from services.inference.prefix_cache import PrefixCache
+from services.inference.synthetic import WORDS, SyntheticBackend
 from services.runtime.settings import MeshSettings
 from services.runtime.tokens import count_tokens
 

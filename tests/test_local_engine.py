@@ -18,7 +18,7 @@ from mesh_client import engine_metrics, usage_rows, wait_engine_idle
 from schemas.messages import ChatMessage, InferenceRequest, InferenceResult, KillSwitch
 from services.runtime.bus import encode, now_ms
 from services.runtime.control import set_kill
-from services.runtime.inference.openai_client import OpenAIClient
+from services.inference.openai_client import OpenAIClient
 
 MODEL = "smollm2-135m"
 LABELS = {"type": "object", "properties": {"label": {"enum": ["positive", "negative"]}}, "required": ["label"]}

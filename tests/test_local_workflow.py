@@ -408,7 +408,7 @@ def test_a_pin_to_a_model_the_catalogue_lacks_is_reported_and_refused(data_dir):
         "workflow 'w', step 's': allow_models names models not in the catalogue: ['smollm3']"
     ]
     assert preflight.check(load_workflows(REPO_DEPLOY_DIR / "workflows")) == []
-    from services.router.table import PinningError
+    from services.routing.table import PinningError
 
     with pytest.raises(PinningError):
         preflight.steps(workflow, GOAL, None, None, items=["a ticket"])
@@ -427,7 +427,7 @@ def test_the_estimate_prices_one_local_call_per_distinct_input(data_dir):
     assert label_many.step.latency_s == pytest.approx(4 * label.step.latency_s)
     assert note.input_tokens > 0
     # Pinned by the task to the frontier alone, the pinned label step has no model: refused.
-    from services.router.table import PinningError
+    from services.routing.table import PinningError
 
     with pytest.raises(PinningError):
         preflight.steps(workflow, GOAL, [FRONTIER], None, items=TICKETS[:1])

@@ -9,10 +9,10 @@ import pytest
 from fakes.openai_server import Behaviour, FakeOpenAI
 
 from schemas.messages import ChatMessage, InferenceRequest
-from services.runtime.inference.openai_backend import OpenAIBackend
-from services.runtime.inference.openai_client import OpenAIClient, OpenAIError, sse_data
+from services.inference.openai_backend import OpenAIBackend
+from services.inference.openai_client import OpenAIClient, OpenAIError, sse_data
 from services.runtime.catalog import Catalog
-from services.runtime.inference.backend import BackendError
+from services.inference.backend import BackendError
 from services.runtime.settings import REPO_DEPLOY_DIR
 from services.runtime.tokens import count_message_tokens
 

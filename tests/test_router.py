@@ -25,7 +25,7 @@ from schemas.messages import (
 )
 from schemas.subjects import HEADER_DEADLINE, HEADER_TASK, HEADER_TENANT
 from services.router.cache import cache_key
-from services.router.table import PinningError, RoutingTable, pick_model, prompt_chars
+from services.routing.table import PinningError, RoutingTable, pick_model, prompt_chars
 from services.runtime.bus import encode, now_ms
 from services.runtime.catalog import Catalog
 from services.runtime.settings import REPO_DEPLOY_DIR

@@ -18,19 +18,19 @@ from fakes.inference_peer import InferencePeer
 
 from schemas.messages import ChatMessage, InferenceResult, StepRequest, UsageEvent
 from services.cli.router_commands import eval_group, router
-from services.router.policies import CascadePolicy, LearnedPolicy, PolicySet, execute
-from services.router.policies.calibration import calibrate, calibrate_every_fold
-from services.router.policies.dataset import load_outcomes
-from services.router.policies.features import (
+from services.routing.policies import CascadePolicy, LearnedPolicy, PolicySet, execute
+from services.routing.policies.calibration import calibrate, calibrate_every_fold
+from services.router_training.dataset import load_outcomes
+from services.routing.policies.features import (
     EMBEDDING_DIMENSIONS,
     MAX_EMBEDDED_CHARS,
     answer_features,
     prompt_embeddings,
 )
-from services.router.policies.fixed import FixedPolicy
-from services.router.policies.routerfile import RouterFile
-from services.router.policies.training import train
-from services.router.table import PinningError, RoutingTable
+from services.routing.policies.fixed import FixedPolicy
+from services.routing.policies.routerfile import RouterFile
+from services.router_training.training import train
+from services.routing.table import PinningError, RoutingTable
 from services.runtime.bus import encode, now_ms
 from services.runtime.catalog import Catalog
 from services.runtime.settings import REPO_DEPLOY_DIR

@@ -34,7 +34,7 @@ from services.runtime.bus import encode, now_ms
 from services.runtime.catalog import Catalog
 from services.runtime.control import set_kill, set_pace
 from services.runtime.data import load_recorded_outcomes
-from services.runtime.inference.engine_load import (
+from services.inference.engine_load import (
     MetricsError,
     metrics_url,
     parse_metrics,

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 
 from loadtest.deploy import LOADTEST_MODELS, loadtest_deploy_dir
-from services.cli.stack import Stack
+from services.embedded.stack import Stack
 from services.runtime.settings import MeshSettings
 
 
@@ -79,6 +79,6 @@ def _process_name(process: psutil.Process, me: psutil.Process) -> str:
     command = process.cmdline()
     if "services.cli.main" in command:
         return command[command.index("run") + 1]  # `services.cli.main run <service> ...`
-    if "services.runtime.chserver" in command:
+    if "services.embedded.chserver" in command:
         return "clickhouse"
     return Path(command[0]).name if command else process.name()

@@ -55,9 +55,10 @@ from schemas.messages import (
     StepRequest,
 )
 from schemas.subjects import Subjects
-from services.runtime.bus import ensure_streams, now_ms
+from services.runtime.bus import now_ms
+from services.runtime.streams import ensure_streams
 from services.runtime.control import set_kill
-from services.runtime.embedded import EmbeddedClickHouse, EmbeddedNats, stop_process
+from services.embedded.servers import EmbeddedClickHouse, EmbeddedNats, stop_process
 
 SERVICES = ("accountant", "router", "local-inference", "cloud-inference")
 LOCAL = "mixtral-8x7b-local"

@@ -46,7 +46,7 @@ from loadtest.httpload import Post, drive
 from loadtest.stats import percentiles
 from schemas.messages import ChatMessage, InferenceResult, Reservation, StepRequest
 from services.runtime.bus import now_ms
-from services.runtime.embedded import free_port, stop_process
+from services.embedded.servers import free_port, stop_process
 from services.runtime.settings import MeshSettings
 
 # calls/s, seconds at that rate: 100, 500 and 1,000, and 50 and 200 to place the highest rate sustained.

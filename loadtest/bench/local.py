@@ -31,10 +31,10 @@ import nats
 
 from loadtest.stats import percentiles
 from schemas.messages import ChatMessage, InferenceRequest, InferenceResult
-from services.cli.stack import Stack
-from services.local_inference.engine import SMOLLM2_NAME
+from services.embedded.stack import Stack
+from services.embedded.engine import SMOLLM2_NAME
 from services.runtime.bus import encode, now_ms
-from services.runtime.inference.openai_client import OpenAIClient
+from services.inference.openai_client import OpenAIClient
 from services.runtime.settings import MeshSettings
 
 MODEL = SMOLLM2_NAME

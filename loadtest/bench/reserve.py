@@ -30,7 +30,7 @@ import nats
 
 from schemas.messages import Reservation, ReservationDecision
 from services.runtime.bus import encode, now_ms
-from services.runtime.embedded import EmbeddedClickHouse, EmbeddedNats, stop_process
+from services.embedded.servers import EmbeddedClickHouse, EmbeddedNats, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 WARMUP_ROUNDS = 2

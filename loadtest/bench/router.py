@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from schemas.messages import ChatMessage, StepRequest
-from services.router.policies import CascadePolicy, LearnedPolicy
-from services.router.policies.dataset import load_outcomes
-from services.router.policies.fixed import FixedPolicy
-from services.router.policies.routerfile import RouterFile
-from services.router.table import RoutingTable
+from services.routing.policies import CascadePolicy, LearnedPolicy
+from services.router_training.dataset import load_outcomes
+from services.routing.policies.fixed import FixedPolicy
+from services.routing.policies.routerfile import RouterFile
+from services.routing.table import RoutingTable
 from services.runtime.bus import freeze_startup_objects
 from services.runtime.catalog import Catalog
 from services.runtime.data import ROUTING_DIR, resolve_data_dir

@@ -22,7 +22,7 @@ REQUEST_TIMEOUT_S = 5.0
 
 
 def _settings() -> MeshSettings:
-    from services.cli.stack import client_settings
+    from services.embedded.stack import client_settings
 
     return client_settings()
 
@@ -105,7 +105,8 @@ def budget_show(scope: str | None, key: str | None, as_json: bool) -> None:
 
 
 def _switch(scope: str, key: str | None, tripped: bool, reason: str) -> None:
-    from services.runtime.bus import ensure_streams, now_ms
+    from services.runtime.bus import now_ms
+    from services.runtime.streams import ensure_streams
     from services.runtime.control import set_kill
 
     if scope == "global":

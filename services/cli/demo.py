@@ -22,10 +22,10 @@ from rich.table import Table
 
 from schemas.messages import TERMINAL_EVENTS, Task, TaskEvent
 from services.cli.client import MeshClient, new_task_id
-from services.cli.stack import Stack, client_settings, running_stack
+from services.embedded.stack import Stack, client_settings, running_stack
 from services.runtime.catalog import Catalog
 from services.runtime.data import Record, load_recorded_outcomes
-from services.runtime.inference.replay import frontier_baseline
+from services.inference.replay import frontier_baseline
 from services.runtime.settings import MeshSettings
 
 DEMO_TENANT = "demo"

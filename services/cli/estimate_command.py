@@ -43,7 +43,7 @@ def estimate(
     from services.planner.estimate import fits
     from services.planner.preflight import Preflight
     from services.planner.workflow import WorkflowError, load_workflows
-    from services.router.table import PinningError
+    from services.routing.table import PinningError
     from services.runtime.settings import MeshSettings
 
     settings = MeshSettings()

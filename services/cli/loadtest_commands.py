@@ -68,9 +68,9 @@ def replay_command(
     """
     from loadtest.deploy import loadtest_deploy_dir
     from loadtest.traces import read_trace, resolve_trace
-    from services.cli.stack import Stack, client_settings, running_stack
+    from services.embedded.stack import Stack, client_settings, running_stack
     from services.runtime.data import DataNotFound
-    from services.runtime.embedded import EmbeddedError
+    from services.embedded.servers import EmbeddedError
 
     try:
         rows = read_trace(resolve_trace(trace, data), limit=limit, duration_s=duration_s)
@@ -169,7 +169,7 @@ def print_report(report: Report, trace: str) -> None:
 def record_command(out: Path, duration_s: float | None, grace_s: float) -> None:
     """Tap a running mesh's tasks and usage into a recording that `loadtest replay` reads."""
     from loadtest.record import Recorder
-    from services.cli.stack import client_settings
+    from services.embedded.stack import client_settings
 
     recorder = Recorder(client_settings())
 

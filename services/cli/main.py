@@ -56,8 +56,8 @@ def run(service: str, ready_file: Path | None) -> None:
 @click.option("--model", "local_model", default="", help="What the local engine serves: a GGUF file (cpu) or a Hugging Face id or path (vllm).")
 def up(data_dir: Path | None, nats_port: int, clickhouse_port: int, local_engine: str, local_model: str) -> None:
     """Start nats-server, ClickHouse, a local model engine and the six services on this machine; Ctrl-C stops all."""
-    from services.cli.stack import Stack, running_stack
-    from services.runtime.embedded import EmbeddedError
+    from services.embedded.stack import Stack, running_stack
+    from services.embedded.servers import EmbeddedError
     from services.runtime.settings import MeshSettings
 
     settings = MeshSettings()
@@ -138,7 +138,7 @@ def submit(
     """Publish a task and follow its events to the end."""
     from schemas.messages import Artifact, Task
     from services.cli.client import MeshClient, new_task_id
-    from services.cli.stack import client_settings
+    from services.embedded.stack import client_settings
     from services.runtime.bus import now_ms
 
     texts = list(items) + ([line.strip() for line in items_file if line.strip()] if items_file else [])
@@ -190,7 +190,7 @@ def sql(query: str, fmt: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from services.cli.stack import client_settings, clickhouse_for_queries
+    from services.embedded.stack import client_settings, clickhouse_for_queries
 
     settings = client_settings()
     with clickhouse_for_queries(settings) as url:
@@ -259,7 +259,7 @@ def data() -> None:
 @click.option("--mirror", help="Base URL of a mirror with the same layout as the sources [FRUGALMESH_DATA_MIRROR].")
 def data_fetch(dest: Path | None, mirror: str | None) -> None:
     """Download the public data sets (RouteLLM outcomes, Azure and Mooncake traces), verified by sha256."""
-    from services.runtime.datafetch import fetch_command
+    from services.datafetch.fetch import fetch_command
 
     sys.exit(fetch_command(dest, mirror))
 

@@ -64,8 +64,8 @@ def train(
     data: Path, out: Path, policy: str, weak: str, strong: str, target: float, seed: int, deploy_dir: Path
 ) -> None:
     """Train on every CSV in --data and write the router file."""
-    from services.router.policies.dataset import load_outcomes
-    from services.router.policies.training import train as train_router
+    from services.router_training.dataset import load_outcomes
+    from services.router_training.training import train as train_router
 
     catalog = Catalog.load(deploy_dir)
     catalog.model(weak), catalog.model(strong)
@@ -112,7 +112,7 @@ def train(
 @click.option("--seed", default=0, show_default=True)
 def split(data: Path, out: Path, by: str, test_share: float, seed: int) -> None:
     """Split recorded outcomes into a training and a held-out set (contaminated prompts dropped)."""
-    from services.router.policies.dataset import split_outcomes
+    from services.router_training.dataset import split_outcomes
 
     counts = split_outcomes(data, out, "files" if by == "files" else "rows", test_share, seed)
     click.echo(f"train {counts['train']} prompts in {out / 'train'}, test {counts['test']} prompts in {out / 'test'}")
@@ -137,11 +137,11 @@ def routing(router_path: Path, data: Path, target: float, as_json: bool, plot: P
     from rich.console import Console
     from rich.table import Table
 
-    from services.router.evaluate import evaluate
-    from services.router.evaluate import plot as draw
-    from services.router.policies.dataset import load_outcomes
-    from services.router.policies.routerfile import RouterFile
-    from services.router.table import RoutingTable
+    from services.router_training.evaluate import evaluate
+    from services.router_training.evaluate import plot as draw
+    from services.router_training.dataset import load_outcomes
+    from services.routing.policies.routerfile import RouterFile
+    from services.routing.table import RoutingTable
 
     evaluation = evaluate(
         load_outcomes(data),

@@ -69,7 +69,7 @@ def _token(ctx, param, value: str) -> str:
 def _with_bucket(action: Callable[..., Awaitable[T]]) -> T:
     """Run ``action(kv)`` against the schedules bucket of the mesh this CLI talks to."""
     from services.cli.client import MeshClient
-    from services.cli.stack import client_settings
+    from services.embedded.stack import client_settings
     from services.planner.schedule import schedules_bucket
 
     async def go() -> T:
@@ -96,7 +96,7 @@ def schedule() -> None:
 @click.option("--budget", "budget_usd", type=POSITIVE, help="Budget of each run, USD.")
 def add(goal: str, cron: str, timeout_s: float, workflow: str, tenant: str, budget_usd: float | None) -> None:
     """Run GOAL on a schedule; prints the new schedule's id."""
-    from services.cli.stack import client_settings
+    from services.embedded.stack import client_settings
     from services.planner.schedule import Schedule, add_schedule, new_schedule_id
     from services.planner.workflow import WorkflowError, load_workflows
 

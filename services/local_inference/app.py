@@ -1,6 +1,6 @@
 """local-inference: the local models (``mesh.infer.local.<model>``, queue group ``local-inference``).
 
-Backends by ``[providers.X] backend`` (services/runtime/inference/backends.py): ``replay``
+Backends by ``[providers.X] backend`` (services/inference/backend_factories.py): ``replay``
 answers from the recorded outcomes; ``openai`` calls a local engine that speaks the OpenAI wire
 protocol (the embedded engine, vLLM, llama.cpp's server) at its URL.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from faststream import FastStream
 
 from services.local_inference.load import DEFAULT_LOAD_INTERVAL_S, publish_load
-from services.runtime.inference.service import DEFAULT_CONCURRENCY, create_inference_app
+from services.inference.service import DEFAULT_CONCURRENCY, create_inference_app
 from services.runtime.settings import MeshSettings
 
 

@@ -24,8 +24,8 @@ from faststream import FastStream
 
 from schemas.messages import LocalLoad
 from services.runtime.bus import encode, now_ms
-from services.runtime.inference.engine_load import EngineLoadReader, MetricsError, metrics_url
-from services.runtime.inference.service import InferenceService
+from services.inference.engine_load import EngineLoadReader, MetricsError, metrics_url
+from services.inference.service import InferenceService
 
 DEFAULT_LOAD_INTERVAL_S = 0.25
 # Backends that call a real engine, whose /metrics can be read.

@@ -38,7 +38,7 @@ from schemas.messages import ChatMessage, StepRequest
 from services.planner.config import PlannerConfig
 from services.planner.estimate import CallProfile, Estimate, Step, estimate, plan_from_dag
 from services.planner.workflow import GOAL, ITEM, Workflow, allowed_models, render
-from services.router.table import RoutingTable, pick_model, prompt_chars
+from services.routing.table import RoutingTable, pick_model, prompt_chars
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.data import DataNotFound, load_recorded_outcomes, resolve_data_dir
 from services.runtime.tokens import count_message_tokens

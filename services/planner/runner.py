@@ -71,7 +71,7 @@ from services.planner.config import Limits
 from services.planner.estimate import fits
 from services.planner.preflight import Preflight, describe
 from services.planner.workflow import GOAL, ITEM, StepSpec, Workflow, allowed_models, render
-from services.router.table import PinningError
+from services.routing.table import PinningError
 from services.runtime.bus import Bus, encode, now_ms
 from services.runtime.reservations import HEADER_BUDGET
 

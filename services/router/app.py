@@ -57,8 +57,8 @@ from schemas.subjects import (
 )
 from services.router.cache import ResponseCache, cache_key
 from services.router.load import DEFAULT_STALE_S, LoadBoard, spill_target
-from services.router.policies import PolicySet, execute
-from services.router.table import PinningError, RoutingTable
+from services.routing.policies import PolicySet, execute
+from services.routing.table import PinningError, RoutingTable
 from services.router.throttle import DEFAULT_BURST, DEFAULT_RATE_PER_S, Throttle
 from services.runtime.bus import Bus, Message, encode, now_ms
 from services.runtime.catalog import Catalog, ModelSpec

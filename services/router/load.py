@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from schemas.messages import LocalLoad
-from services.router.table import pick_model
+from services.routing.table import pick_model
 from services.runtime.catalog import TIER_LADDER, Catalog, ModelSpec
 
 DEFAULT_STALE_S = 2.0

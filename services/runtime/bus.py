@@ -1,15 +1,29 @@
-"""A service's connection to the mesh: its FastStream broker plus the few helpers every handler uses.
+"""A process's one way to NATS: its FastStream broker plus what FastStream does not do cheaply.
+
+Services register their handlers on ``Bus.broker`` (FastStream). Everything else a service or the
+CLI sends or reads goes through a ``Bus`` method, so this module is the only one that touches the
+nats-py connection underneath:
+
+- ``request``: request/reply whose error answer is the typed ``Rejection`` (raised as ``Rejected``);
+- ``publish`` (JetStream, acknowledged), ``publish_pipelined`` (acknowledgement awaited later),
+  ``publish_core`` (core NATS: load reports, a parked reply);
+- ``key_value`` / ``object_store``: one get-or-create declarer for every bucket;
+- ``pull``: a durable consumer fetched in real batches (``services.runtime.pull``);
+- ``subscribe_core``: a plain subscription for the two measured hot paths (reserve and settle),
+  where FastStream's per-message work cost several times the decision itself.
 
 Handlers take the raw ``Message`` and decode with msgspec themselves (``Bus.decode``), so a
 malformed or schema-invalid message never reaches service code: it goes whole to
-``mesh.dlq.<service>`` with the reason, a request gets an error reply, and the service goes on.
+``mesh.dlq.<service>`` with the reason, a request gets a ``Rejection``, and the service goes on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -17,28 +31,23 @@ from faststream import FastStream
 from faststream._internal.context import Context  # the field class (faststream.Context builds one)
 from faststream.nats import JStream, NatsBroker
 from faststream.nats.message import NatsMessage
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.api import ConsumerConfig, KeyValueConfig
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
-from schemas.messages import DeadLetter, ErrorInfo, UsageEvent
-from schemas.subjects import (
-    HEADER_MSG_ID,
-    STREAM_ARTIFACT_EVENTS,
-    STREAM_CONTROL,
-    STREAM_DLQ,
-    STREAM_TASK_EVENTS,
-    STREAM_TASKS,
-    STREAM_USAGE,
-    Subjects,
-)
+from schemas.messages import DeadLetter, ErrorInfo, ErrorKind, Rejection, UsageEvent
+from schemas.subjects import HEADER_MSG_ID, STREAM_DLQ, STREAM_USAGE
 from services.runtime.log import configure as configure_logging
+from services.runtime.pull import BatchPull
 from services.runtime.settings import MeshSettings
+from services.runtime.streams import ensure_streams
 
 T = TypeVar("T")
-
-DAY_S = 24 * 3600.0
-
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -46,52 +55,6 @@ def now_ms() -> int:
 
 def encode(message: msgspec.Struct) -> bytes:
     return msgspec.json.encode(message)
-
-
-def stream_configs(subjects: Subjects) -> list[StreamConfig]:
-    """The JetStream streams of the mesh; every service declares them idempotently on start."""
-    return [
-        StreamConfig(
-            name=subjects.stream(STREAM_TASKS),
-            subjects=[subjects.task_submit],
-            retention=RetentionPolicy.WORK_QUEUE,
-            # A resubmitted task with the same idempotency key is dropped inside this window.
-            duplicate_window=600.0,
-            storage=StorageType.FILE,
-        ),
-        StreamConfig(
-            name=subjects.stream(STREAM_TASK_EVENTS),
-            subjects=[subjects.task_events],
-            max_age=7 * DAY_S,
-            storage=StorageType.FILE,
-        ),
-        StreamConfig(
-            name=subjects.stream(STREAM_USAGE),
-            subjects=[subjects.usage_all],
-            max_age=7 * DAY_S,
-            # Dedupe on Nats-Msg-Id = event id: a publisher's retry never makes a second row.
-            duplicate_window=600.0,
-            storage=StorageType.FILE,
-        ),
-        StreamConfig(
-            name=subjects.stream(STREAM_CONTROL),
-            subjects=[subjects.control_kill, subjects.control_pace],
-            max_msgs_per_subject=10_000,
-            storage=StorageType.FILE,
-        ),
-        StreamConfig(
-            name=subjects.stream(STREAM_ARTIFACT_EVENTS),
-            subjects=[subjects.artifact_created_all],
-            max_age=7 * DAY_S,
-            storage=StorageType.FILE,
-        ),
-        StreamConfig(
-            name=subjects.stream(STREAM_DLQ),
-            subjects=[subjects.dlq_all],
-            max_age=30 * DAY_S,
-            storage=StorageType.FILE,
-        ),
-    ]
 
 
 class _ResolvedInPlace(Context):
@@ -124,10 +87,18 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-class Bus:
-    """One per service process. ``broker`` is the FastStream NatsBroker to register handlers on."""
+class Rejected(Exception):
+    """A request answered with a ``Rejection``: the service refused it before doing any work."""
 
-    def __init__(self, settings: MeshSettings, service: str) -> None:
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(f"{error.kind}: {error.message}")
+        self.error = error
+
+
+class Bus:
+    """One per process. ``broker`` is the FastStream NatsBroker to register handlers on."""
+
+    def __init__(self, settings: MeshSettings, service: str, *, reconnect_attempts: int = -1) -> None:
         self.settings = settings
         self.service = service
         self.subjects = settings.subjects
@@ -138,9 +109,12 @@ class Bus:
             log_level=logging.DEBUG,
             logger=logging.getLogger(f"frugalmesh.{service}"),
             name=f"frugalmesh-{service}",
-            max_reconnect_attempts=-1,
+            max_reconnect_attempts=reconnect_attempts,
         )
         logging.getLogger(f"frugalmesh.{service}").setLevel(settings.log_level.upper())
+        self._js: JetStreamContext | None = None
+        self._buckets: dict[str, KeyValue] = {}
+        self._stores: dict[str, ObjectStore] = {}
 
     def app(self) -> FastStream:
         """A FastStream app whose startup declares the mesh's streams before any subscriber."""
@@ -148,17 +122,12 @@ class Bus:
 
         @app.on_startup
         async def declare_streams() -> None:
-            await self.broker.connect()
-            await ensure_streams(self.broker.connection.jetstream(), self.subjects)
+            await self.connect()
+            await ensure_streams(self.jetstream, self.subjects)
 
         @app.after_startup
         async def subscriptions_reached_server() -> None:
-            # nats-py's flush() writes its PING straight to the socket, ahead of SUBs still in
-            # the send queue, so one flush can return before the server knows a subscription;
-            # the second round trip is ordered after them. Without it, a request sent right
-            # after start-up can get "no responders".
-            await self.broker.connection.flush()
-            await self.broker.connection.flush()
+            await self.flush()
 
         app.after_startup(freeze_startup_objects)
 
@@ -168,11 +137,40 @@ class Bus:
 
         return app
 
+    async def connect(self) -> None:
+        """Connect without running an app (a client: the CLI, a test, a load generator)."""
+        await self.broker.connect()
+
+    async def close(self) -> None:
+        """Flush what was published and disconnect (a client's counterpart of ``connect``)."""
+        await self.broker.stop()
+
+    async def flush(self) -> None:
+        """Return once the server has seen everything sent before: publishes and subscriptions."""
+        # nats-py's flush() writes its PING straight to the socket, ahead of SUBs still in the send
+        # queue, so one flush can return before the server knows a subscription; the second round
+        # trip is ordered after them. Without it, a request sent right after start-up can get
+        # "no responders".
+        await self._nc.flush()
+        await self._nc.flush()
+
+    @property
+    def _nc(self) -> Client:
+        return self.broker.connection  # type: ignore[no-any-return]
+
+    @property
+    def jetstream(self) -> JetStreamContext:
+        """The JetStream context, for stream administration the helpers below do not cover (the
+        accountant's ledger journal declares, replays and trims its own stream)."""
+        if self._js is None:
+            self._js = self._nc.jetstream()
+        return self._js
+
     def stream(self, name: str) -> JStream:
         """A reference to a mesh stream for ``broker.subscriber(stream=...)`` (declared elsewhere)."""
         return JStream(name=self.subjects.stream(name), declare=False)
 
-    # -- decoding and dead letters --
+    # -- decoding, rejections and dead letters --
 
     async def decode(self, msg: Message, message_type: type[T]) -> T | None:
         """Decode ``msg`` as ``message_type``; on failure dead-letter it and return None."""
@@ -195,11 +193,58 @@ class Bus:
         await self.broker.publish(encode(letter), self.subjects.dlq(self.service), stream=self.subjects.stream(STREAM_DLQ))
 
     @staticmethod
-    def rejection(reason: str) -> bytes:
+    def rejection(reason: str, kind: ErrorKind = "invalid", *, retryable: bool = False) -> bytes:
         """The reply a requester gets for a message that could not be accepted."""
-        return msgspec.json.encode({"v": 1, "error": ErrorInfo(kind="invalid", message=reason)})
+        return encode(Rejection(error=ErrorInfo(kind=kind, message=reason, retryable=retryable)))
+
+    # -- request/reply --
+
+    async def request(
+        self,
+        subject: str,
+        message: msgspec.Struct,
+        reply_type: type[T],
+        timeout_s: float,
+        headers: dict[str, str] | None = None,
+    ) -> T:
+        """Send ``message`` and decode the reply as ``reply_type``.
+
+        Raises ``Rejected`` when the service answered a ``Rejection``, ``msgspec.DecodeError`` when
+        the reply is neither, and nats-py's ``NoRespondersError`` / ``TimeoutError`` as they come.
+        """
+        # nats-py's request, not the broker's: FastStream's request path (publish command, codec, a
+        # correlation id) cost more CPU than the round trip itself.
+        reply = await self._nc.request(subject, encode(message), timeout=timeout_s, headers=headers)
+        try:
+            return msgspec.json.decode(reply.data, type=reply_type)
+        except msgspec.DecodeError as not_reply:  # a ValidationError is a DecodeError too
+            try:
+                rejection = _decode_rejection(reply.data)
+            except msgspec.DecodeError:
+                raise not_reply from None
+            raise Rejected(rejection.error) from None
 
     # -- publishing --
+
+    async def publish(
+        self, subject: str, message: msgspec.Struct, *, stream: str, headers: dict[str, str] | None = None
+    ) -> None:
+        """Publish to JetStream stream ``stream`` (its full name) and wait for it to be stored."""
+        await self.jetstream.publish(subject, encode(message), stream=stream, headers=headers)
+
+    async def publish_pipelined(
+        self, subject: str, message: msgspec.Struct, *, stream: str, headers: dict[str, str] | None = None
+    ) -> asyncio.Future[Any]:
+        """Send to JetStream now; the returned future is its acknowledgement, to await later.
+
+        Many in flight on one connection keep their order and cost no round trip each (a single
+        waited publish caps a sender at a few thousand a second).
+        """
+        return await self.jetstream.publish_async(subject, encode(message), stream=stream, headers=headers)
+
+    async def publish_core(self, subject: str, data: bytes, *, reply: str = "") -> None:
+        """Core NATS, fire and forget: the latest value wins (load reports) or nobody stores it (a reply)."""
+        await self._nc.publish(subject, data, reply=reply)
 
     async def publish_usage(self, event: UsageEvent) -> None:
         """Meter one call. Dedupe on the event id makes a retried publish harmless."""
@@ -210,23 +255,62 @@ class Bus:
             stream=self.subjects.stream(STREAM_USAGE),
         )
 
-    async def request(
+    # -- subscriptions --
+
+    async def subscribe_core(
+        self, subject: str, handler: Callable[[Msg], Awaitable[None]], *, queue: str = ""
+    ) -> Subscription:
+        """A plain nats-py subscription, for hot paths measured to need it (``unsubscribe`` it to stop)."""
+        return await self._nc.subscribe(subject, queue=queue, cb=handler)
+
+    def new_inbox(self) -> str:
+        return self._nc.new_inbox()  # type: ignore[no-any-return]
+
+    def pull(
         self,
+        *,
+        stream: str,
         subject: str,
-        message: msgspec.Struct,
-        reply_type: type[T],
-        timeout_s: float,
-        headers: dict[str, str] | None = None,
-    ) -> T:
-        # nats-py's request, not the broker's: FastStream's request path (publish command, codec, a
-        # correlation id) cost more CPU than the round trip itself. The errors are nats-py's either way.
-        reply = await self.broker.connection.request(subject, encode(message), timeout=timeout_s, headers=headers)
-        return msgspec.json.decode(reply.data, type=reply_type)
+        durable: str,
+        batch_size: int,
+        batch_timeout_s: float,
+        config: ConsumerConfig,
+    ) -> BatchPull:
+        """A durable consumer of ``subject`` on ``stream``, fetched in batches (call ``start`` first)."""
+        return BatchPull(
+            self._nc,
+            stream=stream,
+            subject=subject,
+            durable=durable,
+            batch_size=batch_size,
+            batch_timeout_s=batch_timeout_s,
+            config=config,
+        )
+
+    # -- buckets --
+
+    async def key_value(self, bucket: str, *, history: int = 1, ttl_s: float | None = None) -> KeyValue:
+        """The KV bucket of that name (its prefixed name: ``subjects.bucket(...)``), created with
+        ``history`` and ``ttl_s`` if missing; an existing bucket is used as it is."""
+        kv = self._buckets.get(bucket)
+        if kv is None:
+            try:
+                kv = await self.jetstream.key_value(bucket)
+            except BucketNotFoundError:
+                kv = await self.jetstream.create_key_value(KeyValueConfig(bucket=bucket, history=history, ttl=ttl_s))
+            self._buckets[bucket] = kv
+        return kv
+
+    async def object_store(self, bucket: str) -> ObjectStore:
+        """The Object Store bucket of that name, created if missing."""
+        store = self._stores.get(bucket)
+        if store is None:
+            try:
+                store = await self.jetstream.object_store(bucket)
+            except BucketNotFoundError:
+                store = await self.jetstream.create_object_store(bucket)
+            self._stores[bucket] = store
+        return store
 
 
-async def ensure_streams(js: JetStreamContext, subjects: Subjects) -> None:
-    for config in stream_configs(subjects):
-        try:
-            await js.add_stream(config=config)
-        except BadRequestError:
-            await js.update_stream(config=config)
+_decode_rejection = msgspec.json.Decoder(Rejection).decode

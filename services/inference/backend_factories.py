@@ -3,10 +3,10 @@ services take theirs from here."""
 
 from __future__ import annotations
 
-from services.runtime.inference.backend import BackendFactory
-from services.runtime.inference.openai_backend import OpenAIBackend
-from services.runtime.inference.replay import ReplayBackend
-from services.runtime.inference.synthetic import SyntheticBackend
+from services.inference.backend import BackendFactory
+from services.inference.openai_backend import OpenAIBackend
+from services.inference.replay import ReplayBackend
+from services.inference.synthetic import SyntheticBackend
 
 BACKENDS: dict[str, BackendFactory] = {
     "replay": ReplayBackend.from_provider,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schemas.messages import StepRequest
-from services.router.policies.models import resolve
-from services.router.policies.routerfile import PromptModel, RouterFile
+from services.routing.table import resolve_model
+from services.routing.policies.routerfile import PromptModel, RouterFile
 from services.runtime.catalog import Catalog, ModelSpec
 
 
@@ -39,4 +39,4 @@ class LearnedPolicy:
 
     def choose(self, step: StepRequest, catalog: Catalog, *, downgrade: bool = False) -> ModelSpec:
         target = self.weak_model if self.score(step) >= self.threshold else self.strong_model
-        return resolve(target, step, catalog, downgrade=downgrade)
+        return resolve_model(target, step, catalog, downgrade=downgrade)

@@ -17,9 +17,9 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
-from services.router.policies.calibration import calibrate, calibrate_every_fold
-from services.router.policies.features import answer_features, prompt_embeddings
-from services.router.policies.routerfile import AnswerModel, PromptModel, RouterFile, sigmoid
+from services.routing.policies.calibration import calibrate, calibrate_every_fold
+from services.routing.policies.features import answer_features, prompt_embeddings
+from services.routing.policies.routerfile import AnswerModel, PromptModel, RouterFile, sigmoid
 from services.runtime.data import Record
 
 PolicyName = Literal["learned", "cascade"]

@@ -35,7 +35,7 @@ class Generation:
 
 
 @dataclass
-class Outcome:
+class GenerationStats:
     """How a generation ended, filled in as it runs (read after the token stream ends)."""
 
     prompt_tokens: int = 0
@@ -89,7 +89,7 @@ class LocalModel:
             raise PromptTooLong(f"the prompt is {len(prompt)} tokens; the context window holds {self.n_ctx}")
         return prompt
 
-    def generate(self, request: Generation, outcome: Outcome, cancelled: threading.Event) -> Iterator[str]:
+    def generate(self, request: Generation, outcome: GenerationStats, cancelled: threading.Event) -> Iterator[str]:
         """Text pieces as they are sampled; waits for its turn first. Stops at an end-of-generation
         token, at max_tokens, or soon after ``cancelled`` is set (finish_reason "cancelled")."""
         with self._load_lock:
@@ -112,7 +112,7 @@ class LocalModel:
                     self.load.predicted_tokens_seconds = (outcome.completion_tokens - 1) / outcome.decode_s
             self._turn.release()
 
-    def _generate(self, request: Generation, outcome: Outcome, cancelled: threading.Event) -> Iterator[str]:
+    def _generate(self, request: Generation, outcome: GenerationStats, cancelled: threading.Event) -> Iterator[str]:
         if cancelled.is_set():  # its client left while it waited for its turn
             outcome.finish_reason = "cancelled"
             return

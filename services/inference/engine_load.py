@@ -26,7 +26,7 @@ from typing import Literal
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-EngineKind = Literal["llamacpp", "vllm"]
+MetricsDialect = Literal["llamacpp", "vllm"]
 
 LLAMACPP_RUNNING = "llamacpp:requests_processing"
 LLAMACPP_WAITING = "llamacpp:requests_deferred"
@@ -44,7 +44,7 @@ DEFAULT_TIMEOUT_S = 1.0
 
 @dataclass(frozen=True)
 class EngineLoad:
-    engine: EngineKind
+    engine: MetricsDialect
     running: int
     waiting: int
     # Share of the KV cache in use, 0 to 1.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schemas.messages import StepRequest
-from services.router.policies.models import resolve
+from services.routing.table import resolve_model
 from services.runtime.catalog import Catalog, ModelSpec
 
 
@@ -18,4 +18,4 @@ class FixedPolicy:
         return f"fixed:{self.model}"
 
     def choose(self, step: StepRequest, catalog: Catalog, *, downgrade: bool = False) -> ModelSpec:
-        return resolve(self.model, step, catalog, downgrade=downgrade)
+        return resolve_model(self.model, step, catalog, downgrade=downgrade)

@@ -1,6 +1,6 @@
 """Routing policies: how the router picks the model of a step, chosen per tenant or workflow.
 
-- ``rules``: the routing table (services.router.table.RoutingTable) by workflow, role, prompt size.
+- ``rules``: the routing table (services.routing.table.RoutingTable) by workflow, role, prompt size.
 - ``fixed:<model>``: one pinned model.
 - ``learned``: a prompt model predicts whether the weak model will be right (learned.py).
 - ``cascade``: the weak model first, the strong one when a validator rejects its answer (cascade.py).
@@ -27,11 +27,11 @@ from typing import Any, Protocol
 import msgspec
 
 from schemas.messages import InferenceResult, StepRequest
-from services.router.policies.cascade import CascadePolicy
-from services.router.policies.fixed import FixedPolicy
-from services.router.policies.learned import LearnedPolicy
-from services.router.policies.routerfile import RouterFile
-from services.router.table import ROUTING_FILE, RoutingTable
+from services.routing.policies.cascade import CascadePolicy
+from services.routing.policies.fixed import FixedPolicy
+from services.routing.policies.learned import LearnedPolicy
+from services.routing.policies.routerfile import RouterFile
+from services.routing.table import ROUTING_FILE, RoutingTable
 from services.runtime.catalog import Catalog, ModelSpec
 
 

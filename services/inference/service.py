@@ -36,8 +36,8 @@ from schemas.subjects import token
 from services.runtime.bus import Bus, Message, encode, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.control import ControlState, covers
-from services.runtime.inference.backend import Backend, BackendError, Completion, worst_case_usage
-from services.runtime.inference.backends import BACKENDS
+from services.inference.backend import Backend, BackendError, Completion, worst_case_usage
+from services.inference.backend_factories import BACKENDS
 from services.runtime.reservations import is_paid
 from services.runtime.settings import MeshSettings
 
@@ -240,7 +240,7 @@ def create_inference_app(
     setup: Callable[[FastStream, InferenceService], None] | None = None,
 ) -> FastStream:
     """The FastStream app of ``<kind>-inference``: one backend per provider of this service's models,
-    chosen by the provider's ``backend`` in models.toml (services/runtime/inference/backends.py). ``setup`` lets a service
+    chosen by the provider's ``backend`` in models.toml (services/inference/backend_factories.py). ``setup`` lets a service
     add its own hooks (local-inference publishes its engines' load) once the app is built."""
     service = f"{kind}-inference"
     bus = Bus(settings, service)

@@ -11,9 +11,9 @@ import re
 from typing import Any
 
 from schemas.messages import InferenceRequest, Usage, UsageSource
-from services.runtime.inference.openai_client import OpenAIClient, OpenAIError
+from services.inference.openai_client import OpenAIClient, OpenAIError
 from services.runtime.catalog import ModelSpec, ProviderSpec
-from services.runtime.inference.backend import BackendError, Completion, worst_case_usage
+from services.inference.backend import BackendError, Completion, worst_case_usage
 from services.runtime.settings import MeshSettings
 
 

@@ -47,7 +47,7 @@ class Rule:
 
 
 _RULE_KEYS = frozenset(f.name for f in fields(Rule))
-# [policies] is read by services.router.policies.PolicySet.
+# [policies] is read by services.routing.policies.PolicySet.
 _TABLE_KEYS = frozenset({"rules", "default_tier", "policies"})
 
 
@@ -68,6 +68,15 @@ def pick_model(tier: Tier, allow_models: Sequence[str] | None, catalog: Catalog)
 
 
 @dataclass(frozen=True)
+def resolve_model(name: str, step: StepRequest, catalog: Catalog, *, downgrade: bool = False) -> ModelSpec:
+    """``name`` itself when the step allows it; otherwise, as the rules do, the cheapest allowed
+    model of its tier (one tier down under pacing's downgrade), never one outside the allow-list."""
+    model = catalog.model(name)
+    if not downgrade and (step.allow_models is None or name in step.allow_models):
+        return model
+    return pick_model(tier_below(model.tier) if downgrade else model.tier, step.allow_models, catalog)
+
+
 class RoutingTable:
     rules: tuple[Rule, ...]
     default_tier: Tier

@@ -1,4 +1,4 @@
-"""Serve ClickHouse's HTTP interface from the chdb-core wheel: ``python -m services.runtime.chserver DIR``.
+"""Serve ClickHouse's HTTP interface from the chdb-core wheel: ``python -m services.embedded.chserver DIR``.
 
 chdb is an in-process engine; ``SYSTEM START LISTEN HTTP`` makes it serve the standard HTTP
 interface from inside this process, which then blocks on a long query so the server stays up.

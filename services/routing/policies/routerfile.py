@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.router.policies.calibration import OperatingPoint
-from services.router.policies.features import (
+from services.routing.policies.calibration import OperatingPoint
+from services.routing.policies.features import (
     ANSWER_FEATURES,
     EMBEDDING_DIMENSIONS,
     PROMPT_EMBEDDING,

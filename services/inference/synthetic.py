@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from schemas.messages import InferenceRequest, Usage
 from services.runtime.catalog import ModelSpec, ProviderSpec
-from services.runtime.inference.backend import Completion
-from services.runtime.inference.latency import simulate_latency
-from services.runtime.inference.prefix_cache import PrefixCache
+from services.inference.backend import Completion
+from services.inference.latency import simulate_latency
+from services.inference.prefix_cache import PrefixCache
 from services.runtime.settings import MeshSettings
 from services.runtime.tokens import chat_input_tokens, message_token_ids, truncate_tokens
 

@@ -29,8 +29,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from services.local_inference.engine.model import Generation, LocalModel, Outcome, PromptTooLong
-from services.runtime.inference.engine_load import LLAMACPP_DECODE_RATE, LLAMACPP_KV, LLAMACPP_RUNNING, LLAMACPP_WAITING
+from services.embedded.engine.model import Generation, LocalModel, GenerationStats, PromptTooLong
+from services.inference.engine_load import LLAMACPP_DECODE_RATE, LLAMACPP_KV, LLAMACPP_RUNNING, LLAMACPP_WAITING
 
 # Requests waiting for their turn each hold a thread; this bounds the queue an engine accepts.
 MAX_QUEUED = 64
@@ -125,7 +125,7 @@ def create_app(model: LocalModel) -> Starlette:
             return error(503, f"{MAX_QUEUED} requests already queued; retry later", "server_busy")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        outcome = Outcome()
+        outcome = GenerationStats()
         pieces = _pieces(model, generation, outcome, executor)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -178,7 +178,7 @@ _DONE = object()
 
 
 async def _pieces(
-    model: LocalModel, generation: Generation, outcome: Outcome, executor: ThreadPoolExecutor
+    model: LocalModel, generation: Generation, outcome: GenerationStats, executor: ThreadPoolExecutor
 ) -> AsyncIterator[str]:
     """The model's pieces, generated on a worker thread. Leaving early (the client went away, so
     Starlette cancels the response) tells the thread to stop at its next token."""
@@ -206,7 +206,7 @@ async def _pieces(
 
 
 async def _sse(
-    name: str, completion_id: str, created: int, pieces: AsyncIterator[str], outcome: Outcome, include_usage: bool
+    name: str, completion_id: str, created: int, pieces: AsyncIterator[str], outcome: GenerationStats, include_usage: bool
 ) -> AsyncIterator[bytes]:
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": name}
@@ -221,7 +221,7 @@ async def _sse(
     yield b"data: [DONE]\n\n"
 
 
-def _usage(outcome: Outcome) -> dict[str, Any]:
+def _usage(outcome: GenerationStats) -> dict[str, Any]:
     return {
         "prompt_tokens": outcome.prompt_tokens,
         "completion_tokens": outcome.completion_tokens,

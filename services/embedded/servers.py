@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import httpx
 
-from services.local_inference.engine import SMOLLM2_NAME
+from services.embedded.engine import SMOLLM2_NAME
 
 
 class EmbeddedError(RuntimeError):
@@ -144,7 +144,7 @@ DATABASE = "frugalmesh"
 
 @dataclass
 class EmbeddedClickHouse:
-    """A ClickHouse HTTP server run by chdb in a child process (``python -m services.runtime.chserver``)."""
+    """A ClickHouse HTTP server run by chdb in a child process (``python -m services.embedded.chserver``)."""
 
     data_dir: Path
     port: int = 8123
@@ -167,7 +167,7 @@ class EmbeddedClickHouse:
         log = self.data_dir / "clickhouse.log"
         with log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.runtime.chserver", str(self.data_dir)],
+                [sys.executable, "-m", "services.embedded.chserver", str(self.data_dir)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -195,7 +195,7 @@ class EmbeddedClickHouse:
         stop_process(self.process, timeout_s=15.0)
 
 
-EngineKind = Literal["cpu", "vllm"]
+LocalEngineKind = Literal["cpu", "vllm"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -212,7 +212,7 @@ class EmbeddedEngine:
     deploy/models.toml; ``port=0`` picks a free port."""
 
     log_dir: Path
-    kind: EngineKind = "cpu"
+    kind: LocalEngineKind = "cpu"
     model: str = ""
     name: str = SMOLLM2_NAME
     port: int = 0
@@ -229,7 +229,7 @@ class EmbeddedEngine:
                 raise EmbeddedError("vllm is not installed: `pip install -e '.[gpu]'` on a GPU host")
             return ["vllm", "serve", self.model, "--host", self.host, "--port", str(port),
                     "--served-model-name", self.name]
-        command = [sys.executable, "-m", "services.local_inference.engine", "--name", self.name,
+        command = [sys.executable, "-m", "services.embedded.engine", "--name", self.name,
                    "--host", self.host, "--port", str(port), "--threads", str(self.threads)]
         return command + (["--model", self.model] if self.model else [])
 

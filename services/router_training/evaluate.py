@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from schemas.messages import ChatMessage, InferenceResult, StepRequest
-from services.router.policies import CascadePolicy, LearnedPolicy, Policy, execute
-from services.router.policies.calibration import sweep
-from services.router.policies.fixed import FixedPolicy
-from services.router.policies.routerfile import RouterFile
-from services.router.table import RoutingTable
+from services.routing.policies import CascadePolicy, LearnedPolicy, Policy, execute
+from services.routing.policies.calibration import sweep
+from services.routing.policies.fixed import FixedPolicy
+from services.routing.policies.routerfile import RouterFile
+from services.routing.table import RoutingTable
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.data import Record
-from services.runtime.inference.replay import replay
+from services.inference.replay import replay
 
 # The answer workflow's one step (deploy/workflows/answer.toml).
 WORKFLOW = "answer"

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schemas.messages import InferenceResult, StepRequest
-from services.router.policies.models import resolve
-from services.router.policies.routerfile import AnswerModel, RouterFile
+from services.routing.table import resolve_model
+from services.routing.policies.routerfile import AnswerModel, RouterFile
 from services.runtime.catalog import Catalog, ModelSpec
 
 
@@ -37,10 +37,10 @@ class CascadePolicy:
         return cls(router.weak_model, router.strong_model, model, chosen)
 
     def choose(self, step: StepRequest, catalog: Catalog, *, downgrade: bool = False) -> ModelSpec:
-        return resolve(self.weak_model, step, catalog, downgrade=downgrade)
+        return resolve_model(self.weak_model, step, catalog, downgrade=downgrade)
 
     def accepts(self, result: InferenceResult) -> bool:
         return self.validator.score(result.output) >= self.threshold
 
     def escalation(self, step: StepRequest, catalog: Catalog, *, downgrade: bool = False) -> ModelSpec:
-        return resolve(self.strong_model, step, catalog, downgrade=downgrade)
+        return resolve_model(self.strong_model, step, catalog, downgrade=downgrade)

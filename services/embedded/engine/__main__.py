@@ -1,4 +1,4 @@
-"""``python -m services.local_inference.engine``: serve one GGUF model over the OpenAI API."""
+"""``python -m services.embedded.engine``: serve one GGUF model over the OpenAI API."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 import uvicorn
 
-from services.local_inference.engine import SMOLLM2_NAME, smollm2_path
-from services.local_inference.engine.model import LocalModel
-from services.local_inference.engine.server import create_app
+from services.embedded.engine import SMOLLM2_NAME, smollm2_path
+from services.embedded.engine.model import LocalModel
+from services.embedded.engine.server import create_app
 
 
 @click.command()

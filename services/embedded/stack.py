@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.registry import SERVICES
-from services.runtime.embedded import (
+from services.embedded.servers import (
     EmbeddedClickHouse,
     EmbeddedEngine,
     EmbeddedError,
     EmbeddedNats,
-    EngineKind,
+    LocalEngineKind,
     stop_process,
 )
 from services.runtime.settings import MeshSettings
@@ -80,7 +80,7 @@ class Stack:
     settings: MeshSettings = field(default_factory=MeshSettings)
     # The local engine to start (None: none, e.g. for load tests on the synthetic backend) and
     # what it serves ("": the embedded engine's SmolLM2; vllm needs a model id or path).
-    local_engine: EngineKind | None = "cpu"
+    local_engine: LocalEngineKind | None = "cpu"
     local_model: str = ""
     nats: EmbeddedNats | None = field(default=None, init=False)
     clickhouse: EmbeddedClickHouse | None = field(default=None, init=False)
