@@ -16,13 +16,11 @@ import contextlib
 from collections.abc import Callable
 
 import msgspec
-from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from schemas.messages import KillSwitch, PaceSignal
-from schemas.subjects import BUCKET_CONTROL, STREAM_CONTROL, Subjects
+from schemas.subjects import BUCKET_CONTROL, STREAM_CONTROL
+from services.runtime.bus import Bus
 
 KILL = "kill"
 PACE = "pace"
@@ -36,25 +34,22 @@ def pace_key(tenant: str) -> str:
     return f"{PACE}.{tenant}"
 
 
-async def control_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
-    name = subjects.bucket(BUCKET_CONTROL)
-    try:
-        return await js.key_value(name)
-    except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=name, history=16))
+async def control_bucket(bus: Bus) -> KeyValue:
+    # History 16: the last changes of a switch stay readable with `nats kv history` when debugging.
+    return await bus.key_value(bus.subjects.bucket(BUCKET_CONTROL), history=16)
 
 
-async def set_kill(js: JetStreamContext, subjects: Subjects, switch: KillSwitch) -> None:
+async def set_kill(bus: Bus, switch: KillSwitch) -> None:
     """Trip (``tripped=True``) or clear a switch: KV first (what services obey), then the event."""
-    kv = await control_bucket(js, subjects)
+    kv = await control_bucket(bus)
     await kv.put(kill_key(switch), msgspec.json.encode(switch))
-    await js.publish(subjects.control_kill, msgspec.json.encode(switch), stream=subjects.stream(STREAM_CONTROL))
+    await bus.publish(bus.subjects.control_kill, switch, stream=bus.subjects.stream(STREAM_CONTROL))
 
 
-async def set_pace(js: JetStreamContext, subjects: Subjects, signal: PaceSignal) -> None:
-    kv = await control_bucket(js, subjects)
+async def set_pace(bus: Bus, signal: PaceSignal) -> None:
+    kv = await control_bucket(bus)
     await kv.put(pace_key(signal.tenant), msgspec.json.encode(signal))
-    await js.publish(subjects.control_pace, msgspec.json.encode(signal), stream=subjects.stream(STREAM_CONTROL))
+    await bus.publish(bus.subjects.control_pace, signal, stream=bus.subjects.stream(STREAM_CONTROL))
 
 
 def covers(switch: KillSwitch, *, tenant: str, task_id: str, model: str) -> bool:
@@ -78,10 +73,10 @@ class ControlState:
         self._follow: asyncio.Task | None = None
 
     @classmethod
-    async def open(cls, js: JetStreamContext, subjects: Subjects) -> ControlState:
+    async def open(cls, bus: Bus) -> ControlState:
         """Read every current value, then follow changes in the background."""
         state = cls()
-        kv = await control_bucket(js, subjects)
+        kv = await control_bucket(bus)
         state._watcher = await kv.watchall()
         # The watcher delivers the last value of every key, then None once it has caught up.
         while (entry := await state._watcher.updates(timeout=10)) is not None:
