@@ -55,10 +55,11 @@ from schemas.messages import (
     StepRequest,
 )
 from schemas.subjects import Subjects
-from services.runtime.bus import now_ms
-from services.runtime.streams import ensure_streams
-from services.runtime.control import set_kill
 from services.embedded.servers import EmbeddedClickHouse, EmbeddedNats, stop_process
+from services.runtime.bus import Bus, now_ms
+from services.runtime.control import set_kill
+from services.runtime.settings import MeshSettings
+from services.runtime.streams import ensure_streams
 
 SERVICES = ("accountant", "router", "local-inference", "cloud-inference")
 LOCAL = "mixtral-8x7b-local"
@@ -228,7 +229,9 @@ def summary(name: str, totals: list[float], per_service: dict[str, list[float]],
 
 async def measure(nats_url: str, subjects: Subjects, trips: int, rtt_samples: int) -> dict:
     nc = await nats.connect(nats_url)
-    js = nc.jetstream()
+    # The switch is written as `frugalmesh kill` writes it: through a Bus.
+    operator = Bus(MeshSettings(nats_url=nats_url, subject_prefix=subjects.prefix), "bench")
+    await operator.connect()
     loops = probes(nc, subjects)
     run = uuid.uuid4().hex[:6]
     try:
@@ -258,17 +261,18 @@ async def measure(nats_url: str, subjects: Subjects, trips: int, rtt_samples: in
         for _ in range(trips):
             t0 = time.perf_counter()
             _, *refused = await asyncio.gather(
-                set_kill(js, subjects, kill(True)), *(p.until(killed=True, timeout_s=TRIP_TIMEOUT_S) for p in loops)
+                set_kill(operator, kill(True)), *(p.until(killed=True, timeout_s=TRIP_TIMEOUT_S) for p in loops)
             )
             for p, at in zip(loops, refused, strict=True):
                 write_per_service[p.name].append((at - t0) * 1000)
             writes.append((max(refused) - t0) * 1000)
             cleared = time.perf_counter()
             _, *admitted = await asyncio.gather(
-                set_kill(js, subjects, kill(False)), *(p.until(killed=False, timeout_s=TRIP_TIMEOUT_S) for p in loops)
+                set_kill(operator, kill(False)), *(p.until(killed=False, timeout_s=TRIP_TIMEOUT_S) for p in loops)
             )
             clears.append((max(admitted) - cleared) * 1000)
     finally:
+        await operator.close()
         await nc.close()
     return {
         **summary("kill_propagation", crossing, crossing_per_service, loops),
@@ -316,10 +320,11 @@ def start_services(nats_url: str, clickhouse_url: str, prefix: str, run_dir: Pat
 
 async def prepare(nats_url: str, subjects: Subjects) -> None:
     """Declare the streams and leave the switch cleared, as a fresh mesh would have it."""
-    nc = await nats.connect(nats_url)
-    await ensure_streams(nc.jetstream(), subjects)
-    await set_kill(nc.jetstream(), subjects, kill(False))
-    await nc.close()
+    bus = Bus(MeshSettings(nats_url=nats_url, subject_prefix=subjects.prefix), "bench")
+    await bus.connect()
+    await ensure_streams(bus.jetstream, subjects)
+    await set_kill(bus, kill(False))
+    await bus.close()
 
 
 def main() -> None:

@@ -32,15 +32,18 @@ async def _request(settings: MeshSettings, subject: str, message: msgspec.Struct
     from nats.errors import TimeoutError as NatsTimeout
 
     from services.cli.client import MeshClient
+    from services.runtime.bus import Rejected
 
     async with MeshClient(settings) as client:
         try:
-            reply = await client.nc.request(subject, msgspec.json.encode(message), timeout=REQUEST_TIMEOUT_S)
+            state = await client.bus.request(subject, message, BudgetState, REQUEST_TIMEOUT_S)
         except (NoRespondersError, NatsTimeout):
             raise click.ClickException(
-                f"no answer from the accountant on {subject}; is it running (`frugalmesh up` or `frugalmesh run accountant`)?"
+                f"no answer from the accountant on {subject}; "
+                "is it running (`frugalmesh up` or `frugalmesh run accountant`)?"
             ) from None
-    state = msgspec.json.decode(reply.data, type=BudgetState)
+        except Rejected as exc:
+            raise click.ClickException(f"the accountant refused the request: {exc}") from None
     if state.error:
         raise click.ClickException(state.error)
     return state
@@ -106,8 +109,8 @@ def budget_show(scope: str | None, key: str | None, as_json: bool) -> None:
 
 def _switch(scope: str, key: str | None, tripped: bool, reason: str) -> None:
     from services.runtime.bus import now_ms
-    from services.runtime.streams import ensure_streams
     from services.runtime.control import set_kill
+    from services.runtime.streams import ensure_streams
 
     if scope == "global":
         key = "*"
@@ -121,8 +124,8 @@ def _switch(scope: str, key: str | None, tripped: bool, reason: str) -> None:
         from services.cli.client import MeshClient
 
         async with MeshClient(settings) as client:
-            await ensure_streams(client.js, settings.subjects)
-            await set_kill(client.js, settings.subjects, switch)
+            await ensure_streams(client.bus.jetstream, settings.subjects)
+            await set_kill(client.bus, switch)
 
     _run(write())
     where = "global" if scope == "global" else f"{scope} {key}"

@@ -58,7 +58,7 @@ async def push_tasks(settings: MeshSettings, prompts: list[Record], concurrency:
                 result.events[event.task_id] = event
                 finished[event.task_id].set()
 
-        sub = await client.nc.subscribe(settings.subjects.task_events, cb=on_event)
+        sub = await client.bus.subscribe_core(settings.subjects.task_events, on_event)
         columns = (TextColumn("tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns) as progress:
             bar = progress.add_task("tasks", total=len(prompts))

@@ -67,7 +67,6 @@ def pick_model(tier: Tier, allow_models: Sequence[str] | None, catalog: Catalog)
     raise PinningError(tier, allow_models or [])
 
 
-@dataclass(frozen=True)
 def resolve_model(name: str, step: StepRequest, catalog: Catalog, *, downgrade: bool = False) -> ModelSpec:
     """``name`` itself when the step allows it; otherwise, as the rules do, the cheapest allowed
     model of its tier (one tier down under pacing's downgrade), never one outside the allow-list."""
@@ -77,6 +76,7 @@ def resolve_model(name: str, step: StepRequest, catalog: Catalog, *, downgrade: 
     return pick_model(tier_below(model.tier) if downgrade else model.tier, step.allow_models, catalog)
 
 
+@dataclass(frozen=True)
 class RoutingTable:
     rules: tuple[Rule, ...]
     default_tier: Tier

@@ -35,7 +35,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, KeyValueConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -98,7 +98,9 @@ class Rejected(Exception):
 class Bus:
     """One per process. ``broker`` is the FastStream NatsBroker to register handlers on."""
 
-    def __init__(self, settings: MeshSettings, service: str, *, reconnect_attempts: int = -1) -> None:
+    def __init__(
+        self, settings: MeshSettings, service: str, *, reconnect_attempts: int = -1, connect_timeout_s: float = 2.0
+    ) -> None:
         self.settings = settings
         self.service = service
         self.subjects = settings.subjects
@@ -110,6 +112,7 @@ class Bus:
             logger=logging.getLogger(f"frugalmesh.{service}"),
             name=f"frugalmesh-{service}",
             max_reconnect_attempts=reconnect_attempts,
+            connect_timeout=connect_timeout_s,
         )
         logging.getLogger(f"frugalmesh.{service}").setLevel(settings.log_level.upper())
         self._js: JetStreamContext | None = None
@@ -262,6 +265,13 @@ class Bus:
     ) -> Subscription:
         """A plain nats-py subscription, for hot paths measured to need it (``unsubscribe`` it to stop)."""
         return await self._nc.subscribe(subject, queue=queue, cb=handler)
+
+    async def subscribe_history(self, subject: str, handler: Callable[[Msg], Awaitable[None]]) -> Subscription:
+        """Every message JetStream stored on ``subject`` from the first, then new ones as they come
+        (an ordered consumer: nothing to clean up on the server when the process goes)."""
+        return await self.jetstream.subscribe(
+            subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, cb=handler
+        )
 
     def new_inbox(self) -> str:
         return self._nc.new_inbox()  # type: ignore[no-any-return]
