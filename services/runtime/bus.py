@@ -60,11 +60,10 @@ def encode(message: msgspec.Struct) -> bytes:
 class _ResolvedInPlace(Context):
     """FastStream's ``Context``, resolved on the event loop.
 
-    fast_depends runs a custom field's synchronous ``use`` through ``anyio.to_thread``: one
-    worker-thread round trip per message for nothing but a dictionary lookup (8% of the router's
-    samples under load, plus the thread's own wake-ups; without it the mesh went from 152 to 211
-    tasks/s, docs/benchmarks.md). An async ``use`` is awaited in place. (FastStream is pinned in
-    pyproject.toml: this subclasses its internal field class.)
+    fast_depends runs a custom field's synchronous ``use`` through ``anyio.to_thread``: a
+    worker-thread round trip per message for nothing but a dictionary lookup. An async ``use`` is
+    awaited in place (what it cost: docs/benchmarks.md, "the worker-thread hop"). FastStream is
+    pinned in pyproject.toml because this subclasses its internal field class.
     """
 
     async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
@@ -79,9 +78,9 @@ def freeze_startup_objects() -> None:
     """Leave what a service loaded at start out of the garbage collector's full collections.
 
     The modules, settings, clients and tables loaded at start (about 100,000 objects) never die,
-    yet every full collection walked them all: about 100 ms on these CPUs, a stall every message
-    waiting in the process sat through (it was the accountant's reservation round trip's p99).
-    What the service allocates later is still collected.
+    yet every full collection walks them all, a stall that every message waiting in the process
+    sits through (docs/benchmarks.md, "the freeze"). What the service allocates later is still
+    collected.
     """
     gc.collect()
     gc.freeze()
@@ -99,7 +98,7 @@ class Bus:
     """One per process. ``broker`` is the FastStream NatsBroker to register handlers on."""
 
     def __init__(
-        self, settings: MeshSettings, service: str, *, reconnect_attempts: int = -1, connect_timeout_s: float = 2.0
+        self, settings: MeshSettings, service: str, *, reconnect_attempts: int = -1, connect_timeout_s: int = 2
     ) -> None:
         self.settings = settings
         self.service = service
@@ -159,7 +158,7 @@ class Bus:
 
     @property
     def _nc(self) -> Client:
-        return self.broker.connection  # type: ignore[no-any-return]
+        return self.broker.connection
 
     @property
     def jetstream(self) -> JetStreamContext:
@@ -193,7 +192,9 @@ class Bus:
             time_ms=now_ms(),
         )
         self.log.warning("dead_letter", subject=subject, error=error)
-        await self.broker.publish(encode(letter), self.subjects.dlq(self.service), stream=self.subjects.stream(STREAM_DLQ))
+        await self.broker.publish(
+            encode(letter), self.subjects.dlq(self.service), stream=self.subjects.stream(STREAM_DLQ)
+        )
 
     @staticmethod
     def rejection(reason: str, kind: ErrorKind = "invalid", *, retryable: bool = False) -> bytes:
@@ -274,7 +275,7 @@ class Bus:
         )
 
     def new_inbox(self) -> str:
-        return self._nc.new_inbox()  # type: ignore[no-any-return]
+        return self._nc.new_inbox()
 
     def pull(
         self,

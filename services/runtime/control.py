@@ -70,22 +70,22 @@ class ControlState:
         self.paces: dict[str, PaceSignal] = {}
         self._listeners: list[Callable[[KillSwitch], None]] = []
         self._watcher: KeyValue.KeyWatcher | None = None
-        self._follow: asyncio.Task | None = None
+        self._follow: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, bus: Bus) -> ControlState:
         """Read every current value, then follow changes in the background."""
         state = cls()
         kv = await control_bucket(bus)
-        state._watcher = await kv.watchall()
+        watcher = state._watcher = await kv.watchall()
         # The watcher delivers the last value of every key, then None once it has caught up.
-        while (entry := await state._watcher.updates(timeout=10)) is not None:
+        while (entry := await watcher.updates(timeout=10)) is not None:  # type: ignore[no-untyped-call]
             state._apply(entry)
-        state._follow = asyncio.create_task(state._follow_updates())
+        state._follow = asyncio.create_task(state._follow_updates(watcher))
         return state
 
-    async def _follow_updates(self) -> None:
-        async for entry in self._watcher:
+    async def _follow_updates(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
             if entry is not None:
                 self._apply(entry)
 
@@ -95,7 +95,7 @@ class ControlState:
             if deleted:
                 self.kills.pop(entry.key, None)
                 return
-            switch = msgspec.json.decode(entry.value, type=KillSwitch)
+            switch = msgspec.json.decode(entry.value or b"", type=KillSwitch)
             if switch.tripped:
                 self.kills[entry.key] = switch
                 for listener in self._listeners:
@@ -106,7 +106,7 @@ class ControlState:
             if deleted:
                 self.paces.pop(entry.key.removeprefix(PACE + "."), None)
             else:
-                signal = msgspec.json.decode(entry.value, type=PaceSignal)
+                signal = msgspec.json.decode(entry.value or b"", type=PaceSignal)
                 self.paces[signal.tenant] = signal
 
     def blocked(self, *, tenant: str, task_id: str, model: str) -> KillSwitch | None:
@@ -132,4 +132,4 @@ class ControlState:
                 await self._follow
         if self._watcher:
             with contextlib.suppress(Exception):
-                await self._watcher.stop()
+                await self._watcher.stop()  # type: ignore[no-untyped-call]

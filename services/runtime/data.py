@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Set
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def _contaminated(path: Path) -> set[str]:
         return {json.loads(line)["eval_prompt"] for line in f if line.strip()}
 
 
-def read_outcome_csv(path: Path, dataset: str, drop: set[str] = frozenset()) -> list[Record]:
+def read_outcome_csv(path: Path, dataset: str, drop: Set[str] = frozenset()) -> list[Record]:
     """Read one CSV of the routing format: ``prompt``, a bool column per model, optional
     ``<model>_response`` text columns."""
     records = []

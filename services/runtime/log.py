@@ -23,4 +23,5 @@ def configure(service: str, level: str = "WARNING") -> structlog.stdlib.BoundLog
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    return structlog.get_logger().bind(service=service)
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger().bind(service=service)
+    return logger

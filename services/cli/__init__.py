@@ -1,0 +1,1 @@
+"""The `frugalmesh` command: one module per command group; `main.py` wires them."""
