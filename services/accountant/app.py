@@ -3,11 +3,12 @@
 Budgets (``reservations.py``): reserve and settle requests against the caps of
 ``deploy/budgets.toml`` and their run-time changes (``mesh.budget.set`` / ``mesh.budget.show``);
 a cap crossed trips the kill switch of its scope; tenants are paced against their month curve.
+Reserve and settle are served by ``ReservationServer`` on plain subscriptions; the rest by
+FastStream handlers.
 
 Ingest (``ingest.py``): usage events, terminal task events, artifacts and kill-switch events each
-have their own durable pull consumer (shared by every accountant replica) fetched in real
-batches by ``ingest.BatchConsumer`` (nats-py, not FastStream: its batch fetch cost more than the
-insert), so one batch is one INSERT; see ``ingest.py`` for the exactly-once rules.
+have their own durable pull consumer (shared by every accountant replica), fetched in real
+batches (``Bus.pull``), so one batch is one INSERT; see ``ingest.py`` for the exactly-once rules.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from schemas.subjects import STREAM_ARTIFACT_EVENTS, STREAM_CONTROL, STREAM_TASK
 from services.accountant.budget import BUDGETS_FILE, BudgetConfig
 from services.accountant.ingest import ARTIFACTS, KILLS, TASKS, USAGE, BatchConsumer, Ingest, Sink, Store
 from services.accountant.journal import Commit
-from services.accountant.reservations import Budgets, Clock
+from services.accountant.reservations import Accounts, MsClock
 from services.runtime.bus import Bus, Message, encode, now_ms
 from services.runtime.settings import MeshSettings
 
@@ -37,30 +38,29 @@ SERVICE = "accountant"
 QUEUE = "accountant"
 
 
-class HotPath:
-    """Reserve and settle, served on plain nats-py subscriptions of the broker's connection.
+class ReservationServer:
+    """Serves reserve and settle requests, on plain subscriptions (``Bus.subscribe_core``).
 
     Every paid call makes these two requests, so they skip FastStream: its per-message work
     (dependency resolution, context, thread hops for sync steps) costs several times a
-    reservation's own decision. The handler decides synchronously and parks the reply on the
-    journal commit its decision joined; the journal's acknowledgement callback then sends all of
-    that commit's replies itself. So the subscription never waits on a journal write, many
-    decisions share one (group commit), and a stored grant is answered without another trip
-    through the event loop.
+    reservation's own decision (docs/benchmarks.md, "Reservation round trip"). The handler decides
+    synchronously and parks the reply on the journal commit its decision joined; the journal's
+    acknowledgement callback then sends all of that commit's replies itself. So the subscription
+    never waits on a journal write, many decisions share one (group commit), and a stored grant is
+    answered without another trip through the event loop.
     """
 
-    def __init__(self, bus: Bus, ledger: Budgets) -> None:
+    def __init__(self, bus: Bus, accounts: Accounts) -> None:
         self.bus = bus
-        self.ledger = ledger
+        self.accounts = accounts
         self._subs: list[Subscription] = []
-        self._parked: dict[Commit, list[tuple[str, Reservation, ReservationDecision, Outcome]]] = {}
+        self._parked: dict[Commit, list[tuple[str, Reservation, ReservationDecision, DecisionReply]]] = {}
 
     async def subscribe(self) -> None:
-        nc = self.bus.broker.connection
         subjects = self.bus.subjects
         self._subs = [
-            await nc.subscribe(subjects.budget_reserve, queue=QUEUE, cb=self._reserve),
-            await nc.subscribe(subjects.budget_settle, queue=QUEUE, cb=self._settle),
+            await self.bus.subscribe_core(subjects.budget_reserve, self._reserve, queue=QUEUE),
+            await self.bus.subscribe_core(subjects.budget_settle, self._settle, queue=QUEUE),
         ]
 
     async def unsubscribe(self) -> None:
@@ -71,14 +71,14 @@ class HotPath:
     async def _reserve(self, msg: Msg) -> None:
         r = await self._decode(msg)
         if r is not None:
-            decision, stored = self.ledger.decide_reserve(r)
-            await self._reply(msg, r, decision, stored, self.ledger.reserve_outcome)
+            decision, stored = self.accounts.decide_reserve(r)
+            await self._reply(msg, r, decision, stored, self.accounts.reserve_reply)
 
     async def _settle(self, msg: Msg) -> None:
         r = await self._decode(msg)
         if r is not None:
-            decision, stored = self.ledger.decide_settle(r)
-            await self._reply(msg, r, decision, stored, self.ledger.settle_outcome)
+            decision, stored = self.accounts.decide_settle(r)
+            await self._reply(msg, r, decision, stored, self.accounts.settle_reply)
 
     async def _decode(self, msg: Msg) -> Reservation | None:
         try:
@@ -89,7 +89,7 @@ class HotPath:
             return None
 
     async def _reply(
-        self, msg: Msg, r: Reservation, decision: ReservationDecision, stored: Commit | None, outcome: Outcome
+        self, msg: Msg, r: Reservation, decision: ReservationDecision, stored: Commit | None, reply_for: DecisionReply
     ) -> None:
         if stored is None:  # nothing to wait for (a refusal, a settle of a live hold): answer at once
             await msg.respond(encode(decision))
@@ -98,20 +98,20 @@ class HotPath:
         if parked is None:
             parked = self._parked[stored] = []
             stored.on_stored(self._send)
-        parked.append((msg.reply, r, decision, outcome))
+        parked.append((msg.reply, r, decision, reply_for))
 
     async def _send(self, stored: Commit, error: BaseException | None) -> None:
         """Answer everyone parked on ``stored`` (run by the journal once it is stored or failed)."""
-        publish = self.bus.broker.connection.publish
-        for to, r, decision, outcome in self._parked.pop(stored):
-            reply = encode(outcome(r, decision, error))
+        publish = self.bus.publish_core
+        for to, r, decision, reply_for in self._parked.pop(stored):
+            data = encode(reply_for(r, decision, error))
             if to:  # a request sent without a reply subject waits for nothing
-                await publish(to, reply)
+                await publish(to, data)
 
 
 _decode_reservation = msgspec.json.Decoder(Reservation).decode
 # How a decision becomes the reply once its journal write finished (with the error, if any).
-Outcome = Callable[[Reservation, ReservationDecision, BaseException | None], ReservationDecision]
+DecisionReply = Callable[[Reservation, ReservationDecision, BaseException | None], ReservationDecision]
 
 
 def create_app(
@@ -123,7 +123,7 @@ def create_app(
     ack_wait_s: float = 30.0,
     retry_delay_s: float = 1.0,
     budgets: BudgetConfig | Path | None = None,
-    clock: Clock = now_ms,
+    clock: MsClock = now_ms,
     expiry_grace_s: float = 1.0,
     sweep_interval_s: float = 0.1,
     snapshot_interval_s: float = 30.0,
@@ -148,7 +148,7 @@ def create_app(
     subjects = settings.subjects
     if not isinstance(budgets, BudgetConfig):
         budgets = BudgetConfig.load(budgets or settings.deploy_dir / BUDGETS_FILE)
-    ledger = Budgets(
+    accounts = Accounts(
         bus,
         budgets,
         clock,
@@ -162,17 +162,17 @@ def create_app(
     async def open_store() -> None:
         await store.open()
 
-    hot_path = HotPath(bus, ledger)
+    reservations = ReservationServer(bus, accounts)
 
     # Registered after bus.app()'s hook, which connects the broker; before any subscriber starts,
     # so no reservation is decided before the ledger is rebuilt and the switches are read.
-    app.on_startup(ledger.start)
-    app.on_startup(hot_path.subscribe)
+    app.on_startup(accounts.start)
+    app.on_startup(reservations.subscribe)
 
     @app.on_shutdown
-    async def close_ledger() -> None:
-        await hot_path.unsubscribe()
-        await ledger.stop()  # stores what the journal holds, which sends the replies parked on it
+    async def close_accounts() -> None:
+        await reservations.unsubscribe()
+        await accounts.stop()  # stores what the journal holds, which sends the replies parked on it
 
     @app.after_shutdown
     async def close_store() -> None:
@@ -183,22 +183,28 @@ def create_app(
         update = await bus.decode(msg, BudgetUpdate)
         if update is None:
             return bus.rejection("not a BudgetUpdate (dead-lettered with the decode error)")
-        return encode(await ledger.update(update))
+        return encode(await accounts.update(update))
 
     @bus.broker.subscriber(subjects.budget_show, queue=QUEUE)
     async def show_budget(msg: Message) -> bytes:
         query = await bus.decode(msg, BudgetQuery)
         if query is None:
             return bus.rejection("not a BudgetQuery (dead-lettered with the decode error)")
-        return encode(ledger.show(query))
+        return encode(accounts.show(query))
 
+    ingests: list[tuple[str, str, str, Sink[Any]]] = [
+        (subjects.usage_all, STREAM_USAGE, "accountant", USAGE),
+        (subjects.task_events, STREAM_TASK_EVENTS, "accountant-tasks", TASKS),
+        (subjects.artifact_created_all, STREAM_ARTIFACT_EVENTS, "accountant-artifacts", ARTIFACTS),
+        (subjects.control_kill, STREAM_CONTROL, "accountant-kills", KILLS),
+    ]
     consumers: list[BatchConsumer] = []
 
-    def consume(subject: str, stream: str, durable: str, sink: Sink[Any]) -> None:
-        consumers.append(
-            BatchConsumer(
-                bus,
-                Ingest(bus, store, sink, retry_delay_s),
+    @app.after_startup
+    async def start_ingest() -> None:
+        # Here, not above: a pull is bound to the connection, which the broker makes at start.
+        for subject, stream, durable, sink in ingests:
+            pull = bus.pull(
                 stream=subjects.stream(stream),
                 subject=subject,
                 durable=durable,
@@ -210,15 +216,8 @@ def create_app(
                 # a larger batch_size).
                 config=ConsumerConfig(ack_wait=ack_wait_s, max_ack_pending=4 * batch_size),
             )
-        )
-
-    consume(subjects.usage_all, STREAM_USAGE, "accountant", USAGE)
-    consume(subjects.task_events, STREAM_TASK_EVENTS, "accountant-tasks", TASKS)
-    consume(subjects.artifact_created_all, STREAM_ARTIFACT_EVENTS, "accountant-artifacts", ARTIFACTS)
-    consume(subjects.control_kill, STREAM_CONTROL, "accountant-kills", KILLS)
-    @app.after_startup
-    async def start_ingest() -> None:
-        for consumer in consumers:
+            consumer = BatchConsumer(Ingest(bus, store, sink, retry_delay_s), pull)
+            consumers.append(consumer)
             await consumer.start()
 
     @app.on_shutdown

@@ -13,16 +13,17 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
-from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from schemas.messages import BudgetCap, BudgetUpdate
-from schemas.subjects import BUCKET_BUDGETS, Subjects, token
+from schemas.subjects import BUCKET_BUDGETS, token
 from services.accountant.ledger import dollars, pico
+
+if TYPE_CHECKING:
+    from services.runtime.bus import Bus
 
 BUDGETS_FILE = "budgets.toml"
 SCOPES = ("global", "tenant", "model")
@@ -115,13 +116,10 @@ class BudgetBook:
         self.caps: dict[tuple[str, str], Caps] = dict(config.caps)
         self._kv: KeyValue | None = None
 
-    async def open(self, js: JetStreamContext, subjects: Subjects) -> None:
+    async def open(self, bus: Bus) -> None:
         """Bind the KV bucket and apply the run-time changes stored in it."""
-        name = subjects.bucket(BUCKET_BUDGETS)
-        try:
-            self._kv = await js.key_value(name)
-        except BucketNotFoundError:
-            self._kv = await js.create_key_value(KeyValueConfig(bucket=name, history=16))
+        # History 16: a scope's last changes stay readable with `nats kv history`.
+        self._kv = await bus.key_value(bus.subjects.bucket(BUCKET_BUDGETS), history=16)
         watcher = await self._kv.watchall()
         while (entry := await watcher.updates(timeout=10)) is not None:
             if entry.operation in (KV_DEL, KV_PURGE):
@@ -141,11 +139,19 @@ class BudgetBook:
         assert self._kv is not None, "BudgetBook.open() first"
         key = check_scope(update.scope, update.key)
         current = self.caps.get((update.scope, key), Caps())
-        day = None if "day" in update.unset else _amount(update.day_usd, "day_usd") if update.day_usd is not None else current.day
+        day = (
+            None
+            if "day" in update.unset
+            else _amount(update.day_usd, "day_usd")
+            if update.day_usd is not None
+            else current.day
+        )
         month = (
             None
             if "month" in update.unset
-            else _amount(update.month_usd, "month_usd") if update.month_usd is not None else current.month
+            else _amount(update.month_usd, "month_usd")
+            if update.month_usd is not None
+            else current.month
         )
         caps = Caps(day, month)
         message = to_message(update.scope, key, caps)

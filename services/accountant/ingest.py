@@ -12,8 +12,8 @@ redelivery (an insert that failed, or succeeded just before a crash, before the 
 retry of the same event is the same Nats-Msg-Id, which the stream drops within its duplicate
 window (600 s). Past that window a retried event would be a first delivery of a new message and
 be stored twice; the tables are ReplacingMergeTree on the key and every view reads FINAL, so it
-still counts once. Looking up every key instead cost about 15 ms per 1,000 keys on a table of
-100,000 rows, a SELECT whose cost grows with the table (docs/benchmarks.md).
+still counts once. Looking up every key instead is a SELECT whose cost grows with the table
+(measured in docs/benchmarks.md, "Accountant ingest").
 
 A message that cannot become a row (malformed, or a value the column cannot hold) is
 dead-lettered and acked at once: it would fail every retry and block the stream behind it.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import math
 import operator
@@ -36,14 +35,12 @@ from typing import Any, Generic, TypeVar
 import msgspec
 from clickhouse_connect.driver.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import NotFoundError
 
 from schemas.messages import TERMINAL_EVENTS, Artifact, KillSwitch, TaskEvent, UsageEvent
 from services.accountant import ddl
 from services.accountant.clickhouse import client, create_schema
 from services.runtime.bus import Bus
+from services.runtime.pull import BatchPull
 
 M = TypeVar("M", bound=msgspec.Struct)
 Row = tuple[Any, ...]
@@ -52,9 +49,6 @@ PICODOLLAR = Decimal("1e-12")  # the scale of the Decimal(18, 12) money columns
 MAX_USD = Decimal("1e6")  # Decimal(18, 12) holds less than a million per row
 MAX_TIME_MS = 10_000_000_000_000  # year 2286, inside DateTime64(3)'s range
 SELECT_KEYS = 2000  # keys per duplicate-check SELECT
-PULL_API = "$JS.API.CONSUMER.MSG.NEXT"
-STATUS_HEADER = "Status"
-HEARTBEAT = "100"
 
 
 def usd(value: float) -> Decimal:
@@ -70,8 +64,8 @@ def usd(value: float) -> Decimal:
 def delivery_count(reply: str) -> int:
     """How many times a JetStream message has been delivered, read from its ack subject
     (``$JS.ACK.<stream>.<consumer>.<delivered>...``, or with ``<domain>.<account hash>`` after
-    ``ACK``). nats-py's ``Msg.metadata`` builds a timestamp and sequence objects to answer this,
-    which took a seventh of the ingest's time."""
+    ``ACK``), not with nats-py's ``Msg.metadata``, which builds a timestamp and sequence objects
+    to answer it (its cost: docs/benchmarks.md, "Accountant ingest")."""
     tokens = reply.split(".")
     return int(tokens[4] if len(tokens) == 9 else tokens[6])
 
@@ -258,12 +252,12 @@ class Store:
             self._ch.close()
             self._ch = None
 
-    async def insert_new(self, sink: Sink[Any], batch: Batch) -> int:
+    async def insert_new(self, sink: Sink[Any], batch: IngestBatch) -> int:
         """Insert the batch's rows but those of its redelivered keys already stored; return how many
         were inserted."""
         return await asyncio.to_thread(self._insert_new, sink, batch)
 
-    def _insert_new(self, sink: Sink[Any], batch: Batch) -> int:
+    def _insert_new(self, sink: Sink[Any], batch: IngestBatch) -> int:
         assert self._ch is not None and self.database is not None, "Store.open() first"
         rows = batch.rows
         if not rows:
@@ -293,7 +287,7 @@ def _warm_up_inserts() -> None:
 
 
 @dataclass(frozen=True)
-class Batch:
+class IngestBatch:
     """A fetched batch, decoded: the messages to ack once stored, the rows by key, and the first
     key column of the rows whose message was delivered before (the only ones that may be stored)."""
 
@@ -311,9 +305,9 @@ class Ingest(Generic[M]):
         self.sink = sink
         self.retry_delay_s = retry_delay_s
 
-    async def prepare(self, messages: Sequence[Msg]) -> Batch:
-        """Decode ``messages`` into a Batch; a message that cannot become a row is dead-lettered and
-        acked here."""
+    async def prepare(self, messages: Sequence[Msg]) -> IngestBatch:
+        """Decode ``messages`` into an ``IngestBatch``; a message that cannot become a row is
+        dead-lettered and acked here."""
         pending: list[Msg] = []
         rows: dict[tuple[Any, ...], Row] = {}
         redelivered: set[Any] = set()
@@ -335,9 +329,9 @@ class Ingest(Generic[M]):
                 rows.setdefault(key, row)
                 if delivery_count(raw.reply) > 1:
                     redelivered.add(key[0])
-        return Batch(pending, rows, redelivered)
+        return IngestBatch(pending, rows, redelivered)
 
-    async def store_and_ack(self, batch: Batch) -> None:
+    async def store_and_ack(self, batch: IngestBatch) -> None:
         """One insert of the new rows, then the acks; a failed insert naks them all with a delay."""
         pending, rows = batch.pending, batch.rows
         try:
@@ -360,55 +354,20 @@ class Ingest(Generic[M]):
 
 
 class BatchConsumer:
-    """A durable pull consumer fetched in real batches with nats-py, and an ``Ingest`` fed from it.
+    """An ``Ingest`` fed from a ``BatchPull`` (``Bus.pull``).
 
-    A fetch is one pull request for ``batch_size`` messages that expires after ``batch_timeout_s``:
-    it returns when the batch is full or the server says the request ended (expired, no messages).
-    The messages are collected by a subscription callback, not one ``next_msg`` each (nats-py's
-    ``fetch`` waits on every message with its own timeout, which cost more than the insert).
     While one batch is being stored, the next is fetched and decoded; stores run one at a time,
     so the duplicate check of a batch always sees the rows of the batch before it.
     """
 
-    def __init__(
-        self,
-        bus: Bus,
-        ingest: Ingest[Any],
-        *,
-        stream: str,
-        subject: str,
-        durable: str,
-        batch_size: int,
-        batch_timeout_s: float,
-        config: ConsumerConfig,
-    ) -> None:
-        self.bus = bus
+    def __init__(self, ingest: Ingest[Any], pull: BatchPull) -> None:
         self.ingest = ingest
-        self.stream = stream
-        self.subject = subject
-        self.durable = durable
-        self.batch_size = batch_size
-        self.batch_timeout_s = batch_timeout_s
-        self.config = config
-        self._sub: Subscription | None = None
-        self._inbox = ""
-        self._received: list[Msg] = []
-        self._ended = 0  # status messages seen (each ends one pull request)
-        self._arrived = asyncio.Event()
+        self.pull = pull
         self._task: asyncio.Task[None] | None = None
         self._storing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        nc = self.bus.broker.connection
-        js = nc.jetstream()
-        try:
-            # An existing consumer is kept as it is (as nats-py's pull_subscribe does).
-            await js.consumer_info(self.stream, self.durable)
-        except NotFoundError:
-            config = _durable_config(self.config, self.durable, self.subject)
-            await js.add_consumer(self.stream, config=config)
-        self._inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(self._inbox, cb=self._on_message)
+        await self.pull.start()
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -420,50 +379,21 @@ class BatchConsumer:
             await asyncio.wait([self._task])
         if self._storing is not None:
             await asyncio.wait([self._storing], timeout=10)
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-
-    async def _on_message(self, msg: Msg) -> None:
-        if msg.headers and msg.headers.get(STATUS_HEADER):
-            if msg.headers[STATUS_HEADER] != HEARTBEAT:
-                self._ended += 1
-        else:
-            self._received.append(msg)
-        self._arrived.set()
-
-    async def fetch(self) -> list[Msg]:
-        """One pull request: up to ``batch_size`` messages, within about ``batch_timeout_s``."""
-        nc = self.bus.broker.connection
-        ended = self._ended
-        request = {"batch": self.batch_size - len(self._received), "expires": int(self.batch_timeout_s * 1e9)}
-        if request["batch"] > 0:
-            await nc.publish(
-                f"{PULL_API}.{self.stream}.{self.durable}", msgspec.json.encode(request), reply=self._inbox
-            )
-            # The server ends the request at its expiry; the client's own limit only covers a lost reply.
-            # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that lands
-            # as the wait ends, and stop() then waited on a fetch loop that went on fetching.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.batch_timeout_s + 1.0):
-                    while len(self._received) < self.batch_size and self._ended == ended:
-                        self._arrived.clear()
-                        await self._arrived.wait()
-        batch, self._received = self._received, []
-        return batch
+        await self.pull.stop()
 
     async def _run(self) -> None:
+        log = self.ingest.bus.log
         while True:
             try:
-                batch = await self.fetch()
+                batch = await self.pull.fetch()
                 if not batch:
                     continue
                 decoded = await self.ingest.prepare(batch)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # e.g. disconnected: what was fetched is redelivered after ack_wait
-                self.bus.log.error("fetch_failed", stream=self.stream, durable=self.durable, error=str(exc))
-                await asyncio.sleep(self.batch_timeout_s)
+                log.error("fetch_failed", stream=self.pull.stream, durable=self.pull.durable, error=str(exc))
+                await asyncio.sleep(self.pull.batch_timeout_s)
                 continue
             if self._storing is not None:
                 # Not awaited directly: stopping the fetch loop must not cancel a store half-way.
@@ -474,15 +404,4 @@ class BatchConsumer:
     def _stored(self, storing: asyncio.Task[None]) -> None:
         if not storing.cancelled() and storing.exception() is not None:
             # Unacked, the batch comes back after ack_wait.
-            self.bus.log.error("store_failed", stream=self.stream, error=str(storing.exception()))
-
-
-def _durable_config(config: ConsumerConfig, durable: str, subject: str) -> ConsumerConfig:
-    """``config`` as the durable consumer ``durable`` of ``subject`` with explicit acks."""
-    return dataclasses.replace(
-        config,
-        name=durable,
-        durable_name=durable,
-        filter_subject=subject,
-        ack_policy=config.ack_policy or AckPolicy.EXPLICIT,
-    )
+            self.ingest.bus.log.error("store_failed", stream=self.pull.stream, error=str(storing.exception()))

@@ -10,8 +10,8 @@ after the first of them; up to ``MAX_IN_FLIGHT`` messages await their acknowledg
 and while that many are out the next commit grows. Acknowledgements come to the journal's own
 inbox, and the callback that reads one publishes the next commit and runs the commit's waiters
 there and then (the accountant's send the replies parked on it): no future, task or timer stands
-between an acknowledgement and its replies. Under load every such hop waited behind a
-whole burst of decisions, and together they were most of a reservation's time in the accountant.
+between an acknowledgement and its replies, since under load each such hop waits behind a whole
+burst of decisions (measured in docs/benchmarks.md, "Reservation round trip").
 
 A write JetStream refuses, or does not acknowledge within ``ACK_TIMEOUT_S``, is not retried: its
 waiters get the error (a grant is withdrawn), and its other operations, applied in memory, reach
@@ -34,16 +34,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy, Header, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, BucketNotFoundError, ObjectNotFoundError
+from nats.js.errors import ObjectNotFoundError
 from nats.js.object_store import ObjectStore
-from structlog.stdlib import BoundLogger
 
-from schemas.subjects import BUCKET_LEDGER, STREAM_LEDGER, Subjects
+from schemas.subjects import BUCKET_LEDGER, STREAM_LEDGER
 from services.accountant.ledger import Ledger, Op
+from services.runtime.bus import Bus
+from services.runtime.streams import ensure_stream
 
 MAX_BATCH = 2000  # operations per journal message, well under NATS's 1 MB payload limit
 MAX_IN_FLIGHT = 4  # journal messages awaiting their acknowledgement at once
@@ -60,7 +60,9 @@ class JournalWriteError(Exception):
     """JetStream did not store a journal message: it refused it, or did not acknowledge it in time."""
 
 
-class Batch(msgspec.Struct):
+class JournalBatch(msgspec.Struct):
+    """One journal message: the operations of one commit, in ledger order."""
+
     ops: list[Op]
 
 
@@ -73,7 +75,7 @@ class _PubAck(msgspec.Struct):
     error: _ApiError | None = None
 
 
-_decode_batch = msgspec.json.Decoder(Batch).decode
+_decode_batch = msgspec.json.Decoder(JournalBatch).decode
 _decode_ack = msgspec.json.Decoder(_PubAck).decode
 
 
@@ -102,13 +104,15 @@ class _Write:
 
 
 class Journal:
-    def __init__(self, nc: Client, subjects: Subjects, log: BoundLogger, snapshot_interval_s: float) -> None:
-        self.nc = nc
-        self.js = nc.jetstream()
+    """The ledger's durable copy; ``open`` rebuilds the ledger from it, ``append`` adds to it."""
+
+    def __init__(self, bus: Bus, snapshot_interval_s: float) -> None:
+        self.bus = bus
+        subjects = bus.subjects
         self.subject = subjects.ledger
         self.stream = subjects.stream(STREAM_LEDGER)
         self.bucket = subjects.bucket(BUCKET_LEDGER)
-        self.log = log
+        self.log = bus.log
         self.snapshot_interval_s = snapshot_interval_s
         self.ledger = Ledger()
         self._store: ObjectStore | None = None
@@ -130,18 +134,13 @@ class Journal:
 
     async def open(self) -> Ledger:
         """Declare the stream and store, rebuild the ledger from snapshot + journal, start committing."""
-        config = StreamConfig(name=self.stream, subjects=[self.subject], storage=StorageType.FILE)
-        try:
-            await self.js.add_stream(config=config)
-        except BadRequestError:
-            await self.js.update_stream(config=config)
-        try:
-            self._store = await self.js.object_store(self.bucket)
-        except BucketNotFoundError:
-            self._store = await self.js.create_object_store(self.bucket)
+        await ensure_stream(
+            self.bus.jetstream, StreamConfig(name=self.stream, subjects=[self.subject], storage=StorageType.FILE)
+        )
+        self._store = await self.bus.object_store(self.bucket)
         self.ledger = await self._recover()
-        self._ack_inbox = self.nc.new_inbox() + "."
-        self._ack_sub = await self.nc.subscribe(self._ack_inbox + "*", cb=self._on_ack)
+        self._ack_inbox = self.bus.new_inbox() + "."
+        self._ack_sub = await self.bus.subscribe_core(self._ack_inbox + "*", self._on_ack)
         self._committer = asyncio.create_task(self._commit_forever())
         return self.ledger
 
@@ -153,10 +152,10 @@ class Journal:
             ledger, seq = Ledger.restore(state), int(header)
         except ObjectNotFoundError:
             ledger, seq = Ledger(), 0
-        last = (await self.js.stream_info(self.stream)).state.last_seq
+        last = (await self.bus.jetstream.stream_info(self.stream)).state.last_seq
         replayed = 0
         if last > seq:
-            sub = await self.js.subscribe(
+            sub = await self.bus.jetstream.subscribe(
                 self.subject,
                 stream=self.stream,
                 ordered_consumer=True,
@@ -215,8 +214,10 @@ class Journal:
             try:
                 # nats-py queues the bytes before anything in publish() can suspend, so a commit
                 # published meanwhile by the acknowledgement callback still goes out after this one.
-                data = self._encode(Batch(commit.ops))
-                await self.nc.publish(self.subject, data, reply=f"{self._ack_inbox}{write}", headers=self._headers)
+                data = self._encode(JournalBatch(commit.ops))
+                await self.bus.publish_core(
+                    self.subject, data, reply=f"{self._ack_inbox}{write}", headers=self._headers
+                )
             except Exception as exc:  # connection closed, or its buffer full while reconnecting
                 self._done(write, exc)
                 await self._notify(commit, exc)
@@ -287,7 +288,7 @@ class Journal:
             # A header line carries the sequence, known only once the commit was stored.
             await self._store.put(SNAPSHOT, b"%d\n" % seq + state)
             # Only after the snapshot is stored may the operations it covers go.
-            await self.js.purge_stream(self.stream, seq=seq + 1)
+            await self.bus.jetstream.purge_stream(self.stream, seq=seq + 1)
             self.log.debug("ledger_snapshot", seq=seq, bytes=len(state))
         except Exception as exc:  # the journal still has everything; the next interval retries
             self.log.error("ledger_snapshot_failed", seq=seq, error=str(exc))

@@ -1,4 +1,4 @@
-"""Budgets at run time: reservations, settles, expiry, cap-crossing kill switches and pacing.
+"""Budgets at run time (``Accounts``): reservations, settles, expiry, cap-crossing kill switches and pacing.
 
 Decisions are exact under any concurrency because a decision and its effect on the ledger are
 one synchronous step (``decide_reserve`` never awaits between the cap check and the update);
@@ -13,8 +13,6 @@ import asyncio
 import contextlib
 import heapq
 from collections.abc import Callable
-
-from nats.js import JetStreamContext
 
 from schemas.messages import (
     BudgetCap,
@@ -48,7 +46,7 @@ from services.accountant.pacing import curve, pace_action
 from services.runtime.bus import Bus
 from services.runtime.control import ControlState, set_kill, set_pace
 
-Clock = Callable[[], int]  # ms since the epoch
+MsClock = Callable[[], int]  # the time in ms since the epoch (tests move it)
 
 PRUNE_EVERY_MS = 60_000
 KEEP_SETTLED_IDS_MS = 24 * 3_600_000  # a settle repeated within a day is recognised
@@ -64,12 +62,15 @@ def describe(bucket: Bucket) -> str:
     return f"{name} {window} cap ({period})"
 
 
-class Budgets:
+class Accounts:
+    """What the accountant keeps: the caps in force (``book``), the spend and holds against them
+    (``ledger``, made durable by ``journal``) and the control switches it obeys and trips."""
+
     def __init__(
         self,
         bus: Bus,
         config: BudgetConfig,
-        clock: Clock,
+        clock: MsClock,
         *,
         expiry_grace_ms: int,
         sweep_interval_s: float,
@@ -88,7 +89,6 @@ class Budgets:
         self.journal: Journal | None = None
         self.control: ControlState | None = None
         self.paces: dict[str, PaceAction] = {}
-        self._js: JetStreamContext | None = None
         self._expiries: list[tuple[int, str]] = []
         self._control_writes: asyncio.Queue[KillSwitch | PaceSignal] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
@@ -97,11 +97,10 @@ class Budgets:
     # -- life cycle --
 
     async def start(self) -> None:
-        js = self._js = self.bus.broker.connection.jetstream()
-        await self.book.open(js, self.bus.subjects)
-        self.control = await ControlState.open(js, self.bus.subjects)
+        await self.book.open(self.bus)
+        self.control = await ControlState.open(self.bus)
         self.paces = {tenant: signal.action for tenant, signal in self.control.paces.items()}
-        self.journal = Journal(self.bus.broker.connection, self.bus.subjects, self.bus.log, self.snapshot_interval_s)
+        self.journal = Journal(self.bus, self.snapshot_interval_s)
         self.ledger = await self.journal.open()
         for rid, hold in self.ledger.holds.items():
             heapq.heappush(self._expiries, (hold.reservation.expires_ms + self.expiry_grace_ms, rid))
@@ -136,7 +135,7 @@ class Budgets:
         """Check every cap and book the hold, with no await in between.
 
         Returns the decision and, for a grant, the journal commit to wait for before replying
-        (then ``reserve_outcome``); a refusal changes nothing and can be sent at once.
+        (then ``reserve_reply``); a refusal changes nothing and can be sent at once.
         """
         assert self.journal is not None and self.control is not None
 
@@ -179,7 +178,7 @@ class Budgets:
         heapq.heappush(self._expiries, (r.expires_ms + self.expiry_grace_ms, r.id))
         return ReservationDecision(id=r.id, granted=True), stored
 
-    def reserve_outcome(
+    def reserve_reply(
         self, r: Reservation, decision: ReservationDecision, error: BaseException | None
     ) -> ReservationDecision:
         """The reply to a grant once its journal write finished; withdrawn if it was not stored."""
@@ -223,7 +222,7 @@ class Budgets:
         answer_now = hold is not None and actual <= hold.amount
         return ReservationDecision(id=r.id, granted=True), None if answer_now else stored
 
-    def settle_outcome(
+    def settle_reply(
         self, r: Reservation, decision: ReservationDecision, error: BaseException | None
     ) -> ReservationDecision:
         if error is not None:  # booked in memory (the conservative side); the next snapshot stores it
@@ -264,16 +263,15 @@ class Budgets:
 
     async def _write_control_forever(self) -> None:
         """Kill switches and pace signals, in the order decided, each retried a few times."""
-        assert self._js is not None
         while True:
             item = await self._control_writes.get()
             try:
                 for attempt in range(CONTROL_RETRIES):
                     try:
                         if isinstance(item, KillSwitch):
-                            await set_kill(self._js, self.bus.subjects, item)
+                            await set_kill(self.bus, item)
                         else:
-                            await set_pace(self._js, self.bus.subjects, item)
+                            await set_pace(self.bus, item)
                         break
                     except Exception as exc:
                         self.bus.log.error("control_write_failed", item=str(item), attempt=attempt, error=str(exc))

@@ -45,8 +45,8 @@ class ArtifactStore:
     async def open(self) -> None:
         """Create (or bind to) the KV index and the Object Store of bodies."""
         subjects = self.bus.subjects
-        self._index = await self.bus.broker.key_value(subjects.bucket(BUCKET_ARTIFACT_INDEX))
-        self._bodies = await self.bus.broker.object_storage(subjects.bucket(BUCKET_ARTIFACT_BODIES))
+        self._index = await self.bus.key_value(subjects.bucket(BUCKET_ARTIFACT_INDEX))
+        self._bodies = await self.bus.object_store(subjects.bucket(BUCKET_ARTIFACT_BODIES))
 
     async def put(self, artifact: Artifact) -> ArtifactReply:
         try:
@@ -76,11 +76,11 @@ class ArtifactStore:
             await self._index.create(artifact.id, _metadata(artifact))
         except KeyWrongLastSequenceError:
             return  # another replica's put of the same body won; it announces it
-        await self.bus.broker.publish(
-            encode(artifact),
+        await self.bus.publish(
             self.bus.subjects.artifact_created(artifact.type),
-            headers={HEADER_MSG_ID: artifact.id},
+            artifact,
             stream=self.bus.subjects.stream(STREAM_ARTIFACT_EVENTS),
+            headers={HEADER_MSG_ID: artifact.id},
         )
 
     async def get(self, request: ArtifactGet) -> ArtifactReply:

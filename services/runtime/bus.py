@@ -246,9 +246,12 @@ class Bus:
         """
         return await self.jetstream.publish_async(subject, encode(message), stream=stream, headers=headers)
 
-    async def publish_core(self, subject: str, data: bytes, *, reply: str = "") -> None:
-        """Core NATS, fire and forget: the latest value wins (load reports) or nobody stores it (a reply)."""
-        await self._nc.publish(subject, data, reply=reply)
+    async def publish_core(
+        self, subject: str, data: bytes, *, reply: str = "", headers: dict[str, str] | None = None
+    ) -> None:
+        """Core NATS, fire and forget: the latest value wins (load reports), nobody stores it (a reply),
+        or the receiver answers on ``reply`` itself (a JetStream write acknowledged to an inbox)."""
+        await self._nc.publish(subject, data, reply=reply, headers=headers)
 
     async def publish_usage(self, event: UsageEvent) -> None:
         """Meter one call. Dedupe on the event id makes a retried publish harmless."""
@@ -289,7 +292,7 @@ class Bus:
     ) -> BatchPull:
         """A durable consumer of ``subject`` on ``stream``, fetched in batches (call ``start`` first)."""
         return BatchPull(
-            self._nc,
+            lambda: self._nc,
             stream=stream,
             subject=subject,
             durable=durable,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections.abc import Callable
 
 import msgspec
 from nats.aio.client import Client
@@ -31,7 +32,7 @@ HEARTBEAT = "100"
 class BatchPull:
     def __init__(
         self,
-        nc: Client,
+        connection: Callable[[], Client],
         *,
         stream: str,
         subject: str,
@@ -40,7 +41,9 @@ class BatchPull:
         batch_timeout_s: float,
         config: ConsumerConfig,
     ) -> None:
-        self.nc = nc
+        # Resolved at start: a pull may be built before its process has connected.
+        self._connection = connection
+        self.nc: Client | None = None
         self.stream = stream
         self.subject = subject
         self.durable = durable
@@ -56,13 +59,14 @@ class BatchPull:
     async def start(self) -> None:
         """Declare the durable consumer unless it exists (an existing one is kept as it is, as
         nats-py's pull_subscribe does) and subscribe the inbox its batches arrive on."""
-        js = self.nc.jetstream()
+        nc = self.nc = self._connection()
+        js = nc.jetstream()
         try:
             await js.consumer_info(self.stream, self.durable)
         except NotFoundError:
             await js.add_consumer(self.stream, config=durable_config(self.config, self.durable, self.subject))
-        self._inbox = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_message)
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(self._inbox, cb=self._on_message)
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -82,6 +86,7 @@ class BatchPull:
         ended = self._ended
         request = {"batch": self.batch_size - len(self._received), "expires": int(self.batch_timeout_s * 1e9)}
         if request["batch"] > 0:
+            assert self.nc is not None, "BatchPull.fetch before start"
             await self.nc.publish(
                 f"{PULL_API}.{self.stream}.{self.durable}", msgspec.json.encode(request), reply=self._inbox
             )

@@ -6,14 +6,20 @@ call and not by the metering service: ``event_id`` is the call id, and JetStream
 one row when two services meter the same call (the router's worst-case row for a call it timed out
 on, and the inference service's row for the same call). Tokens come whole from one ``Usage``, so the
 row's token counts are always the ones its cost was computed from.
+
+A call whose real usage is unknown (it may have run: cut off, failed mid-stream, unanswered) is
+recorded at its worst case, ``worst_case_usage``: unknown usage is never recorded as zero.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
-from schemas.messages import Outcome, Tier, Usage, UsageEvent, UsageSource
+from schemas.messages import ChatMessage, Outcome, Tier, Usage, UsageEvent, UsageSource
 from services.runtime.bus import now_ms
+from services.runtime.catalog import ModelSpec
+from services.runtime.tokens import count_message_tokens
 
 
 class StepOfCall(Protocol):
@@ -71,3 +77,9 @@ def usage_event(
         hardware_profile=hardware_profile,
         spilled_from=spilled_from,
     )
+
+
+def worst_case_usage(model: ModelSpec, messages: Sequence[ChatMessage], max_tokens: int) -> Usage:
+    """The usage a call of unknown real usage is recorded as: its whole input (counted with the
+    model's tokenizer) and ``max_tokens`` out."""
+    return Usage(input_tokens=count_message_tokens(model.tokenizer, messages), output_tokens=max_tokens)
