@@ -43,8 +43,10 @@ class Answer(ArtifactBody, kw_only=True):
 
     text: str
     model: str
-    # Replay backends only: whether the recorded answer was graded correct; None when unknown.
-    graded: bool | None = None
+    graded: Annotated[
+        bool | None,
+        msgspec.Meta(description="Replay backends only: whether the recorded answer was graded correct; else null."),
+    ] = None
 
 
 Verdict = Literal["accept", "revise"]
@@ -71,10 +73,12 @@ class StructuredBody(ArtifactBody, kw_only=True):
     # The planner's fields, left out of the response schema.
     PROVENANCE: ClassVar[tuple[str, ...]] = ("input", "model")
 
-    # The id of the task input this body is about ("" when it is about no single input).
-    input: str = ""
-    # The model that wrote it, as the inference service reported it.
-    model: str = ""
+    input: Annotated[
+        str, msgspec.Meta(description="The id of the task input this body is about; empty when about no single input.")
+    ] = ""
+    model: Annotated[
+        str, msgspec.Meta(description="The model that wrote it, as the inference service reported it.")
+    ] = ""
 
 
 TicketCategory = Literal["billing", "bug", "account", "feature", "other"]
@@ -102,7 +106,9 @@ class Batch(ArtifactBody, kw_only=True):
         if self.of not in ARTIFACT_TYPES or self.of == "batch":
             raise ValueError(f"a batch holds artifacts of one known type, not {self.of!r}")
         if len(self.items) != len(self.inputs):
-            raise ValueError(f"a batch pairs each item with its input: {len(self.items)} items, {len(self.inputs)} inputs")
+            raise ValueError(
+                f"a batch pairs each item with its input: {len(self.items)} items, {len(self.inputs)} inputs"
+            )
 
 
 ARTIFACT_TYPES: dict[str, type[ArtifactBody]] = {
@@ -132,9 +138,10 @@ def validate_body(artifact_type: str, schema_version: int, body: dict[str, Any])
             f"artifact type {artifact_type!r} has schema version {schema.SCHEMA_VERSION}, not {schema_version}"
         )
     try:
-        return msgspec.to_builtins(msgspec.convert(body, type=schema))
+        normalised: dict[str, Any] = msgspec.to_builtins(msgspec.convert(body, type=schema))
     except msgspec.ValidationError as exc:
         raise ArtifactError(f"invalid {artifact_type!r} body: {exc}") from None
+    return normalised
 
 
 def is_structured(artifact_type: str) -> bool:
@@ -189,9 +196,10 @@ def parse_structured(artifact_type: str, output: str, **provenance: str) -> dict
     # The planner's fields are the planner's: whatever the model wrote there is replaced.
     body = {**{k: v for k, v in decoded.items() if k not in schema.PROVENANCE}, **provenance}
     try:
-        return msgspec.to_builtins(msgspec.convert(body, type=schema))
+        checked: dict[str, Any] = msgspec.to_builtins(msgspec.convert(body, type=schema))
     except msgspec.ValidationError as exc:
         raise ArtifactError(f"does not match the {artifact_type!r} schema ({exc}): {_clip(output)}") from None
+    return checked
 
 
 def _clip(text: str, limit: int = 200) -> str:

@@ -3,13 +3,18 @@
 Each top-level message carries ``v`` (the schema version) so a consumer can refuse or adapt
 to a version it does not know. Unknown fields are ignored, so adding an optional field is a
 compatible change; renaming or removing one is not and bumps ``SCHEMA_VERSION``.
+
+Field meanings live in ``Meta(description=...)``, so the exported JSON Schemas (``schemas/json``)
+tell an agent in another language what a field is, its unit and who sets it. Times are ms since
+the Unix epoch (UTC), money is USD, and token counts are the model's own tokenizer's.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 SCHEMA_VERSION = 1
 
@@ -17,41 +22,112 @@ Tier = Literal["local", "mid", "frontier"]
 Role = Literal["system", "user", "assistant"]
 
 
-class Message(msgspec.Struct, kw_only=True):
+class WireMessage(msgspec.Struct, kw_only=True):
     """Base of every top-level wire message."""
 
-    v: int = SCHEMA_VERSION
+    v: Annotated[
+        int,
+        Meta(
+            description="Schema version of this message (SCHEMA_VERSION), set by the sender; "
+            "a receiver may refuse a version it does not know."
+        ),
+    ] = SCHEMA_VERSION
 
 
 class ArtifactRef(msgspec.Struct, kw_only=True):
     """A pointer to an artifact in the artifact store; steps pass these, never bodies."""
 
-    id: str
-    type: str
+    id: Annotated[
+        str,
+        Meta(description="The artifact's content address (64 lowercase hex digits), computed by the artifact store."),
+    ]
+    type: Annotated[
+        str,
+        Meta(description="The artifact type (schemas/artifacts.py ARTIFACT_TYPES, e.g. answer), which fixes the body."),
+    ]
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
-    role: Role
-    content: str
+    """One message of a chat prompt, as in the OpenAI chat API."""
+
+    role: Annotated[
+        Role,
+        Meta(description="Who speaks: system (instructions), user (the prompt) or assistant (an earlier reply)."),
+    ]
+    content: Annotated[str, Meta(description="The message text.")]
 
 
-class Task(Message, kw_only=True):
-    """A unit of work submitted to the mesh (``mesh.task.submit``)."""
+class Task(WireMessage, kw_only=True):
+    """A unit of work submitted to the mesh (``mesh.task.submit``). Every field is the submitter's."""
 
-    id: str
-    tenant: str = "default"
-    workflow: str = "answer"
-    goal: str = ""
-    inputs: list[ArtifactRef] = []
-    budget_usd: float | None = None
-    deadline_s: float | None = None
-    quality_target: float | None = None
-    # Pinning: when set, no call of this task may run on a model outside this list.
-    allow_models: list[str] | None = None
-    idempotency_key: str | None = None
-    submitted_ms: int = 0
-    # Overrides every model step's max_tokens (a load replay asks for the recorded output length).
-    max_tokens: int | None = None
+    id: Annotated[
+        str,
+        Meta(
+            description="The task's id, unique per task and one subject token (letters, digits, '-', '_'); "
+            "also the submission's de-duplication key (Nats-Msg-Id) unless idempotency_key is set."
+        ),
+    ]
+    tenant: Annotated[
+        str, Meta(description="The tenant that owns and pays for the task (a subject token).")
+    ] = "default"
+    workflow: Annotated[
+        str, Meta(description="The workflow to run: a file name in deploy/workflows/ without .toml.")
+    ] = "answer"
+    goal: Annotated[
+        str, Meta(description="What the task is for, in words; the workflow's prompt templates use it as {goal}.")
+    ] = ""
+    inputs: Annotated[
+        list[ArtifactRef],
+        Meta(
+            description="The task's inputs, already in the artifact store, in order "
+            "(a for_each step runs once per distinct input)."
+        ),
+    ] = []
+    budget_usd: Annotated[
+        float | None,
+        Meta(
+            description="The most the whole task may spend, in USD; null: no task cap (tenant, model and global caps "
+            "still bind). The planner refuses a plan estimated above it; each paid call reserves against it."
+        ),
+    ] = None
+    deadline_s: Annotated[
+        float | None,
+        Meta(
+            description="How long the task may run, in seconds from submitted_ms; null: the planner's default "
+            "timeout. Past it, work in flight is cancelled and recorded as a timeout."
+        ),
+    ] = None
+    quality_target: Annotated[
+        float | None, Meta(description="The answer quality asked for; reserved: no service reads it yet.")
+    ] = None
+    allow_models: Annotated[
+        list[str] | None,
+        Meta(
+            description="Pinning: the only models (deploy/models.toml names) any call of this task may run on; "
+            "null: any model. A step's own list may narrow it, never widen it."
+        ),
+    ] = None
+    idempotency_key: Annotated[
+        str | None,
+        Meta(
+            description="The submission's de-duplication key (sent as Nats-Msg-Id): a resubmission with the same "
+            "key inside the stream's duplicate window is dropped. null: the id is the key."
+        ),
+    ] = None
+    submitted_ms: Annotated[
+        int,
+        Meta(
+            description="When the task was submitted, ms since the Unix epoch; the deadline counts from it. "
+            "0: from when the planner starts it."
+        ),
+    ] = 0
+    max_tokens: Annotated[
+        int | None,
+        Meta(
+            description="Output-token cap for every model step, replacing each step's own; null: the steps' own. "
+            "A load replay sets it to the recorded output length."
+        ),
+    ] = None
 
 
 TaskEventKind = Literal[
@@ -69,185 +145,408 @@ TaskEventKind = Literal[
 TERMINAL_EVENTS: frozenset[str] = frozenset({"partial", "done", "failed", "killed"})
 
 
-class TaskEvent(Message, kw_only=True):
-    """A step in a task's life (``mesh.task.event.<task_id>``)."""
+class TaskEvent(WireMessage, kw_only=True):
+    """A step in a task's life (``mesh.task.event.<task_id>``), published by the planner running the task."""
 
-    task_id: str
-    kind: TaskEventKind
-    time_ms: int
-    tenant: str = "default"
-    workflow: str = ""
-    step_id: str | None = None
-    detail: str = ""
-    # The step's output on step_done; the final answer on done/partial.
-    artifact: ArtifactRef | None = None
-    # Running totals for the task at the time of the event.
-    cost_usd: float = 0.0
-    calls: int = 0
+    task_id: Annotated[str, Meta(description="The task (Task.id).")]
+    kind: Annotated[
+        TaskEventKind,
+        Meta(
+            description="What happened: accepted (a planner took the task), planned (the plan is made), "
+            "step_started, step_done, escalated (a step moved up a tier), refused (a defence stopped the task: "
+            "budget, deadline, anti-loop, pre-flight), then exactly one terminal event: done, partial "
+            "(stopped with a result so far), failed (stopped without one) or killed (by the kill switch)."
+        ),
+    ]
+    time_ms: Annotated[int, Meta(description="When the planner emitted the event, ms since the Unix epoch.")]
+    tenant: Annotated[str, Meta(description="The task's tenant (Task.tenant).")] = "default"
+    workflow: Annotated[str, Meta(description="The task's workflow (Task.workflow).")] = ""
+    step_id: Annotated[
+        str | None,
+        Meta(
+            description="The step the event is about (a workflow step id; <step>[<i>] for item i of a for_each "
+            "step); null for an event about the whole task."
+        ),
+    ] = None
+    detail: Annotated[
+        str,
+        Meta(
+            description="In words: the planned step ids (comma-separated) on planned, the reason on refused, "
+            "escalated, partial, failed and killed; often empty."
+        ),
+    ] = ""
+    artifact: Annotated[
+        ArtifactRef | None,
+        Meta(
+            description="The step's output on step_done; the final answer on done; the best artifact so far on "
+            "partial, failed or killed (null when there is none)."
+        ),
+    ] = None
+    cost_usd: Annotated[
+        float, Meta(description="What the task's model calls have cost so far, in USD (a running total).")
+    ] = 0.0
+    calls: Annotated[
+        int, Meta(description="Model calls the task has sent so far, retries included (a running total).")
+    ] = 0
 
 
-class StepRequest(Message, kw_only=True):
-    """The planner asks the router to run one model step (``mesh.step.request``)."""
+class StepRequest(WireMessage, kw_only=True):
+    """The planner asks the router to run one model step (``mesh.step.request``). Every field is the planner's."""
 
-    task_id: str
-    step_id: str
-    tenant: str = "default"
-    workflow: str = ""
-    role: str
-    messages: list[ChatMessage]
-    max_tokens: int = 512
-    response_schema: dict[str, Any] | None = None
-    allow_models: list[str] | None = None
-    deadline_ms: int
-    attempt: int = 1
+    task_id: Annotated[str, Meta(description="The task the step belongs to (Task.id).")]
+    step_id: Annotated[
+        str, Meta(description="The step's id in the task (a workflow step id; <step>[<i>] for item i of a for_each).")
+    ]
+    tenant: Annotated[
+        str, Meta(description="The task's tenant: its caps, pace and kill switch bind the call.")
+    ] = "default"
+    workflow: Annotated[str, Meta(description="The task's workflow; routing rules may match on it.")] = ""
+    role: Annotated[
+        str, Meta(description="The step's role in its workflow (e.g. answer, review); routing rules may match on it.")
+    ]
+    messages: Annotated[list[ChatMessage], Meta(description="The prompt, rendered from the step's templates.")]
+    max_tokens: Annotated[
+        int, Meta(description="The most output tokens the call may generate; its worst-case cost is reserved for it.")
+    ] = 512
+    response_schema: Annotated[
+        dict[str, Any] | None,
+        Meta(
+            description="The JSON Schema the reply must follow (structured output: the model-written artifact "
+            "type's fields); null: free text."
+        ),
+    ] = None
+    allow_models: Annotated[
+        list[str] | None,
+        Meta(
+            description="The models the router may pick from (the task's allow-list narrowed by the step's); "
+            "null: any. The router never leaves it."
+        ),
+    ] = None
+    deadline_ms: Annotated[
+        int, Meta(description="The task's deadline, ms since the Unix epoch: the call is cancelled then.")
+    ]
+    attempt: Annotated[
+        int, Meta(description="Which try of this step it is, from 1; retries and loop passes count up.")
+    ] = 1
 
 
-class InferenceRequest(Message, kw_only=True):
-    """One model call (``mesh.infer.local.<model>`` / ``mesh.infer.cloud.<provider>``)."""
+class InferenceRequest(WireMessage, kw_only=True):
+    """One model call (``mesh.infer.local.<model>`` / ``mesh.infer.cloud.<provider>``), sent by the router."""
 
-    call_id: str
-    task_id: str
-    step_id: str
-    tenant: str = "default"
-    attempt: int = 1
-    model: str
-    tier: Tier
-    messages: list[ChatMessage]
-    max_tokens: int = 512
-    temperature: float = 0.0
-    response_schema: dict[str, Any] | None = None
-    deadline_ms: int
-    reservation_id: str | None = None
-    # Set by the router when the local tier's queue would break the deadline: the local model
-    # this call was meant for, so the usage row says the call spilled over.
-    spilled_from: str = ""
+    call_id: Annotated[
+        str,
+        Meta(
+            description="The call's id, new per call, set by the router; also the usage event's event_id "
+            "and the id of the call's reservation."
+        ),
+    ]
+    task_id: Annotated[str, Meta(description="The task (StepRequest.task_id).")]
+    step_id: Annotated[str, Meta(description="The step (StepRequest.step_id).")]
+    tenant: Annotated[
+        str, Meta(description="The task's tenant; the usage event is published on mesh.usage.<tenant>.")
+    ] = "default"
+    attempt: Annotated[int, Meta(description="The step's try (StepRequest.attempt).")] = 1
+    model: Annotated[
+        str,
+        Meta(
+            description="Exactly the model to run (a deploy/models.toml name): the service runs this model or "
+            "fails the call, never another."
+        ),
+    ]
+    tier: Annotated[Tier, Meta(description="The model's tier: local, mid or frontier.")]
+    messages: Annotated[list[ChatMessage], Meta(description="The prompt (StepRequest.messages).")]
+    max_tokens: Annotated[int, Meta(description="The most output tokens to generate.")] = 512
+    temperature: Annotated[
+        float, Meta(description="Sampling temperature; 0: as deterministic as the engine allows.")
+    ] = 0.0
+    response_schema: Annotated[
+        dict[str, Any] | None,
+        Meta(description="The JSON Schema the output must follow (StepRequest.response_schema); null: free text."),
+    ] = None
+    deadline_ms: Annotated[
+        int,
+        Meta(
+            description="When the call must be done, ms since the Unix epoch; the service cancels it then and "
+            "meters a timeout."
+        ),
+    ]
+    reservation_id: Annotated[
+        str | None,
+        Meta(description="The budget reservation covering this paid call (Reservation.id); null for a free call."),
+    ] = None
+    spilled_from: Annotated[
+        str,
+        Meta(
+            description="Set by the router when the local tier's queue would break the deadline: the local model "
+            "this call was meant for, so the usage row says the call spilled over; empty otherwise."
+        ),
+    ] = ""
 
 
 class Usage(msgspec.Struct, kw_only=True):
-    input_tokens: int = 0
-    cached_input_tokens: int = 0
-    output_tokens: int = 0
+    """The tokens of one call, as the provider reported them or estimated (UsageEvent.usage_source)."""
+
+    input_tokens: Annotated[int, Meta(description="Prompt tokens, cached ones included.")] = 0
+    cached_input_tokens: Annotated[
+        int,
+        Meta(description="The part of input_tokens the provider served from its prompt cache (the cached price)."),
+    ] = 0
+    output_tokens: Annotated[int, Meta(description="Generated tokens.")] = 0
 
 
 ErrorKind = Literal["invalid", "timeout", "killed", "refused", "provider", "unavailable", "pinning"]
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):
-    kind: ErrorKind
-    message: str
-    retryable: bool = False
+    """Why a request failed, set by the service that failed it."""
+
+    kind: Annotated[
+        ErrorKind,
+        Meta(
+            description="The class of failure: invalid (a bad request or reply), timeout (the deadline passed), "
+            "killed (the kill switch), refused (a cap, pacing or throttling), provider (the model's provider "
+            "failed), unavailable (no service or provider answered), pinning (the model cannot run as asked)."
+        ),
+    ]
+    message: Annotated[str, Meta(description="What went wrong, in words, for people and logs.")]
+    retryable: Annotated[
+        bool, Meta(description="Whether the same request may succeed if sent again (e.g. nobody answered).")
+    ] = False
 
 
-class Rejection(Message, kw_only=True):
+class Rejection(WireMessage, kw_only=True):
     """The reply to a request the service could not accept (undecodable, invalid, refused before
     any work): every request/reply subject of the mesh answers this instead of its reply type, so
     a requester gets the reason at once rather than a time-out."""
 
-    error: ErrorInfo
+    error: Annotated[ErrorInfo, Meta(description="Why the request was not accepted.")]
 
 
-class InferenceResult(Message, kw_only=True):
-    """The answer to an InferenceRequest (also the router's reply to a StepRequest)."""
+class InferenceResult(WireMessage, kw_only=True):
+    """The answer to an InferenceRequest, from the inference service (also the router's reply to a
+    StepRequest: the router answers itself for cache hits and calls it stopped or got no answer to)."""
 
-    call_id: str
-    model: str
-    provider_model: str = ""
-    tier: Tier
-    provider: str = ""
-    output: str = ""
-    finish_reason: str = ""
-    usage: Usage = msgspec.field(default_factory=Usage)
-    latency_ms: float = 0.0
-    cost_usd: float = 0.0
-    cache_hit: bool = False
-    error: ErrorInfo | None = None
-    # Replay backends only: whether the recorded answer was graded correct.
-    graded: bool | None = None
-    # Time from the service taking the call to the engine's first output token (0: not streamed).
-    ttft_ms: float = 0.0
-    spilled_from: str = ""
+    call_id: Annotated[str, Meta(description="The call (InferenceRequest.call_id).")]
+    model: Annotated[
+        str,
+        Meta(
+            description="The model asked for (InferenceRequest.model); empty when the router refused the step "
+            "before choosing one."
+        ),
+    ]
+    provider_model: Annotated[
+        str,
+        Meta(
+            description="The model the provider says it ran; empty when it did not say. A model other than the one "
+            "asked for is recorded, and fails the call under strict pinning."
+        ),
+    ] = ""
+    tier: Annotated[Tier, Meta(description="The model's tier.")]
+    provider: Annotated[
+        str, Meta(description="The provider that served the call (deploy/models.toml); empty when none was chosen.")
+    ] = ""
+    output: Annotated[str, Meta(description="The model's reply text; empty on error.")] = ""
+    finish_reason: Annotated[
+        str, Meta(description="Why generation stopped, as the engine or provider says (stop, length); empty on error.")
+    ] = ""
+    usage: Annotated[
+        Usage,
+        Meta(description="The tokens the call used; the worst case when the call started but the provider never said."),
+    ] = msgspec.field(default_factory=Usage)
+    latency_ms: Annotated[
+        float, Meta(description="How long the call took, in ms, from the answering service taking it to its result.")
+    ] = 0.0
+    cost_usd: Annotated[
+        float, Meta(description="What the call cost, in USD at deploy/models.toml prices; 0 on a cache hit.")
+    ] = 0.0
+    cache_hit: Annotated[
+        bool, Meta(description="Whether the router answered from its exact-match cache (no model ran).")
+    ] = False
+    error: Annotated[ErrorInfo | None, Meta(description="Why the call failed; null when it succeeded.")] = None
+    graded: Annotated[
+        bool | None,
+        Meta(description="Replay backends only: whether the recorded answer was graded correct; null otherwise."),
+    ] = None
+    ttft_ms: Annotated[
+        float,
+        Meta(
+            description="Time to first token, in ms: from the service taking the call to the engine's first "
+            "output token; 0 when not streamed."
+        ),
+    ] = 0.0
+    spilled_from: Annotated[
+        str, Meta(description="The local model a spilled call was meant for (InferenceRequest.spilled_from).")
+    ] = ""
 
 
 Outcome = Literal["ok", "error", "timeout", "killed", "cache_hit", "refused"]
 UsageSource = Literal["provider", "estimated"]
 
 
-class UsageEvent(Message, kw_only=True):
-    """Exactly one per call, whatever its outcome (``mesh.usage.<tenant>``)."""
+class UsageEvent(WireMessage, kw_only=True):
+    """Exactly one per call, whatever its outcome (``mesh.usage.<tenant>``), published by the service that
+    answered the call: an inference service, or the router for cache hits, refusals and unanswered calls."""
 
-    event_id: str
-    time_ms: int
-    tenant: str
-    task_id: str
-    step_id: str = ""
-    call_id: str = ""
-    service: str
-    tier: Tier
-    provider: str
-    model: str
-    requested_model: str
-    input_tokens: int = 0
-    cached_input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    latency_ms: float = 0.0
-    outcome: Outcome
-    usage_source: UsageSource = "provider"
-    # The hardware profile (deploy/hardware.toml) that priced a local call; "" for list prices.
-    hardware_profile: str = ""
-    # The local model a spilled call was meant for (InferenceRequest.spilled_from).
-    spilled_from: str = ""
+    event_id: Annotated[
+        str,
+        Meta(
+            description="The de-duplication key (sent as Nats-Msg-Id): the call's id, so the router's and an "
+            "inference service's rows for one call are stored once."
+        ),
+    ]
+    time_ms: Annotated[int, Meta(description="When the call was metered, ms since the Unix epoch.")]
+    tenant: Annotated[str, Meta(description="The task's tenant.")]
+    task_id: Annotated[str, Meta(description="The task.")]
+    step_id: Annotated[str, Meta(description="The step; empty when unknown.")] = ""
+    call_id: Annotated[str, Meta(description="The call (InferenceRequest.call_id); empty when unknown.")] = ""
+    service: Annotated[
+        str, Meta(description="The service that metered the call: router, local-inference or cloud-inference.")
+    ]
+    tier: Annotated[Tier, Meta(description="The model's tier.")]
+    provider: Annotated[str, Meta(description="The provider that served, or would have served, the call.")]
+    model: Annotated[
+        str,
+        Meta(
+            description="The model that ran: the provider's reported model when it gave one, else the one asked for."
+        ),
+    ]
+    requested_model: Annotated[
+        str, Meta(description="The model the call asked for; differs from model only if the provider ran another.")
+    ]
+    input_tokens: Annotated[int, Meta(description="Prompt tokens, cached ones included.")] = 0
+    cached_input_tokens: Annotated[
+        int, Meta(description="The part of input_tokens served from the provider's prompt cache.")
+    ] = 0
+    output_tokens: Annotated[int, Meta(description="Generated tokens.")] = 0
+    cost_usd: Annotated[
+        float, Meta(description="What the call cost, in USD; 0 for a cache hit and a call that never started.")
+    ] = 0.0
+    latency_ms: Annotated[
+        float, Meta(description="How long the call took, in ms, as the metering service measured it.")
+    ] = 0.0
+    outcome: Annotated[
+        Outcome,
+        Meta(
+            description="How the call ended: ok, error, timeout (its deadline passed), killed (the kill switch), "
+            "cache_hit (the router's cache answered) or refused (a cap, pacing or throttling)."
+        ),
+    ]
+    usage_source: Annotated[
+        UsageSource,
+        Meta(
+            description="provider: the token counts are the provider's; estimated: the provider gave none "
+            "(e.g. the call failed after it started), so they are the worst case, never zero."
+        ),
+    ] = "provider"
+    hardware_profile: Annotated[
+        str,
+        Meta(description="The hardware profile (deploy/hardware.toml) that priced a local call; empty: list prices."),
+    ] = ""
+    spilled_from: Annotated[
+        str, Meta(description="The local model a spilled call was meant for (InferenceRequest.spilled_from).")
+    ] = ""
 
 
-class Reservation(Message, kw_only=True):
-    """Reserve a call's worst-case cost, or settle it (``mesh.budget.reserve|settle``)."""
+class Reservation(WireMessage, kw_only=True):
+    """Reserve a call's worst-case cost, or settle it (``mesh.budget.reserve|settle``): the router sends it
+    before and after each paid call, and the accountant answers a ReservationDecision."""
 
-    id: str
-    tenant: str
-    task_id: str
-    model: str
-    amount_usd: float
-    expires_ms: int
-    # The task's own cap (Task.budget_usd), which only the caller knows.
-    task_budget_usd: float | None = None
-    # Set on settle: what the call really cost.
-    actual_usd: float | None = None
+    id: Annotated[
+        str,
+        Meta(
+            description="The reservation's id, the call's id (InferenceRequest.call_id); a repeated reserve or "
+            "settle of one id counts once."
+        ),
+    ]
+    tenant: Annotated[str, Meta(description="The task's tenant, whose caps apply.")]
+    task_id: Annotated[str, Meta(description="The task, whose cap (task_budget_usd) applies.")]
+    model: Annotated[str, Meta(description="The model the call runs on, whose caps apply.")]
+    amount_usd: Annotated[
+        float,
+        Meta(
+            description="The call's worst-case cost in USD (its prompt and max_tokens of output at list prices), "
+            "held against every cap until settled."
+        ),
+    ]
+    expires_ms: Annotated[
+        int,
+        Meta(
+            description="When an unsettled hold lapses, ms since the Unix epoch: the call's deadline, after which "
+            "it cannot still be running."
+        ),
+    ]
+    task_budget_usd: Annotated[
+        float | None,
+        Meta(description="The task's own cap in USD (Task.budget_usd), which only the caller knows; null: no cap."),
+    ] = None
+    actual_usd: Annotated[
+        float | None,
+        Meta(description="Set on settle: what the call really cost, in USD; null settles at amount_usd."),
+    ] = None
 
 
-class ReservationDecision(Message, kw_only=True):
-    id: str
-    granted: bool
-    reason: str = ""
+class ReservationDecision(WireMessage, kw_only=True):
+    """The accountant's answer to a Reservation, reserve or settle."""
+
+    id: Annotated[str, Meta(description="The reservation (Reservation.id).")]
+    granted: Annotated[
+        bool, Meta(description="Whether the hold was granted (reserve) or the settle recorded (settle).")
+    ]
+    reason: Annotated[
+        str,
+        Meta(
+            description="Why not, when refused (the cap or kill switch that binds); a note such as "
+            "'already reserved' on a repeat; empty otherwise."
+        ),
+    ] = ""
 
 
 KillScope = Literal["global", "tenant", "task", "model"]
 
 
-class KillSwitch(Message, kw_only=True):
-    """Trip or clear the kill switch for a scope (``mesh.control.kill``)."""
+class KillSwitch(WireMessage, kw_only=True):
+    """Trip or clear the kill switch for a scope (``mesh.control.kill``): an operator does it
+    (``frugalmesh budget kill``), and the accountant does when spend crosses a cap."""
 
-    scope: KillScope
-    key: str = "*"
-    tripped: bool
-    reason: str = ""
-    by: str = ""
-    time_ms: int
+    scope: Annotated[
+        KillScope, Meta(description="What it stops: every paid call (global), or one tenant's, task's or model's.")
+    ]
+    key: Annotated[str, Meta(description="The tenant, task id or model the scope names; '*' for global.")] = "*"
+    tripped: Annotated[
+        bool,
+        Meta(
+            description="true trips the switch: no new paid call starts in the scope and calls in flight are "
+            "cancelled; false clears it."
+        ),
+    ]
+    reason: Annotated[str, Meta(description="Why, in words; every refusal it causes quotes it.")] = ""
+    by: Annotated[str, Meta(description="Who set it: an operator's name, or accountant for a crossed cap.")] = ""
+    time_ms: Annotated[int, Meta(description="When it was set, ms since the Unix epoch.")]
 
 
 PaceAction = Literal["normal", "downgrade", "throttle"]
 
 
-class PaceSignal(Message, kw_only=True):
-    """Month-to-date spend against the month's budget curve (``mesh.control.pace``)."""
+class PaceSignal(WireMessage, kw_only=True):
+    """Month-to-date spend against the month's budget curve (``mesh.control.pace``), from the accountant."""
 
-    tenant: str
-    action: PaceAction
-    spend_usd: float
-    curve_usd: float
-    time_ms: int
+    tenant: Annotated[str, Meta(description="The tenant it is about.")]
+    action: Annotated[
+        PaceAction,
+        Meta(
+            description="What the router does for the tenant: normal; downgrade (a cheaper tier); throttle "
+            "(also spaces out its paid calls)."
+        ),
+    ]
+    spend_usd: Annotated[float, Meta(description="The tenant's settled spend this UTC month, in USD.")]
+    curve_usd: Annotated[
+        float,
+        Meta(description="What the curve allows spent by now, in USD: the month cap times the month's elapsed share."),
+    ]
+    time_ms: Annotated[int, Meta(description="When the accountant computed it, ms since the Unix epoch.")]
 
 
-class LocalLoad(Message, kw_only=True):
+class LocalLoad(WireMessage, kw_only=True):
     """What a local model's engine is doing now, as one local-inference replica sees it
     (``mesh.local.load.<model>``, core NATS, about every 250 ms; the router keeps the latest).
 
@@ -256,21 +555,28 @@ class LocalLoad(Message, kw_only=True):
     and then only ``in_flight`` is known.
     """
 
-    model: str
-    # The local-inference process that measured it: replicas report separately.
-    replica: str
-    engine: str = ""
-    # The /metrics URL read: replicas reporting the same endpoint report the same engine.
-    endpoint: str = ""
-    running: int = 0
-    waiting: int = 0
-    # Share of the engine's KV cache in use, 0 to 1.
-    kv_cache_usage: float = 0.0
-    # Recent decoding speed of one sequence, output tokens per second; None when not measured yet.
-    decode_tokens_per_s: float | None = None
-    # Calls this replica has sent to the model and not yet had answered.
-    in_flight: int = 0
-    time_ms: int
+    model: Annotated[str, Meta(description="The local model (a deploy/models.toml name).")]
+    replica: Annotated[
+        str, Meta(description="The local-inference process that measured it: replicas report separately.")
+    ]
+    engine: Annotated[
+        str, Meta(description="Whose /metrics the numbers come from: llamacpp or vllm; empty when none was read.")
+    ] = ""
+    endpoint: Annotated[
+        str,
+        Meta(description="The /metrics URL read: replicas reporting the same endpoint report the same engine."),
+    ] = ""
+    running: Annotated[int, Meta(description="Requests the engine is generating for now.")] = 0
+    waiting: Annotated[int, Meta(description="Requests queued at the engine, not started yet.")] = 0
+    kv_cache_usage: Annotated[float, Meta(description="Share of the engine's KV cache in use, 0 to 1.")] = 0.0
+    decode_tokens_per_s: Annotated[
+        float | None,
+        Meta(description="Recent decoding speed of one sequence, output tokens per second; null: not measured yet."),
+    ] = None
+    in_flight: Annotated[
+        int, Meta(description="Calls this replica has sent to the model and not yet had answered.")
+    ] = 0
+    time_ms: Annotated[int, Meta(description="When the replica measured it, ms since the Unix epoch.")]
 
 
 BudgetScope = Literal["global", "tenant", "model"]
@@ -278,98 +584,144 @@ BudgetWindow = Literal["day", "month"]
 
 
 class BudgetCap(msgspec.Struct, kw_only=True):
-    """The caps of one scope in USD; None means no cap for that window."""
+    """The caps of one scope in USD; null means no cap for that window."""
 
-    scope: BudgetScope
-    key: str = "*"
-    day_usd: float | None = None
-    month_usd: float | None = None
+    scope: Annotated[BudgetScope, Meta(description="Whose spend is capped: all (global), one tenant's or one model's.")]
+    key: Annotated[str, Meta(description="The tenant or model; '*' for global.")] = "*"
+    day_usd: Annotated[float | None, Meta(description="Cap on a UTC calendar day's spend, in USD.")] = None
+    month_usd: Annotated[float | None, Meta(description="Cap on a UTC calendar month's spend, in USD.")] = None
 
 
-class BudgetUpdate(Message, kw_only=True):
+class BudgetUpdate(WireMessage, kw_only=True):
     """Change a scope's caps at run time (``mesh.budget.set``); the accountant replies BudgetState.
 
     A window given here replaces the current cap, a window named in ``unset`` loses its cap,
-    and a window in neither keeps what it had.
+    and a window in neither keeps what it had. An operator sends it (``frugalmesh budget set``).
     """
 
-    scope: BudgetScope
-    key: str = "*"
-    day_usd: float | None = None
-    month_usd: float | None = None
-    unset: list[BudgetWindow] = []
-    by: str = ""
+    scope: Annotated[BudgetScope, Meta(description="Whose caps change: global, one tenant's or one model's.")]
+    key: Annotated[str, Meta(description="The tenant or model; '*' for global.")] = "*"
+    day_usd: Annotated[float | None, Meta(description="The new day cap, in USD; null: not changed here.")] = None
+    month_usd: Annotated[float | None, Meta(description="The new month cap, in USD; null: not changed here.")] = None
+    unset: Annotated[list[BudgetWindow], Meta(description="The windows whose cap is removed.")] = []
+    by: Annotated[
+        str, Meta(description="Who asks (the CLI sends the user's login name); the accountant does not read it yet.")
+    ] = ""
 
 
-class BudgetQuery(Message, kw_only=True):
-    """Ask for caps and current spend (``mesh.budget.show``); None matches every scope or key."""
+class BudgetQuery(WireMessage, kw_only=True):
+    """Ask for caps and current spend (``mesh.budget.show``); null matches every scope or key."""
 
-    scope: Literal["global", "tenant", "model", "task"] | None = None
-    key: str | None = None
+    scope: Annotated[
+        Literal["global", "tenant", "model", "task"] | None,
+        Meta(description="The scope to show; null: every scope but task (tasks are many: shown only when asked)."),
+    ] = None
+    key: Annotated[str | None, Meta(description="The tenant, model or task id; null: every key of the scope.")] = None
 
 
 class BudgetSpend(msgspec.Struct, kw_only=True):
     """Spend of one scope in one period: ``window`` day (period 2025-11-20), month (2025-11) or task."""
 
-    scope: Literal["global", "tenant", "model", "task"]
-    key: str
-    window: Literal["day", "month", "task"]
-    period: str
-    settled_usd: float
-    reserved_usd: float
-    cap_usd: float | None = None
+    scope: Annotated[
+        Literal["global", "tenant", "model", "task"],
+        Meta(description="Whose spend: all of it (global), one tenant's, one model's or one task's."),
+    ]
+    key: Annotated[str, Meta(description="The tenant, model or task id; '*' for global.")]
+    window: Annotated[
+        Literal["day", "month", "task"],
+        Meta(description="The UTC day, the UTC month, or task: a task's spend, for as long as the task runs."),
+    ]
+    period: Annotated[str, Meta(description="Which day (YYYY-MM-DD) or month (YYYY-MM), UTC; empty for a task.")]
+    settled_usd: Annotated[float, Meta(description="Settled spend in the period, in USD.")]
+    reserved_usd: Annotated[
+        float, Meta(description="Held by reservations not settled yet (calls in flight, at worst case), in USD.")
+    ]
+    cap_usd: Annotated[float | None, Meta(description="The cap in force, in USD; null: no cap.")] = None
 
 
-class BudgetState(Message, kw_only=True):
+class BudgetState(WireMessage, kw_only=True):
     """The accountant's reply to BudgetQuery and BudgetUpdate; ``error`` set when refused."""
 
-    caps: list[BudgetCap] = []
-    spend: list[BudgetSpend] = []
-    outstanding: int = 0
-    time_ms: int = 0
-    error: str | None = None
+    caps: Annotated[list[BudgetCap], Meta(description="The caps in force in the scopes asked about.")] = []
+    spend: Annotated[
+        list[BudgetSpend], Meta(description="Spend per scope and window in the current period, capped or not.")
+    ] = []
+    outstanding: Annotated[
+        int, Meta(description="Reservations held now across every scope (paid calls not settled yet).")
+    ] = 0
+    time_ms: Annotated[int, Meta(description="When the accountant answered, ms since the Unix epoch.")] = 0
+    error: Annotated[str | None, Meta(description="Why the update was refused; null otherwise.")] = None
 
 
-class Artifact(Message, kw_only=True):
-    """A typed, content-addressed output. ``id`` is the sha256 of the canonical body."""
+class Artifact(WireMessage, kw_only=True):
+    """A typed, content-addressed output: ``id`` is the sha256 of its canonical type, version and body.
 
-    id: str = ""
-    type: str
-    schema_version: int = 1
-    task_id: str = ""
-    step_id: str = ""
-    calls: list[str] = []
-    parents: list[str] = []
-    body: dict[str, Any]
-    cost_usd: float = 0.0
-    created_ms: int = 0
+    The planner (or an agent) puts it on ``mesh.artifact.put``; the artifact store validates the body,
+    sets ``id`` and announces it on ``mesh.artifact.created.<type>``.
+    """
+
+    id: Annotated[
+        str,
+        Meta(
+            description="The content address, set by the artifact store (a sender leaves it empty): sha256 hex of "
+            "the canonical JSON of type, schema_version and body."
+        ),
+    ] = ""
+    type: Annotated[
+        str, Meta(description="The artifact type (schemas/artifacts.py ARTIFACT_TYPES), which fixes the body.")
+    ]
+    schema_version: Annotated[
+        int, Meta(description="The version of the type's body schema; the store refuses any other.")
+    ] = 1
+    task_id: Annotated[str, Meta(description="The task that produced it; empty when none did.")] = ""
+    step_id: Annotated[
+        str, Meta(description="The step that produced it (input for a task input); empty when none did.")
+    ] = ""
+    calls: Annotated[
+        list[str], Meta(description="The model calls whose output it is (call ids), retries included.")
+    ] = []
+    parents: Annotated[list[str], Meta(description="The ids of the artifacts it was made from (lineage).")] = []
+    body: Annotated[
+        dict[str, Any],
+        Meta(description="The content: a JSON object valid for the type; the store fills in defaults before hashing."),
+    ]
+    cost_usd: Annotated[
+        float, Meta(description="What the calls that made it cost, in USD (its parents' costs not included).")
+    ] = 0.0
+    created_ms: Annotated[
+        int, Meta(description="When it was made, ms since the Unix epoch; 0: the store sets it when it stores it.")
+    ] = 0
 
 
-class ArtifactGet(Message, kw_only=True):
-    id: str
+class ArtifactGet(WireMessage, kw_only=True):
+    """Read an artifact (``mesh.artifact.get``); the artifact store replies ArtifactReply."""
+
+    id: Annotated[str, Meta(description="The artifact's id (64 lowercase hex digits).")]
 
 
-class ArtifactReply(Message, kw_only=True):
+class ArtifactReply(WireMessage, kw_only=True):
     """Reply to put (``ref`` set) and get (``artifact`` set); ``error`` when refused."""
 
-    ref: ArtifactRef | None = None
-    artifact: Artifact | None = None
-    error: str | None = None
+    ref: Annotated[ArtifactRef | None, Meta(description="On put: the stored artifact's id and type.")] = None
+    artifact: Annotated[Artifact | None, Meta(description="On get: the artifact, body included.")] = None
+    error: Annotated[
+        str | None, Meta(description="Why the put or get was refused (e.g. not found, an invalid body).")
+    ] = None
 
 
-class DeadLetter(Message, kw_only=True):
+class DeadLetter(WireMessage, kw_only=True):
     """A message a service could not accept, kept whole with the reason (``mesh.dlq.<service>``)."""
 
-    service: str
-    subject: str
-    error: str
-    data: bytes
-    headers: dict[str, str] = {}
-    time_ms: int
+    service: Annotated[str, Meta(description="The service that refused it.")]
+    subject: Annotated[str, Meta(description="The subject it arrived on.")]
+    error: Annotated[str, Meta(description="Why it was refused.")]
+    data: Annotated[bytes, Meta(description="The message's bytes exactly as received (base64 in JSON).")]
+    headers: Annotated[dict[str, str], Meta(description="The message's NATS headers.")] = {}
+    time_ms: Annotated[int, Meta(description="When it was refused, ms since the Unix epoch.")]
 
 
 # Every message a non-Python agent may need a JSON Schema for, by name.
-WIRE_MESSAGES: tuple[type[Message], ...] = (
+WIRE_MESSAGES: tuple[type[WireMessage], ...] = (
     Rejection,
     Task,
     TaskEvent,

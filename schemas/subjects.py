@@ -1,8 +1,11 @@
-"""Every NATS subject and JetStream stream of the mesh, in one place.
+"""Every name the mesh uses on NATS, in one place: subjects, headers, JetStream streams and
+durable consumers, KV buckets and their keys, object stores, and the few names of NATS's own
+protocol the mesh spells. A name used on the wire is never spelled anywhere else.
 
-The prefix (default ``mesh``) is configurable so several meshes can share one NATS account.
-Subject tokens come from tenant, task, model and provider names, so those must be
-subject-safe (no dots, spaces or wildcards): ``token()`` checks that.
+The prefix (default ``mesh``) is configurable so several meshes can share one NATS account:
+subjects start with it, and stream and bucket names derive from it (``Subjects.stream``,
+``Subjects.bucket``). Subject tokens come from tenant, task, model and provider names, so
+those must be subject-safe (no dots, spaces or wildcards): ``token()`` checks that.
 """
 
 from __future__ import annotations
@@ -10,11 +13,28 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+DEFAULT_PREFIX = "mesh"
+
 HEADER_DEADLINE = "Mesh-Deadline"  # absolute, ms since the epoch
 HEADER_TASK = "Mesh-Task"
 HEADER_TENANT = "Mesh-Tenant"
+HEADER_BUDGET = "Mesh-Budget"  # planner -> router: the task's own cap (Task.budget_usd), USD as a decimal string
+HEADER_SCHEDULE_RUN = "Mesh-Schedule-Run"  # a scheduled run's task id: anti-loop counts each run on its own
 HEADER_TRACEPARENT = "traceparent"
 HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplication key
+HEADER_EXPECTED_STREAM = "Nats-Expected-Stream"  # JetStream refuses a publish that would land in another stream
+
+# NATS's own names (fixed by the server, never prefixed).
+HEADER_STATUS = "Status"  # nats-py's header for the status code of a message without payload
+STATUS_HEARTBEAT = "100"  # idle heartbeat or flow control: a pull request goes on
+STATUS_NO_RESPONDERS = "503"  # nobody (no subscriber, no stream) answered a request
+JS_API = "$JS.API"  # JetStream's request subjects
+JS_API_PULL = "$JS.API.CONSUMER.MSG.NEXT"  # a pull request: + .<stream>.<durable> (``pull_request``)
+JS_ACK = "$JS.ACK"  # acknowledgement subjects: $JS.ACK.<stream>.<consumer>.<delivered>...
+JS_EVENT = "$JS.EVENT"  # JetStream advisories
+KV_API = "$KV"  # KV bucket subjects: $KV.<bucket>.<key>
+OBJECT_STORE_API = "$O"  # object store subjects
+INBOX = "_INBOX"  # reply subjects of requests
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -26,9 +46,14 @@ def token(value: str) -> str:
     return value
 
 
+def pull_request(stream: str, durable: str) -> str:
+    """The subject a pull request for ``durable`` on ``stream`` (both full names) is published to."""
+    return f"{JS_API_PULL}.{stream}.{durable}"
+
+
 @dataclass(frozen=True)
 class Subjects:
-    prefix: str = "mesh"
+    prefix: str = DEFAULT_PREFIX
 
     # -- tasks (JetStream) --
     @property
@@ -134,6 +159,11 @@ class Subjects:
     def dlq_all(self) -> str:
         return f"{self.prefix}.dlq.>"
 
+    # -- benchmarks' raw request/reply echo (loadtest/bench) --
+    @property
+    def bench_echo(self) -> str:
+        return f"{self.prefix}.bench.echo"
+
     # -- JetStream streams, KV buckets and object stores (names derive from the prefix) --
     def stream(self, name: str) -> str:
         return f"{self.prefix.upper()}_{name}"
@@ -156,3 +186,27 @@ BUCKET_ARTIFACT_BODIES = "artifacts"  # artifact-store: Object Store of bodies
 BUCKET_CONTROL = "control"  # kill switch and pace, last value per key
 BUCKET_BUDGETS = "budgets"  # accountant: caps changed at run time, per scope
 BUCKET_LEDGER = "ledger"  # accountant: Object Store holding the ledger snapshot
+BUCKET_SCHEDULES = "schedules"  # planner: cron schedules, one key per schedule id
+BUCKET_ATTEMPTS = "attempts"  # planner: anti-loop attempts per task fingerprint per UTC day (TTL)
+
+# Keys of BUCKET_CONTROL: kill.global, kill.<scope>.<key> (the latest KillSwitch) and pace.<tenant> (PaceSignal).
+CONTROL_KILL_KEYS = "kill."
+CONTROL_PACE_KEYS = "pace."
+
+
+def control_kill_key(scope: str, key: str) -> str:
+    """The control bucket's key for the kill switch of ``scope`` (global, tenant, task, model) and ``key``."""
+    return f"{CONTROL_KILL_KEYS}global" if scope == "global" else f"{CONTROL_KILL_KEYS}{scope}.{key}"
+
+
+def control_pace_key(tenant: str) -> str:
+    """The control bucket's key for ``tenant``'s latest PaceSignal."""
+    return f"{CONTROL_PACE_KEYS}{tenant}"
+
+
+# Durable consumers, each shared by its service's replicas (names are not prefixed: they live in a prefixed stream).
+DURABLE_PLANNER = "planner"  # STREAM_TASKS
+DURABLE_USAGE_INGEST = "accountant"  # STREAM_USAGE -> ClickHouse usage_events
+DURABLE_TASK_INGEST = "accountant-tasks"  # STREAM_TASK_EVENTS -> task_events
+DURABLE_ARTIFACT_INGEST = "accountant-artifacts"  # STREAM_ARTIFACT_EVENTS -> artifacts
+DURABLE_KILL_INGEST = "accountant-kills"  # STREAM_CONTROL (kill subject) -> kill_events
