@@ -581,6 +581,9 @@ class LocalLoad(WireMessage, kw_only=True):
 
 BudgetScope = Literal["global", "tenant", "model"]
 BudgetWindow = Literal["day", "month"]
+# Spend is also kept per task (a task's budget_usd is its cap), for as long as the task runs.
+SpendScope = Literal["global", "tenant", "model", "task"]
+SpendWindow = Literal["day", "month", "task"]
 
 
 class BudgetCap(msgspec.Struct, kw_only=True):
@@ -613,7 +616,7 @@ class BudgetQuery(WireMessage, kw_only=True):
     """Ask for caps and current spend (``mesh.budget.show``); null matches every scope or key."""
 
     scope: Annotated[
-        Literal["global", "tenant", "model", "task"] | None,
+        SpendScope | None,
         Meta(description="The scope to show; null: every scope but task (tasks are many: shown only when asked)."),
     ] = None
     key: Annotated[str | None, Meta(description="The tenant, model or task id; null: every key of the scope.")] = None
@@ -623,12 +626,12 @@ class BudgetSpend(msgspec.Struct, kw_only=True):
     """Spend of one scope in one period: ``window`` day (period 2025-11-20), month (2025-11) or task."""
 
     scope: Annotated[
-        Literal["global", "tenant", "model", "task"],
+        SpendScope,
         Meta(description="Whose spend: all of it (global), one tenant's, one model's or one task's."),
     ]
     key: Annotated[str, Meta(description="The tenant, model or task id; '*' for global.")]
     window: Annotated[
-        Literal["day", "month", "task"],
+        SpendWindow,
         Meta(description="The UTC day, the UTC month, or task: a task's spend, for as long as the task runs."),
     ]
     period: Annotated[str, Meta(description="Which day (YYYY-MM-DD) or month (YYYY-MM), UTC; empty for a task.")]

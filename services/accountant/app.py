@@ -26,7 +26,16 @@ from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig
 
 from schemas.messages import BudgetQuery, BudgetUpdate, Reservation, ReservationDecision
-from schemas.subjects import STREAM_ARTIFACT_EVENTS, STREAM_CONTROL, STREAM_TASK_EVENTS, STREAM_USAGE
+from schemas.subjects import (
+    DURABLE_ARTIFACT_INGEST,
+    DURABLE_KILL_INGEST,
+    DURABLE_TASK_INGEST,
+    DURABLE_USAGE_INGEST,
+    STREAM_ARTIFACT_EVENTS,
+    STREAM_CONTROL,
+    STREAM_TASK_EVENTS,
+    STREAM_USAGE,
+)
 from services.accountant.budget import BUDGETS_FILE, BudgetConfig
 from services.accountant.ingest import ARTIFACTS, KILLS, TASKS, USAGE, BatchConsumer, Ingest, Sink, Store
 from services.accountant.journal import Commit
@@ -193,10 +202,10 @@ def create_app(
         return encode(accounts.show(query))
 
     ingests: list[tuple[str, str, str, Sink[Any]]] = [
-        (subjects.usage_all, STREAM_USAGE, "accountant", USAGE),
-        (subjects.task_events, STREAM_TASK_EVENTS, "accountant-tasks", TASKS),
-        (subjects.artifact_created_all, STREAM_ARTIFACT_EVENTS, "accountant-artifacts", ARTIFACTS),
-        (subjects.control_kill, STREAM_CONTROL, "accountant-kills", KILLS),
+        (subjects.usage_all, STREAM_USAGE, DURABLE_USAGE_INGEST, USAGE),
+        (subjects.task_events, STREAM_TASK_EVENTS, DURABLE_TASK_INGEST, TASKS),
+        (subjects.artifact_created_all, STREAM_ARTIFACT_EVENTS, DURABLE_ARTIFACT_INGEST, ARTIFACTS),
+        (subjects.control_kill, STREAM_CONTROL, DURABLE_KILL_INGEST, KILLS),
     ]
     consumers: list[BatchConsumer] = []
 

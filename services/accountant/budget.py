@@ -13,12 +13,12 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from schemas.messages import BudgetCap, BudgetUpdate
+from schemas.messages import BudgetCap, BudgetScope, BudgetUpdate
 from schemas.subjects import BUCKET_BUDGETS, token
 from services.accountant.ledger import dollars, pico
 
@@ -101,8 +101,9 @@ def kv_key(scope: str, key: str) -> str:
 
 
 def to_message(scope: str, key: str, caps: Caps) -> BudgetCap:
+    """The wire form of a scope's caps (``scope`` was checked against BudgetScope when the caps were read)."""
     return BudgetCap(
-        scope=scope,
+        scope=cast(BudgetScope, scope),
         key=key,
         day_usd=None if caps.day is None else dollars(caps.day),
         month_usd=None if caps.month is None else dollars(caps.month),

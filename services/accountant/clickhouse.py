@@ -28,6 +28,8 @@ def create_schema(ch: Client, database: str | None = None) -> str:
     Returns the database name, which every other statement of the accountant spells out.
     """
     database = database or ch.database
+    if not database:
+        raise ValueError("no ClickHouse database named: give one in the URL's path (…/frugalmesh) or as `database`")
     ch.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
     for statement in statements(database):
         ch.command(statement)

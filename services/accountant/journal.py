@@ -36,11 +36,17 @@ from dataclasses import dataclass
 import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import ConsumerConfig, DeliverPolicy, Header, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
-from schemas.subjects import BUCKET_LEDGER, STREAM_LEDGER
+from schemas.subjects import (
+    BUCKET_LEDGER,
+    HEADER_EXPECTED_STREAM,
+    HEADER_STATUS,
+    STATUS_NO_RESPONDERS,
+    STREAM_LEDGER,
+)
 from services.accountant.ledger import Ledger, Op
 from services.runtime.bus import Bus
 from services.runtime.streams import ensure_stream
@@ -48,7 +54,6 @@ from services.runtime.streams import ensure_stream
 MAX_BATCH = 2000  # operations per journal message, well under NATS's 1 MB payload limit
 MAX_IN_FLIGHT = 4  # journal messages awaiting their acknowledgement at once
 ACK_TIMEOUT_S = 5.0  # a message not acknowledged by then counts as not stored
-NO_RESPONDERS = "503"  # the status of a request nobody (no stream) answered
 SNAPSHOT = "snapshot"
 
 # Run with the commit once it is stored (error None) or could not be (the error). Given the commit
@@ -130,7 +135,7 @@ class Journal:
         self._snapshotting: asyncio.Task | None = None
         self._last_snapshot = time.monotonic()
         self._encode = msgspec.json.Encoder().encode
-        self._headers = {Header.EXPECTED_STREAM: self.stream}
+        self._headers = {HEADER_EXPECTED_STREAM: self.stream}
 
     async def open(self) -> Ledger:
         """Declare the stream and store, rebuild the ledger from snapshot + journal, start committing."""
@@ -148,6 +153,8 @@ class Journal:
         assert self._store is not None
         try:
             stored = (await self._store.get(SNAPSHOT)).data
+            if stored is None:
+                raise ObjectNotFoundError
             header, state = stored.split(b"\n", 1)
             ledger, seq = Ledger.restore(state), int(header)
         except ObjectNotFoundError:
@@ -237,7 +244,7 @@ class Journal:
     async def _on_ack(self, msg: Msg) -> None:
         write = int(msg.subject[len(self._ack_inbox) :])
         seq, error = 0, None
-        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS:
+        if msg.headers and msg.headers.get(HEADER_STATUS) == STATUS_NO_RESPONDERS:
             error = JournalWriteError(f"no stream {self.stream} for {self.subject}")
         else:
             try:

@@ -238,11 +238,11 @@ class Ledger:
     def restore(cls, data: bytes) -> Ledger:
         snap = msgspec.json.decode(data, type=Snapshot)
         ledger = cls(
-            settled={tuple(b): v for b, v in snap.settled},
+            settled=dict(snap.settled),  # msgspec decodes each bucket as its tuple
             settled_ids=dict(snap.settled_ids),
             task_caps=dict(snap.task_caps),
             task_touched=dict(snap.task_touched),
-            tripped={tuple(b) for b in snap.tripped},
+            tripped=set(snap.tripped),
         )
         for h in snap.holds:
             ledger._hold(h.reservation, h.buckets, h.amount)

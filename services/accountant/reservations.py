@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import heapq
 from collections.abc import Callable
+from typing import cast
 
 from schemas.messages import (
     BudgetCap,
@@ -20,11 +21,14 @@ from schemas.messages import (
     BudgetSpend,
     BudgetState,
     BudgetUpdate,
+    KillScope,
     KillSwitch,
     PaceAction,
     PaceSignal,
     Reservation,
     ReservationDecision,
+    SpendScope,
+    SpendWindow,
 )
 from services.accountant.budget import BudgetBook, BudgetConfig
 from services.accountant.journal import Commit, Journal
@@ -258,7 +262,9 @@ class Accounts:
             reason = f"{describe(bucket)} ${dollars(cap):.6f} reached: settled ${dollars(spent):.6f}"
             self.bus.log.warning("cap_crossed", scope=scope, key=key, reason=reason)
             self._control_writes.put_nowait(
-                KillSwitch(scope=scope, key=key, tripped=True, reason=reason, by="accountant", time_ms=now)
+                KillSwitch(
+                    scope=cast(KillScope, scope), key=key, tripped=True, reason=reason, by="accountant", time_ms=now
+                )
             )
 
     async def _write_control_forever(self) -> None:
@@ -372,9 +378,9 @@ class Accounts:
             cap = self.cap_of(bucket)
             spend.append(
                 BudgetSpend(
-                    scope=bucket[0],
+                    scope=cast(SpendScope, bucket[0]),
                     key=bucket[1],
-                    window=bucket[2],
+                    window=cast(SpendWindow, bucket[2]),
                     period=bucket[3],
                     settled_usd=dollars(self.ledger.settled.get(bucket, 0)),
                     reserved_usd=dollars(self.ledger.reserved.get(bucket, 0)),

@@ -92,6 +92,8 @@ class ArtifactStore:
             stored = await self._bodies.get(request.id)
         except (KeyNotFoundError, ObjectNotFoundError):
             return ArtifactReply(error="not found")
+        if entry.value is None or stored.data is None:  # deleted or purged by hand
+            return ArtifactReply(error="not found")
         metadata: dict[str, Any] = msgspec.json.decode(entry.value)
         body = msgspec.json.decode(stored.data)
         return ArtifactReply(artifact=msgspec.convert({**metadata, "body": body}, type=Artifact))

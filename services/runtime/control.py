@@ -19,19 +19,15 @@ import msgspec
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from schemas.messages import KillSwitch, PaceSignal
-from schemas.subjects import BUCKET_CONTROL, STREAM_CONTROL
+from schemas.subjects import (
+    BUCKET_CONTROL,
+    CONTROL_KILL_KEYS,
+    CONTROL_PACE_KEYS,
+    STREAM_CONTROL,
+    control_kill_key,
+    control_pace_key,
+)
 from services.runtime.bus import Bus
-
-KILL = "kill"
-PACE = "pace"
-
-
-def kill_key(switch: KillSwitch) -> str:
-    return f"{KILL}.global" if switch.scope == "global" else f"{KILL}.{switch.scope}.{switch.key}"
-
-
-def pace_key(tenant: str) -> str:
-    return f"{PACE}.{tenant}"
 
 
 async def control_bucket(bus: Bus) -> KeyValue:
@@ -42,13 +38,13 @@ async def control_bucket(bus: Bus) -> KeyValue:
 async def set_kill(bus: Bus, switch: KillSwitch) -> None:
     """Trip (``tripped=True``) or clear a switch: KV first (what services obey), then the event."""
     kv = await control_bucket(bus)
-    await kv.put(kill_key(switch), msgspec.json.encode(switch))
+    await kv.put(control_kill_key(switch.scope, switch.key), msgspec.json.encode(switch))
     await bus.publish(bus.subjects.control_kill, switch, stream=bus.subjects.stream(STREAM_CONTROL))
 
 
 async def set_pace(bus: Bus, signal: PaceSignal) -> None:
     kv = await control_bucket(bus)
-    await kv.put(pace_key(signal.tenant), msgspec.json.encode(signal))
+    await kv.put(control_pace_key(signal.tenant), msgspec.json.encode(signal))
     await bus.publish(bus.subjects.control_pace, signal, stream=bus.subjects.stream(STREAM_CONTROL))
 
 
@@ -91,7 +87,7 @@ class ControlState:
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         deleted = entry.operation in (KV_DEL, KV_PURGE)
-        if entry.key.startswith(KILL + "."):
+        if entry.key.startswith(CONTROL_KILL_KEYS):
             if deleted:
                 self.kills.pop(entry.key, None)
                 return
@@ -102,9 +98,9 @@ class ControlState:
                     listener(switch)
             else:
                 self.kills.pop(entry.key, None)
-        elif entry.key.startswith(PACE + "."):
+        elif entry.key.startswith(CONTROL_PACE_KEYS):
             if deleted:
-                self.paces.pop(entry.key.removeprefix(PACE + "."), None)
+                self.paces.pop(entry.key.removeprefix(CONTROL_PACE_KEYS), None)
             else:
                 signal = msgspec.json.decode(entry.value or b"", type=PaceSignal)
                 self.paces[signal.tenant] = signal
@@ -113,7 +109,12 @@ class ControlState:
         """The tripped switch that forbids a paid call of this tenant, task and model, if any."""
         if not self.kills:
             return None
-        for key in (f"{KILL}.global", f"{KILL}.tenant.{tenant}", f"{KILL}.task.{task_id}", f"{KILL}.model.{model}"):
+        for key in (
+            control_kill_key("global", ""),
+            control_kill_key("tenant", tenant),
+            control_kill_key("task", task_id),
+            control_kill_key("model", model),
+        ):
             if key in self.kills:
                 return self.kills[key]
         return None

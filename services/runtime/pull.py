@@ -24,9 +24,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 
-PULL_API = "$JS.API.CONSUMER.MSG.NEXT"
-STATUS_HEADER = "Status"
-HEARTBEAT = "100"
+from schemas.subjects import HEADER_STATUS, STATUS_HEARTBEAT, pull_request
 
 
 class BatchPull:
@@ -74,8 +72,8 @@ class BatchPull:
                 await self._sub.unsubscribe()
 
     async def _on_message(self, msg: Msg) -> None:
-        if msg.headers and msg.headers.get(STATUS_HEADER):
-            if msg.headers[STATUS_HEADER] != HEARTBEAT:
+        if msg.headers and msg.headers.get(HEADER_STATUS):
+            if msg.headers[HEADER_STATUS] != STATUS_HEARTBEAT:
                 self._ended += 1
         else:
             self._received.append(msg)
@@ -88,7 +86,7 @@ class BatchPull:
         if request["batch"] > 0:
             assert self.nc is not None, "BatchPull.fetch before start"
             await self.nc.publish(
-                f"{PULL_API}.{self.stream}.{self.durable}", msgspec.json.encode(request), reply=self._inbox
+                pull_request(self.stream, self.durable), msgspec.json.encode(request), reply=self._inbox
             )
             # The server ends the request at its expiry; the client's own limit only covers a lost reply.
             # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that lands

@@ -13,12 +13,12 @@ import msgspec
 import nats.errors
 
 from schemas.messages import Reservation, ReservationDecision
+from schemas.subjects import HEADER_BUDGET
 from services.runtime.bus import Bus
 from services.runtime.catalog import ModelSpec
 
 # The task's own cap (Task.budget_usd) in USD, a decimal string, set by the planner on each
 # StepRequest; the router copies it into Reservation.task_budget_usd. Absent: no task cap.
-HEADER_BUDGET = "Mesh-Budget"
 
 UNAVAILABLE = "budget service unavailable"
 # A reservation is one in-memory decision at the accountant; when it takes longer than this, the

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.subjects import Subjects
+from schemas.subjects import DEFAULT_PREFIX, Subjects
 
 REPO_DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -29,7 +29,7 @@ class MeshSettings(BaseSettings):
         "http://mesh:mesh@127.0.0.1:8123/frugalmesh",
         validation_alias=AliasChoices("CLICKHOUSE_URL", "FRUGALMESH_CLICKHOUSE_URL"),
     )
-    subject_prefix: str = "mesh"
+    subject_prefix: str = DEFAULT_PREFIX
     # Where the recorded data sets live (routing outcomes, traces); see services.runtime.data.
     data: Path | None = None
     # Price table, routing table, workflows.
