@@ -63,7 +63,9 @@ class Recorder:
             await nc.subscribe(subjects.usage_all, cb=self._on_usage)
             await nc.subscribe(subjects.task_events, cb=self._on_event)
             await nc.flush()
-            waiting = [asyncio.create_task(asyncio.sleep(duration_s if duration_s is not None else 1e9))]
+            waiting: list[asyncio.Task[object]] = [
+                asyncio.create_task(asyncio.sleep(duration_s if duration_s is not None else 1e9))
+            ]
             if stop is not None:
                 waiting.append(asyncio.create_task(stop.wait()))
             _, pending = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)

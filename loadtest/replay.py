@@ -89,6 +89,13 @@ class _Sent:
     event: TaskEvent | None = None
     refused: bool = False
 
+    @property
+    def ending(self) -> TaskEvent:
+        """The event that ended the task; only for a task that has ended."""
+        if self.event is None:
+            raise ValueError(f"task {self.task.id} has not ended")
+        return self.event
+
 
 @dataclass(frozen=True)
 class ZeroLoss:
@@ -160,7 +167,7 @@ class Replayer:
                 await self._publish_all(nc, started)
                 await self._wait_for_endings()
             finally:
-                if ticker:
+                if ticker and on_tick:
                     ticker.cancel()
                     on_tick(self.live)
             await events.unsubscribe()
@@ -264,6 +271,8 @@ class Replayer:
                 raw = await js.get_last_msg(stream, self.subjects.task_event(task_id))
             except NotFoundError:
                 continue
+            if raw.data is None:
+                raise ValueError(f"{stream}: the last event of task {task_id} has no payload")
             event = msgspec.json.decode(raw.data, type=TaskEvent)
             if event.kind in ENDINGS:
                 entry.event = event
@@ -281,14 +290,14 @@ class Replayer:
         mismatched = 0
         for task_id, entry in ended.items():
             task_usage = usage.get(task_id, NO_USAGE)
-            mismatched += task_usage.rows != entry.event.calls
-            if entry.event.kind != "done":
+            mismatched += task_usage.rows != entry.ending.calls
+            if entry.ending.kind != "done":
                 continue
             # Recovered from the stream: timed by the mesh's clock (same machine in a load test).
             total_ms = (
                 (entry.ended_at - entry.sent_at) * 1000
                 if entry.ended_at is not None
-                else entry.event.time_ms - entry.task.submitted_ms
+                else entry.ending.time_ms - entry.task.submitted_ms
             )
             e2e.append(total_ms)
             backend.append(task_usage.backend_ms)
@@ -302,10 +311,10 @@ class Replayer:
         outcomes = {kind: 0 for kind in sorted(ENDINGS)}
         reasons: collections.Counter[str] = collections.Counter()
         for entry in ended.values():
-            outcome = "refused" if entry.refused else entry.event.kind
+            outcome = "refused" if entry.refused else entry.ending.kind
             outcomes[outcome] += 1
             if outcome != "done":
-                reasons[f"{outcome}: {entry.event.detail}"] += 1
+                reasons[f"{outcome}: {entry.ending.detail}"] += 1
         return Report(
             rows=len(self.rows),
             published=len(self.sent),
@@ -322,13 +331,15 @@ class Replayer:
             calls=calls,
             cache_hits=cache_hits,
             cache_hit_share=cache_hits / calls if calls else 0.0,
-            cached_input_share=sum(u.cached_input_tokens for u in usage.values()) / input_tokens if input_tokens else 0.0,
+            cached_input_share=(
+                sum(u.cached_input_tokens for u in usage.values()) / input_tokens if input_tokens else 0.0
+            ),
             spend_usd=sum(u.usd for u in usage.values()),
             zero_loss=ZeroLoss(
                 published=len(self.sent),
                 ended=len(ended),
                 missing=len(self.sent) - len(ended),
-                calls_reported=sum(e.event.calls for e in ended.values()),
+                calls_reported=sum(e.ending.calls for e in ended.values()),
                 usage_rows=calls,
                 tasks_with_row_mismatch=mismatched,
             ),
@@ -352,7 +363,7 @@ NO_USAGE = TaskUsage(rows=0, cache_hits=0, backend_ms=0.0, usd=0.0, input_tokens
 
 def _usage_by_task(clickhouse_url: str, ended: dict[str, _Sent]) -> dict[str, TaskUsage]:
     """Per task, its usage; waits for the accountant to catch up."""
-    expected = sum(e.event.calls for e in ended.values())
+    expected = sum(e.ending.calls for e in ended.values())
     ch = clickhouse_connect.get_client(dsn=clickhouse_url)
     ids = sorted(ended)
     deadline = time.monotonic() + INGEST_WAIT_S

@@ -119,7 +119,9 @@ def _recording(path: Path) -> Iterator[TraceRow]:
                 continue
             row = json.loads(line)
             if row.get("v", RECORDING_VERSION) > RECORDING_VERSION:
-                raise ValueError(f"{path}: recording version {row['v']} is newer than this reader ({RECORDING_VERSION})")
+                raise ValueError(
+                    f"{path}: recording version {row['v']} is newer than this reader ({RECORDING_VERSION})"
+                )
             yield TraceRow(
                 arrival_s=row["arrival_ms"] / 1000,
                 input_tokens=row["input_tokens"],

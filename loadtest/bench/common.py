@@ -8,9 +8,10 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -41,7 +42,7 @@ def bench_stack(models_toml: str) -> Iterator[MeshSettings]:
             yield stack.settings
 
 
-async def open_loop(rate_per_s: float, count: int, call: Callable[[int], Awaitable[None]]) -> float:
+async def open_loop(rate_per_s: float, count: int, call: Callable[[int], Coroutine[Any, Any, None]]) -> float:
     """Start ``call(i)`` at i / rate seconds whatever earlier calls are doing; return the send span, s."""
     started = time.monotonic()
     running: set[asyncio.Task[None]] = set()

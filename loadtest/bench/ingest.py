@@ -28,10 +28,10 @@ from schemas.subjects import HEADER_MSG_ID, STREAM_USAGE
 from services.accountant.app import create_app
 from services.accountant.clickhouse import client, create_schema
 from services.accountant.ingest import USAGE, usage_row
-from services.runtime.bus import now_ms
-from services.runtime.streams import ensure_streams
 from services.embedded.servers import EmbeddedClickHouse, EmbeddedNats
+from services.runtime.bus import now_ms
 from services.runtime.settings import MeshSettings
+from services.runtime.streams import ensure_streams
 
 EVENTS = 100_000
 BATCH = 5000  # the accountant's default batch_size

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +53,7 @@ from schemas.messages import (
     Reservation,
     ReservationDecision,
     StepRequest,
+    Tier,
 )
 from schemas.subjects import Subjects
 from services.embedded.servers import EmbeddedClickHouse, EmbeddedNats, stop_process
@@ -153,7 +154,7 @@ def probes(nc, subjects: Subjects) -> list[Probe]:
         reply = await nc.request(subjects.step_request, msgspec.json.encode(request), timeout=PROBE_TIMEOUT_S)
         return msgspec.json.decode(reply.data, type=InferenceResult)
 
-    def inference(model: str, tier: str, subject: str) -> Callable[[str], Awaitable[InferenceResult]]:
+    def inference(model: str, tier: Tier, subject: str) -> Callable[[str], Awaitable[InferenceResult]]:
         async def send(task_id: str) -> InferenceResult:
             request = InferenceRequest(
                 call_id=uuid.uuid4().hex,
@@ -227,6 +228,13 @@ def summary(name: str, totals: list[float], per_service: dict[str, list[float]],
     }
 
 
+async def with_probes(first: Awaitable[object], probes: Iterable[Awaitable[float]]) -> list[float]:
+    """Run ``first`` and the probes together (``first`` scheduled first); the probes' reply times."""
+    started = asyncio.ensure_future(first)
+    _, times = await asyncio.gather(started, asyncio.gather(*probes))
+    return times
+
+
 async def measure(nats_url: str, subjects: Subjects, trips: int, rtt_samples: int) -> dict:
     nc = await nats.connect(nats_url)
     # The switch is written as `frugalmesh kill` writes it: through a Bus.
@@ -247,9 +255,9 @@ async def measure(nats_url: str, subjects: Subjects, trips: int, rtt_samples: in
             settle = msgspec.json.encode(msgspec.structs.replace(hold, actual_usd=TASK_CAP_USD))
             # The probes start with the settle that crosses the cap.
             t0 = time.perf_counter()
-            _, *refused = await asyncio.gather(
+            refused = await with_probes(
                 nc.request(subjects.budget_settle, settle, timeout=PROBE_TIMEOUT_S),
-                *(p.until(killed=True, timeout_s=TRIP_TIMEOUT_S, task_id=task_id) for p in loops),
+                (p.until(killed=True, timeout_s=TRIP_TIMEOUT_S, task_id=task_id) for p in loops),
             )
             for p, at in zip(loops, refused, strict=True):
                 crossing_per_service[p.name].append((at - t0) * 1000)
@@ -260,15 +268,15 @@ async def measure(nats_url: str, subjects: Subjects, trips: int, rtt_samples: in
         clears: list[float] = []
         for _ in range(trips):
             t0 = time.perf_counter()
-            _, *refused = await asyncio.gather(
-                set_kill(operator, kill(True)), *(p.until(killed=True, timeout_s=TRIP_TIMEOUT_S) for p in loops)
+            refused = await with_probes(
+                set_kill(operator, kill(True)), (p.until(killed=True, timeout_s=TRIP_TIMEOUT_S) for p in loops)
             )
             for p, at in zip(loops, refused, strict=True):
                 write_per_service[p.name].append((at - t0) * 1000)
             writes.append((max(refused) - t0) * 1000)
             cleared = time.perf_counter()
-            _, *admitted = await asyncio.gather(
-                set_kill(operator, kill(False)), *(p.until(killed=False, timeout_s=TRIP_TIMEOUT_S) for p in loops)
+            admitted = await with_probes(
+                set_kill(operator, kill(False)), (p.until(killed=False, timeout_s=TRIP_TIMEOUT_S) for p in loops)
             )
             clears.append((max(admitted) - cleared) * 1000)
     finally:
@@ -312,8 +320,8 @@ def start_services(nats_url: str, clickhouse_url: str, prefix: str, run_dir: Pat
     for name, process in processes.items():
         while not (run_dir / f"{name}.ready").exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                log = (run_dir / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{name} did not start (exit code {process.poll()}):\n{log}")
+                tail = (run_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} did not start (exit code {process.poll()}):\n{tail}")
             time.sleep(0.05)
     return processes
 

@@ -45,8 +45,8 @@ from loadtest.bench.common import bench_stack, open_loop
 from loadtest.httpload import Post, drive
 from loadtest.stats import percentiles
 from schemas.messages import ChatMessage, InferenceResult, Reservation, StepRequest
-from services.runtime.bus import now_ms
 from services.embedded.servers import free_port, stop_process
+from services.runtime.bus import now_ms
 from services.runtime.settings import MeshSettings
 
 # calls/s, seconds at that rate: 100, 500 and 1,000, and 50 and 200 to place the highest rate sustained.
@@ -79,6 +79,8 @@ def start_upstream() -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "loadtest.upstream", "--port", "0"], stdout=subprocess.PIPE, text=True
     )
+    if process.stdout is None:  # stdout=PIPE gives one
+        raise RuntimeError("the upstream's stdout is not a pipe")
     port = int(process.stdout.readline())
     return process, f"http://127.0.0.1:{port}/v1"
 
@@ -199,7 +201,9 @@ def missing_rows(clickhouse_url: str, call_ids: list[str], wait_s: float = 30.0)
 async def budget_service_answers(settings: MeshSettings) -> bool:
     """Whether the accountant answers reservations in this build (they are being built alongside)."""
     nc = await nats.connect(settings.nats_url)
-    probe = Reservation(id=uuid.uuid4().hex, tenant="bench", task_id="probe", model=MODEL, amount_usd=0.0, expires_ms=now_ms() + 1000)
+    probe = Reservation(
+        id=uuid.uuid4().hex, tenant="bench", task_id="probe", model=MODEL, amount_usd=0.0, expires_ms=now_ms() + 1000
+    )
     try:
         await nc.request(settings.subjects.budget_reserve, msgspec.json.encode(probe), timeout=2)
         return True
@@ -251,7 +255,9 @@ def run(command: str) -> dict:
         result["direct_upstream"] = direct
         with bench_stack(mesh_models(upstream)) as settings:
             result["frugalmesh_budget_reservations_answering"] = asyncio.run(budget_service_answers(settings))
-            mesh = {f"{r}_per_s": added(asyncio.run(drive_mesh(settings, r, s)), direct[f"{r}_per_s"]) for r, s in RATES}
+            mesh = {
+                f"{r}_per_s": added(asyncio.run(drive_mesh(settings, r, s)), direct[f"{r}_per_s"]) for r, s in RATES
+            }
         result["frugalmesh"] = mesh
         with tempfile.TemporaryDirectory(prefix="frugalmesh-bench-litellm-") as tmp:
             proxy, url = start_litellm(command, upstream, Path(tmp))

@@ -31,10 +31,10 @@ import nats
 
 from loadtest.stats import percentiles
 from schemas.messages import ChatMessage, InferenceRequest, InferenceResult
-from services.embedded.stack import Stack
 from services.embedded.engine import SMOLLM2_NAME
-from services.runtime.bus import encode, now_ms
+from services.embedded.stack import Stack
 from services.inference.openai_client import OpenAIClient
+from services.runtime.bus import encode, now_ms
 from services.runtime.settings import MeshSettings
 
 MODEL = SMOLLM2_NAME
@@ -91,7 +91,10 @@ async def run(settings: MeshSettings, rounds: int) -> dict:
     await client.aclose()
 
     def p50(path: str, key: str) -> float:
-        return percentiles([s[key] for s in samples[path]]).p50
+        median = percentiles([s[key] for s in samples[path]]).p50
+        if median is None:
+            raise ValueError(f"no {path} samples to take the median of (rounds={rounds})")
+        return median
 
     direct_total, mesh_total = p50("direct", "total_ms"), p50("mesh", "total_ms")
     return {

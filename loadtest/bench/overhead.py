@@ -106,7 +106,9 @@ async def run(settings: MeshSettings) -> dict:
     for rate in RATES:
         log(f"open loop at {rate} tasks/s for {RATE_SECONDS:g}s...")
         cpu_before = cpu_seconds_by_process()
-        report = await replay(settings, rows(int(rate * RATE_SECONDS), rate), ReplayOptions(deadline_s=DEADLINE_S, drain_s=5))
+        report = await replay(
+            settings, rows(int(rate * RATE_SECONDS), rate), ReplayOptions(deadline_s=DEADLINE_S, drain_s=5)
+        )
         cpu_ms = {
             name: (seconds - cpu_before.get(name, 0.0)) * 1000 / max(report.published, 1)
             for name, seconds in cpu_seconds_by_process().items()

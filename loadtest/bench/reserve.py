@@ -29,8 +29,8 @@ import msgspec
 import nats
 
 from schemas.messages import Reservation, ReservationDecision
-from services.runtime.bus import encode, now_ms
 from services.embedded.servers import EmbeddedClickHouse, EmbeddedNats, stop_process
+from services.runtime.bus import encode, now_ms
 
 REPO = Path(__file__).resolve().parents[2]
 WARMUP_ROUNDS = 2
@@ -150,7 +150,9 @@ def run(callers: int, rounds: int) -> dict[str, float | int]:
             accountant = ["-m", "services.cli.main", "run", "accountant", "--ready-file", str(tmp / "ready")]
             processes.append(start_process(accountant, env, tmp / "ready", tmp / "accountant.log"))
             processes.append(
-                start_process(["-m", "loadtest.bench.reserve", "--echo-responder", url, raw_subject], env, None, tmp / "echo.log")
+                start_process(
+                    ["-m", "loadtest.bench.reserve", "--echo-responder", url, raw_subject], env, None, tmp / "echo.log"
+                )
             )
             times = asyncio.run(measure(url, callers, rounds, raw_subject, prefix))
         finally:

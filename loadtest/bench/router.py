@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from schemas.messages import ChatMessage, StepRequest
-from services.routing.policies import CascadePolicy, LearnedPolicy
 from services.router_training.dataset import load_outcomes
+from services.routing.policies import CascadePolicy, LearnedPolicy
 from services.routing.policies.fixed import FixedPolicy
 from services.routing.policies.routerfile import RouterFile
 from services.routing.table import RoutingTable

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-from typing import Any
+from typing import Any, Literal
 
 import click
 import msgspec
 
-from schemas.messages import BudgetQuery, BudgetState, BudgetUpdate, KillSwitch
+from schemas.messages import BudgetQuery, BudgetScope, BudgetState, BudgetUpdate, BudgetWindow, KillScope, KillSwitch
 from services.runtime.settings import MeshSettings
 
 REQUEST_TIMEOUT_S = 5.0
@@ -64,7 +64,9 @@ def _print(state: BudgetState) -> None:
     rows = [("scope", "key", "window", "period", "settled", "reserved", "cap", "left")]
     for s in state.spend:
         left = None if s.cap_usd is None else s.cap_usd - s.settled_usd - s.reserved_usd
-        rows.append((s.scope, s.key, s.window, s.period, _usd(s.settled_usd), _usd(s.reserved_usd), _usd(s.cap_usd), _usd(left)))
+        rows.append(
+            (s.scope, s.key, s.window, s.period, _usd(s.settled_usd), _usd(s.reserved_usd), _usd(s.cap_usd), _usd(left))
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
@@ -83,11 +85,19 @@ def budget() -> None:
 @click.option("--month", "month_usd", type=float, help="Cap per UTC month, USD.")
 @click.option("--no-day", is_flag=True, help="Remove the day cap.")
 @click.option("--no-month", is_flag=True, help="Remove the month cap.")
-def budget_set(scope: str, key: str, day_usd: float | None, month_usd: float | None, no_day: bool, no_month: bool) -> None:
+def budget_set(
+    scope: BudgetScope,  # click.Choice has checked it
+    key: str,
+    day_usd: float | None,
+    month_usd: float | None,
+    no_day: bool,
+    no_month: bool,
+) -> None:
     """Change a scope's caps at run time (kept across accountant restarts)."""
     if day_usd is None and month_usd is None and not (no_day or no_month):
         raise click.UsageError("give --day and/or --month (or --no-day / --no-month)")
-    unset = [w for w, flag in (("day", no_day), ("month", no_month)) if flag]
+    windows: tuple[tuple[BudgetWindow, bool], ...] = (("day", no_day), ("month", no_month))
+    unset = [w for w, flag in windows if flag]
     update = BudgetUpdate(scope=scope, key=key, day_usd=day_usd, month_usd=month_usd, unset=unset, by=getpass.getuser())
     settings = _settings()
     _print(_run(_request(settings, settings.subjects.budget_set, update)))
@@ -97,7 +107,11 @@ def budget_set(scope: str, key: str, day_usd: float | None, month_usd: float | N
 @click.option("--scope", type=click.Choice(["global", "tenant", "model", "task"]))
 @click.option("--key", help="One tenant, model or task.")
 @click.option("--json", "as_json", is_flag=True, help="Print the accountant's BudgetState as JSON.")
-def budget_show(scope: str | None, key: str | None, as_json: bool) -> None:
+def budget_show(
+    scope: Literal["global", "tenant", "model", "task"] | None,  # click.Choice has checked it
+    key: str | None,
+    as_json: bool,
+) -> None:
     """Caps in force and spend in the current day and month (tasks with --scope task)."""
     settings = _settings()
     state = _run(_request(settings, settings.subjects.budget_show, BudgetQuery(scope=scope, key=key)))
@@ -107,7 +121,7 @@ def budget_show(scope: str | None, key: str | None, as_json: bool) -> None:
         _print(state)
 
 
-def _switch(scope: str, key: str | None, tripped: bool, reason: str) -> None:
+def _switch(scope: KillScope, key: str | None, tripped: bool, reason: str) -> None:
     from services.runtime.bus import now_ms
     from services.runtime.control import set_kill
     from services.runtime.streams import ensure_streams
@@ -139,7 +153,7 @@ SCOPE = click.Choice(["global", "tenant", "task", "model"])
 @click.option("--scope", type=SCOPE, required=True)
 @click.option("--key", help="The tenant, task or model (not for global).")
 @click.option("--reason", default="operator kill", show_default=True)
-def kill(scope: str, key: str | None, reason: str) -> None:
+def kill(scope: KillScope, key: str | None, reason: str) -> None:  # click.Choice (SCOPE) has checked scope
     """Trip the kill switch: no new paid call starts in this scope (works without the accountant)."""
     _switch(scope, key, True, reason)
 
@@ -148,6 +162,6 @@ def kill(scope: str, key: str | None, reason: str) -> None:
 @click.option("--scope", type=SCOPE, required=True)
 @click.option("--key", help="The tenant, task or model (not for global).")
 @click.option("--reason", default="operator clear", show_default=True)
-def clear(scope: str, key: str | None, reason: str) -> None:
+def clear(scope: KillScope, key: str | None, reason: str) -> None:  # click.Choice (SCOPE) has checked scope
     """Lift the kill switch of a scope."""
     _switch(scope, key, False, reason)

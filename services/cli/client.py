@@ -30,7 +30,7 @@ class MeshClient:
     def __init__(self, settings: MeshSettings) -> None:
         self.settings = settings
         self.subjects = settings.subjects
-        self.bus = Bus(settings, "cli", reconnect_attempts=3, connect_timeout_s=3.0)
+        self.bus = Bus(settings, "cli", reconnect_attempts=3, connect_timeout_s=3)
         # nats-py logs a traceback per failed attempt; a command reports the outcome once.
         logging.getLogger("frugalmesh.cli").setLevel(logging.CRITICAL)
 

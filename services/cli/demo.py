@@ -23,9 +23,9 @@ from rich.table import Table
 from schemas.messages import TERMINAL_EVENTS, Task, TaskEvent
 from services.cli.client import MeshClient, new_task_id
 from services.embedded.stack import Stack, client_settings, running_stack
+from services.inference.replay import frontier_baseline
 from services.runtime.catalog import Catalog
 from services.runtime.data import Record, load_recorded_outcomes
-from services.inference.replay import frontier_baseline
 from services.runtime.settings import MeshSettings
 
 DEMO_TENANT = "demo"
@@ -65,7 +65,9 @@ async def push_tasks(settings: MeshSettings, prompts: list[Record], concurrency:
 
             async def one(record: Record) -> None:
                 async with slots:
-                    task = Task(id=new_task_id(), tenant=DEMO_TENANT, workflow="answer", goal=record.prompt, deadline_s=120)
+                    task = Task(
+                        id=new_task_id(), tenant=DEMO_TENANT, workflow="answer", goal=record.prompt, deadline_s=120
+                    )
                     finished[task.id] = asyncio.Event()
                     await client.submit(task)
                     await asyncio.wait_for(finished[task.id].wait(), 180)
@@ -144,7 +146,9 @@ def report(settings: MeshSettings, prompts: list[Record], result: RunResult) -> 
         f"tasks: {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))} in {result.wall_s:.1f}s; "
         f"cost {saving:.1%} below frontier-only at {accuracy:.1%} vs {baseline.accuracy:.1%} accuracy."
     )
-    console.print('rows: frugalmesh sql "SELECT tier, model, count(), sum(cost_usd) FROM usage_events GROUP BY tier, model"')
+    console.print(
+        'rows: frugalmesh sql "SELECT tier, model, count(), sum(cost_usd) FROM usage_events GROUP BY tier, model"'
+    )
 
 
 def run_demo(data_dir: Path, n_tasks: int, concurrency: int, seed: int) -> None:

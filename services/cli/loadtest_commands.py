@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import nats.errors
 
-from loadtest.replay import Live, Report, ReplayOptions
+from loadtest.replay import Live, ReplayOptions, Report
 from services.cli.options import NON_NEGATIVE, POSITIVE
 
 
@@ -33,19 +33,28 @@ def loadtest() -> None:
 @click.argument("trace")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (progress goes to stderr).")
 @click.option("--speed", type=POSITIVE, default=1.0, show_default=True, help="Arrival times are divided by this.")
-@click.option("--duration", "duration_s", type=NON_NEGATIVE, help="Replay only the rows of the first S recorded seconds.")
+@click.option(
+    "--duration", "duration_s", type=NON_NEGATIVE, help="Replay only the rows of the first S recorded seconds."
+)
 @click.option("--limit", type=click.IntRange(min=1), help="Replay only the first N rows.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("loadtest-report.json"), show_default=True)
 @click.option("--tenant", default="loadtest", show_default=True, help="For rows that do not name one.")
 @click.option("--workflow", default="answer", show_default=True, help="For rows that do not name one.")
-@click.option("--deadline", "deadline_s", type=POSITIVE, default=300.0, show_default=True, help="Each task's deadline, seconds.")
+@click.option(
+    "--deadline", "deadline_s", type=POSITIVE, default=300.0, show_default=True, help="Each task's deadline, seconds."
+)
 @click.option("--salt", default="", help="Renames every prompt block, so a rerun does not hit the earlier run's cache.")
-@click.option("--data", type=click.Path(path_type=Path), help="Data directory holding traces/ [FRUGALMESH_DATA or the cache].")
+@click.option(
+    "--data", type=click.Path(path_type=Path), help="Data directory holding traces/ [FRUGALMESH_DATA or the cache]."
+)
 @click.option(
     "--deploy",
     "deploy_dir",
     type=click.Path(path_type=Path, file_okay=False),
-    help="Deploy directory for the stack this command starts [deploy/loadtest/models.toml + deploy/ routing and workflows].",
+    help=(
+        "Deploy directory for the stack this command starts "
+        "[deploy/loadtest/models.toml + deploy/ routing and workflows]."
+    ),
 )
 def replay_command(
     trace: str,
@@ -68,9 +77,9 @@ def replay_command(
     """
     from loadtest.deploy import loadtest_deploy_dir
     from loadtest.traces import read_trace, resolve_trace
+    from services.embedded.servers import EmbeddedError
     from services.embedded.stack import Stack, client_settings, running_stack
     from services.runtime.data import DataNotFound
-    from services.embedded.servers import EmbeddedError
 
     try:
         rows = read_trace(resolve_trace(trace, data), limit=limit, duration_s=duration_s)
@@ -94,7 +103,9 @@ def replay_command(
             stack_settings = settings.model_copy(update={"deploy_dir": deploy, "home": home})
             click.echo(f"starting a stack on {deploy} (state in {home})...", err=True)
             try:
-                with Stack(home=home, nats_port=-1, clickhouse_port=0, settings=stack_settings, local_engine=None) as stack:
+                with Stack(
+                    home=home, nats_port=-1, clickhouse_port=0, settings=stack_settings, local_engine=None
+                ) as stack:
                     report = _run(stack.settings, rows, options, as_json)
             except EmbeddedError as exc:
                 raise click.ClickException(str(exc)) from None
@@ -165,7 +176,14 @@ def print_report(report: Report, trace: str) -> None:
 @loadtest.command("record")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The recording (JSONL) to write.")
 @click.option("--duration", "duration_s", type=POSITIVE, help="Seconds to record [until Ctrl-C].")
-@click.option("--grace", "grace_s", type=NON_NEGATIVE, default=30.0, show_default=True, help="Seconds to wait for recorded tasks to end.")
+@click.option(
+    "--grace",
+    "grace_s",
+    type=NON_NEGATIVE,
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for recorded tasks to end.",
+)
 def record_command(out: Path, duration_s: float | None, grace_s: float) -> None:
     """Tap a running mesh's tasks and usage into a recording that `loadtest replay` reads."""
     from loadtest.record import Recorder
@@ -177,7 +195,9 @@ def record_command(out: Path, duration_s: float | None, grace_s: float) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        click.echo(f"recording {recorder.settings.nats_url} ({recorder.settings.subject_prefix}.*); Ctrl-C stops", err=True)
+        click.echo(
+            f"recording {recorder.settings.nats_url} ({recorder.settings.subject_prefix}.*); Ctrl-C stops", err=True
+        )
         await recorder.record(duration_s, stop, grace_s)
 
     try:

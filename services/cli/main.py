@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -42,7 +43,11 @@ def run(service: str, ready_file: Path | None) -> None:
 
 
 @cli.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Where nats-server and ClickHouse keep their data [~/.frugalmesh].")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="Where nats-server and ClickHouse keep their data [~/.frugalmesh].",
+)
 @click.option("--nats-port", default=4222, show_default=True, help="-1 picks a free port.")
 @click.option("--clickhouse-port", default=8123, show_default=True, help="0 picks a free port.")
 @click.option(
@@ -53,11 +58,22 @@ def run(service: str, ready_file: Path | None) -> None:
     help="The local model engine to start: cpu (SmolLM2-135M on llama.cpp), vllm (`vllm serve --model`, "
     "GPU hosts) or none. FRUGALMESH_LOCAL_ENGINE_URL names a running one instead.",
 )
-@click.option("--model", "local_model", default="", help="What the local engine serves: a GGUF file (cpu) or a Hugging Face id or path (vllm).")
-def up(data_dir: Path | None, nats_port: int, clickhouse_port: int, local_engine: str, local_model: str) -> None:
+@click.option(
+    "--model",
+    "local_model",
+    default="",
+    help="What the local engine serves: a GGUF file (cpu) or a Hugging Face id or path (vllm).",
+)
+def up(
+    data_dir: Path | None,
+    nats_port: int,
+    clickhouse_port: int,
+    local_engine: Literal["cpu", "vllm", "none"],  # click.Choice has checked it
+    local_model: str,
+) -> None:
     """Start nats-server, ClickHouse, a local model engine and the six services on this machine; Ctrl-C stops all."""
-    from services.embedded.stack import Stack, running_stack
     from services.embedded.servers import EmbeddedError
+    from services.embedded.stack import Stack, running_stack
     from services.runtime.settings import MeshSettings
 
     settings = MeshSettings()
@@ -80,7 +96,11 @@ def up(data_dir: Path | None, nats_port: int, clickhouse_port: int, local_engine
     click.echo(f"NATS        {stack.settings.nats_url}" + ("" if stack.nats else "  (external)"))
     click.echo(f"ClickHouse  {_redact(stack.settings.clickhouse_url)}" + ("" if stack.clickhouse else "  (external)"))
     if stack.settings.local_engine_url:
-        served = f"  ({stack.engine.kind}, log {home / 'logs'}/engine-{stack.engine.kind}.log)" if stack.engine else "  (external)"
+        served = (
+            f"  ({stack.engine.kind}, log {home / 'logs'}/engine-{stack.engine.kind}.log)"
+            if stack.engine
+            else "  (external)"
+        )
         click.echo(f"Local model {stack.settings.local_engine_url}{served}")
     for name, process in stack.services.items():
         click.echo(f"{name:<16}pid {process.pid}  log {home / 'logs' / name}.log")
@@ -123,7 +143,12 @@ def _redact(url: str) -> str:
 @click.option("--budget", "budget_usd", type=POSITIVE, help="Budget for the task, USD.")
 @click.option("--deadline", "deadline_s", type=POSITIVE, default=60.0, show_default=True, help="Seconds.")
 @click.option("--allow-model", "allow_models", multiple=True, help="Pin the task to these models (repeatable).")
-@click.option("--item", "items", multiple=True, help="A task input (a `text` artifact), e.g. one ticket for `triage` (repeatable).")
+@click.option(
+    "--item",
+    "items",
+    multiple=True,
+    help="A task input (a `text` artifact), e.g. one ticket for `triage` (repeatable).",
+)
 @click.option("--items-file", type=click.File("r"), help="Task inputs, one per non-empty line (`-` reads stdin).")
 def submit(
     goal: str,
@@ -155,7 +180,9 @@ def submit(
     async def go() -> str:
         async with MeshClient(client_settings()) as client:
             for text in texts:
-                artifact = Artifact(type="text", task_id=task.id, step_id="input", body={"text": text}, created_ms=now_ms())
+                artifact = Artifact(
+                    type="text", task_id=task.id, step_id="input", body={"text": text}, created_ms=now_ms()
+                )
                 task.inputs.append(await client.put_artifact(artifact))
             follow = client.follow(task.id, timeout_s=deadline_s + 10)
             await client.submit(task)
@@ -166,6 +193,8 @@ def submit(
                 detail = f" {event.detail}" if event.detail else ""
                 click.echo(f"  {event.kind}{step}{detail}  (${event.cost_usd:.6f}, {event.calls} calls)")
                 final = event
+            if final is None:  # follow yields until the terminal event or raises TimeoutError
+                raise TimeoutError(f"no events for task {task.id}")
             if final.artifact:
                 artifact = await client.artifact(final.artifact.id)
                 click.echo(f"\n{artifact.body.get('text', artifact.body)}")
@@ -190,7 +219,7 @@ def sql(query: str, fmt: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from services.embedded.stack import client_settings, clickhouse_for_queries
+    from services.embedded.stack import clickhouse_for_queries, client_settings
 
     settings = client_settings()
     with clickhouse_for_queries(settings) as url:
@@ -240,7 +269,11 @@ def schemas_export(check: bool) -> None:
     from schemas.export import JSON_DIR, export, render
 
     if check:
-        stale = [name for name, text in render().items() if not (JSON_DIR / name).is_file() or (JSON_DIR / name).read_text() != text]
+        stale = [
+            name
+            for name, text in render().items()
+            if not (JSON_DIR / name).is_file() or (JSON_DIR / name).read_text() != text
+        ]
         if stale:
             _fail(f"stale JSON Schemas: {', '.join(stale)}; run `frugalmesh schemas export`")
         click.echo("schemas/json is up to date")
@@ -255,7 +288,9 @@ def data() -> None:
 
 
 @data.command("fetch")
-@click.option("--dest", type=click.Path(path_type=Path), help="Where to put the files [FRUGALMESH_DATA if set, else the cache].")
+@click.option(
+    "--dest", type=click.Path(path_type=Path), help="Where to put the files [FRUGALMESH_DATA if set, else the cache]."
+)
 @click.option("--mirror", help="Base URL of a mirror with the same layout as the sources [FRUGALMESH_DATA_MIRROR].")
 def data_fetch(dest: Path | None, mirror: str | None) -> None:
     """Download the public data sets (RouteLLM outcomes, Azure and Mooncake traces), verified by sha256."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -61,15 +62,24 @@ def router() -> None:
 @click.option("--seed", default=0, show_default=True)
 @deploy_option
 def train(
-    data: Path, out: Path, policy: str, weak: str, strong: str, target: float, seed: int, deploy_dir: Path
+    data: Path,
+    out: Path,
+    policy: Literal["learned", "cascade", "all"],  # click.Choice has checked it
+    weak: str,
+    strong: str,
+    target: float,
+    seed: int,
+    deploy_dir: Path,
 ) -> None:
     """Train on every CSV in --data and write the router file."""
     from services.router_training.dataset import load_outcomes
+    from services.router_training.training import PolicyName
     from services.router_training.training import train as train_router
 
     catalog = Catalog.load(deploy_dir)
     catalog.model(weak), catalog.model(strong)
     records = load_outcomes(data)
+    policies: list[PolicyName] = ["learned", "cascade"] if policy == "all" else [policy]
     try:
         router_file = train_router(
             records,
@@ -77,7 +87,7 @@ def train(
             strong_model=strong,
             weak_column=_column(catalog, weak),
             strong_column=_column(catalog, strong),
-            policies=["learned", "cascade"] if policy == "all" else [policy],
+            policies=policies,
             target=target,
             seed=seed,
         )
@@ -85,7 +95,8 @@ def train(
         raise click.ClickException(str(exc)) from None
     router_file.save(out)
     click.echo(
-        f"trained on {sum(router_file.trained_on.values())} prompts from {len(router_file.trained_on)} file(s); wrote {out}"
+        f"trained on {sum(router_file.trained_on.values())} prompts "
+        f"from {len(router_file.trained_on)} file(s); wrote {out}"
     )
     for name, model in (("learned", router_file.prompt_model), ("cascade", router_file.answer_model)):
         if model is not None:
@@ -137,9 +148,9 @@ def routing(router_path: Path, data: Path, target: float, as_json: bool, plot: P
     from rich.console import Console
     from rich.table import Table
 
+    from services.router_training.dataset import load_outcomes
     from services.router_training.evaluate import evaluate
     from services.router_training.evaluate import plot as draw
-    from services.router_training.dataset import load_outcomes
     from services.routing.policies.routerfile import RouterFile
     from services.routing.table import RoutingTable
 

@@ -23,7 +23,8 @@ def main() -> None:
     port_file = data_dir / "http_port"
     # One call: the listener, the port report and the blocking query must share a session
     # (a second call re-initialises the engine and fails).
-    chdb_engine.query(
+    # chdb ships a _chdb/__init__.pyi that omits the private query() entry point the module exports.
+    chdb_engine.query(  # type: ignore[attr-defined]
         "SYSTEM START LISTEN HTTP; "
         f"SELECT getServerPort('http_port') INTO OUTFILE '{port_file}' TRUNCATE FORMAT TabSeparated; "
         "SELECT sum(sleepEachRow(1)) FROM numbers(1000000000) SETTINGS max_block_size = 1",

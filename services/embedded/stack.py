@@ -1,8 +1,9 @@
 """The one-machine stack behind `frugalmesh up` and `frugalmesh demo`.
 
 Starts nats-server and the embedded ClickHouse (unless NATS_URL / CLICKHOUSE_URL name running
-ones), the local model engine (unless FRUGALMESH_LOCAL_ENGINE_URL names one) and the six services as separate processes, each logging to ``<home>/logs/``. The URLs
-of a running stack are written to ``<home>/stack.json`` so other commands find it.
+ones), the local model engine (unless FRUGALMESH_LOCAL_ENGINE_URL names one) and the six services
+as separate processes, each logging to ``<home>/logs/``. The URLs of a running stack are written
+to ``<home>/stack.json`` so other commands find it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.registry import SERVICES
 from services.embedded.servers import (
     EmbeddedClickHouse,
     EmbeddedEngine,
@@ -26,6 +26,7 @@ from services.embedded.servers import (
     LocalEngineKind,
     stop_process,
 )
+from services.registry import SERVICES
 from services.runtime.settings import MeshSettings
 
 STATE_FILE = "stack.json"

@@ -11,13 +11,14 @@ import codecs
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 
 class PromptTooLong(ValueError):
@@ -83,7 +84,9 @@ class LocalModel:
 
     def prompt_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The chat as the model reads it; raises PromptTooLong when no output would fit."""
-        formatted = self.formatter(messages=list(messages))
+        # The formatter only renders the dicts through the GGUF's Jinja template, so any role the
+        # template knows works; llama_cpp types messages as its narrower per-role TypedDicts.
+        formatted = self.formatter(messages=cast(list[ChatCompletionRequestMessage], list(messages)))
         prompt = self.llama.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
         if len(prompt) >= self.n_ctx:
             raise PromptTooLong(f"the prompt is {len(prompt)} tokens; the context window holds {self.n_ctx}")
@@ -120,7 +123,8 @@ class LocalModel:
         outcome.prompt_tokens = len(prompt)
         # Llama.generate keeps the longest prefix already in the KV cache and evaluates the rest
         # (at least the last prompt token, whose logits it needs): those reused tokens are cached.
-        outcome.cached_tokens = min(_common_prefix(self.llama._input_ids[: self.llama.n_tokens], prompt), len(prompt) - 1)
+        cached = _common_prefix(self.llama._input_ids[: self.llama.n_tokens], prompt)
+        outcome.cached_tokens = min(cached, len(prompt) - 1)
         grammar = (
             llama_cpp.LlamaGrammar.from_json_schema(json.dumps(request.json_schema), verbose=False)
             if request.json_schema is not None
@@ -153,9 +157,9 @@ class LocalModel:
             outcome.decode_s = time.monotonic() - first_token_at
 
 
-def _common_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
+def _common_prefix(cached: Iterable[int], prompt: Iterable[int]) -> int:
     n = 0
-    for a, b in zip(cached, prompt):
+    for a, b in zip(cached, prompt, strict=False):  # the two differ in length
         if a != b:
             break
         n += 1

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from services.embedded.engine.model import Generation, LocalModel, GenerationStats, PromptTooLong
+from services.embedded.engine.model import Generation, GenerationStats, LocalModel, PromptTooLong
 from services.inference.engine_load import LLAMACPP_DECODE_RATE, LLAMACPP_KV, LLAMACPP_RUNNING, LLAMACPP_WAITING
 
 # Requests waiting for their turn each hold a thread; this bounds the queue an engine accepts.
@@ -155,7 +155,9 @@ def create_app(model: LocalModel) -> Starlette:
         executor.shutdown(wait=False, cancel_futures=True)
 
     async def models(_: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [{"id": model.name, "object": "model", "owned_by": "frugalmesh"}]})
+        return JSONResponse(
+            {"object": "list", "data": [{"id": model.name, "object": "model", "owned_by": "frugalmesh"}]}
+        )
 
     async def health(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -206,7 +208,12 @@ async def _pieces(
 
 
 async def _sse(
-    name: str, completion_id: str, created: int, pieces: AsyncIterator[str], outcome: GenerationStats, include_usage: bool
+    name: str,
+    completion_id: str,
+    created: int,
+    pieces: AsyncIterator[str],
+    outcome: GenerationStats,
+    include_usage: bool,
 ) -> AsyncIterator[bytes]:
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": name}
