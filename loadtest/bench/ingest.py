@@ -24,7 +24,7 @@ import msgspec
 import nats
 
 from schemas.messages import UsageEvent
-from schemas.subjects import HEADER_MSG_ID, STREAM_USAGE
+from schemas.subjects import DURABLE_USAGE_INGEST, HEADER_MSG_ID, STREAM_USAGE
 from services.accountant.app import create_app
 from services.accountant.clickhouse import client, create_schema
 from services.accountant.ingest import USAGE, usage_row
@@ -89,7 +89,7 @@ async def accountant_rate(settings: MeshSettings, n: int, database: str) -> tupl
     async def all_acked() -> bool:
         # The accountant acks a message only once its row is stored: watching the consumer costs
         # ClickHouse nothing, where polling count() 50 times a second took a tenth of the samples.
-        info = await js.consumer_info(stream, "accountant")
+        info = await js.consumer_info(stream, DURABLE_USAGE_INGEST)
         return info.num_pending == 0 and info.num_ack_pending == 0
 
     started = time.perf_counter()

@@ -83,10 +83,6 @@ def percentile(values: list[float], q: float) -> float:
 # -- the helper process: the raw echo --
 
 
-def echo_subject(subjects: Subjects) -> str:
-    return f"{subjects.prefix}.bench.echo"
-
-
 def _helper_main(nats_url: str, prefix: str, ready: multiprocessing.synchronize.Event) -> None:
     async def serve() -> None:
         nc = await nats.connect(nats_url)
@@ -94,7 +90,7 @@ def _helper_main(nats_url: str, prefix: str, ready: multiprocessing.synchronize.
         async def echo(msg) -> None:
             await msg.respond(msg.data)
 
-        await nc.subscribe(echo_subject(Subjects(prefix)), cb=echo)
+        await nc.subscribe(Subjects(prefix).bench_echo, cb=echo)
         await nc.flush()
         ready.set()
         await asyncio.Event().wait()
@@ -184,7 +180,7 @@ def kill(tripped: bool) -> KillSwitch:
 
 
 async def raw_round_trips(nc, subjects: Subjects, samples: int) -> list[float]:
-    subject = echo_subject(subjects)
+    subject = subjects.bench_echo
     payload = b"x" * 256
     times = []
     for _ in range(samples):

@@ -33,6 +33,7 @@ from loadtest.bench.common import bench_stack, cpu_seconds_by_process, zero_late
 from loadtest.replay import ReplayOptions, replay
 from loadtest.stats import percentiles
 from loadtest.traces import TraceRow
+from schemas.subjects import INBOX, JS_ACK, JS_API, JS_EVENT, KV_API, OBJECT_STORE_API, Subjects
 from services.runtime.settings import MeshSettings
 
 RATES = (250, 500, 1000)
@@ -43,7 +44,7 @@ DEADLINE_S = 30.0
 
 async def nats_round_trip(settings: MeshSettings, n: int = 2000) -> dict:
     nc = await nats.connect(settings.nats_url)
-    subject = f"{settings.subject_prefix}.bench.echo"
+    subject = settings.subjects.bench_echo
 
     async def echo(msg) -> None:
         await msg.respond(msg.data)
@@ -80,12 +81,13 @@ async def bus_messages_per_task(settings: MeshSettings, n: int = 200) -> dict[st
 
 def message_kind(subject: str, prefix: str) -> str:
     """A subject with its per-call parts (inbox, ack, key, task id) folded away."""
-    if subject.startswith("_INBOX."):
-        return "_INBOX.* (replies)"
-    for folded in ("$JS.ACK", "$JS.EVENT", "$KV", "$O", f"{prefix}.task.event"):
+    if subject.startswith(INBOX + "."):
+        return f"{INBOX}.* (replies)"
+    task_events = Subjects(prefix).task_events.removesuffix(".>")
+    for folded in (JS_ACK, JS_EVENT, KV_API, OBJECT_STORE_API, task_events):
         if subject.startswith(folded + "."):
             return folded.replace(prefix, "<prefix>") + ".*"
-    return re.sub(r"^(\$JS\.API(?:\.[A-Z]+)+)\..*", r"\1", subject).replace(prefix, "<prefix>", 1)
+    return re.sub(rf"^({re.escape(JS_API)}(?:\.[A-Z]+)+)\..*", r"\1", subject).replace(prefix, "<prefix>", 1)
 
 
 def rows(count: int, rate: float) -> list[TraceRow]:

@@ -29,6 +29,7 @@ import msgspec
 import nats
 
 from schemas.messages import Reservation, ReservationDecision
+from schemas.subjects import Subjects
 from services.embedded.servers import EmbeddedClickHouse, EmbeddedNats, stop_process
 from services.runtime.bus import encode, now_ms
 
@@ -73,7 +74,7 @@ def start_process(args: list[str], env: dict[str, str], ready: Path | None, log:
 
 async def measure(url: str, callers: int, rounds: int, raw_subject: str, prefix: str) -> dict[str, list[float]]:
     nc = await nats.connect(url)
-    reserve_subject, settle_subject = f"{prefix}.budget.reserve", f"{prefix}.budget.settle"
+    reserve_subject, settle_subject = Subjects(prefix).budget_reserve, Subjects(prefix).budget_settle
     out: dict[str, list[float]] = {"raw": [], "reserve": [], "settle": []}
     refused: list[str] = []
 
@@ -139,7 +140,7 @@ def run(callers: int, rounds: int) -> dict[str, float | int]:
             url = nats_server.start()
             ch_url = clickhouse.start()
             prefix = "bench" + uuid.uuid4().hex[:6]
-            raw_subject = f"{prefix}.echo"
+            raw_subject = Subjects(prefix).bench_echo
             env = {
                 **os.environ,
                 "NATS_URL": url,
