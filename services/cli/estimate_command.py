@@ -53,8 +53,12 @@ def estimate(
     except (WorkflowError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if workflow not in workflows:
-        raise click.BadParameter(f"unknown workflow {workflow!r}; known: {', '.join(sorted(workflows))}", param_hint="WORKFLOW")
-    texts = list(dict.fromkeys([*items, *([line.strip() for line in items_file if line.strip()] if items_file else [])]))
+        raise click.BadParameter(
+            f"unknown workflow {workflow!r}; known: {', '.join(sorted(workflows))}", param_hint="WORKFLOW"
+        )
+    from_file = [line.strip() for line in items_file if line.strip()] if items_file else []
+    # An input given twice is one input: the planner makes one call per distinct input.
+    texts = list(dict.fromkeys([*items, *from_file]))
     per_input = [s.id for s in workflows[workflow].steps if s.for_each is not None]
     if per_input and not texts:
         texts = [""]
@@ -70,7 +74,18 @@ def estimate(
     total = Preflight.total(steps)
 
     console = Console(width=160)
-    per_step = Table("step", "model", "tier", "calls", "input tok", "max tok", "cost (worst)", "latency", "success (with retries)", title=workflow)
+    per_step = Table(
+        "step",
+        "model",
+        "tier",
+        "calls",
+        "input tok",
+        "max tok",
+        "cost (worst)",
+        "latency",
+        "success (with retries)",
+        title=workflow,
+    )
     for step in steps:
         model = step.model
         per_step.add_row(

@@ -30,11 +30,14 @@ class Duration(click.ParamType):
     name = "duration"
 
     def convert(self, value, param, ctx) -> float:
+        """Seconds; a usage error saying how to write a duration otherwise."""
         if isinstance(value, float):
             return value
         match = _DURATION.match(value.strip().lower())
         if not match:
-            self.fail(f"{value!r} is not a duration: write a number and a unit (ms, s, m or h), e.g. 60s or 5m", param, ctx)
+            self.fail(
+                f"{value!r} is not a duration: write a number and a unit (ms, s, m or h), e.g. 60s or 5m", param, ctx
+            )
         seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
         if seconds <= 0:
             self.fail(f"{value!r} is no time at all: a run needs a timeout above zero, e.g. 60s", param, ctx)
@@ -47,6 +50,7 @@ class Cron(click.ParamType):
     name = "cron"
 
     def convert(self, value, param, ctx) -> str:
+        """The expression with single spaces; a usage error with examples otherwise."""
         fields = value.split()
         if len(fields) != 5 or not croniter.is_valid(value):
             self.fail(
@@ -74,7 +78,7 @@ def _with_bucket(action: Callable[..., Awaitable[T]]) -> T:
 
     async def go() -> T:
         async with MeshClient(client_settings()) as client:
-            return await action(await schedules_bucket(client.js, client.subjects))
+            return await action(await schedules_bucket(client.bus))
 
     try:
         return asyncio.run(go())
@@ -105,7 +109,9 @@ def add(goal: str, cron: str, timeout_s: float, workflow: str, tenant: str, budg
     except WorkflowError as exc:
         raise click.ClickException(str(exc)) from None
     if workflow not in known:
-        raise click.BadParameter(f"unknown workflow {workflow!r}; known: {', '.join(sorted(known))}", param_hint="--workflow")
+        raise click.BadParameter(
+            f"unknown workflow {workflow!r}; known: {', '.join(sorted(known))}", param_hint="--workflow"
+        )
     entry = Schedule(
         id=new_schedule_id(),
         cron=cron,

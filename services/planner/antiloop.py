@@ -2,10 +2,11 @@
 
 A task's fingerprint is the sha256 of its tenant, workflow, goal and inputs (not its id: a loop
 resubmits the same work under new ids), plus, for a scheduled run, the run's id: each run of a
-schedule is its own work, bounded by the schedule itself (services/planner/schedule.py). Attempts are counted in the KV bucket
-``<prefix>_attempts``, key ``<fingerprint>.<YYYYMMDD>``, and a count only moves by compare-and-set
-on the key's revision, so concurrent replicas claiming the last attempt cannot both win. Keys
-expire after two days: a day's count is only needed while that UTC day lasts.
+schedule is its own work, bounded by the schedule itself (services/planner/schedule.py).
+Attempts are counted in the KV bucket ``<prefix>_attempts``, key ``<fingerprint>.<YYYYMMDD>``,
+and a count only moves by compare-and-set on the key's revision, so concurrent replicas claiming
+the last attempt cannot both win. Keys expire after two days: a day's count is only needed while
+that UTC day lasts.
 """
 
 from __future__ import annotations
@@ -15,29 +16,20 @@ import json
 from collections.abc import Callable
 from datetime import datetime
 
-from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from schemas.messages import Task
-from schemas.subjects import Subjects
+from services.runtime.bus import Bus
 
 BUCKET_ATTEMPTS = "attempts"
 ATTEMPTS_TTL_S = 2 * 24 * 3600.0
 
 
 def fingerprint(task: Task, schedule_run: str = "") -> str:
+    """What makes two tasks the same work: sha256 of tenant, workflow, goal, inputs and scheduled run."""
     canonical = [task.tenant, task.workflow, task.goal, [[ref.type, ref.id] for ref in task.inputs], schedule_run]
     return hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
-
-
-async def attempts_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
-    name = subjects.bucket(BUCKET_ATTEMPTS)
-    try:
-        return await js.key_value(name)
-    except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=name, history=1, ttl=ATTEMPTS_TTL_S))
 
 
 class AttemptCounter:
@@ -46,10 +38,18 @@ class AttemptCounter:
     def __init__(self, limit: int, clock: Callable[[], datetime]) -> None:
         self.limit = limit
         self.clock = clock
-        self.kv: KeyValue | None = None
+        self._kv: KeyValue | None = None
 
-    async def open(self, js: JetStreamContext, subjects: Subjects) -> None:
-        self.kv = await attempts_bucket(js, subjects)
+    async def open(self, bus: Bus) -> None:
+        """Use (or create) the attempts bucket of ``bus``'s mesh; before the first ``claim``."""
+        self._kv = await bus.key_value(bus.subjects.bucket(BUCKET_ATTEMPTS), history=1, ttl_s=ATTEMPTS_TTL_S)
+
+    @property
+    def kv(self) -> KeyValue:
+        """The attempts bucket; a claim before ``open`` is a wiring mistake, said as such."""
+        if self._kv is None:
+            raise RuntimeError("AttemptCounter.open(bus) must run before the first claim")
+        return self._kv
 
     async def claim(self, task: Task, schedule_run: str = "") -> str | None:
         """Count one attempt of ``task``; the refusal reason instead when today's attempts are used up."""
@@ -65,7 +65,7 @@ class AttemptCounter:
                     return None
                 except KeyWrongLastSequenceError:
                     continue
-            count = int(entry.value)
+            count = int(entry.value or b"0")
             if count >= self.limit:
                 return (
                     f"layer 2 (anti-loop): this task (tenant {task.tenant!r}, workflow {task.workflow!r}, "

@@ -28,9 +28,9 @@ from schemas.messages import Task
 from schemas.subjects import STREAM_TASKS, token
 from services.planner.antiloop import AttemptCounter
 from services.planner.config import Limits, PlannerConfig
+from services.planner.dag import Planner
 from services.planner.preflight import Preflight
-from services.planner.runner import Planner
-from services.planner.schedule import HEADER_SCHEDULE_RUN, Clock, Scheduler, utc_now
+from services.planner.schedule import HEADER_SCHEDULE_RUN, Scheduler, WallClock, utc_now
 from services.planner.workflow import load_workflows
 from services.runtime.bus import Bus, Message
 from services.runtime.settings import MeshSettings
@@ -49,7 +49,7 @@ def create_app(
     ack_wait_s: float = 60.0,
     pull_batch: int = 1,
     limits: Limits | None = None,
-    clock: Clock = utc_now,
+    clock: WallClock = utc_now,
     schedule_tick_s: float = 1.0,
 ) -> FastStream:
     """The planner. Workflows, planner.toml, the price and routing tables and the recorded accuracy
@@ -78,11 +78,11 @@ def create_app(
     @app.on_startup
     async def open_attempts() -> None:
         # After Bus.app's start-up hook (hooks run in order): connected, before any task is pulled.
-        await attempts.open(bus.broker.connection.jetstream(), settings.subjects)
+        await attempts.open(bus)
 
     @app.after_startup
     async def start_scheduler() -> None:
-        scheduler = Scheduler(bus.broker.connection.jetstream(), settings.subjects, bus.log, clock, schedule_tick_s)
+        scheduler = Scheduler(bus, clock, schedule_tick_s)
         scheduling.append(asyncio.create_task(scheduler.run()))
 
     async def keep_alive(msg: Message) -> None:

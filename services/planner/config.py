@@ -27,21 +27,28 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
 
 class ModelProfile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the estimate assumes of one model: its typical latency per call and its success rate."""
+
     latency_s: float
     # None: the model's recorded accuracy (services.planner.preflight).
     p_success: float | None = None
 
 
 class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The whole of planner.toml: checked on load, so a typo stops the planner at start."""
+
     limits: Limits = Limits()
     models: dict[str, ModelProfile] = {}
 
     @classmethod
     def load(cls, deploy_dir: Path) -> PlannerConfig:
+        """``deploy_dir``'s planner.toml; ValueError naming the file when it is missing or invalid."""
         path = deploy_dir / PLANNER_FILE
         try:
             return msgspec.convert(tomllib.loads(path.read_text()), type=cls)
         except FileNotFoundError:
-            raise ValueError(f"no planner configuration at {path}; copy deploy/{PLANNER_FILE} from the repository") from None
+            raise ValueError(
+                f"no planner configuration at {path}; copy deploy/{PLANNER_FILE} from the repository"
+            ) from None
         except (tomllib.TOMLDecodeError, msgspec.ValidationError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from None

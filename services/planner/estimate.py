@@ -65,14 +65,17 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def cost_usd(self) -> float:
+        """The price of its first attempt (nothing for a cache hit)."""
         return 0.0 if self.cached else self.profile.cost_usd
 
     @property
     def latency_s(self) -> float:
+        """How long its first attempt takes (the lookup, for a cache hit)."""
         return CACHE_HIT_LATENCY_S if self.cached else self.profile.latency_s
 
     @property
     def reliability(self) -> float:
+        """The probability that one of its attempts succeeds."""
         if self.cached:
             return 1.0
         return 1.0 - (1.0 - self.profile.p_success) ** (self.retries + 1)
@@ -90,7 +93,7 @@ class Plan(msgspec.Struct, frozen=True):
     groups: tuple[Group, ...]
 
 
-class Estimate(msgspec.Struct, frozen=True, kw_only=True):
+class PlanEstimate(msgspec.Struct, frozen=True, kw_only=True):
     """The pre-flight figures of a plan."""
 
     cost_usd: float
@@ -99,13 +102,13 @@ class Estimate(msgspec.Struct, frozen=True, kw_only=True):
     quality_per_usd: float
 
 
-def estimate(plan: Plan) -> Estimate:
+def estimate(plan: Plan) -> PlanEstimate:
     """Cost (first attempts only), critical-path latency, reliability and reliability per dollar of ``plan``."""
     steps = [step for group in plan.groups for step in group.steps]
     cost = math.fsum(step.cost_usd for step in steps)
     latency = math.fsum(max((step.latency_s for step in group.steps), default=0.0) for group in plan.groups)
     reliability = math.prod(step.reliability for step in steps)
-    return Estimate(
+    return PlanEstimate(
         cost_usd=cost,
         latency_s=latency,
         reliability=reliability,
@@ -134,8 +137,8 @@ def plan_from_dag(steps: Sequence[tuple[str, Sequence[str], Step]]) -> Plan:
     # placed once every step it needs has been, one level after the deepest of them.
     waiting = {step_id: set(needs) for step_id, needs in needs_of.items()}
     needed_by: dict[str, list[str]] = {step_id: [] for step_id in needs_of}
-    for step_id, needs in waiting.items():
-        for need in needs:
+    for step_id, unmet in waiting.items():
+        for need in unmet:
             needed_by[need].append(step_id)
     levels: dict[str, int] = {}
     ready = [step_id for step_id, needs in waiting.items() if not needs]
@@ -154,7 +157,7 @@ def plan_from_dag(steps: Sequence[tuple[str, Sequence[str], Step]]) -> Plan:
     return Plan(tuple(Group(tuple(group)) for group in grouped))
 
 
-def fits(estimate: Estimate, budget_usd: float | None, deadline_s: float | None) -> str | None:
+def fits(estimate: PlanEstimate, budget_usd: float | None, deadline_s: float | None) -> str | None:
     """Why a plan with this estimate cannot fit the budget and deadline, or None when it fits.
 
     ``None`` for a budget or a deadline means there is none. Both reasons are given when both fail,

@@ -36,7 +36,7 @@ import msgspec
 
 from schemas.messages import ChatMessage, StepRequest
 from services.planner.config import PlannerConfig
-from services.planner.estimate import CallProfile, Estimate, Step, estimate, plan_from_dag
+from services.planner.estimate import CallProfile, PlanEstimate, Step, estimate, plan_from_dag
 from services.planner.workflow import GOAL, ITEM, Workflow, allowed_models, render
 from services.routing.table import RoutingTable, pick_model, prompt_chars
 from services.runtime.catalog import Catalog, ModelSpec
@@ -79,6 +79,13 @@ class StepEstimate:
 
 
 class Preflight:
+    """Prices a workflow for a task before it runs, and each call before it is sent, as the router will route them.
+
+    The planner refuses a task whose plan cannot fit its budget or deadline, and a call whose worst
+    case no longer fits; both need the model the router would pick, so this holds the same routing
+    table and catalogue as the router, plus each model's typical latency and success rate.
+    """
+
     def __init__(
         self, catalog: Catalog, table: RoutingTable, profiles: dict[str, tuple[float, float | None]], retries: int
     ) -> None:
@@ -152,7 +159,8 @@ class Preflight:
             upstream = sum(
                 m.content.count("{" + need + "}") * out_tokens[need] for m in spec.messages for need in spec.needs
             )
-            texts = list(items) if spec.for_each is not None else [None]
+            # None: a step that runs once, with no item.
+            texts: list[str | None] = list(items) if spec.for_each is not None else [None]
             model = None
             input_tokens = []
             for text in texts:
@@ -181,7 +189,7 @@ class Preflight:
             if spec.for_each is not None:
                 # What a later step's placeholder receives: each input with its output.
                 out_tokens[spec.id] = (
-                    sum(count_message_tokens(model.tokenizer, [_user(t)]) for t in texts) + calls * limit
+                    sum(count_message_tokens(model.tokenizer, [_user(text)]) for text in items) + calls * limit
                 )
             else:
                 out_tokens[spec.id] = limit
@@ -210,7 +218,8 @@ class Preflight:
         return estimates
 
     @staticmethod
-    def total(steps: list[StepEstimate]) -> Estimate:
+    def total(steps: list[StepEstimate]) -> PlanEstimate:
+        """The figures of the whole plan; reliability and quality per dollar are NaN when a step's is unknown."""
         figures = estimate(plan_from_dag([(s.step_id, s.needs, s.step) for s in steps]))
         if all(s.p_known for s in steps):
             return figures
@@ -228,6 +237,7 @@ def _user(text: str) -> ChatMessage:
     return ChatMessage(role="user", content=text)
 
 
-def describe(figures: Estimate) -> str:
+def describe(figures: PlanEstimate) -> str:
+    """A plan's figures in one line, for a refusal's reason."""
     reliability = "unknown" if math.isnan(figures.reliability) else f"{figures.reliability:.2%}"
     return f"${figures.cost_usd:.4f} worst case, {figures.latency_s:.2f} s critical path, {reliability} reliability"

@@ -24,29 +24,30 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 from croniter import croniter
-from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
-from structlog.stdlib import BoundLogger
 
 from schemas.messages import Task
-from schemas.subjects import HEADER_MSG_ID, STREAM_TASKS, Subjects
-from services.runtime.bus import encode, now_ms
+from schemas.subjects import HEADER_MSG_ID, STREAM_TASKS
+from services.runtime.bus import Bus, encode, now_ms
 
 BUCKET_SCHEDULES = "schedules"
 HEADER_SCHEDULE_RUN = "Mesh-Schedule-Run"
 # Well inside the TASKS stream's 600 s duplicate window, so every replica's copy of a run is dropped.
 CATCH_UP_S = 300.0
 
-Clock = Callable[[], datetime]
+# The time the scheduler fires by and attempts are dated by: aware, in UTC. Injected so tests can move it.
+WallClock = Callable[[], datetime]
 
 
 def utc_now() -> datetime:
+    """The real ``WallClock``."""
     return datetime.now(UTC)
 
 
 class Schedule(msgspec.Struct, kw_only=True):
+    """A task to submit at every fire time of ``cron`` (UTC), each run with ``timeout_s`` as its deadline."""
+
     id: str
     cron: str
     # The hard timeout of each run: its task's deadline_s.
@@ -60,7 +61,7 @@ class Schedule(msgspec.Struct, kw_only=True):
     def fire_times(self, after: datetime, until: datetime) -> list[datetime]:
         """Fire times in ``(after, until]``, in order."""
         times = croniter(self.cron, after).all_next(datetime)
-        fires = []
+        fires: list[datetime] = []
         for fire in times:
             if fire > until:
                 return fires
@@ -68,6 +69,7 @@ class Schedule(msgspec.Struct, kw_only=True):
         return fires
 
     def task(self, fire: datetime) -> Task:
+        """The run that fires at ``fire``: its id names the schedule and the fire time, so copies dedupe."""
         return Task(
             id=f"{self.id}-{int(fire.timestamp())}",
             tenant=self.tenant,
@@ -80,22 +82,22 @@ class Schedule(msgspec.Struct, kw_only=True):
 
 
 def new_schedule_id() -> str:
+    """A fresh schedule id, short enough to type into ``frugalmesh schedule remove``."""
     return "s" + uuid.uuid4().hex[:12]
 
 
-async def schedules_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
-    name = subjects.bucket(BUCKET_SCHEDULES)
-    try:
-        return await js.key_value(name)
-    except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=name, history=1))
+async def schedules_bucket(bus: Bus) -> KeyValue:
+    """The KV bucket of ``bus``'s mesh that holds its schedules (created on first use)."""
+    return await bus.key_value(bus.subjects.bucket(BUCKET_SCHEDULES), history=1)
 
 
 async def add_schedule(kv: KeyValue, schedule: Schedule) -> None:
+    """Store ``schedule`` (a schedule with the same id is replaced); planners fire it from their next tick."""
     await kv.put(schedule.id, encode(schedule))
 
 
 async def list_schedules(kv: KeyValue) -> list[Schedule]:
+    """Every stored schedule, oldest first."""
     try:
         keys = await kv.keys()
     except NoKeysError:
@@ -106,7 +108,8 @@ async def list_schedules(kv: KeyValue) -> list[Schedule]:
             entry = await kv.get(key)
         except KeyNotFoundError:
             continue  # removed between the listing and the read
-        schedules.append(msgspec.json.decode(entry.value, type=Schedule))
+        if entry.value is not None:  # typed optional; a deleted key raised KeyNotFoundError above
+            schedules.append(msgspec.json.decode(entry.value, type=Schedule))
     return sorted(schedules, key=lambda s: (s.created_ms, s.id))
 
 
@@ -123,15 +126,16 @@ async def remove_schedule(kv: KeyValue, schedule_id: str) -> bool:
 class Scheduler:
     """Submits each schedule's runs; ``clock`` and ``tick_s`` are injectable so tests can move time."""
 
-    def __init__(self, js: JetStreamContext, subjects: Subjects, log: BoundLogger, clock: Clock, tick_s: float) -> None:
-        self.js = js
-        self.subjects = subjects
-        self.log = log
+    def __init__(self, bus: Bus, clock: WallClock, tick_s: float) -> None:
+        self.bus = bus
+        self.subjects = bus.subjects
+        self.log = bus.log
         self.clock = clock
         self.tick_s = tick_s
 
     async def run(self) -> None:
-        kv = await schedules_bucket(self.js, self.subjects)
+        """Tick until cancelled: each tick submits the runs whose fire time came since the last one."""
+        kv = await schedules_bucket(self.bus)
         last = self.clock()
         while True:
             await asyncio.sleep(self.tick_s)
@@ -150,9 +154,9 @@ class Scheduler:
             after = max(last, now - timedelta(seconds=CATCH_UP_S), created)
             for fire in schedule.fire_times(after, now):
                 task = schedule.task(fire)
-                await self.js.publish(
+                await self.bus.publish(
                     self.subjects.task_submit,
-                    encode(task),
+                    task,
                     stream=self.subjects.stream(STREAM_TASKS),
                     headers={HEADER_MSG_ID: task.id, HEADER_SCHEDULE_RUN: task.id},
                 )

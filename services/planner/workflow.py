@@ -50,6 +50,8 @@ GOAL = "goal"
 FIRST_USER_MESSAGE = "{goal}"
 # In a step run once per task input: that input's text.
 ITEM = "item"
+# The artifact type of a for_each step's result: its items, in input order.
+BATCH = "batch"
 # What a step may run once per: the task's inputs (Task.inputs), in order.
 ForEach = Literal["inputs"]
 # An output that fails its schema is asked again this many times unless the step says otherwise.
@@ -64,6 +66,8 @@ class WorkflowError(ValueError):
 
 
 class StepSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One step of a workflow, as its file writes it (``[[steps]]``)."""
+
     id: str
     artifact: str
     kind: Literal["model", "select"] = "model"
@@ -86,10 +90,13 @@ class StepSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     @property
     def retries_when_invalid(self) -> int:
+        """How often an invalid structured output is asked again: the step's ``invalid_retries`` or the default."""
         return DEFAULT_INVALID_RETRIES if self.invalid_retries is None else self.invalid_retries
 
 
 class Workflow(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A workflow file: its steps in order, the last one producing the task's answer."""
+
     name: str
     description: str = ""
     # A workflow may ask for less parallelism than the planner allows, never more.
@@ -129,6 +136,7 @@ def parse_workflow(text: str, source: str = "<workflow>") -> Workflow:
 
 
 def load_workflow(path: Path) -> Workflow:
+    """The workflow in ``path``, whose name must be the file's (tasks name workflows by file)."""
     workflow = parse_workflow(path.read_text(), str(path))
     if workflow.name != path.stem:
         raise WorkflowError(f"{path}: name {workflow.name!r} must match the file name {path.stem!r}")

@@ -1,0 +1,97 @@
+"""The planner's two request/reply clients: the router (one model call) and the artifact store.
+
+Both turn what goes wrong on the wire into ``StepFailed``, with the kind a task's outcome is
+decided on. A router nobody answers is ``unavailable`` and retryable (it may be restarting); one
+that answers after the deadline is ``timeout``; a router's refusal keeps the router's kind and
+retryability. An artifact store that does not answer, or answers something else, fails the step.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import msgspec
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from schemas.messages import Artifact, ArtifactGet, ArtifactRef, ArtifactReply, InferenceResult, StepRequest
+from schemas.subjects import HEADER_BUDGET, HEADER_DEADLINE, HEADER_TASK, HEADER_TENANT
+from services.planner.state import StepFailed, TaskState
+from services.runtime.bus import Bus, Rejected
+
+
+class RouterClient:
+    """Sends a step's ``StepRequest`` to the router, within the task's deadline and budget cap."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def call(self, state: TaskState, request: StepRequest) -> InferenceResult:
+        """One call for ``state``'s task. A result carrying an error is returned (the caller may retry);
+        no reply, or a rejection instead of a result, raises StepFailed.
+
+        The call is counted in ``state.calls`` when sent, and uncounted when no router took it or the
+        router refused it: only a call that may have been metered counts."""
+        task = state.task
+        timeout_s = state.left_s()
+        if timeout_s <= 0:
+            raise StepFailed("deadline exceeded before the call", kind="timeout")
+        headers = {HEADER_DEADLINE: str(state.deadline_ms), HEADER_TASK: task.id, HEADER_TENANT: task.tenant}
+        if task.budget_usd is not None:
+            # The router reserves against the task's cap; a decimal string, never "1e-05".
+            headers[HEADER_BUDGET] = format(Decimal(repr(task.budget_usd)), "f")
+        # Counted when sent: a call the deadline cancels in flight is still metered by the services.
+        state.calls += 1
+        try:
+            return await self.bus.request(
+                self.bus.subjects.step_request, request, InferenceResult, timeout_s, headers=headers
+            )
+        except NoRespondersError:
+            state.calls -= 1  # no router got it: nothing was metered
+            raise StepFailed("no router is answering step requests", kind="unavailable", retryable=True) from None
+        except NatsTimeoutError:
+            raise StepFailed("the router did not answer before the deadline", kind="timeout") from None
+        except Rejected as rejected:
+            # The router refused the step before any inference call, so nothing was metered.
+            state.calls -= 1
+            error = rejected.error
+            raise StepFailed(
+                f"router refused the step: {error.kind}: {error.message}", error.kind, error.retryable
+            ) from None
+        except msgspec.DecodeError as exc:
+            state.calls -= 1  # whatever answered, it was no inference the router metered
+            raise StepFailed(f"the router's reply is neither a result nor an error: {exc}", kind="invalid") from None
+
+
+class ArtifactClient:
+    """Stores and reads artifacts in the artifact store (content-addressed: a rerun stores nothing twice)."""
+
+    def __init__(self, bus: Bus, timeout_s: float) -> None:
+        self.bus = bus
+        self.timeout_s = timeout_s
+
+    async def put(self, artifact: Artifact) -> ArtifactRef:
+        """Store ``artifact`` and return its reference; StepFailed when the store refuses it."""
+        reply = await self._request(self.bus.subjects.artifact_put, artifact)
+        if reply.ref is None:
+            raise StepFailed(
+                f"the artifact store refused the {artifact.type!r} artifact: {reply.error}", kind="invalid"
+            )
+        return reply.ref
+
+    async def get(self, artifact_id: str) -> Artifact:
+        """The artifact with that id; StepFailed (``unavailable``) when it cannot be read."""
+        reply = await self._request(self.bus.subjects.artifact_get, ArtifactGet(id=artifact_id))
+        if reply.artifact is None:
+            raise StepFailed(f"artifact {artifact_id} could not be read: {reply.error}", kind="unavailable")
+        return reply.artifact
+
+    async def _request(self, subject: str, message: msgspec.Struct) -> ArtifactReply:
+        try:
+            return await self.bus.request(subject, message, ArtifactReply, self.timeout_s)
+        except (NoRespondersError, NatsTimeoutError):
+            raise StepFailed("the artifact store is not answering", kind="unavailable") from None
+        except Rejected as rejected:
+            raise StepFailed(f"the artifact store refused the request: {rejected}", kind="invalid") from None
+        except msgspec.DecodeError as exc:
+            raise StepFailed(f"the artifact store's reply is not an ArtifactReply: {exc}", kind="invalid") from None

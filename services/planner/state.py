@@ -1,0 +1,62 @@
+"""What one task's run knows while its steps run, and how a step says it produced nothing.
+
+A ``TaskState`` is shared by the DAG scheduler, the step kinds and the per-call defences of one
+task: the artifacts so far, what was spent and what is in flight, how often each call was sent and
+the fan-out slots. It needs no lock: every change happens on the event loop between awaits.
+``StepFailed`` carries why a step stopped, with a kind the task's terminal event is decided on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass, field
+
+from schemas.messages import Artifact, ArtifactRef, Task
+from services.planner.workflow import Workflow
+from services.runtime.bus import now_ms
+
+# Why a step may stop that is a defence doing its job: announced as a ``refused`` event.
+REFUSALS = frozenset({"refused", "budget", "deadline", "loop"})
+
+
+class StepFailed(Exception):
+    """Why a step produced no artifact; ``kind`` is an ErrorKind (or ``budget``), ``retryable`` allows one more try."""
+
+    def __init__(self, reason: str, kind: str = "error", retryable: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+        self.retryable = retryable
+
+
+@dataclass
+class TaskState:
+    """One task's run, from its pre-flight check to its terminal event."""
+
+    task: Task
+    workflow: Workflow
+    deadline_ms: int
+    # Per finished step id: its artifact.
+    refs: dict[str, ArtifactRef] = field(default_factory=dict)
+    # Every artifact a step or an item produced, in order: the candidates for a ``partial`` result.
+    produced: list[ArtifactRef] = field(default_factory=list)
+    cost_usd: float = 0.0
+    calls: int = 0
+    # Worst cases of the calls in flight: spent plus these must stay within the budget.
+    in_flight_usd: float = 0.0
+    # How often each call (by role and messages) was sent.
+    call_counts: Counter[str] = field(default_factory=Counter)
+    # The task's inputs, fetched when a step runs once per input.
+    inputs: list[Artifact] = field(default_factory=list)
+    # One per model call in flight (a step's, or an item's of a for_each step): the fan-out cap.
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+
+    def left_s(self) -> float:
+        """Seconds until the task's deadline (negative once it passed)."""
+        return (self.deadline_ms - now_ms()) / 1000
+
+    def keep(self, ref: ArtifactRef) -> None:
+        """Count ``ref`` among the task's results (once, however many steps return it)."""
+        if ref not in self.produced:
+            self.produced.append(ref)
