@@ -20,9 +20,9 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from schemas.messages import Task
+from schemas.subjects import BUCKET_ATTEMPTS
 from services.runtime.bus import Bus
 
-BUCKET_ATTEMPTS = "attempts"
 ATTEMPTS_TTL_S = 2 * 24 * 3600.0
 
 

@@ -25,18 +25,17 @@ from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig
 
 from schemas.messages import Task
-from schemas.subjects import STREAM_TASKS, token
+from schemas.subjects import DURABLE_PLANNER, HEADER_SCHEDULE_RUN, STREAM_TASKS, token
 from services.planner.antiloop import AttemptCounter
 from services.planner.config import Limits, PlannerConfig
 from services.planner.dag import Planner
 from services.planner.preflight import Preflight
-from services.planner.schedule import HEADER_SCHEDULE_RUN, Scheduler, WallClock, utc_now
+from services.planner.schedule import Scheduler, WallClock, utc_now
 from services.planner.workflow import load_workflows
 from services.runtime.bus import Bus, Message
 from services.runtime.settings import MeshSettings
 
 SERVICE = "planner"
-DURABLE = "planner"
 # A task that crashes the planner is not retried for ever: that is how runaway loops start.
 MAX_DELIVER = 3
 
@@ -107,7 +106,7 @@ def create_app(
     @bus.broker.subscriber(
         settings.subjects.task_submit,
         stream=bus.stream(STREAM_TASKS),
-        durable=DURABLE,
+        durable=DURABLE_PLANNER,
         # One task per fetch by default: once nothing was waiting, nats-py's fetch holds its pull
         # open until the whole batch arrived or the timeout passed, so with 32 the first task of a
         # quiet spell waited for 31 more or a second (overhead p95 688 ms at 50 tasks/s, 298 ms

@@ -28,11 +28,9 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 from schemas.messages import Task
-from schemas.subjects import HEADER_MSG_ID, STREAM_TASKS
+from schemas.subjects import BUCKET_SCHEDULES, HEADER_MSG_ID, HEADER_SCHEDULE_RUN, STREAM_TASKS
 from services.runtime.bus import Bus, encode, now_ms
 
-BUCKET_SCHEDULES = "schedules"
-HEADER_SCHEDULE_RUN = "Mesh-Schedule-Run"
 # Well inside the TASKS stream's 600 s duplicate window, so every replica's copy of a run is dropped.
 CATCH_UP_S = 300.0
 
