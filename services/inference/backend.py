@@ -9,7 +9,6 @@ from typing import Protocol
 from schemas.messages import ErrorKind, InferenceRequest, Usage, UsageSource
 from services.runtime.catalog import ModelSpec, ProviderSpec
 from services.runtime.settings import MeshSettings
-from services.runtime.tokens import count_message_tokens
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,3 @@ class Backend(Protocol):
 
 # Builds the backend of one provider; ``[providers.X] backend = "<name>"`` picks the factory.
 BackendFactory = Callable[[ProviderSpec, MeshSettings], Backend]
-
-
-def worst_case_usage(model: ModelSpec, request: InferenceRequest) -> Usage:
-    """What a call whose real usage is unknown is recorded as: its whole input and max_tokens out."""
-    return Usage(
-        input_tokens=count_message_tokens(model.tokenizer, request.messages),
-        output_tokens=request.max_tokens,
-    )

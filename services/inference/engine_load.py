@@ -140,8 +140,13 @@ def metrics_url(base_url: str) -> str:
 class EngineLoadReader:
     """Reads one engine's /metrics; keeps the previous read for the vLLM decode rate."""
 
-    def __init__(self, url: str, model: str | None = None, client: httpx.AsyncClient | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        client: httpx.AsyncClient | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.url = url
         self.model = model
         self._client = client or httpx.AsyncClient(timeout=timeout_s)

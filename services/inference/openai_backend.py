@@ -11,10 +11,11 @@ import re
 from typing import Any
 
 from schemas.messages import InferenceRequest, Usage, UsageSource
+from services.inference.backend import BackendError, Completion
 from services.inference.openai_client import OpenAIClient, OpenAIError
 from services.runtime.catalog import ModelSpec, ProviderSpec
-from services.inference.backend import BackendError, Completion, worst_case_usage
 from services.runtime.settings import MeshSettings
+from services.runtime.usage import worst_case_usage
 
 
 class OpenAIBackend:
@@ -47,7 +48,7 @@ class OpenAIBackend:
             raise BackendError("provider", str(exc), retryable=exc.retryable, started=exc.started) from exc
         source: UsageSource
         if reply.usage is None:
-            usage, source = worst_case_usage(model, request), "estimated"
+            usage, source = worst_case_usage(model, request.messages, request.max_tokens), "estimated"
         else:
             usage = Usage(
                 input_tokens=reply.usage.prompt_tokens,

@@ -14,10 +14,10 @@ from functools import cache
 from pathlib import Path
 
 from schemas.messages import ChatMessage, InferenceRequest, Usage
-from services.runtime.catalog import Catalog, ModelSpec, ProviderSpec
-from services.runtime.data import Record, load_recorded_outcomes, resolve_data_dir
 from services.inference.backend import BackendError, Completion
 from services.inference.latency import simulate_latency
+from services.runtime.catalog import Catalog, ModelSpec, ProviderSpec
+from services.runtime.data import Record, load_recorded_outcomes, resolve_data_dir
 from services.runtime.settings import MeshSettings
 from services.runtime.tokens import count_message_tokens, truncate_tokens
 

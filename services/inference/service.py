@@ -29,17 +29,17 @@ from schemas.messages import (
     KillSwitch,
     Outcome,
     Usage,
-    UsageEvent,
     UsageSource,
 )
 from schemas.subjects import token
+from services.inference.backend import Backend, BackendError, Completion
+from services.inference.backend_factories import BACKENDS
 from services.runtime.bus import Bus, Message, encode, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
-from services.runtime.control import ControlState, covers
-from services.inference.backend import Backend, BackendError, Completion, worst_case_usage
-from services.inference.backend_factories import BACKENDS
+from services.runtime.control import ControlState, covers, killed_message
 from services.runtime.reservations import is_paid
 from services.runtime.settings import MeshSettings
+from services.runtime.usage import usage_event, worst_case_usage
 
 ServiceKind = Literal["local", "cloud"]
 
@@ -48,7 +48,7 @@ DEFAULT_CONCURRENCY = 64
 
 
 @dataclass(frozen=True)
-class _Metered:
+class _CallEnd:
     """How a call ended, before it becomes a UsageEvent and an InferenceResult."""
 
     outcome: Outcome
@@ -62,15 +62,20 @@ class _Metered:
 
 # eq=False: hashed by identity, so two calls that share a call id are still two entries.
 @dataclass(eq=False)
-class _InFlight:
+class _RunningCall:
+    """A backend call in flight: a trip of a switch that covers it cancels it."""
+
     request: InferenceRequest
     call: asyncio.Future[Completion]
     # Set by a trip that cancelled the call, so the cancellation is metered as a kill.
     killed_by: KillSwitch | None = None
 
 
-def killed_message(switch: KillSwitch) -> str:
-    return f"kill switch tripped ({switch.scope} {switch.key}): {switch.reason}"
+def _unknown_usage(outcome: Outcome, model: ModelSpec, request: InferenceRequest, error: ErrorInfo) -> _CallEnd:
+    """A call that may have run and whose real usage is unknown: metered as estimated, at its worst case."""
+    return _CallEnd(outcome, worst_case_usage(model, request.messages, request.max_tokens), "estimated", error=error)
+
+
 
 
 class InferenceService:
@@ -81,11 +86,11 @@ class InferenceService:
         self.backends = backends
         self.strict_pinning = bus.settings.strict_pinning
         self.control: ControlState | None = None
-        self.in_flight: set[_InFlight] = set()
+        self.in_flight: set[_RunningCall] = set()
 
     async def open_control(self) -> None:
         """Read every switch before the first call is taken, then cancel covered calls on each trip."""
-        self.control = await ControlState.open(self.bus.broker.connection.jetstream(), self.bus.subjects)
+        self.control = await ControlState.open(self.bus)
         self.control.on_trip(self._cancel_covered)
 
     async def close_control(self) -> None:
@@ -127,23 +132,23 @@ class InferenceService:
                 kind="pinning",
                 message=f"{self.bus.service} on {subject} does not serve model {request.model!r} ({served})",
             )
-            return await self._finish(request, model, _Metered("error", Usage(), error=error), started)
+            return await self._finish(request, model, _CallEnd("error", Usage(), error=error), started)
         remaining_s = (request.deadline_ms - now_ms()) / 1000
         if remaining_s <= 0:
             error = ErrorInfo(kind="timeout", message="the deadline had passed before the call started")
-            return await self._finish(request, model, _Metered("timeout", Usage(), error=error), started)
+            return await self._finish(request, model, _CallEnd("timeout", Usage(), error=error), started)
         assert self.control is not None, "open_control runs at startup, before any subscriber"
         switch = self.control.blocked(tenant=request.tenant, task_id=request.task_id, model=model.name)
         if switch is not None and is_paid(model):
             # Not started, so nothing was spent: metered once, at $0.
             error = ErrorInfo(kind="killed", message=killed_message(switch))
-            return await self._finish(request, model, _Metered("killed", Usage(), error=error), started)
-        metered = await self._call(self.backends[model.provider], model, request, remaining_s)
-        return await self._finish(request, model, metered, started)
+            return await self._finish(request, model, _CallEnd("killed", Usage(), error=error), started)
+        ended = await self._call(self.backends[model.provider], model, request, remaining_s)
+        return await self._finish(request, model, ended, started)
 
-    async def _call(self, backend: Backend, model: ModelSpec, request: InferenceRequest, timeout_s: float) -> _Metered:
+    async def _call(self, backend: Backend, model: ModelSpec, request: InferenceRequest, timeout_s: float) -> _CallEnd:
         # Its own task, so that a trip can cancel this call alone.
-        flight = _InFlight(request, asyncio.ensure_future(backend.complete(model, request)))
+        flight = _RunningCall(request, asyncio.ensure_future(backend.complete(model, request)))
         self.in_flight.add(flight)
         try:
             # wait_for cancels the call at the deadline; a streaming backend closes its stream.
@@ -153,20 +158,20 @@ class InferenceService:
                 raise  # the service itself is stopping
             # Whatever the provider generated before the stream closed is billed but not reported.
             error = ErrorInfo(kind="killed", message=f"cancelled in flight: {killed_message(flight.killed_by)}")
-            return _Metered("killed", worst_case_usage(model, request), "estimated", error=error)
+            return _unknown_usage("killed", model, request, error)
         except TimeoutError:
             error = ErrorInfo(kind="timeout", message=f"cancelled at the deadline after {timeout_s:.3f}s")
-            return _Metered("timeout", worst_case_usage(model, request), "estimated", error=error)
+            return _unknown_usage("timeout", model, request, error)
         except BackendError as exc:
             error = ErrorInfo(kind=exc.kind, message=exc.message, retryable=exc.retryable)
             if exc.started:
-                return _Metered("error", worst_case_usage(model, request), "estimated", error=error)
-            return _Metered("error", Usage(), error=error)
+                return _unknown_usage("error", model, request, error)
+            return _CallEnd("error", Usage(), error=error)
         except Exception as exc:
             # A backend bug must still leave its one usage row; whether it billed is unknown.
             self.bus.log.exception("backend_failed", model=model.name)
             error = ErrorInfo(kind="provider", message=f"{type(exc).__name__}: {exc}")
-            return _Metered("error", worst_case_usage(model, request), "estimated", error=error)
+            return _unknown_usage("error", model, request, error)
         finally:
             self.in_flight.discard(flight)
         reported = completion.provider_model
@@ -175,46 +180,39 @@ class InferenceService:
             error = ErrorInfo(
                 kind="pinning", message=f"strict pinning: asked for {request.model!r}, the provider ran {reported!r}"
             )
-            return _Metered("error", completion.usage, completion.usage_source, error=error, provider_model=reported)
-        return _Metered("ok", completion.usage, completion.usage_source, completion=completion, provider_model=reported)
+            return _CallEnd("error", completion.usage, completion.usage_source, error=error, provider_model=reported)
+        return _CallEnd("ok", completion.usage, completion.usage_source, completion=completion, provider_model=reported)
 
     async def _finish(
-        self, request: InferenceRequest, model: ModelSpec | None, metered: _Metered, started: float
+        self, request: InferenceRequest, model: ModelSpec | None, ended: _CallEnd, started: float
     ) -> InferenceResult:
         latency_ms = (time.monotonic() - started) * 1000
-        cost = model.cost(metered.usage) if model else 0.0
-        completion = metered.completion
-        provider_model = metered.provider_model
+        cost = model.cost(ended.usage) if model else 0.0
+        completion = ended.completion
+        provider_model = ended.provider_model
         if provider_model and provider_model != request.model:
             self.bus.log.warning("provider_model_differs", requested=request.model, reported=provider_model)
         tier = model.tier if model else request.tier
         provider = model.provider if model else ""
-        await self.bus.publish_usage(
-            UsageEvent(
-                event_id=request.call_id,
-                time_ms=now_ms(),
-                tenant=request.tenant,
-                task_id=request.task_id,
-                step_id=request.step_id,
-                call_id=request.call_id,
-                service=self.bus.service,
-                tier=tier,
-                provider=provider,
-                model=provider_model or request.model,
-                requested_model=request.model,
-                input_tokens=metered.usage.input_tokens,
-                cached_input_tokens=metered.usage.cached_input_tokens,
-                output_tokens=metered.usage.output_tokens,
-                cost_usd=cost,
-                latency_ms=latency_ms,
-                outcome=metered.outcome,
-                usage_source=metered.usage_source,
-                hardware_profile=model.hardware if model else "",
-                spilled_from=request.spilled_from,
-            )
+        event = usage_event(
+            request,
+            request.call_id,
+            service=self.bus.service,
+            tier=tier,
+            provider=provider,
+            model=provider_model or request.model,
+            requested_model=request.model,
+            usage=ended.usage,
+            cost_usd=cost,
+            latency_ms=latency_ms,
+            outcome=ended.outcome,
+            usage_source=ended.usage_source,
+            hardware_profile=model.hardware if model else "",
+            spilled_from=request.spilled_from,
         )
-        if metered.error:
-            self.bus.log.info("call_failed", kind=metered.error.kind, error=metered.error.message)
+        await self.bus.publish_usage(event)
+        if ended.error:
+            self.bus.log.info("call_failed", kind=ended.error.kind, error=ended.error.message)
         return InferenceResult(
             call_id=request.call_id,
             model=request.model,
@@ -223,10 +221,10 @@ class InferenceService:
             provider=provider,
             output=completion.output if completion else "",
             finish_reason=completion.finish_reason if completion else "",
-            usage=metered.usage,
+            usage=ended.usage,
             latency_ms=latency_ms,
             cost_usd=cost,
-            error=metered.error,
+            error=ended.error,
             graded=completion.graded if completion else None,
             ttft_ms=completion.ttft_ms if completion else 0.0,
             spilled_from=request.spilled_from,
@@ -240,8 +238,9 @@ def create_inference_app(
     setup: Callable[[FastStream, InferenceService], None] | None = None,
 ) -> FastStream:
     """The FastStream app of ``<kind>-inference``: one backend per provider of this service's models,
-    chosen by the provider's ``backend`` in models.toml (services/inference/backend_factories.py). ``setup`` lets a service
-    add its own hooks (local-inference publishes its engines' load) once the app is built."""
+    chosen by the provider's ``backend`` in models.toml (services/inference/backend_factories.py).
+    ``setup`` lets a service add its own hooks (local-inference publishes its engines' load) once
+    the app is built."""
     service = f"{kind}-inference"
     bus = Bus(settings, service)
     catalog = Catalog.load(settings.deploy_dir)

@@ -12,10 +12,10 @@ spent.
 from __future__ import annotations
 
 from schemas.messages import InferenceRequest, Usage
-from services.runtime.catalog import ModelSpec, ProviderSpec
 from services.inference.backend import Completion
 from services.inference.latency import simulate_latency
 from services.inference.prefix_cache import PrefixCache
+from services.runtime.catalog import ModelSpec, ProviderSpec
 from services.runtime.settings import MeshSettings
 from services.runtime.tokens import chat_input_tokens, message_token_ids, truncate_tokens
 
@@ -47,7 +47,9 @@ class SyntheticBackend:
 
     async def complete(self, model: ModelSpec, request: InferenceRequest) -> Completion:
         # A word or two more than asked, cut at max_tokens by the real tokenizer: the count is measured, not assumed.
-        text, output_tokens = truncate_tokens(model.tokenizer, synthetic_text(request.max_tokens + 2), request.max_tokens)
+        text, output_tokens = truncate_tokens(
+            model.tokenizer, synthetic_text(request.max_tokens + 2), request.max_tokens
+        )
         content = message_token_ids(model.tokenizer, request.messages)
         usage = Usage(
             input_tokens=chat_input_tokens(len(content), len(request.messages)),

@@ -2,7 +2,7 @@
 
 Every ``interval_s`` (default 250 ms) each replica reads the /metrics of every local model served
 by a real engine (providers on the ``openai`` backend: the embedded engine, llama.cpp's server,
-vLLM; services/runtime/inference/engine_load.py) and publishes one ``LocalLoad`` per local model on
+vLLM; services/inference/engine_load.py) and publishes one ``LocalLoad`` per local model on
 ``mesh.local.load.<model>``: the engine's running and waiting requests, KV-cache use and decode
 rate, plus the calls this replica has in flight on the model (the only load known for a model
 without /metrics, e.g. a replay model).
@@ -23,9 +23,9 @@ import httpx
 from faststream import FastStream
 
 from schemas.messages import LocalLoad
-from services.runtime.bus import encode, now_ms
 from services.inference.engine_load import EngineLoadReader, MetricsError, metrics_url
 from services.inference.service import InferenceService
+from services.runtime.bus import encode, now_ms
 
 DEFAULT_LOAD_INTERVAL_S = 0.25
 # Backends that call a real engine, whose /metrics can be read.
@@ -74,9 +74,8 @@ class LoadPublisher:
 
     async def publish_once(self) -> list[LocalLoad]:
         loads = await asyncio.gather(*(self._measure(name) for name in self.models))
-        connection = self.bus.broker.connection
         for load in loads:
-            await connection.publish(self.bus.subjects.local_load(load.model), encode(load))
+            await self.bus.publish_core(self.bus.subjects.local_load(load.model), encode(load))
         return loads
 
     async def _measure(self, model: str) -> LocalLoad:

@@ -44,7 +44,7 @@ KV_CACHE_FULL = 0.98
 
 
 @dataclass(frozen=True)
-class Estimate:
+class FinishEstimate:
     """When a call on a local model would finish, from the load the router knows of."""
 
     model: str
@@ -85,11 +85,11 @@ class LoadBoard:
                 del reports[replica]  # a replica that stopped reporting is forgotten
         return [load for load, _ in reports.values()]
 
-    def estimate(self, model: ModelSpec, max_tokens: int, now: float | None = None) -> Estimate | None:
+    def estimate(self, model: ModelSpec, max_tokens: int, now: float | None = None) -> FinishEstimate | None:
         """None when no fresh report carries engine metrics: nothing is known to queue on."""
         fresh = self.fresh(model.name, now)
         # One engine per endpoint, however many replicas read it; its latest read.
-        engines = {load.endpoint: load for load in sorted(fresh, key=lambda l: l.time_ms) if load.engine}
+        engines = {load.endpoint: load for load in sorted(fresh, key=lambda report: report.time_ms) if load.engine}
         if not engines:
             return None
         rates = [e.decode_tokens_per_s for e in engines.values() if e.decode_tokens_per_s]
@@ -109,7 +109,7 @@ class LoadBoard:
         if serial:
             # Every call on a one-at-a-time engine is running or waiting there, or on its way.
             ahead = max(ahead, sum(load.in_flight for load in fresh), self.pending[model.name])
-        return Estimate(
+        return FinishEstimate(
             model=model.name,
             ahead=ahead,
             slots=slots,

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas.messages import ChatMessage, InferenceResult, StepRequest
+from services.inference.replay import replay
 from services.routing.policies import CascadePolicy, LearnedPolicy, Policy, execute
 from services.routing.policies.calibration import sweep
 from services.routing.policies.fixed import FixedPolicy
@@ -28,7 +29,6 @@ from services.routing.policies.routerfile import RouterFile
 from services.routing.table import RoutingTable
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.data import Record
-from services.inference.replay import replay
 
 # The answer workflow's one step (deploy/workflows/answer.toml).
 WORKFLOW = "answer"
@@ -246,7 +246,6 @@ def _references(
     oracle_strong = ~weak_ok
     oracle_cost = float(np.where(oracle_strong, strong_cost, weak_cost).sum())
     oracle_accuracy = float(np.where(oracle_strong, strong_ok, weak_ok).mean())
-    common = {"n": n, "strong_accuracy": s, "weak_accuracy": w, "strong_only_cost_usd": strong_only}
     return [
         PolicyResult(
             policy="random",
@@ -256,7 +255,10 @@ def _references(
             cost_reduction=1 - random_cost / strong_only,
             meets_target=random_accuracy >= floor - 1e-12,
             best_cost_reduction_at_target=1 - random_cost / strong_only,
-            **common,
+            n=n,
+            strong_accuracy=s,
+            weak_accuracy=w,
+            strong_only_cost_usd=strong_only,
         ),
         PolicyResult(
             policy="oracle",
@@ -266,7 +268,10 @@ def _references(
             cost_reduction=1 - oracle_cost / strong_only,
             meets_target=oracle_accuracy >= floor,
             best_cost_reduction_at_target=1 - oracle_cost / strong_only,
-            **common,
+            n=n,
+            strong_accuracy=s,
+            weak_accuracy=w,
+            strong_only_cost_usd=strong_only,
         ),
     ]
 

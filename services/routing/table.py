@@ -126,10 +126,10 @@ def prompt_chars(step: StepRequest) -> int:
     """A step's prompt size as the table's thresholds measure it: the characters of its messages.
 
     Not tokens: a rule picks the tier before the model, and so the tokenizer, is known, and
-    tokenizing costs more than the whole decision may (tiktoken takes about 20 us for a
-    150-character prompt on this CPU; the rules' budget is 50 us at p99). A size rule only needs
-    to tell short from long; where the exact count matters, the reservation's worst case, the
-    router counts tokens with the chosen model's tokenizer.
+    tokenizing would cost more than the rest of the decision together (docs/benchmarks.md,
+    "Routing decision latency"). A size rule only needs to tell short from long; where the exact
+    count matters, the reservation's worst case, the router counts tokens with the chosen model's
+    tokenizer.
     """
     return sum(len(m.content) for m in step.messages)
 

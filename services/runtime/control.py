@@ -48,6 +48,11 @@ async def set_pace(bus: Bus, signal: PaceSignal) -> None:
     await bus.publish(bus.subjects.control_pace, signal, stream=bus.subjects.stream(STREAM_CONTROL))
 
 
+def killed_message(switch: KillSwitch) -> str:
+    """What a call stopped by ``switch`` reports: which switch, and the reason it was tripped."""
+    return f"kill switch tripped ({switch.scope} {switch.key}): {switch.reason}"
+
+
 def covers(switch: KillSwitch, *, tenant: str, task_id: str, model: str) -> bool:
     """Whether ``switch`` applies to a call of this tenant, task and model."""
     return (

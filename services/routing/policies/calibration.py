@@ -70,8 +70,8 @@ def calibrate_every_fold(
     the folds' calibrated thresholds, described on all the scores together.
 
     One threshold over the pooled folds is set by the average fold; a fold of unseen domains that
-    suits the weak model less then falls short, and so do new domains later (on the held-out MMLU
-    domains, 91% of GPT-4's accuracy instead of 95%). Asking it of every fold prices in that spread.
+    suits the weak model less then falls short, and so do new domains later (docs/routing.md,
+    "Calibration"). Asking it of every fold prices in that spread.
     """
     threshold = max(calibrate(scores[f], weak_correct[f], strong_correct[f], target).threshold for f in folds)
     return operating_point(threshold, scores, weak_correct, strong_correct, target)

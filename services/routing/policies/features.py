@@ -4,9 +4,8 @@ The prompt embedding is WordLlama's ``l2_supercat`` model: static token embeddin
 dimensions, a 32,000-token vocabulary) trained from large language models' token embeddings,
 averaged over the prompt's tokens and L2-normalised. Its weights (16 MB) and tokenizer ship inside
 the ``wordllama`` wheel, so nothing is downloaded, and embedding a prompt is one tokenizer pass
-and one average: about 0.2 ms for a median prompt on this CPU, against about 5 ms for
-all-MiniLM-L6-v2 as int8 ONNX. On the held-out MMLU domains it also routes better than the
-hashed word and character n-grams it replaced (docs/routing.md).
+and one average: cheap enough for the router's event loop, where a transformer encoder would take
+the whole decision budget. Why this embedding, and what it was measured against: docs/routing.md.
 """
 
 from __future__ import annotations

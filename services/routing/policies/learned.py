@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schemas.messages import StepRequest
-from services.routing.table import resolve_model
 from services.routing.policies.routerfile import PromptModel, RouterFile
+from services.routing.table import resolve_model
 from services.runtime.catalog import Catalog, ModelSpec
 
 

@@ -72,24 +72,24 @@ class RouterFile:
         }
         arrays: dict[str, np.ndarray] = {}
         if self.prompt_model is not None:
-            m = self.prompt_model
+            prompt = self.prompt_model
             header["prompt_model"] = {
                 "embedding": PROMPT_EMBEDDING,
-                "intercept": m.intercept,
-                "calibration": asdict(m.calibration),
+                "intercept": prompt.intercept,
+                "calibration": asdict(prompt.calibration),
             }
-            arrays["prompt_coef"] = m.coef
+            arrays["prompt_coef"] = prompt.coef
         if self.answer_model is not None:
-            m = self.answer_model
+            answer = self.answer_model
             header["answer_model"] = {
                 "features": list(ANSWER_FEATURES),
-                "coef": m.coef.tolist(),
-                "intercept": m.intercept,
-                "calibration": asdict(m.calibration),
+                "coef": answer.coef.tolist(),
+                "intercept": answer.intercept,
+                "calibration": asdict(answer.calibration),
             }
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as f:
-            np.savez_compressed(f, header=np.array(json.dumps(header)), **arrays)
+            np.savez_compressed(f, header=np.array(json.dumps(header)), **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: Path) -> RouterFile:
