@@ -35,13 +35,13 @@ class ModelSpec:
     output_usd_per_mtok: float
     cached_input_usd_per_mtok: float | None = None
     recorded_as: str | None = None
-    # The latency model of the replay and synthetic backends (services/runtime/inference/latency.py):
+    # The latency model of the replay and synthetic backends (services/inference/latency.py):
     # time to first token (the fixed part), uncached prompt tokens prefilled per second before it
     # (None: no prefill time), and output tokens per second after it (None: no decode time).
     ttft_ms: float = 0.0
     prefill_tokens_per_s: float | None = None
     output_tokens_per_s: float | None = None
-    # The synthetic backend's prefix cache (services/runtime/inference/prefix_cache.py): blocks of
+    # The synthetic backend's prefix cache (services/inference/prefix_cache.py): blocks of
     # this many tokens (vLLM's default is 16); 0: the provider caches nothing.
     prompt_cache_block_tokens: int = 0
     # The hardware profile the prices were computed from; "" for list prices.
