@@ -1,7 +1,7 @@
 """Decision latency of each routing policy on this CPU: `python -m loadtest.bench.router --json`.
 
 One decision is ``policy.choose(step, catalog)``, what the router calls per step, including
-feature extraction (prompt token count for the rules, the prompt's embedding for the learned policy) and,
+feature extraction (prompt size in characters for the rules, the prompt's embedding for the learned policy) and,
 for the cascade, the validator's check of the weak answer. Prompts are the recorded GSM8K and
 MMLU prompts, cycled; the router file is the shipped one (deploy/routers/).
 """

@@ -1,7 +1,7 @@
 """`frugalmesh budget set|show`, `frugalmesh kill` and `frugalmesh clear`.
 
 ``budget`` asks the accountant (request/reply on ``mesh.budget.set`` / ``mesh.budget.show``), so
-it needs the accountant running. ``kill`` and ``clear`` write the switch themselves with nats-py
+it needs the accountant running. ``kill`` and ``clear`` write the switch themselves over the Bus
 (KV first, then the event on ``mesh.control.kill``), so an operator can stop spending even when
 the accountant is down; every service obeys the KV value.
 """

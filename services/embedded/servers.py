@@ -207,7 +207,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 @dataclass
 class EmbeddedEngine:
     """A local model behind an OpenAI-compatible server: ``cpu`` runs the embedded engine
-    (services/local_inference/engine, SmolLM2-135M unless ``model`` names a GGUF file), ``vllm``
+    (services/embedded/engine, SmolLM2-135M unless ``model`` names a GGUF file), ``vllm``
     runs ``vllm serve <model>`` on a GPU host. Either is served as ``name``, the model's name in
     deploy/models.toml; ``port=0`` picks a free port."""
 

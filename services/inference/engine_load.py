@@ -2,7 +2,7 @@
 
 Two engines' metric names are understood:
 
-- llama.cpp's server (and the embedded engine, services/local_inference/engine, which uses the same
+- llama.cpp's server (and the embedded engine, services/embedded/engine, which uses the same
   names): ``llamacpp:requests_processing``, ``llamacpp:requests_deferred`` (waiting),
   ``llamacpp:kv_cache_usage_ratio``, ``llamacpp:predicted_tokens_seconds`` (recent decode rate).
 - vLLM: ``vllm:num_requests_running``, ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``

@@ -109,8 +109,7 @@ def create_app(
         durable=DURABLE_PLANNER,
         # One task per fetch by default: once nothing was waiting, nats-py's fetch holds its pull
         # open until the whole batch arrived or the timeout passed, so with 32 the first task of a
-        # quiet spell waited for 31 more or a second (overhead p95 688 ms at 50 tasks/s, 298 ms
-        # with 1; throughput unchanged, docs/benchmarks.md).
+        # quiet spell waited for 31 more or a second (docs/benchmarks.md, "the planner's fetch").
         pull_sub=PullSub(batch_size=pull_batch, timeout=1.0),
         ack_policy=AckPolicy.MANUAL,
         config=ConsumerConfig(ack_policy=JsAckPolicy.EXPLICIT, ack_wait=ack_wait_s, max_deliver=MAX_DELIVER),

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 # Which embedding a router file's weights belong to: a file trained on another one is refused.
 PROMPT_EMBEDDING = "wordllama/l2_supercat_256"
 EMBEDDING_DIMENSIONS = 256
-# The decision runs on the router's event loop, and embedding costs about 1.2 ms per 1,000
-# characters here: a 1 MB prompt would hold every other step for over a second. What a prompt
+# The decision runs on the router's event loop and embedding costs grow with the prompt, so a
+# huge prompt would hold every other step (docs/benchmarks.md has the figures). What a prompt
 # asks is in its opening; the longest recorded prompt (4,900 characters) is embedded whole.
 MAX_EMBEDDED_CHARS = 8_000
 
