@@ -27,7 +27,7 @@ from schemas.messages import UsageEvent
 from schemas.subjects import DURABLE_USAGE_INGEST, HEADER_MSG_ID, STREAM_USAGE
 from services.accountant.app import create_app
 from services.accountant.clickhouse import client, create_schema
-from services.accountant.ingest import USAGE, usage_row
+from services.accountant.rows import USAGE, usage_row
 from services.embedded.servers import EmbeddedClickHouse, EmbeddedNats
 from services.runtime.bus import now_ms
 from services.runtime.settings import MeshSettings

@@ -37,9 +37,10 @@ from schemas.subjects import (
     STREAM_USAGE,
 )
 from services.accountant.budget import BUDGETS_FILE, BudgetConfig
-from services.accountant.ingest import ARTIFACTS, KILLS, TASKS, USAGE, BatchConsumer, Ingest, Sink, Store
+from services.accountant.ingest import BatchConsumer, Ingest, Store
 from services.accountant.journal import Commit
 from services.accountant.reservations import Accounts, MsClock
+from services.accountant.rows import ARTIFACTS, KILLS, TASKS, USAGE, Sink
 from services.runtime.bus import Bus, Message, encode, now_ms
 from services.runtime.settings import MeshSettings
 
