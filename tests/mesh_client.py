@@ -1,11 +1,13 @@
-"""What tests do as a client of a live mesh: submit a task and follow it, read an artifact back,
-wait for the accountant's usage rows in ClickHouse, and read the local engine's load."""
+"""What tests do as a client of a live mesh, over plain nats-py as an agent in any language would:
+submit a task and follow it, ask the router for a step or an inference service for a call, put and
+read artifacts, read what a stream stored, wait for the planner's ack and for the accountant's usage
+rows in ClickHouse, and read the local engine's load."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import clickhouse_connect
 import httpx
@@ -17,11 +19,17 @@ from schemas.messages import (
     Artifact,
     ArtifactGet,
     ArtifactReply,
+    InferenceRequest,
+    InferenceResult,
+    StepRequest,
     Task,
     TaskEvent,
+    UsageEvent,
 )
-from schemas.subjects import HEADER_MSG_ID
+from schemas.subjects import HEADER_MSG_ID, STREAM_TASKS, STREAM_USAGE
 from services.inference.engine_load import metrics_url
+
+T = TypeVar("T")
 
 
 async def submit(nc, settings, task: Task, timeout_s: float = 10.0) -> list[TaskEvent]:
@@ -39,13 +47,65 @@ async def submit(nc, settings, task: Task, timeout_s: float = 10.0) -> list[Task
     return events
 
 
-async def artifact(nc, settings, artifact_id: str) -> Artifact:
+async def wait_for_ack(nc, settings) -> None:
+    """Until the task work queue is empty: a task message leaves it once the planner acks it."""
+    js = nc.jetstream()
+    for _ in range(50):
+        if (await js.stream_info(settings.subjects.stream(STREAM_TASKS))).state.messages == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the task message was never acked")
+
+
+async def request(nc, subject: str, message: msgspec.Struct, reply_type: type[T], timeout_s: float = 10.0) -> T:
+    """Send ``message`` on ``subject`` and decode the reply as ``reply_type``."""
+    reply = await nc.request(subject, msgspec.json.encode(message), timeout=timeout_s)
+    return msgspec.json.decode(reply.data, type=reply_type)
+
+
+async def ask(
+    nc, settings, step: StepRequest, headers: dict[str, str] | None = None, timeout_s: float = 5.0
+) -> InferenceResult:
+    """Ask the router for one step, as the planner does."""
     reply = await nc.request(
-        settings.subjects.artifact_get, msgspec.json.encode(ArtifactGet(id=artifact_id)), timeout=5
+        settings.subjects.step_request, msgspec.json.encode(step), timeout=timeout_s, headers=headers
     )
-    found = msgspec.json.decode(reply.data, type=ArtifactReply).artifact
+    return msgspec.json.decode(reply.data, type=InferenceResult)
+
+
+async def call(nc, subject: str, inference: InferenceRequest, timeout_s: float = 10.0) -> InferenceResult:
+    """Send one call straight to an inference service (``subject``), as the router does."""
+    return await request(nc, subject, inference, InferenceResult, timeout_s)
+
+
+async def put_artifact(nc, settings, artifact: Artifact) -> ArtifactReply:
+    return await request(nc, settings.subjects.artifact_put, artifact, ArtifactReply, timeout_s=5)
+
+
+async def get_artifact(nc, settings, artifact_id: str) -> ArtifactReply:
+    return await request(nc, settings.subjects.artifact_get, ArtifactGet(id=artifact_id), ArtifactReply, timeout_s=5)
+
+
+async def artifact(nc, settings, artifact_id: str) -> Artifact:
+    """A stored artifact, which must exist."""
+    found = (await get_artifact(nc, settings, artifact_id)).artifact
     assert found is not None
     return found
+
+
+async def stream_messages(nc, settings, stream: str) -> list[bytes]:
+    """Every message stored on a mesh stream so far, in order."""
+    js = nc.jetstream()
+    name = settings.subjects.stream(stream)
+    info = await js.stream_info(name)
+    if not info.state.messages:
+        return []
+    return [(await js.get_msg(name, seq)).data for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+
+
+async def usage_events(nc, settings) -> list[UsageEvent]:
+    """Every usage event stored on the usage stream so far, in order."""
+    return [msgspec.json.decode(data, type=UsageEvent) for data in await stream_messages(nc, settings, STREAM_USAGE)]
 
 
 async def usage_rows(
@@ -59,11 +119,17 @@ async def usage_rows(
         result = client.query(
             f"SELECT {columns} FROM {database}.usage_events FINAL WHERE {where} ORDER BY time", parameters=parameters
         )
-        rows = [dict(zip(result.column_names, row)) for row in result.result_rows]
+        rows = [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
         if len(rows) >= expected:
             return rows
         assert time.monotonic() < deadline, f"{len(rows)} of {expected} usage rows after 30 s ({where}, {parameters})"
         await asyncio.sleep(0.2)
+
+
+async def usage_row(clickhouse_url: str, database: str, call_id: str, columns: str) -> dict[str, Any]:
+    """The one usage row of call ``call_id``, once the accountant has ingested it."""
+    [row] = await usage_rows(clickhouse_url, database, "call_id = %(c)s", {"c": call_id}, columns=columns)
+    return row
 
 
 def engine_metrics(base_url: str) -> dict[str, float]:

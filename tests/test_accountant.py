@@ -9,23 +9,31 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
 from datetime import date
 from decimal import Decimal
 
 import msgspec
 import pytest
 from clickhouse_connect.driver.client import Client
+from helpers import eventually
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
 from schemas.messages import Artifact, ArtifactRef, DeadLetter, TaskEvent, UsageEvent
-from schemas.subjects import HEADER_MSG_ID, STREAM_ARTIFACT_EVENTS, STREAM_DLQ, STREAM_TASK_EVENTS, STREAM_USAGE
-from services.accountant.clickhouse import client, create_schema
-from services.accountant.ingest import USAGE, BatchConsumer, Ingest, Store, delivery_count, usage_row, usd
+from schemas.subjects import (
+    HEADER_MSG_ID,
+    STREAM_ARTIFACT_EVENTS,
+    STREAM_DLQ,
+    STREAM_TASK_EVENTS,
+    STREAM_USAGE,
+    pull_request,
+)
+from services.accountant.clickhouse import create_schema
+from services.accountant.ingest import BatchConsumer, Ingest, Store, delivery_count
+from services.accountant.rows import USAGE, usage_row, usd
 from services.runtime.bus import Bus
-from services.runtime.streams import ensure_streams
 from services.runtime.settings import MeshSettings
+from services.runtime.streams import ensure_streams
 
 DAY1_MS = 1_763_596_800_000  # 2025-11-20 00:00 UTC
 DAY_MS = 86_400_000
@@ -37,13 +45,6 @@ FAST = {"ack_wait_s": 2.0, "retry_delay_s": 0.2}
 @pytest.fixture
 def database(settings: MeshSettings) -> str:
     return settings.subject_prefix
-
-
-@pytest.fixture
-def ch(clickhouse_url: str) -> Iterator[Client]:
-    c = client(clickhouse_url)
-    yield c
-    c.close()
 
 
 def usage(i: int, *, task: str = "task-1", cost: float | None = None, **fields) -> UsageEvent:
@@ -97,16 +98,6 @@ async def drained(js, stream: str, durable: str, timeout_s: float = 20.0) -> Non
     raise AssertionError(f"{durable} on {stream} did not drain: {info}")
 
 
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = check()
-        if result if isinstance(result, bool) else await result:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def stored(ch: Client, database: str, *, final: bool = False) -> tuple[int, int, Decimal]:
     """(rows, distinct event ids, total cost) of usage_events: without FINAL the raw truth, with it
     what every view reads."""
@@ -120,6 +111,7 @@ async def start_accountant(start_service, settings: MeshSettings, database: str,
     return await start_service("accountant", settings, database=database, **FAST, **options)
 
 
+@pytest.mark.infra
 async def test_duplicates_make_exactly_one_row_each(start_service, settings, database, ch, nc):
     js = nc.jetstream()
     await start_accountant(start_service, settings, database)
@@ -152,6 +144,7 @@ async def test_duplicates_make_exactly_one_row_each(start_service, settings, dat
     ).result_rows == [(events[7].time_ms, "acme", "task-1", "call-00007", 107, 10, 20, 12.5, "ok", "provider")]
 
 
+@pytest.mark.infra
 async def test_bad_messages_go_to_the_dlq_and_ingest_goes_on(start_service, settings, database, ch, nc):
     js = nc.jetstream()
     subjects = settings.subjects
@@ -180,6 +173,7 @@ async def test_bad_messages_go_to_the_dlq_and_ingest_goes_on(start_service, sett
     assert "out of range" in errors[bad[3]]
 
 
+@pytest.mark.infra
 async def test_stop_and_restart_mid_stream_loses_and_doubles_nothing(start_service, settings, database, ch, nc):
     js = nc.jetstream()
     stream = settings.subjects.stream(STREAM_USAGE)
@@ -187,7 +181,7 @@ async def test_stop_and_restart_mid_stream_loses_and_doubles_nothing(start_servi
     first = await start_accountant(start_service, settings, database, batch_size=50)
     events = [usage(i, task=f"task-{i % 7}") for i in range(3000)]
     publishing = asyncio.create_task(publish_usage(js, settings, events))
-    await eventually(lambda: stored(ch, database)[0] >= 300)
+    await eventually(lambda: stored(ch, database)[0] >= 300, timeout_s=20)
     await asyncio.wait_for(first.stop(), 10)
     at_stop = stored(ch, database)[0]
     await publishing
@@ -198,6 +192,7 @@ async def test_stop_and_restart_mid_stream_loses_and_doubles_nothing(start_servi
     assert stored(ch, database) == (3000, 3000, sum(usd(e.cost_usd) for e in events))
 
 
+@pytest.mark.infra
 async def test_rows_inserted_but_never_acked_are_not_doubled(start_service, settings, database, ch, nc):
     """The crash window: a batch reached ClickHouse but its acks did not reach JetStream."""
     js = nc.jetstream()
@@ -223,6 +218,7 @@ async def test_rows_inserted_but_never_acked_are_not_doubled(start_service, sett
     assert stored(ch, database) == (100, 100, sum(usd(e.cost_usd) for e in events))
 
 
+@pytest.mark.infra
 async def test_failed_insert_is_redelivered(start_service, settings, database, ch, nc):
     js = nc.jetstream()
     stream = settings.subjects.stream(STREAM_USAGE)
@@ -231,7 +227,7 @@ async def test_failed_insert_is_redelivered(start_service, settings, database, c
     events = [usage(i) for i in range(200)]
     await publish_usage(js, settings, events)
     # The insert fails, the batch is naked and comes back again and again.
-    await eventually(lambda: _redelivered(js, stream))
+    await eventually(lambda: _redelivered(js, stream), timeout_s=20)
     assert (await js.consumer_info(stream, "accountant")).num_ack_pending > 0
     create_schema(ch, database)
     await drained(js, stream, "accountant")
@@ -242,6 +238,7 @@ async def _redelivered(js, stream: str) -> bool:
     return (await js.consumer_info(stream, "accountant")).num_redelivered > 0
 
 
+@pytest.mark.infra
 async def test_task_outcomes_artifacts_and_views(start_service, settings, database, ch, nc):
     js = nc.jetstream()
     subjects = settings.subjects
@@ -338,6 +335,7 @@ async def test_task_outcomes_artifacts_and_views(start_service, settings, databa
     ).result_rows == [("task-1", answer.id, "answer", 3, Decimal("0.004"), 3, Decimal("0.003"))]
 
 
+@pytest.mark.infra
 async def test_schema_creation_is_idempotent(ch, database):
     assert create_schema(ch, database) == database
     assert create_schema(ch, database) == database
@@ -354,6 +352,7 @@ async def test_schema_creation_is_idempotent(ch, database):
     }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "reply",
     [
@@ -366,24 +365,28 @@ def test_delivery_count_reads_the_ack_subject_as_nats_py_does(reply):
     assert delivery_count(reply) == Msg.Metadata._from_reply(reply).num_delivered == 3
 
 
-async def test_stop_ends_the_fetch_loop_even_as_a_message_arrives(settings):
+@pytest.mark.infra
+async def test_stop_ends_the_fetch_loop_even_as_a_message_arrives(settings, nc):
     """Python 3.11's ``asyncio.wait_for`` drops a cancellation that lands as its wait ends; the
     ingest's fetch loop waited that way, so a stop during a stream of messages could hang."""
     bus = Bus(settings, "accountant")
-    await bus.broker.connect()
-    await ensure_streams(bus.broker.connection.jetstream(), settings.subjects)
+    await bus.connect()
+    await ensure_streams(bus.jetstream, settings.subjects)
     ingest = Ingest(bus, Store(settings.clickhouse_url, None), USAGE, retry_delay_s=1.0)
-    consumer = BatchConsumer(
-        bus, ingest, stream=settings.subjects.stream(STREAM_USAGE), subject=settings.subjects.usage_all,
+    consumer = BatchConsumer(ingest, bus.pull(
+        stream=settings.subjects.stream(STREAM_USAGE), subject=settings.subjects.usage_all,
         durable="stop-test", batch_size=10, batch_timeout_s=5.0, config=ConsumerConfig(),
-    )  # fmt: skip
+    ))  # fmt: skip
+    # The fetch loop sends its pull request, then waits: once the request is on the wire, it waits.
+    pulls = await nc.subscribe(pull_request(settings.subjects.stream(STREAM_USAGE), "stop-test"))
+    await nc.flush()
     await consumer.start()
     try:
-        await asyncio.sleep(0.2)  # the loop is waiting for its pull request's messages
-        consumer._arrived.set()  # what a message's arrival does, in the same turn as the stop
+        await pulls.next_msg(timeout=5)
+        consumer.pull._arrived.set()  # what a message's arrival does, in the same turn as the stop
         stopping = asyncio.create_task(consumer.stop())
         # Well inside the pull's 5 s: a lost cancellation kept the loop fetching for good.
         done, _ = await asyncio.wait([stopping], timeout=2)
         assert stopping in done, "stop() did not end the fetch loop"
     finally:
-        await bus.broker.stop()
+        await bus.close()

@@ -15,34 +15,37 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import msgspec
 import pytest
 from clickhouse_connect.driver.client import Client
+from helpers import eventually
+from mesh_client import request
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from schemas.messages import BudgetQuery, BudgetState, BudgetUpdate, KillSwitch, Reservation, ReservationDecision, UsageEvent
+from schemas.messages import (
+    BudgetQuery,
+    BudgetState,
+    BudgetUpdate,
+    KillSwitch,
+    Reservation,
+    ReservationDecision,
+    UsageEvent,
+)
 from schemas.subjects import HEADER_MSG_ID, STREAM_USAGE
-from services.accountant.clickhouse import client
-from services.accountant.ingest import usd
+from services.accountant.rows import usd
 from services.runtime.bus import encode, now_ms
-from services.runtime.streams import ensure_streams
 from services.runtime.control import control_bucket
 from services.runtime.settings import MeshSettings
+from services.runtime.streams import ensure_streams
+
+pytestmark = pytest.mark.infra
 
 REPO = Path(__file__).resolve().parents[1]
 # JetStream redelivers what the killed process fetched but never acked after this long.
 ACK_WAIT_S = 2.0
-
-
-@pytest.fixture
-def ch(clickhouse_url: str) -> Iterator[Client]:
-    c = client(clickhouse_url)
-    yield c
-    c.close()
 
 
 # The accountant's ack_wait (create_app's default) plus room to ingest.
@@ -123,11 +126,7 @@ def stored(ch: Client, tenant: str) -> tuple[int, int, Decimal]:
     ).result_rows[0]
 
 
-async def request(nc, subject: str, message: msgspec.Struct, reply_type):
-    return msgspec.json.decode((await nc.request(subject, encode(message), timeout=10)).data, type=reply_type)
-
-
-async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, ch, tmp_path):
+async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, bus, ch, tmp_path):
     subjects = settings.subjects
     tenant = settings.subject_prefix
     js = nc.jetstream()
@@ -201,7 +200,7 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, ch, tm
         assert caps[("tenant", tenant)] == (3.0, 50.0) and caps[("model", "m-capped")] == (0.01, None)
         tenant_day = next(s for s in state.spend if (s.scope, s.key, s.window) == ("tenant", tenant, "day"))
         assert (tenant_day.settled_usd, tenant_day.reserved_usd) == pytest.approx((0.01, 0.5))
-        control = await control_bucket(js, subjects)
+        control = await control_bucket(bus)
         switch = msgspec.json.decode((await control.get("kill.model.m-capped")).value, type=KillSwitch)
         assert switch.tripped and switch.by == "accountant"
         again = Reservation(
@@ -210,15 +209,12 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, ch, tm
         refused = await request(nc, subjects.budget_reserve, again, ReservationDecision)
         assert not refused.granted and refused.reason.startswith("kill switch tripped (model m-capped)")
         # The trip's row arrives through its own consumer, which may still be catching up.
-        deadline = time.monotonic() + REDELIVERY_S
-        while True:
-            rows = ch.query(
+        def trip_recorded() -> bool:
+            return ch.query(
                 "SELECT count() FROM kill_events WHERE scope = 'model' AND key = 'm-capped' AND reason LIKE {r:String}",
                 parameters={"r": "%" + "model m-capped day cap%"},
-            ).result_rows
-            if rows == [(1,)] or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        assert rows == [(1,)]
+            ).result_rows == [(1,)]
+
+        await eventually(trip_recorded, timeout_s=REDELIVERY_S, interval_s=0.05, message="the trip's row never came")
     finally:
         accountant.stop()

@@ -1,6 +1,6 @@
 """Layer 2, anti-loop: attempts per task fingerprint per UTC day, bounded retries and loops, identical calls.
 
-The router is the test peer of tests/test_planner.py, answering every call at a fixed cost, so each
+The router is the test peer of tests/fakes/router_peer.py, answering every call at a fixed cost, so each
 test can count exactly what a loop managed to spend before it was stopped.
 """
 
@@ -10,7 +10,9 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from test_planner import deploy_with, mesh, new_task, peers, result, submit, wait_for_ack  # noqa: F401 (fixtures)
+from fakes.router_peer import result
+from helpers import deploy_with, new_task
+from mesh_client import submit, wait_for_ack
 
 from schemas.messages import ErrorInfo, Task
 from services.planner.antiloop import fingerprint
@@ -45,9 +47,10 @@ def kinds(events) -> list[str]:
     return [e.kind for e in events]
 
 
-async def test_the_fourth_attempt_of_the_same_task_is_refused_before_any_call(settings, nc, mesh, peers):
-    await mesh(limits=Limits(attempts_per_day=3))
-    peer = await peers(settings, lambda r: result(r, "ok"))
+@pytest.mark.infra
+async def test_the_fourth_attempt_of_the_same_task_is_refused_before_any_call(settings, nc, planner_mesh, router_peers):
+    await planner_mesh(limits=Limits(attempts_per_day=3))
+    peer = await router_peers(settings, lambda r: result(r, "ok"))
     runs = [await submit(nc, settings, new_task(goal="same goal", tenant="acme")) for _ in range(4)]
 
     assert [run[-1].kind for run in runs] == ["done", "done", "done", "failed"]
@@ -62,6 +65,7 @@ async def test_the_fourth_attempt_of_the_same_task_is_refused_before_any_call(se
     await wait_for_ack(nc, settings)
 
 
+@pytest.mark.unit
 def test_fingerprint_is_the_work_not_the_task_id():
     a = Task(id="one", tenant="t", workflow="answer", goal="g")
     assert fingerprint(a) == fingerprint(Task(id="two", tenant="t", workflow="answer", goal="g", budget_usd=1.0))
@@ -74,10 +78,13 @@ def test_fingerprint_is_the_work_not_the_task_id():
     assert fingerprint(a, schedule_run="s1-100") != fingerprint(a, schedule_run="s1-400")
 
 
-async def test_concurrent_replicas_let_exactly_the_limit_through(settings, nc, mesh, start_service, peers):
-    used = await mesh(limits=Limits(attempts_per_day=3))
+@pytest.mark.infra
+async def test_concurrent_replicas_let_exactly_the_limit_through(
+    settings, nc, planner_mesh, start_service, router_peers
+):
+    used = await planner_mesh(limits=Limits(attempts_per_day=3))
     await start_service("planner", used, limits=Limits(attempts_per_day=3))
-    peer = await peers(settings, lambda r: result(r, "ok"), delay_s=0.05)
+    peer = await router_peers(settings, lambda r: result(r, "ok"), delay_s=0.05)
     runs = await asyncio.gather(*(submit(nc, settings, new_task(goal="burst")) for _ in range(6)))
 
     assert sorted(run[-1].kind for run in runs) == ["done"] * 3 + ["failed"] * 3
@@ -86,21 +93,25 @@ async def test_concurrent_replicas_let_exactly_the_limit_through(settings, nc, m
     await wait_for_ack(nc, settings)
 
 
-async def test_attempts_are_counted_per_utc_day(settings, nc, mesh, peers):
+@pytest.mark.infra
+async def test_attempts_are_counted_per_utc_day(settings, nc, planner_mesh, router_peers):
     now = [datetime(2031, 3, 1, 23, 59, tzinfo=UTC)]
-    await mesh(limits=Limits(attempts_per_day=1), clock=lambda: now[0])
-    await peers(settings, lambda r: result(r, "ok"))
+    await planner_mesh(limits=Limits(attempts_per_day=1), clock=lambda: now[0])
+    await router_peers(settings, lambda r: result(r, "ok"))
     assert (await submit(nc, settings, new_task(goal="daily")))[-1].kind == "done"
     assert kinds(await submit(nc, settings, new_task(goal="daily"))) == ["accepted", "refused", "failed"]
     now[0] += timedelta(minutes=2)  # the next UTC day
     assert (await submit(nc, settings, new_task(goal="daily")))[-1].kind == "done"
 
 
-async def test_runaway_workflow_is_stopped_by_layer_2_with_its_cost_bounded(settings, nc, mesh, peers, tmp_path):
+@pytest.mark.infra
+async def test_runaway_workflow_is_stopped_by_layer_2_with_its_cost_bounded(
+    settings, nc, planner_mesh, router_peers, tmp_path
+):
     """(d): a step that always asks for a retry, resubmitted again and again."""
     limits = Limits(attempts_per_day=3, step_attempts=2, identical_calls=2, max_loops=50)
-    used = await mesh(deploy_with(tmp_path, runaway=RUNAWAY.format(max_loops=50)), limits=limits)
-    peer = await peers(used, lambda r: result(r, "Not good enough, RETRY.", cost_usd=COST))
+    used = await planner_mesh(deploy_with(tmp_path, runaway=RUNAWAY.format(max_loops=50)), limits=limits)
+    peer = await router_peers(used, lambda r: result(r, "Not good enough, RETRY.", cost_usd=COST))
 
     runs = [await submit(nc, used, new_task(workflow="runaway", goal="polish this")) for _ in range(5)]
 
@@ -119,16 +130,19 @@ async def test_runaway_workflow_is_stopped_by_layer_2_with_its_cost_bounded(sett
     await wait_for_ack(nc, used)
 
 
-async def test_a_loop_stops_at_max_loops_and_a_loop_that_settles_is_done(settings, nc, mesh, peers, tmp_path):
+@pytest.mark.infra
+async def test_a_loop_stops_at_max_loops_and_a_loop_that_settles_is_done(
+    settings, nc, planner_mesh, router_peers, tmp_path
+):
     # identical_calls is high here, so the loop bound is what stops it.
     limits = Limits(identical_calls=10, max_loops=5)
-    used = await mesh(deploy_with(tmp_path, runaway=RUNAWAY.format(max_loops=2)), limits=limits)
+    used = await planner_mesh(deploy_with(tmp_path, runaway=RUNAWAY.format(max_loops=2)), limits=limits)
 
     def respond(request):
         settles = request.messages[0].content == "settles" and request.attempt == 2
         return result(request, "Final answer." if settles else "RETRY", cost_usd=COST)
 
-    peer = await peers(used, respond)
+    peer = await router_peers(used, respond)
     stopped = await submit(nc, used, new_task(workflow="runaway", goal="never settles"))
     assert kinds(stopped)[-2:] == ["refused", "failed"] and stopped[-1].calls == 3  # 1 + 2 loops
     assert "still matches retry_if 'RETRY' after 2 loops" in stopped[-1].detail
@@ -138,19 +152,21 @@ async def test_a_loop_stops_at_max_loops_and_a_loop_that_settles_is_done(setting
     assert [r.attempt for r in peer.requests if r.messages[0].content == "settles"] == [1, 2]
 
 
-async def test_identical_calls_inside_one_task_are_stopped(settings, nc, mesh, peers, tmp_path):
-    used = await mesh(deploy_with(tmp_path, identical=IDENTICAL), limits=Limits(identical_calls=2))
-    peer = await peers(used, lambda r: result(r, "same", cost_usd=COST))
+@pytest.mark.infra
+async def test_identical_calls_inside_one_task_are_stopped(settings, nc, planner_mesh, router_peers, tmp_path):
+    used = await planner_mesh(deploy_with(tmp_path, identical=IDENTICAL), limits=Limits(identical_calls=2))
+    peer = await router_peers(used, lambda r: result(r, "same", cost_usd=COST))
     events = await submit(nc, used, new_task(workflow="identical", goal="g"))
     assert kinds(events)[-2:] == ["refused", "partial"]
     assert "the same call (role 'answer', same messages)" in events[-1].detail
     assert len(peer.requests) == 2
 
 
-async def test_retries_per_step_are_bounded_by_the_limit(settings, nc, mesh, peers):
-    await mesh(limits=Limits(step_attempts=3, identical_calls=3))
+@pytest.mark.infra
+async def test_retries_per_step_are_bounded_by_the_limit(settings, nc, planner_mesh, router_peers):
+    await planner_mesh(limits=Limits(step_attempts=3, identical_calls=3))
     busy = ErrorInfo(kind="unavailable", message="busy", retryable=True)
-    peer = await peers(settings, lambda r: result(r, "", cost_usd=0.0, error=busy))
+    peer = await router_peers(settings, lambda r: result(r, "", cost_usd=0.0, error=busy))
     events = await submit(nc, settings, new_task(goal="q"))
     assert events[-1].kind == "failed" and events[-1].calls == 3
     assert [r.attempt for r in peer.requests] == [1, 2, 3]

@@ -5,22 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
+from mesh_client import get_artifact, put_artifact
 
 from schemas.artifacts import artifact_id
-from schemas.messages import Artifact, ArtifactGet, ArtifactReply, DeadLetter
+from schemas.messages import Artifact, DeadLetter
 from schemas.subjects import BUCKET_ARTIFACT_BODIES, BUCKET_ARTIFACT_INDEX, STREAM_ARTIFACT_EVENTS, STREAM_DLQ
 
-
-async def put(nc, settings, artifact: Artifact) -> ArtifactReply:
-    reply = await nc.request(settings.subjects.artifact_put, msgspec.json.encode(artifact), timeout=5)
-    return msgspec.json.decode(reply.data, type=ArtifactReply)
-
-
-async def get(nc, settings, artifact_id_: str) -> ArtifactReply:
-    reply = await nc.request(
-        settings.subjects.artifact_get, msgspec.json.encode(ArtifactGet(id=artifact_id_)), timeout=5
-    )
-    return msgspec.json.decode(reply.data, type=ArtifactReply)
+pytestmark = pytest.mark.infra
 
 
 def answer(text: str = "42", **fields) -> Artifact:
@@ -42,14 +34,14 @@ async def test_put_get_roundtrip_stores_body_index_and_announces(settings, start
         settings.subjects.artifact_created("answer"), stream=settings.subjects.stream(STREAM_ARTIFACT_EVENTS)
     )
 
-    reply = await put(nc, settings, answer())
+    reply = await put_artifact(nc, settings, answer())
     assert reply.error is None and reply.ref is not None
     assert reply.ref.type == "answer"
     # The id is the content address of the normalised body (the omitted `graded` defaults to null).
     body = {"text": "42", "model": "mixtral-8x7b-local", "graded": None}
     assert reply.ref.id == artifact_id("answer", 1, body)
 
-    got = await get(nc, settings, reply.ref.id)
+    got = await get_artifact(nc, settings, reply.ref.id)
     assert got.error is None and got.artifact is not None
     stored = got.artifact
     assert (stored.id, stored.type, stored.body) == (reply.ref.id, "answer", body)
@@ -71,11 +63,12 @@ async def test_put_get_roundtrip_stores_body_index_and_announces(settings, start
 
 async def test_same_body_twice_gives_same_id_and_one_announcement(settings, start_service, nc):
     await start_service("artifact-store", settings)
-    first = await put(nc, settings, answer("7"))
+    first = await put_artifact(nc, settings, answer("7"))
     # Different task and lineage, same content: same artifact.
-    second = await put(nc, settings, msgspec.structs.replace(answer("7", graded=None), task_id="t2", calls=["c9"]))
+    elsewhere = msgspec.structs.replace(answer("7", graded=None), task_id="t2", calls=["c9"])
+    second = await put_artifact(nc, settings, elsewhere)
     assert first.ref == second.ref
-    got = await get(nc, settings, first.ref.id)
+    got = await get_artifact(nc, settings, first.ref.id)
     assert got.artifact.task_id == "t1"  # the first put's metadata stays: artifacts never change
 
     js = nc.jetstream()
@@ -85,7 +78,7 @@ async def test_same_body_twice_gives_same_id_and_one_announcement(settings, star
 
 async def test_concurrent_puts_are_all_answered(settings, start_service, nc):
     await start_service("artifact-store", settings)
-    replies = await asyncio.gather(*(put(nc, settings, answer(str(i % 5))) for i in range(40)))
+    replies = await asyncio.gather(*(put_artifact(nc, settings, answer(str(i % 5))) for i in range(40)))
     assert all(r.error is None for r in replies)
     assert len({r.ref.id for r in replies}) == 5
     info = await nc.jetstream().stream_info(settings.subjects.stream(STREAM_ARTIFACT_EVENTS))
@@ -97,13 +90,14 @@ async def test_invalid_body_is_refused_with_reason_and_dead_lettered(settings, s
     js = nc.jetstream()
     dlq = await js.subscribe(settings.subjects.dlq("artifact-store"), stream=settings.subjects.stream(STREAM_DLQ))
 
-    missing = await put(nc, settings, Artifact(type="answer", body={"text": "no model"}))
+    missing = await put_artifact(nc, settings, Artifact(type="answer", body={"text": "no model"}))
     assert missing.ref is None and "invalid 'answer' body" in missing.error and "model" in missing.error
 
-    bad_verdict = await put(nc, settings, Artifact(type="review", body={"text": "x", "model": "m", "verdict": "maybe"}))
+    maybe = Artifact(type="review", body={"text": "x", "model": "m", "verdict": "maybe"})
+    bad_verdict = await put_artifact(nc, settings, maybe)
     assert bad_verdict.ref is None and "verdict" in bad_verdict.error
 
-    extra = await put(nc, settings, Artifact(type="text", body={"text": "x", "surprise": 1}))
+    extra = await put_artifact(nc, settings, Artifact(type="text", body={"text": "x", "surprise": 1}))
     assert extra.ref is None and "surprise" in extra.error
 
     letter = msgspec.json.decode((await dlq.next_msg(timeout=5)).data, type=DeadLetter)
@@ -111,21 +105,21 @@ async def test_invalid_body_is_refused_with_reason_and_dead_lettered(settings, s
     await dlq.unsubscribe()
 
     # The service goes on.
-    assert (await put(nc, settings, answer())).ref is not None
+    assert (await put_artifact(nc, settings, answer())).ref is not None
 
 
 async def test_unknown_type_and_version_are_refused(settings, start_service, nc):
     await start_service("artifact-store", settings)
-    unknown = await put(nc, settings, Artifact(type="poem", body={"text": "roses"}))
+    unknown = await put_artifact(nc, settings, Artifact(type="poem", body={"text": "roses"}))
     assert unknown.ref is None and "unknown artifact type 'poem'" in unknown.error
-    future = await put(nc, settings, Artifact(type="text", schema_version=2, body={"text": "x"}))
+    future = await put_artifact(nc, settings, Artifact(type="text", schema_version=2, body={"text": "x"}))
     assert future.ref is None and "schema version" in future.error
 
 
 async def test_get_missing_malformed_and_undecodable(settings, start_service, nc):
     await start_service("artifact-store", settings)
-    assert (await get(nc, settings, "0" * 64)).error == "not found"
-    assert "invalid artifact id" in (await get(nc, settings, "../etc")).error
+    assert (await get_artifact(nc, settings, "0" * 64)).error == "not found"
+    assert "invalid artifact id" in (await get_artifact(nc, settings, "../etc")).error
     # Undecodable requests get the mesh-wide rejection, like every service's.
     reply = msgspec.json.decode((await nc.request(settings.subjects.artifact_put, b"{not json", timeout=5)).data)
     assert reply["error"]["kind"] == "invalid" and "not an Artifact" in reply["error"]["message"]

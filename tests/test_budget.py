@@ -8,25 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import click
 import msgspec
 import pytest
 from click.testing import CliRunner
-from nats.js.errors import KeyNotFoundError
+from helpers import eventually
+from mesh_client import request
 
-from schemas.messages import BudgetQuery, BudgetState, BudgetUpdate, KillSwitch, PaceSignal, Reservation, ReservationDecision
+from schemas.messages import (
+    BudgetQuery,
+    BudgetState,
+    BudgetUpdate,
+    KillSwitch,
+    PaceSignal,
+    Reservation,
+    ReservationDecision,
+)
 from schemas.subjects import STREAM_LEDGER
 from services.accountant.budget import BudgetConfig, Caps, PacingConfig
-from services.accountant.clickhouse import client
 from services.accountant.ledger import pico
 from services.cli.budget_commands import budget, clear, kill
-from services.runtime.bus import encode, now_ms
+from services.runtime.bus import now_ms
 from services.runtime.control import control_bucket
 from services.runtime.settings import MeshSettings
+
+pytestmark = pytest.mark.infra
 
 
 class FakeClock:
@@ -66,11 +74,6 @@ def reservation(i: int | str, amount: float, *, tenant: str = "acme", task: str 
     )
 
 
-async def request(nc, subject: str, message: msgspec.Struct, reply_type):
-    reply = await nc.request(subject, encode(message), timeout=10)
-    return msgspec.json.decode(reply.data, type=reply_type)
-
-
 async def reserve(nc, settings: MeshSettings, r: Reservation) -> ReservationDecision:
     return await request(nc, settings.subjects.budget_reserve, r, ReservationDecision)
 
@@ -89,15 +92,6 @@ def spend(state: BudgetState, scope: str, key: str, window: str) -> tuple[float,
         if (s.scope, s.key, s.window) == (scope, key, window):
             return s.settled_usd, s.reserved_usd, s.cap_usd
     return 0.0, 0.0, None
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 async def start_accountant(start_service, settings: MeshSettings, budgets: BudgetConfig, **options):
@@ -157,15 +151,19 @@ async def test_an_unsettled_reservation_expires_at_its_deadline(start_service, s
     refused = await reserve(nc, settings, second)
     assert not refused.granted and refused.reason.startswith("tenant acme day cap (2025-11-20) $0.010000")
 
+    # Another tenant's hold, due 0.1 s before the first: the sweep that releases it runs at 4.9 s
+    # and releases every hold then due, so once it is gone the first was kept by a sweep.
+    earlier = reservation(3, 0.01, tenant="globex", expires_ms=clock.now + 4_800)
+    assert (await reserve(nc, settings, earlier)).granted
+
+    async def outstanding(count: int) -> bool:
+        return (await show(nc, settings)).outstanding == count
+
     clock.advance(4.9)
-    await asyncio.sleep(0.1)
-    assert (await show(nc, settings)).outstanding == 1
+    await eventually(lambda: outstanding(1), message="the sweep at 4.9 s did not release the other hold alone")
+    assert spend(await show(nc, settings), "tenant", "acme", "day")[:2] == pytest.approx((0.0, 0.01))
     clock.advance(0.1)
-
-    async def released() -> bool:
-        return (await show(nc, settings)).outstanding == 0
-
-    await eventually(released)
+    await eventually(lambda: outstanding(0))
     assert (await reserve(nc, settings, second)).granted
     # Settling the expired one still books what it cost (the money was spent).
     await settle(nc, settings, first, 0.004)
@@ -233,13 +231,13 @@ async def test_a_grant_the_journal_cannot_store_is_withdrawn(start_service, sett
     assert spend(state, "tenant", "acme", "day")[:2] == pytest.approx((0.0, 0.01))
 
 
-async def test_crossing_a_cap_trips_the_switch_and_records_it(start_service, settings, nc, clickhouse_url):
+async def test_crossing_a_cap_trips_the_switch_and_records_it(start_service, settings, nc, bus, ch):
     await start_accountant(start_service, settings, caps(tenant_acme={"day": 0.01}))
     r = reservation(1, 0.01)
     assert (await reserve(nc, settings, r)).granted
     await settle(nc, settings, r, 0.01)
 
-    kv = await control_bucket(nc.jetstream(), settings.subjects)
+    kv = await control_bucket(bus)
 
     async def tripped() -> bool:
         try:
@@ -255,18 +253,14 @@ async def test_crossing_a_cap_trips_the_switch_and_records_it(start_service, set
     refused = await reserve(nc, settings, reservation(2, 0.0, task="task-2"))
     assert not refused.granted and refused.reason.startswith("kill switch tripped (tenant acme)")
 
-    ch = client(clickhouse_url)
-    try:
-        async def recorded() -> bool:
-            rows = ch.query(f"SELECT scope, key, tripped, by FROM {settings.subject_prefix}.kill_events").result_rows
-            return rows == [("tenant", "acme", True, "accountant")]
+    def recorded() -> bool:
+        rows = ch.query(f"SELECT scope, key, tripped, by FROM {settings.subject_prefix}.kill_events").result_rows
+        return rows == [("tenant", "acme", True, "accountant")]
 
-        await eventually(recorded)
-    finally:
-        ch.close()
+    await eventually(recorded)
 
 
-async def test_cli_budget_set_show_kill_and_clear(start_service, settings, nc, clickhouse_url):
+async def test_cli_budget_set_show_kill_and_clear(start_service, settings, nc, ch):
     await start_accountant(start_service, settings, caps())
     cli = click.Group(commands={"budget": budget, "kill": kill, "clear": clear})
     env = {"NATS_URL": settings.nats_url, "FRUGALMESH_SUBJECT_PREFIX": settings.subject_prefix}
@@ -292,24 +286,22 @@ async def test_cli_budget_set_show_kill_and_clear(start_service, settings, nc, c
         return (await reserve(nc, settings, reservation(2, 0.001))).granted
 
     await eventually(granted)
-    ch = client(clickhouse_url)
-    try:
-        async def both_recorded() -> bool:
-            rows = ch.query(
-                f"SELECT scope, key, tripped, reason FROM {settings.subject_prefix}.kill_events ORDER BY time"
-            ).result_rows
-            return rows == [("model", "m1", True, "runaway"), ("model", "m1", False, "operator clear")]
+    def both_recorded() -> bool:
+        rows = ch.query(
+            f"SELECT scope, key, tripped, reason FROM {settings.subject_prefix}.kill_events ORDER BY time"
+        ).result_rows
+        return rows == [("model", "m1", True, "runaway"), ("model", "m1", False, "operator clear")]
 
-        await eventually(both_recorded)
-    finally:
-        ch.close()
+    await eventually(both_recorded)
 
 
-async def test_pacing_downgrades_throttles_and_restores(start_service, settings, nc):
+async def test_pacing_downgrades_throttles_and_restores(start_service, settings, nc, bus):
     # Mid-November (30 days): the $10 month curve stands at $5.
     clock = FakeClock(datetime(2025, 11, 16, tzinfo=UTC))
     await start_accountant(start_service, settings, caps(tenant_acme={"month": 10.0}), clock=clock)
-    kv = await control_bucket(nc.jetstream(), settings.subjects)
+    kv = await control_bucket(bus)
+    signals = await nc.subscribe(settings.subjects.control_pace)
+    await nc.flush()
 
     async def pace_is(action: str) -> PaceSignal:
         async def check() -> bool:
@@ -327,12 +319,14 @@ async def test_pacing_downgrades_throttles_and_restores(start_service, settings,
         await settle(nc, settings, r, amount)
 
     await spend_usd(1, 5.2)  # ahead by $0.2: within 5% of the cap
-    await asyncio.sleep(0.2)
-    with pytest.raises(KeyNotFoundError):
-        await kv.get("pace.acme")
     await spend_usd(2, 0.8)  # $6 against $5: ahead by 10%
-    signal = await pace_is("downgrade")
-    assert (signal.spend_usd, signal.curve_usd) == pytest.approx((6.0, 5.0))
+    # Pace signals go out one at a time, in the order decided: when the first is the one for $6,
+    # none was decided for $5.20.
+    first = msgspec.json.decode((await signals.next_msg(timeout=5)).data, type=PaceSignal)
+    await signals.unsubscribe()
+    assert (first.tenant, first.action) == ("acme", "downgrade")
+    assert (first.spend_usd, first.curve_usd) == pytest.approx((6.0, 5.0))
+    assert (await pace_is("downgrade")) == first
     await spend_usd(3, 2.0)  # $8: ahead by 30%
     await pace_is("throttle")
     clock.advance(9 * 86_400)  # Nov 25: the curve reaches $8

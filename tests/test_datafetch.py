@@ -16,17 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime import datafetch
+from services.datafetch import fetch as datafetch
 from services.datafetch.fetch import (
-    MANIFEST,
     PROVENANCE_FILE,
     PROVENANCE_MARKER,
     DataFetchError,
     IntegrityError,
     fetch,
     fetch_command,
-    mirror_path,
 )
+from services.datafetch.manifest import MANIFEST, mirror_path
+
+pytestmark = pytest.mark.unit
 
 
 def _sha256(path: Path) -> str:
@@ -47,7 +48,8 @@ def mirror(tmp_path: Path, data_dir: Path) -> Iterator[tuple[str, Path]]:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(data_dir / entry.path)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll: shutdown() waits for serve_forever's next look (0.5 s by default) in every test.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/", root

@@ -19,6 +19,10 @@ from schemas.messages import DeadLetter
 from schemas.subjects import STREAM_DLQ, STREAM_TASKS, STREAM_USAGE, Subjects
 from services.runtime.data import load_recorded_outcomes
 
+# `frugalmesh up` starts the whole mesh as subprocesses, the real local model's engine among them
+# (not the session's, so no fixture says so): 10 to 20 s for the module.
+pytestmark = [pytest.mark.infra, pytest.mark.engine, pytest.mark.slow]
+
 FRUGALMESH = [shutil.which("frugalmesh")] if shutil.which("frugalmesh") else [sys.executable, "-m", "services.cli.main"]
 
 
@@ -118,9 +122,9 @@ def test_answer_task_runs_through_all_six_services_and_is_metered_once_per_call(
     column = {"mixtral-8x7b-local": "mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview": "gpt-4-1106-preview"}[model]
     assert record.responses[column].strip()[:60] in result.stdout
     # The price table, applied to the metered tokens, is the metered cost.
+    from schemas.messages import Usage
     from services.runtime.catalog import Catalog
     from services.runtime.settings import MeshSettings
-    from schemas.messages import Usage
 
     spec = Catalog.load(MeshSettings().deploy_dir).model(model)
     assert float(cost) == pytest.approx(spec.cost(Usage(input_tokens=tokens_in, output_tokens=tokens_out)), rel=1e-9)

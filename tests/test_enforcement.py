@@ -6,41 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 
 import msgspec
 import pytest
 from fakes.budget_peer import BudgetPeer
-from fakes.deploy import openai_deploy
 from fakes.inference_peer import InferencePeer
-from fakes.openai_server import Behaviour, FakeOpenAI
+from helpers import eventually, make_request, make_step, shipped_catalog
+from helpers import kill_switch as switch
+from helpers import pace_signal as pace
+from mesh_client import ask, call, usage_events
 
-from schemas.messages import (
-    ChatMessage,
-    DeadLetter,
-    InferenceRequest,
-    InferenceResult,
-    KillSwitch,
-    PaceSignal,
-    StepRequest,
-    UsageEvent,
-)
-from schemas.subjects import STREAM_USAGE
-from services.runtime.bus import encode, now_ms
-from services.runtime.streams import ensure_streams
-from services.runtime.catalog import Catalog
+from schemas.messages import DeadLetter, InferenceResult, UsageEvent
+from schemas.subjects import HEADER_BUDGET
+from services.runtime.bus import encode
 from services.runtime.control import set_kill, set_pace
 from services.runtime.data import load_recorded_outcomes
-from services.runtime.reservations import HEADER_BUDGET
-from services.runtime.settings import REPO_DEPLOY_DIR
+from services.runtime.streams import ensure_streams
 from services.runtime.tokens import count_message_tokens
+
+pytestmark = pytest.mark.infra
 
 LOCAL = "mixtral-8x7b-local"
 MID = "mixtral-8x7b"
 FRONTIER = "gpt-4-1106-preview"
-CATALOG = Catalog.load(REPO_DEPLOY_DIR)
+CATALOG = shipped_catalog()
 QUESTION = "What is six times seven?"
 
 
@@ -50,75 +40,20 @@ def prompts(data_dir) -> Iterator[str]:
     return iter([r.prompt for r in load_recorded_outcomes(data_dir) if r.dataset == "gsm8k"])
 
 
-def switch(scope: str = "global", key: str = "*", tripped: bool = True) -> KillSwitch:
-    return KillSwitch(scope=scope, key=key, tripped=tripped, reason="test trip", by="test", time_ms=now_ms())
-
-
-def pace(tenant: str, action: str) -> PaceSignal:
-    return PaceSignal(tenant=tenant, action=action, spend_usd=2.0, curve_usd=1.0, time_ms=now_ms())
-
-
-def make_step(content: str, *, tenant: str = "acme", role: str = "draft", deadline_in_ms: int = 5_000, **fields):
-    return StepRequest(
-        task_id="task-1",
-        step_id="step-1",
-        tenant=tenant,
-        workflow="answer",
-        role=role,
-        messages=[ChatMessage(role="user", content=content)],
-        max_tokens=256,
-        deadline_ms=now_ms() + deadline_in_ms,
-        **fields,
-    )
-
-
-def make_request(model: str, content: str, *, tenant: str = "acme", max_tokens: int = 256) -> InferenceRequest:
-    return InferenceRequest(
-        call_id=uuid.uuid4().hex,
-        task_id="task-1",
-        step_id="step-1",
-        tenant=tenant,
-        model=model,
-        tier=CATALOG.model(model).tier,
-        messages=[ChatMessage(role="user", content=content)],
-        max_tokens=max_tokens,
-        deadline_ms=now_ms() + 10_000,
-    )
-
-
-async def ask(nc, settings, step: StepRequest, headers: dict[str, str] | None = None) -> InferenceResult:
-    reply = await nc.request(settings.subjects.step_request, encode(step), timeout=5, headers=headers)
-    return msgspec.json.decode(reply.data, type=InferenceResult)
-
-
-async def call(nc, subject: str, request: InferenceRequest) -> InferenceResult:
-    reply = await nc.request(subject, encode(request), timeout=10)
-    return msgspec.json.decode(reply.data, type=InferenceResult)
-
-
-async def usage_events(nc, settings) -> dict[str, UsageEvent]:
-    """Every usage event stored so far, by event id (= call id)."""
-    js = nc.jetstream()
-    name = settings.subjects.stream(STREAM_USAGE)
-    info = await js.stream_info(name)
-    if not info.state.messages:
-        return {}
-    events = [
-        msgspec.json.decode((await js.get_msg(name, seq)).data, type=UsageEvent)
-        for seq in range(info.state.first_seq, info.state.last_seq + 1)
-    ]
+def usage_by_id(events: list[UsageEvent]) -> dict[str, UsageEvent]:
+    """Usage events by event id (= call id)."""
     return {e.event_id: e for e in events}
 
 
-async def eventually(probe: Callable[[], Awaitable[InferenceResult]], kind: str | None) -> InferenceResult:
+async def until_error(probe: Callable[[], Awaitable[InferenceResult]], kind: str | None) -> InferenceResult:
     """Probe until a result's error kind is ``kind`` (None: no error); switches arrive pushed, in ms."""
-    deadline = time.monotonic() + 3
-    while True:
-        result = await probe()
-        if (result.error.kind if result.error else None) == kind:
-            return result
-        assert time.monotonic() < deadline, f"still {result.error} after 3 s"
-        await asyncio.sleep(0.01)
+    last: list[InferenceResult] = []
+
+    async def matches() -> InferenceResult | None:
+        last[:] = [await probe()]
+        return last[0] if (last[0].error.kind if last[0].error else None) == kind else None
+
+    return await eventually(matches, timeout_s=3, interval_s=0.01, message=lambda: f"still {last[0].error} after 3 s")
 
 
 # -- reservations, through the live router with test peers for the accountant and inference --
@@ -150,7 +85,7 @@ async def test_a_refused_reservation_stops_the_call_and_is_metered_once(settings
     assert reservation.amount_usd == pytest.approx(worst_case) and worst_case > 0
     assert (reservation.expires_ms, reservation.task_budget_usd) == (step.deadline_ms, 0.25)
     events = await usage_events(nc, settings)
-    assert [(e.event_id, e.service, e.outcome, e.cost_usd) for e in events.values()] == [
+    assert [(e.event_id, e.service, e.outcome, e.cost_usd) for e in events] == [
         (result.call_id, "router", "refused", 0)
     ]
 
@@ -170,7 +105,7 @@ async def test_without_an_accountant_paid_calls_fail_closed(settings, start_serv
     )
     await nc.flush()
     assert inference.requests == []
-    [event] = (await usage_events(nc, settings)).values()
+    [event] = await usage_events(nc, settings)
     assert (event.outcome, event.cost_usd) == ("refused", 0)
 
 
@@ -221,7 +156,7 @@ def probes(nc, settings, prompts, tenant: str = "acme") -> dict[str, Callable[[]
     """One fresh paid call per service: a step through the router, and one straight to each inference service."""
     subjects = settings.subjects
     return {
-        "router": lambda: ask(nc, settings, make_step(next(prompts), tenant=tenant)),
+        "router": lambda: ask(nc, settings, make_step(next(prompts), role="draft", tenant=tenant)),
         "local-inference": lambda: call(
             nc, subjects.infer_local(LOCAL), make_request(LOCAL, next(prompts), tenant=tenant)
         ),
@@ -231,41 +166,40 @@ def probes(nc, settings, prompts, tenant: str = "acme") -> dict[str, Callable[[]
     }
 
 
-async def test_a_global_trip_stops_every_service_and_a_clear_restores_them(settings, start_service, nc, prompts):
+async def test_a_global_trip_stops_every_service_and_a_clear_restores_them(settings, start_service, nc, prompts, bus):
     await start_mesh(settings, start_service, nc)
-    js = nc.jetstream()
     services = probes(nc, settings, prompts)
     for probe in services.values():
         assert (await probe()).error is None
 
-    await set_kill(js, settings.subjects, switch())
-    killed = {name: await eventually(probe, "killed") for name, probe in services.items()}
+    await set_kill(bus, switch())
+    killed = {name: await until_error(probe, "killed") for name, probe in services.items()}
 
-    events = await usage_events(nc, settings)
+    events = usage_by_id(await usage_events(nc, settings))
     for name, result in killed.items():
         assert "kill switch tripped (global *): test trip" in result.error.message
         event = events[result.call_id]
         assert (event.service, event.outcome, event.cost_usd, event.output_tokens) == (name, "killed", 0, 0)
-    await set_kill(js, settings.subjects, switch(tripped=False))
+    await set_kill(bus, switch(tripped=False))
     for probe in services.values():
-        await eventually(probe, None)
+        await until_error(probe, None)
 
 
-async def test_a_tenant_trip_stops_that_tenant_only(settings, start_service, nc, prompts):
+async def test_a_tenant_trip_stops_that_tenant_only(settings, start_service, nc, prompts, bus):
     await start_mesh(settings, start_service, nc)
-    await set_kill(nc.jetstream(), settings.subjects, switch("tenant", "acme"))
+    await set_kill(bus, switch("tenant", "acme"))
 
     for probe in probes(nc, settings, prompts, tenant="acme").values():
-        await eventually(probe, "killed")
+        await until_error(probe, "killed")
     for probe in probes(nc, settings, prompts, tenant="globex").values():
         assert (await probe()).error is None
 
 
-async def test_services_started_after_a_trip_refuse_their_first_call(settings, start_service, nc, prompts):
+async def test_services_started_after_a_trip_refuse_their_first_call(settings, start_service, nc, prompts, bus):
     js = nc.jetstream()
     # Nothing of the mesh runs yet: the trip's writer declares the streams, as the CLI does.
     await ensure_streams(js, settings.subjects)
-    await set_kill(js, settings.subjects, switch())
+    await set_kill(bus, switch())
     await start_mesh(settings, start_service, nc)
 
     for name, probe in probes(nc, settings, prompts).items():
@@ -276,40 +210,27 @@ async def test_services_started_after_a_trip_refuse_their_first_call(settings, s
 # -- (b) a call in flight, on cloud-inference's openai backend against a loopback fake API --
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI(Behaviour(api_key="sk-test")) as server:
-        yield server
-
-
-@pytest.fixture
-def openai_settings(settings, fake, tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    return settings.model_copy(update={"deploy_dir": openai_deploy(tmp_path / "deploy", fake.url)})
-
-
 async def test_a_trip_cancels_covered_calls_in_flight_and_meters_them_killed(
-    openai_settings, start_service, nc, fake
+    openai_settings, start_service, nc, fake_openai, bus
 ):
     settings = openai_settings
-    fake.behaviour.reply = "word " * 30
-    fake.behaviour.token_delay_s = 0.02  # about 0.65 s a call
+    fake_openai.behaviour.reply = "word " * 30
+    fake_openai.behaviour.token_delay_s = 0.02  # about 0.65 s a call
     await start_service("cloud-inference", settings)
     subject = settings.subjects.infer_cloud("openai")
     doomed = make_request(FRONTIER, "Count slowly.", tenant="acme", max_tokens=300)
     spared = make_request(FRONTIER, "Count slowly.", tenant="globex", max_tokens=300)
     calls = [asyncio.create_task(call(nc, subject, r)) for r in (doomed, spared)]
-    while len(fake.requests) < 2:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(fake_openai.requests) >= 2, interval_s=0.01)
 
-    await set_kill(nc.jetstream(), settings.subjects, switch("tenant", "acme"))
+    await set_kill(bus, switch("tenant", "acme"))
     killed, finished = await asyncio.gather(*calls)
 
     assert killed.error is not None and killed.error.kind == "killed"
     assert "cancelled in flight" in killed.error.message and killed.output == ""
-    assert await asyncio.to_thread(fake.disconnects.wait, 5), "the provider never saw the stream closed"
+    assert await asyncio.to_thread(fake_openai.disconnects.wait, 5), "the provider never saw the stream closed"
     assert finished.error is None and finished.output == ("word " * 30).rstrip()
-    events = await usage_events(nc, settings)
+    events = usage_by_id(await usage_events(nc, settings))
     event = events[doomed.call_id]
     worst_case = CATALOG.model(FRONTIER).worst_case_cost(count_message_tokens("cl100k", doomed.messages), 300)
     assert (event.outcome, event.usage_source, event.output_tokens) == ("killed", "estimated", 300)
@@ -335,9 +256,11 @@ async def test_no_allowed_candidate_is_a_pinning_error_with_nothing_reserved_or_
     assert (budget.reserved, inference.requests) == ([], [])
 
 
-async def test_strict_pinning_fails_a_call_the_provider_ran_on_another_model(openai_settings, start_service, nc, fake):
+async def test_strict_pinning_fails_a_call_the_provider_ran_on_another_model(
+    openai_settings, start_service, nc, fake_openai
+):
     settings = openai_settings.model_copy(update={"strict_pinning": True})
-    fake.behaviour.model = "gpt-4-0613"
+    fake_openai.behaviour.model = "gpt-4-0613"
     await start_service("cloud-inference", settings)
     request = make_request(FRONTIER, QUESTION)
 
@@ -346,7 +269,7 @@ async def test_strict_pinning_fails_a_call_the_provider_ran_on_another_model(ope
     assert result.error is not None and result.error.kind == "pinning"
     assert "gpt-4-0613" in result.error.message and result.output == ""
     assert (result.model, result.provider_model) == (FRONTIER, "gpt-4-0613")
-    [event] = (await usage_events(nc, settings)).values()
+    [event] = await usage_events(nc, settings)
     assert (event.outcome, event.model, event.requested_model) == ("error", "gpt-4-0613", FRONTIER)
     assert event.output_tokens == 4 and event.cost_usd == pytest.approx(result.cost_usd) and event.cost_usd > 0
 
@@ -354,12 +277,12 @@ async def test_strict_pinning_fails_a_call_the_provider_ran_on_another_model(ope
 # -- (f) pacing --
 
 
-async def test_downgrade_moves_a_tier_down_within_the_allow_list_and_normal_restores(settings, start_service, nc):
+async def test_downgrade_moves_a_tier_down_within_the_allow_list_and_normal_restores(settings, start_service, nc, bus):
     await BudgetPeer(nc, settings.subjects).start()
     inference = await InferencePeer(nc, settings.subjects).start()
     js = nc.jetstream()
     await ensure_streams(js, settings.subjects)
-    await set_pace(js, settings.subjects, pace("acme", "downgrade"))
+    await set_pace(bus, pace("acme", "downgrade"))
     await start_service("router", settings)
     await nc.flush()
 
@@ -368,20 +291,21 @@ async def test_downgrade_moves_a_tier_down_within_the_allow_list_and_normal_rest
     other_tenant = await ask(nc, settings, make_step("Third?", role="review", tenant="globex"))
 
     assert (downgraded.model, pinned.model, other_tenant.model) == (MID, FRONTIER, FRONTIER)
-    await set_pace(js, settings.subjects, pace("acme", "normal"))
-    deadline = time.monotonic() + 3
+    await set_pace(bus, pace("acme", "normal"))
+
     # Until the signal arrives the step routes to MID again: a free cache hit, no call.
-    while (await ask(nc, settings, make_step("First?", role="review"))).model != FRONTIER:
-        assert time.monotonic() < deadline, "still downgraded 3 s after the pace went back to normal"
-        await asyncio.sleep(0.01)
+    async def restored() -> bool:
+        return (await ask(nc, settings, make_step("First?", role="review"))).model == FRONTIER
+
+    await eventually(restored, timeout_s=3, interval_s=0.01, message="still downgraded 3 s after the pace went normal")
     assert inference.models == [MID, FRONTIER, FRONTIER, FRONTIER]
 
 
-async def test_throttle_spaces_a_tenants_paid_calls_and_refuses_one_past_its_deadline(settings, start_service, nc):
+async def test_throttle_spaces_a_tenants_paid_calls_and_refuses_one_past_its_deadline(settings, start_service, nc, bus):
     await BudgetPeer(nc, settings.subjects).start()
     inference = await InferencePeer(nc, settings.subjects).start()
     await ensure_streams(nc.jetstream(), settings.subjects)
-    await set_pace(nc.jetstream(), settings.subjects, pace("acme", "throttle"))
+    await set_pace(bus, pace("acme", "throttle"))
     await start_service("router", settings, throttle_rate_per_s=10.0, throttle_burst=1)
     await nc.flush()
 

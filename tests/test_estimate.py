@@ -38,9 +38,9 @@ from services.cli.estimate_command import estimate as estimate_command
 from services.planner.config import Limits, PlannerConfig
 from services.planner.estimate import (
     CallProfile,
-    Estimate,
     Group,
     Plan,
+    PlanEstimate,
     Step,
     estimate,
     fits,
@@ -50,6 +50,8 @@ from services.planner.preflight import Preflight, describe
 from services.planner.workflow import load_workflows
 from services.routing.table import PinningError
 from services.runtime.data import load_recorded_outcomes
+
+pytestmark = pytest.mark.unit
 
 PREMIUM = CallProfile(cost_usd=0.030, latency_s=2.0, p_success=0.985)
 SMALL = CallProfile(cost_usd=0.002, latency_s=0.4, p_success=0.945)
@@ -130,11 +132,11 @@ def test_routed_plan_levels():
 
 def test_cache_hits_cost_nothing_and_always_succeed():
     e = estimate(parallel([Step(profile=SMALL, cached=True)] * 3))
-    assert e == Estimate(cost_usd=0.0, latency_s=0.01, reliability=1.0, quality_per_usd=math.inf)
+    assert e == PlanEstimate(cost_usd=0.0, latency_s=0.01, reliability=1.0, quality_per_usd=math.inf)
 
 
 def test_empty_plan():
-    assert estimate(Plan(())) == Estimate(cost_usd=0.0, latency_s=0.0, reliability=1.0, quality_per_usd=math.inf)
+    assert estimate(Plan(())) == PlanEstimate(cost_usd=0.0, latency_s=0.0, reliability=1.0, quality_per_usd=math.inf)
 
 
 def test_plan_from_dag_groups_by_topological_level():

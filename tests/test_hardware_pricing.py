@@ -3,18 +3,15 @@ row of a local call names the profile that priced it."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clickhouse_connect.driver.client import Client
+from helpers import eventually
 
 from schemas.messages import ChatMessage, InferenceRequest, Usage, UsageEvent
-from services.accountant.clickhouse import client, create_schema
-from services.accountant.ingest import USAGE, usage_row
+from services.accountant.clickhouse import create_schema
+from services.accountant.rows import USAGE, usage_row
 from services.routing.table import pick_model
 from services.runtime.bus import encode, now_ms
 from services.runtime.catalog import Catalog
@@ -71,6 +68,7 @@ def write_deploy(path: Path, *, pricing: str = 'hardware = "box"', hardware: str
 # -- the arithmetic --
 
 
+@pytest.mark.unit
 def test_a_bought_machine_costs_its_amortised_price_plus_power_over_its_useful_tokens(tmp_path):
     path = tmp_path / "hardware.toml"
     path.write_text(BOUGHT)
@@ -81,6 +79,7 @@ def test_a_bought_machine_costs_its_amortised_price_plus_power_over_its_useful_t
     assert box.input_usd_per_mtok == pytest.approx(1 / 9)
 
 
+@pytest.mark.unit
 def test_lifetime_in_years_and_a_rented_machine(tmp_path):
     path = tmp_path / "hardware.toml"
     path.write_text(
@@ -96,6 +95,7 @@ def test_lifetime_in_years_and_a_rented_machine(tmp_path):
     assert profiles["rented"].input_usd_per_mtok == pytest.approx(0.2)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
@@ -125,6 +125,7 @@ def test_an_invalid_profile_names_its_file_profile_and_key(tmp_path, old, new, m
 # -- the catalogue --
 
 
+@pytest.mark.unit
 def test_a_model_on_a_profile_is_priced_by_it_and_names_it(tmp_path):
     catalog = Catalog.load(write_deploy(tmp_path))
     model, api = catalog.model("m"), catalog.model("api")
@@ -138,12 +139,14 @@ def test_a_model_on_a_profile_is_priced_by_it_and_names_it(tmp_path):
     assert model.cost(Usage(input_tokens=9000, output_tokens=900)) == pytest.approx(0.002)
 
 
+@pytest.mark.unit
 def test_a_catalogue_of_list_prices_needs_no_hardware_file(tmp_path):
     prices = "input_usd_per_mtok = 0.1\noutput_usd_per_mtok = 0.2"
     catalog = Catalog.load(write_deploy(tmp_path, pricing=prices, hardware=None))
     assert (catalog.model("m").hardware, catalog.model("m").output_usd_per_mtok) == ("", 0.2)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("pricing", "hardware", "message"),
     [
@@ -160,6 +163,7 @@ def test_catalogue_errors_name_the_file_and_model(tmp_path, pricing, hardware, m
     assert message.format(dir=tmp_path) in str(error.value)
 
 
+@pytest.mark.unit
 def test_only_a_local_model_is_priced_by_hardware(tmp_path):
     deploy = write_deploy(tmp_path)
     models = deploy / "models.toml"
@@ -170,6 +174,7 @@ def test_only_a_local_model_is_priced_by_hardware(tmp_path):
         Catalog.load(deploy)
 
 
+@pytest.mark.unit
 def test_shipped_local_models_are_priced_by_profiles_and_the_gpu_node_stays_the_cheapest():
     catalog = Catalog.load(REPO_DEPLOY_DIR)
     local = catalog.in_tier("local")
@@ -184,6 +189,7 @@ def test_shipped_local_models_are_priced_by_profiles_and_the_gpu_node_stays_the_
 # -- the usage row --
 
 
+@pytest.mark.unit
 def test_the_usage_row_carries_the_profile_and_the_spill():
     event = UsageEvent(
         event_id="e", time_ms=0, tenant="acme", task_id="t", step_id="s", call_id="e", service="cloud-inference",
@@ -194,13 +200,7 @@ def test_the_usage_row_carries_the_profile_and_the_spill():
     assert (row["hardware_profile"], row["spilled_from"]) == ("a100x2-rented", "mixtral-8x7b-local")
 
 
-@pytest.fixture
-def ch(clickhouse_url: str) -> Iterator[Client]:
-    c = client(clickhouse_url)
-    yield c
-    c.close()
-
-
+@pytest.mark.infra
 def test_an_existing_usage_table_gains_the_new_columns(ch, settings):
     database = settings.subject_prefix
     create_schema(ch, database)
@@ -213,6 +213,7 @@ def test_an_existing_usage_table_gains_the_new_columns(ch, settings):
     assert ch.query(f"SELECT hardware_profile, spilled_from FROM {database}.usage_events").result_rows == [("", "")]
 
 
+@pytest.mark.infra
 async def test_a_local_call_lands_a_row_priced_by_its_profile(settings, start_service, nc, ch, data_dir):
     """The real local-inference service and accountant: one ClickHouse row naming the profile,
     costing its tokens at the profile's prices."""
@@ -233,10 +234,11 @@ async def test_a_local_call_lands_a_row_priced_by_its_profile(settings, start_se
         "SELECT hardware_profile, spilled_from, input_tokens, output_tokens, cost_usd "
         f"FROM {database}.usage_events FINAL WHERE event_id = %(id)s"
     )
-    deadline = time.monotonic() + 20
-    while not (rows := ch.query(query, parameters={"id": request.call_id}).result_rows):
-        assert time.monotonic() < deadline, "the usage row never reached ClickHouse"
-        await asyncio.sleep(0.1)
+    rows = await eventually(
+        lambda: ch.query(query, parameters={"id": request.call_id}).result_rows,
+        timeout_s=20,
+        message="the usage row never reached ClickHouse",
+    )
     [(hardware_profile, spilled_from, input_tokens, output_tokens, cost_usd)] = rows
     assert (hardware_profile, spilled_from) == ("a100x2-rented", "")
     assert input_tokens > 0 and output_tokens > 0

@@ -23,6 +23,7 @@ def upstream() -> Iterator[str]:
         stop_process(process)
 
 
+@pytest.mark.infra
 @pytest.mark.parametrize("stream", [False, True])
 async def test_every_call_completes_at_a_modest_rate(upstream: str, stream: bool) -> None:
     body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "Say 42."}], "stream": stream})
@@ -35,6 +36,7 @@ async def test_every_call_completes_at_a_modest_rate(upstream: str, stream: bool
     assert run.wall_s < run.span_s + 2
 
 
+@pytest.mark.unit
 async def test_refused_connections_are_failed_calls() -> None:
     with socket.socket() as listener:  # a port nothing listens on once this closes
         listener.bind(("127.0.0.1", 0))

@@ -5,29 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
 import msgspec
 import pytest
-from fakes.deploy import openai_deploy
-from fakes.openai_server import Behaviour, FakeOpenAI
+from helpers import make_request as _make_request
+from helpers import shipped_catalog
+from mesh_client import call, stream_messages, usage_events
 
-from schemas.messages import ChatMessage, InferenceRequest, InferenceResult, Usage, UsageEvent
-from schemas.subjects import STREAM_DLQ, STREAM_USAGE
-from services.runtime.bus import encode, now_ms
-from services.runtime.catalog import Catalog
-from services.runtime.data import Record, load_recorded_outcomes
+from schemas.messages import ChatMessage, InferenceRequest, Usage
+from schemas.subjects import STREAM_DLQ
 from services.inference.backend import BackendError
 from services.inference.replay import ReplayBackend, frontier_baseline, index_records, replay
-from services.runtime.settings import REPO_DEPLOY_DIR
+from services.runtime.bus import encode
+from services.runtime.data import Record, load_recorded_outcomes
 from services.runtime.tokens import count_message_tokens, count_tokens
 
 LOCAL_MODEL = "mixtral-8x7b-local"
 FRONTIER = "gpt-4-1106-preview"
-CATALOG = Catalog.load(REPO_DEPLOY_DIR)
+CATALOG = shipped_catalog()
 
 
 @cache
@@ -46,43 +43,12 @@ def mmlu(data_dir) -> Record:
     return next(r for r in records(data_dir) if r.dataset.startswith("mmlu/"))
 
 
-def make_request(
-    model: str, prompt: str, *, max_tokens: int = 512, deadline_s: float = 10.0, tenant: str = "acme"
-) -> InferenceRequest:
-    return InferenceRequest(
-        call_id=uuid.uuid4().hex,
-        task_id="task-1",
-        step_id="answer",
-        tenant=tenant,
-        model=model,
-        tier=CATALOG.model(model).tier,
-        messages=[ChatMessage(role="system", content="Answer the question."), ChatMessage(role="user", content=prompt)],
-        max_tokens=max_tokens,
-        deadline_ms=now_ms() + int(deadline_s * 1000),
-    )
+def make_request(model: str, prompt: str, **options) -> InferenceRequest:
+    """A call as the router sends it for an "answer" step: a system message, then the prompt."""
+    return _make_request(model, prompt, system="Answer the question.", step_id="answer", **options)
 
 
-async def call(nc, subject: str, request: InferenceRequest) -> InferenceResult:
-    reply = await nc.request(subject, encode(request), timeout=10)
-    return msgspec.json.decode(reply.data, type=InferenceResult)
-
-
-async def stream_messages(nc, settings, stream: str) -> list[bytes]:
-    """Every message stored on a mesh stream, in order."""
-    js = nc.jetstream()
-    name = settings.subjects.stream(stream)
-    info = await js.stream_info(name)
-    return (
-        [(await js.get_msg(name, seq)).data for seq in range(info.state.first_seq, info.state.last_seq + 1)]
-        if info.state.messages
-        else []
-    )
-
-
-async def usage_events(nc, settings) -> list[UsageEvent]:
-    return [msgspec.json.decode(data, type=UsageEvent) for data in await stream_messages(nc, settings, STREAM_USAGE)]
-
-
+@pytest.mark.infra
 async def test_local_replay_answers_a_recorded_gsm8k_prompt_with_real_tokens_and_cost(
     settings, start_service, nc, gsm8k
 ):
@@ -121,6 +87,7 @@ async def test_local_replay_answers_a_recorded_gsm8k_prompt_with_real_tokens_and
     )
 
 
+@pytest.mark.infra
 async def test_cloud_replay_serves_its_provider_and_meters_every_call(settings, start_service, nc, gsm8k, mmlu):
     await start_service("cloud-inference", settings)
     subject = settings.subjects.infer_cloud("openai")
@@ -138,6 +105,7 @@ async def test_cloud_replay_serves_its_provider_and_meters_every_call(settings, 
     assert [e.cost_usd for e in events] == [r.cost_usd for r in results]
 
 
+@pytest.mark.infra
 async def test_an_unrecorded_prompt_is_an_unavailable_error_with_one_usage_row(settings, start_service, nc):
     await start_service("local-inference", settings)
     request = make_request(LOCAL_MODEL, "Write a haiku about NATS.")
@@ -151,6 +119,7 @@ async def test_an_unrecorded_prompt_is_an_unavailable_error_with_one_usage_row(s
     assert (event.event_id, event.outcome, event.cost_usd) == (request.call_id, "error", 0)
 
 
+@pytest.mark.infra
 @pytest.mark.parametrize(
     ("service", "model", "subject_of"),
     [
@@ -178,6 +147,7 @@ async def test_a_model_this_service_does_not_serve_is_a_pinning_error(
     assert (event.outcome, event.requested_model, event.cost_usd) == ("error", request.model, 0)
 
 
+@pytest.mark.infra
 async def test_a_call_past_its_deadline_does_not_run_and_is_metered_as_timeout(settings, start_service, nc, gsm8k):
     await start_service("local-inference", settings)
     request = make_request(LOCAL_MODEL, gsm8k.prompt, deadline_s=-1)
@@ -190,6 +160,7 @@ async def test_a_call_past_its_deadline_does_not_run_and_is_metered_as_timeout(s
     assert (event.event_id, event.outcome, event.input_tokens, event.cost_usd) == (request.call_id, "timeout", 0, 0)
 
 
+@pytest.mark.infra
 async def test_an_invalid_request_is_dead_lettered_and_rejected(settings, start_service, nc):
     await start_service("local-inference", settings)
     subject = settings.subjects.infer_local(LOCAL_MODEL)
@@ -205,6 +176,7 @@ async def test_an_invalid_request_is_dead_lettered_and_rejected(settings, start_
     assert await usage_events(nc, settings) == []
 
 
+@pytest.mark.unit
 def test_replay_clips_output_at_max_tokens(gsm8k):
     model = CATALOG.model(FRONTIER)
     messages = [ChatMessage(role="user", content=gsm8k.prompt)]
@@ -216,6 +188,7 @@ def test_replay_clips_output_at_max_tokens(gsm8k):
     assert gsm8k.responses[FRONTIER].startswith(completion.output) and completion.output
 
 
+@pytest.mark.unit
 async def test_replay_backend_refuses_a_request_without_a_user_message(data_dir):
     backend = ReplayBackend(index_records(records(data_dir)))
     request = msgspec.structs.replace(make_request(FRONTIER, "x"), messages=[ChatMessage(role="system", content="x")])
@@ -226,6 +199,7 @@ async def test_replay_backend_refuses_a_request_without_a_user_message(data_dir)
     assert caught.value.kind == "unavailable"
 
 
+@pytest.mark.unit
 def test_frontier_baseline_prices_each_prompt_on_the_frontier_model(gsm8k, mmlu):
     baseline = frontier_baseline(CATALOG, [gsm8k, mmlu])
 
@@ -241,24 +215,12 @@ def test_frontier_baseline_prices_each_prompt_on_the_frontier_model(gsm8k, mmlu)
 # -- cloud-inference with the openai backend, against a loopback fake of the paid API --
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI(Behaviour(api_key="sk-test")) as server:
-        yield server
-
-
-@pytest.fixture
-def openai_settings(settings, fake, tmp_path, monkeypatch):
-    """Settings whose catalogue sends provider ``openai`` to the fake over the openai backend."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    return settings.model_copy(update={"deploy_dir": openai_deploy(tmp_path / "deploy", fake.url)})
-
-
-async def test_cloud_openai_backend_meters_the_providers_usage(openai_settings, start_service, nc, fake):
+@pytest.mark.infra
+async def test_cloud_openai_backend_meters_the_providers_usage(openai_settings, start_service, nc, fake_openai):
     settings = openai_settings
-    fake.behaviour.model = "gpt-4-1106-preview-served"
-    fake.behaviour.prompt_tokens = 1000
-    fake.behaviour.cached_tokens = 400
+    fake_openai.behaviour.model = "gpt-4-1106-preview-served"
+    fake_openai.behaviour.prompt_tokens = 1000
+    fake_openai.behaviour.cached_tokens = 400
     await start_service("cloud-inference", settings)
     request = make_request(FRONTIER, "What is six times seven?")
 
@@ -269,7 +231,7 @@ async def test_cloud_openai_backend_meters_the_providers_usage(openai_settings, 
     assert result.usage == Usage(input_tokens=1000, cached_input_tokens=400, output_tokens=4)
     assert result.cost_usd == pytest.approx(CATALOG.model(FRONTIER).cost(result.usage))
     assert (result.model, result.provider_model) == (FRONTIER, "gpt-4-1106-preview-served")
-    assert fake.requests[0].body["model"] == FRONTIER
+    assert fake_openai.requests[0].body["model"] == FRONTIER
     [event] = await usage_events(nc, settings)
     assert (event.model, event.requested_model, event.usage_source) == (
         "gpt-4-1106-preview-served",
@@ -279,9 +241,12 @@ async def test_cloud_openai_backend_meters_the_providers_usage(openai_settings, 
     assert (event.input_tokens, event.cached_input_tokens, event.output_tokens) == (1000, 400, 4)
 
 
-async def test_cloud_openai_stream_without_usage_is_metered_at_worst_case(openai_settings, start_service, nc, fake):
+@pytest.mark.infra
+async def test_cloud_openai_stream_without_usage_is_metered_at_worst_case(
+    openai_settings, start_service, nc, fake_openai
+):
     settings = openai_settings
-    fake.behaviour.usage = False
+    fake_openai.behaviour.usage = False
     await start_service("cloud-inference", settings)
     request = make_request(FRONTIER, "What is six times seven?", max_tokens=200)
 
@@ -295,29 +260,31 @@ async def test_cloud_openai_stream_without_usage_is_metered_at_worst_case(openai
     assert event.cost_usd == pytest.approx(CATALOG.model(FRONTIER).worst_case_cost(event.input_tokens, 200))
 
 
+@pytest.mark.infra
 async def test_cloud_openai_call_cut_at_its_deadline_closes_the_stream_and_meters_a_timeout(
-    openai_settings, start_service, nc, fake
+    openai_settings, start_service, nc, fake_openai
 ):
     settings = openai_settings
-    fake.behaviour.reply = "word " * 200
-    fake.behaviour.token_delay_s = 0.02
+    fake_openai.behaviour.reply = "word " * 200
+    fake_openai.behaviour.token_delay_s = 0.02
     await start_service("cloud-inference", settings)
     request = make_request(FRONTIER, "Count slowly.", max_tokens=300, deadline_s=0.3)
 
     result = await call(nc, settings.subjects.infer_cloud("openai"), request)
 
     assert result.error is not None and result.error.kind == "timeout"
-    assert await asyncio.to_thread(fake.disconnects.wait, 5), "the provider never saw the stream closed"
+    assert await asyncio.to_thread(fake_openai.disconnects.wait, 5), "the provider never saw the stream closed"
     [event] = await usage_events(nc, settings)
     assert (event.outcome, event.usage_source, event.output_tokens) == ("timeout", "estimated", 300)
     assert event.cost_usd > 0
 
 
+@pytest.mark.infra
 async def test_cloud_openai_rate_limit_is_a_retryable_error_with_one_unbilled_row(
-    openai_settings, start_service, nc, fake
+    openai_settings, start_service, nc, fake_openai
 ):
     settings = openai_settings
-    fake.behaviour.status = 429
+    fake_openai.behaviour.status = 429
     await start_service("cloud-inference", settings)
     request = make_request(FRONTIER, "What is six times seven?")
 
@@ -329,9 +296,10 @@ async def test_cloud_openai_rate_limit_is_a_retryable_error_with_one_unbilled_ro
     assert (event.outcome, event.cost_usd, event.usage_source) == ("error", 0, "provider")
 
 
-async def test_one_replica_runs_calls_concurrently(openai_settings, start_service, nc, fake):
+@pytest.mark.infra
+async def test_one_replica_runs_calls_concurrently(openai_settings, start_service, nc, fake_openai):
     settings = openai_settings
-    fake.behaviour.token_delay_s = 0.1  # 7 events: each call takes about 0.7 s
+    fake_openai.behaviour.token_delay_s = 0.1  # 7 events: each call takes about 0.7 s
     await start_service("cloud-inference", settings)
     requests = [make_request(FRONTIER, f"Question {i}?") for i in range(6)]
 

@@ -21,10 +21,10 @@ from loadtest.traces import SHIPPED, TraceRow, read_trace, resolve_trace
 from schemas.messages import ChatMessage, InferenceRequest, Usage
 from services.cli.loadtest_commands import loadtest
 from services.embedded.stack import Stack
-from services.runtime.catalog import Catalog
 from services.inference.latency import latency_s
 from services.inference.prefix_cache import PrefixCache
 from services.inference.synthetic import WORDS, SyntheticBackend
+from services.runtime.catalog import Catalog
 from services.runtime.settings import MeshSettings
 from services.runtime.tokens import count_tokens
 
@@ -73,6 +73,7 @@ def fast(rows: list[TraceRow]) -> ReplayOptions:
 # -- the parts --
 
 
+@pytest.mark.unit
 def test_latency_model_is_time_to_first_token_plus_uncached_prefill_plus_decode():
     catalog = Catalog.load(LOADTEST_MODELS.parent)
     gpt4 = catalog.model("gpt-4-1106-preview")
@@ -84,6 +85,7 @@ def test_latency_model_is_time_to_first_token_plus_uncached_prefill_plus_decode(
     assert all(latency_s(m, Usage(output_tokens=1000)) == 0 for m in production.models.values())
 
 
+@pytest.mark.unit
 async def test_synthetic_backend_answers_any_prompt_with_max_tokens_real_tokens(deploy):
     catalog = Catalog.load(deploy)
     backend = SyntheticBackend()
@@ -98,6 +100,7 @@ async def test_synthetic_backend_answers_any_prompt_with_max_tokens_real_tokens(
         assert completion.usage.input_tokens > 5
 
 
+@pytest.mark.unit
 def test_prefix_cache_hits_whole_blocks_as_far_as_the_prefix_agrees():
     cache = PrefixCache(block_tokens=4, capacity_tokens=40)
     assert cache.serve(list(range(10))) == 0
@@ -110,6 +113,7 @@ def test_prefix_cache_hits_whole_blocks_as_far_as_the_prefix_agrees():
     assert cache.serve(list(range(8))) == 0
 
 
+@pytest.mark.unit
 async def test_synthetic_backend_reports_the_prefix_its_engine_cached():
     local = Catalog.load(LOADTEST_MODELS.parent).model("mixtral-8x7b-local")
     assert local.prompt_cache_block_tokens == 16
@@ -130,6 +134,7 @@ async def test_synthetic_backend_reports_the_prefix_its_engine_cached():
     assert priced.cost(second.usage) < priced.cost(first.usage)
 
 
+@pytest.mark.unit
 def test_prompts_have_the_recorded_length_and_share_prefixes_by_block_id():
     assert all(count_tokens("cl100k", " " + w) == 1 == count_tokens("mistral-v1", w) for w in WORDS)
     a = TraceRow(arrival_s=0, input_tokens=1300, output_tokens=5, prefix_ids=("m:0", "m:1", "m:2"))
@@ -145,6 +150,7 @@ def test_prompts_have_the_recorded_length_and_share_prefixes_by_block_id():
     assert prompt_text(a, "a", salt="s1")[:100] != text_a[:100]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", list(SHIPPED))
 def test_every_shipped_trace_reads_as_rows_from_time_zero(name, data_dir):
     rows = read_trace(resolve_trace(name, data_dir), limit=200)
@@ -159,6 +165,7 @@ def test_every_shipped_trace_reads_as_rows_from_time_zero(name, data_dir):
 # -- end to end --
 
 
+@pytest.mark.infra
 @pytest.mark.parametrize("name", list(SHIPPED))
 async def test_short_replay_of_each_shipped_trace_loses_nothing(name, mesh, data_dir):
     rows = read_trace(resolve_trace(name, data_dir), limit=20)
@@ -176,6 +183,7 @@ async def test_short_replay_of_each_shipped_trace_loses_nothing(name, mesh, data
         assert report.cached_input_share == 0
 
 
+@pytest.mark.infra
 async def test_record_then_replay_gives_the_same_tasks(mesh, data_dir, tmp_path):
     rows = read_trace(resolve_trace("azure-code", data_dir), limit=12)
     recorder = Recorder(mesh)
@@ -196,6 +204,7 @@ async def test_record_then_replay_gives_the_same_tasks(mesh, data_dir, tmp_path)
     assert second.zero_loss.ok and second.published == first.published == second.zero_loss.ended
 
 
+@pytest.mark.infra
 def test_cli_replays_a_recording_and_writes_the_json_report(mesh, tmp_path):
     trace = tmp_path / "tiny.jsonl"
     trace.write_text(
@@ -215,6 +224,7 @@ def test_cli_replays_a_recording_and_writes_the_json_report(mesh, tmp_path):
         assert set(report[figure]) == {"n", "p50", "p95", "p99", "max"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("args", "option"),
     [(["--speed", "0"], "--speed"), (["--limit", "0"], "--limit"), (["--deadline", "-1"], "--deadline")],
@@ -224,6 +234,7 @@ def test_cli_refuses_a_bad_option_before_starting_anything(args, option):
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
 
 
+@pytest.mark.infra
 async def test_the_report_says_why_tasks_did_not_end_done(mesh):
     rows = [TraceRow(arrival_s=i / 100, input_tokens=50, output_tokens=5) for i in range(3)]
     options = dataclasses.replace(fast(rows), workflow="no-such-workflow")

@@ -11,23 +11,18 @@ import json
 import uuid
 
 import httpx
-import msgspec
 import pytest
-from mesh_client import engine_metrics, usage_rows, wait_engine_idle
+from helpers import eventually, kill_switch
+from mesh_client import call, engine_metrics, usage_row, wait_engine_idle
 
-from schemas.messages import ChatMessage, InferenceRequest, InferenceResult, KillSwitch
-from services.runtime.bus import encode, now_ms
-from services.runtime.control import set_kill
+from schemas.messages import ChatMessage, InferenceRequest, InferenceResult
 from services.inference.openai_client import OpenAIClient
+from services.runtime.bus import now_ms
+from services.runtime.control import set_kill
 
 MODEL = "smollm2-135m"
 LABELS = {"type": "object", "properties": {"label": {"enum": ["positive", "negative"]}}, "required": ["label"]}
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
-
-
-@pytest.fixture
-def engine_settings(settings, local_engine):
-    return settings.model_copy(update={"local_engine_url": local_engine})
 
 
 def request(*, max_tokens: int, deadline_s: float = 30.0, tenant: str = "acme", **fields) -> InferenceRequest:
@@ -45,20 +40,18 @@ def request(*, max_tokens: int, deadline_s: float = 30.0, tenant: str = "acme", 
     )
 
 
-async def call(nc, settings, req: InferenceRequest) -> InferenceResult:
-    reply = await nc.request(settings.subjects.infer_local(MODEL), encode(req), timeout=60)
-    return msgspec.json.decode(reply.data, type=InferenceResult)
+async def call_engine(nc, settings, req: InferenceRequest) -> InferenceResult:
+    """A call through local-inference to the model on the engine (a long one takes a while)."""
+    return await call(nc, settings.subjects.infer_local(MODEL), req, timeout_s=60)
 
 
-async def usage_row(clickhouse_url: str, database: str, call_id: str) -> dict:
-    columns = "outcome, usage_source, input_tokens, cached_input_tokens, output_tokens, cost_usd, hardware_profile"
-    [row] = await usage_rows(clickhouse_url, database, "call_id = %(c)s", {"c": call_id}, columns=columns)
-    return row
+USAGE_COLUMNS = "outcome, usage_source, input_tokens, cached_input_tokens, output_tokens, cost_usd, hardware_profile"
 
 
 # -- the engine itself, over HTTP --
 
 
+@pytest.mark.engine
 async def test_a_stream_reports_the_engines_own_usage_and_cached_prompt_tokens(local_engine):
     await wait_engine_idle(local_engine)
     client = OpenAIClient(local_engine)
@@ -76,6 +69,7 @@ async def test_a_stream_reports_the_engines_own_usage_and_cached_prompt_tokens(l
     assert again.usage.cached_tokens >= first.usage.prompt_tokens - 1
 
 
+@pytest.mark.engine
 async def test_structured_output_follows_the_schema(local_engine):
     await wait_engine_idle(local_engine)
     client = OpenAIClient(local_engine)
@@ -89,6 +83,7 @@ async def test_structured_output_follows_the_schema(local_engine):
     assert json.loads(reply.text)["label"] in ("positive", "negative")
 
 
+@pytest.mark.engine
 async def test_bad_requests_get_clear_errors(local_engine):
     async with httpx.AsyncClient() as http:
         wrong_model = await http.post(f"{local_engine}/chat/completions", json={"model": "gpt-4", "messages": []})
@@ -100,6 +95,8 @@ async def test_bad_requests_get_clear_errors(local_engine):
 # -- through the mesh --
 
 
+@pytest.mark.infra
+@pytest.mark.engine
 async def test_generation_through_the_mesh_is_metered_with_the_engines_token_counts(
     engine_settings, start_service, nc, clickhouse_url
 ):
@@ -107,16 +104,18 @@ async def test_generation_through_the_mesh_is_metered_with_the_engines_token_cou
     await start_service("accountant", engine_settings, database=engine_settings.subject_prefix)
     await start_service("local-inference", engine_settings)
     req = request(max_tokens=24, messages=[{"role": "user", "content": "Say hello to the mesh."}])
-    result = await call(nc, engine_settings, req)
+    result = await call_engine(nc, engine_settings, req)
 
     assert result.error is None and result.output and result.ttft_ms > 0
     assert result.usage.input_tokens > 0 and 0 < result.usage.output_tokens <= 24
-    row = await usage_row(clickhouse_url, engine_settings.subject_prefix, req.call_id)
+    row = await usage_row(clickhouse_url, engine_settings.subject_prefix, req.call_id, USAGE_COLUMNS)
     assert (row["outcome"], row["usage_source"], row["hardware_profile"]) == ("ok", "provider", "cpu-2core")
     assert (row["input_tokens"], row["output_tokens"]) == (result.usage.input_tokens, result.usage.output_tokens)
     assert float(row["cost_usd"]) == pytest.approx(result.cost_usd) and result.cost_usd > 0
 
 
+@pytest.mark.infra
+@pytest.mark.engine
 async def test_a_deadline_stops_the_generation_on_the_engine(engine_settings, start_service, nc, clickhouse_url):
     base = engine_settings.local_engine_url
     await wait_engine_idle(base)
@@ -124,29 +123,29 @@ async def test_a_deadline_stops_the_generation_on_the_engine(engine_settings, st
     await start_service("local-inference", engine_settings)
     before = engine_metrics(base)["llamacpp:tokens_predicted_total"]
     req = request(max_tokens=2000, deadline_s=1.0)
-    result = await call(nc, engine_settings, req)
+    result = await call_engine(nc, engine_settings, req)
 
     assert result.error is not None and result.error.kind == "timeout"
     await wait_engine_idle(base)
     generated = engine_metrics(base)["llamacpp:tokens_predicted_total"] - before
     # Stopped after about a second of decoding, far short of max_tokens.
     assert 0 < generated < 1000
-    row = await usage_row(clickhouse_url, engine_settings.subject_prefix, req.call_id)
+    row = await usage_row(clickhouse_url, engine_settings.subject_prefix, req.call_id, USAGE_COLUMNS)
     assert (row["outcome"], row["usage_source"], row["output_tokens"]) == ("timeout", "estimated", 2000)
 
 
-async def test_a_kill_switch_cancels_the_generation_on_the_engine(engine_settings, start_service, nc):
+@pytest.mark.infra
+@pytest.mark.engine
+async def test_a_kill_switch_cancels_the_generation_on_the_engine(engine_settings, start_service, nc, bus):
     base = engine_settings.local_engine_url
     await wait_engine_idle(base)
     await start_service("local-inference", engine_settings)
     before = engine_metrics(base)["llamacpp:tokens_predicted_total"]
     req = request(max_tokens=2000, tenant="doomed")
-    running = asyncio.create_task(call(nc, engine_settings, req))
-    while engine_metrics(base)["llamacpp:requests_processing"] == 0:
-        await asyncio.sleep(0.02)
+    running = asyncio.create_task(call_engine(nc, engine_settings, req))
+    await eventually(lambda: engine_metrics(base)["llamacpp:requests_processing"] > 0, timeout_s=30)
 
-    trip = KillSwitch(scope="tenant", key="doomed", tripped=True, reason="test", by="test", time_ms=now_ms())
-    await set_kill(nc.jetstream(), engine_settings.subjects, trip)
+    await set_kill(bus, kill_switch("tenant", "doomed"))
     result = await running
 
     assert result.error is not None and result.error.kind == "killed"

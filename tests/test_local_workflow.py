@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import shutil
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import get_args
 
-import msgspec
 import pytest
 from click.testing import CliRunner
+from fakes.deploy import fake_providers_deploy
 from fakes.openai_server import Behaviour, FakeOpenAI
-from mesh_client import artifact, submit, usage_rows
+from mesh_client import artifact, put_artifact, submit, usage_rows
 
 from schemas.artifacts import (
     ArtifactError,
@@ -36,7 +33,6 @@ from schemas.artifacts import (
 from schemas.messages import (
     Artifact,
     ArtifactRef,
-    ArtifactReply,
     Task,
 )
 from services.planner.config import PlannerConfig
@@ -62,19 +58,6 @@ NOTE = "Urgent: the login outage and the CSV export data loss. Billing: 1 refund
 MID_LABEL = '{"label":"bug","urgent":true}'
 
 
-def fake_deploy(dest: Path, frontier_url: str, mid_url: str) -> Path:
-    """A copy of deploy/ whose frontier (openai) and mid (together) providers are loopback fakes."""
-    shutil.copytree(REPO_DEPLOY_DIR, dest)
-    models = dest / "models.toml"
-    text = models.read_text()
-    for provider, url in (("openai", frontier_url), ("together", mid_url)):
-        shipped = re.compile(rf'\[providers\.{provider}\]\nbackend = "replay"\nbase_url = "[^"\n]*"')
-        assert shipped.search(text), f"deploy/models.toml no longer ships [providers.{provider}] on replay"
-        text = shipped.sub(f'[providers.{provider}]\nbackend = "openai"\nbase_url = "{url}"', text)
-    models.write_text(text)
-    return dest
-
-
 @pytest.fixture
 def frontier() -> Iterator[FakeOpenAI]:
     with FakeOpenAI(Behaviour(reply=NOTE)) as server:
@@ -88,11 +71,12 @@ def mid() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture
-def mesh_settings(settings, local_engine, frontier, mid, tmp_path, monkeypatch):
+def mesh_settings(engine_settings, frontier, mid, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     monkeypatch.setenv("TOGETHER_API_KEY", "sk-test")
-    deploy = fake_deploy(tmp_path / "deploy", frontier.url, mid.url)
-    return settings.model_copy(update={"local_engine_url": local_engine, "deploy_dir": deploy})
+    # The frontier (provider openai) and the mid tier (provider together) are the loopback fakes.
+    deploy = fake_providers_deploy(tmp_path / "deploy", {"openai": frontier.url, "together": mid.url})
+    return engine_settings.model_copy(update={"deploy_dir": deploy})
 
 
 @pytest.fixture
@@ -112,10 +96,7 @@ async def put_tickets(nc, settings, tickets: list[str]) -> list[ArtifactRef]:
     refs = []
     for text in tickets:
         artifact = Artifact(type="text", step_id="input", body={"text": text}, created_ms=now_ms())
-        reply = msgspec.json.decode(
-            (await nc.request(settings.subjects.artifact_put, msgspec.json.encode(artifact), timeout=5)).data,
-            type=ArtifactReply,
-        )
+        reply = await put_artifact(nc, settings, artifact)
         assert reply.ref is not None, reply.error
         refs.append(reply.ref)
     return refs
@@ -144,6 +125,8 @@ async def task_rows(clickhouse_url: str, database: str, task_id: str, expected: 
 # -- end to end, on the real engine --
 
 
+@pytest.mark.infra
+@pytest.mark.engine
 async def test_triage_labels_every_ticket_locally_and_synthesises_once_on_the_frontier(
     mesh, nc, frontier, mid, clickhouse_url
 ):
@@ -212,6 +195,8 @@ async def test_triage_labels_every_ticket_locally_and_synthesises_once_on_the_fr
     assert len(rows) == distinct + 1
 
 
+@pytest.mark.infra
+@pytest.mark.engine
 async def test_an_invalid_local_output_is_retried_then_escalated_to_the_mid_tier(mesh, nc, frontier, mid, clickhouse_url):
     """Four output tokens cannot hold a ticket_label: the grammar keeps the engine's JSON valid
     as far as it goes, but it is cut off, so it fails validation every time."""
@@ -256,6 +241,8 @@ async def test_an_invalid_local_output_is_retried_then_escalated_to_the_mid_tier
         assert again["input_tokens"] > first["input_tokens"] > 0
 
 
+@pytest.mark.infra
+@pytest.mark.engine
 async def test_escalation_never_leaves_the_tasks_allow_list(mesh, nc, frontier, mid, clickhouse_url):
     settings = mesh
     refs = await put_tickets(nc, settings, TICKETS[:1])
@@ -271,6 +258,9 @@ async def test_escalation_never_leaves_the_tasks_allow_list(mesh, nc, frontier, 
     assert [r["model"] for r in rows] == [LOCAL, LOCAL]
 
 
+@pytest.mark.infra
+@pytest.mark.engine
+@pytest.mark.slow  # six generations and a note on the real model, through the CLI: about 10 s
 async def test_frugalmesh_submit_items_pinned_to_the_local_model_runs_everything_on_it(
     mesh, nc, frontier, mid, clickhouse_url, tmp_path, monkeypatch
 ):
@@ -310,6 +300,7 @@ async def planner_only(settings, start_service):
     return settings
 
 
+@pytest.mark.infra
 async def test_a_pin_that_excludes_the_steps_model_is_refused_before_any_call(planner_only, nc):
     settings = planner_only
     refs = await put_tickets(nc, settings, TICKETS[:2])
@@ -320,6 +311,7 @@ async def test_a_pin_that_excludes_the_steps_model_is_refused_before_any_call(pl
     assert "no known model is allowed (allow_models=[])" in events[-1].detail and events[-1].calls == 0
 
 
+@pytest.mark.infra
 async def test_a_task_without_inputs_fails_at_once(planner_only, nc):
     settings = planner_only
     events = await submit(nc, settings, triage_task([]), timeout_s=10)
@@ -330,6 +322,7 @@ async def test_a_task_without_inputs_fails_at_once(planner_only, nc):
 # -- the workflow, the schema and the estimate, as data --
 
 
+@pytest.mark.unit
 def test_the_shipped_triage_workflow_pins_its_labels_and_escalates_to_mid():
     workflow = load_workflows(REPO_DEPLOY_DIR / "workflows")["triage"]
     label, note = workflow.steps
@@ -343,6 +336,7 @@ def test_the_shipped_triage_workflow_pins_its_labels_and_escalates_to_mid():
     assert note.needs == ["label"] and note.artifact == "answer" and workflow.final is note
 
 
+@pytest.mark.unit
 def test_the_response_schema_is_the_models_fields_and_validation_is_the_artifacts():
     schema = response_schema("ticket_label")
     assert set(schema["properties"]) == {"label", "urgent"} and schema["required"] == ["label", "urgent"]
@@ -378,6 +372,7 @@ def one_step(artifact: str = "ticket_label", extra: str = 'for_each = "inputs"',
     return 'name = "w"\n' + STEP.format(artifact=artifact, extra=extra, content=content)
 
 
+@pytest.mark.unit
 def test_for_each_pins_and_escalation_are_checked_when_loaded():
     step = parse_workflow(one_step(extra='for_each = "inputs"\nescalate_to = "mid"\nallow_models = ["smollm2-135m"]')).steps[0]
     assert (step.for_each, step.escalate_to, step.allow_models) == ("inputs", "mid", [LOCAL])
@@ -401,6 +396,7 @@ def test_for_each_pins_and_escalation_are_checked_when_loaded():
         parse_workflow('name = "w"\n' + mapped + review + select)
 
 
+@pytest.mark.unit
 def test_a_pin_to_a_model_the_catalogue_lacks_is_reported_and_refused(data_dir):
     workflow = parse_workflow(one_step(extra='for_each = "inputs"\nallow_models = ["smollm3"]'))
     preflight = Preflight.load(REPO_DEPLOY_DIR, data_dir, PlannerConfig.load(REPO_DEPLOY_DIR))
@@ -414,6 +410,7 @@ def test_a_pin_to_a_model_the_catalogue_lacks_is_reported_and_refused(data_dir):
         preflight.steps(workflow, GOAL, None, None, items=["a ticket"])
 
 
+@pytest.mark.unit
 def test_the_estimate_prices_one_local_call_per_distinct_input(data_dir):
     workflow = load_workflows(REPO_DEPLOY_DIR / "workflows")["triage"]
     preflight = Preflight.load(REPO_DEPLOY_DIR, data_dir, PlannerConfig.load(REPO_DEPLOY_DIR))
@@ -433,6 +430,7 @@ def test_the_estimate_prices_one_local_call_per_distinct_input(data_dir):
         preflight.steps(workflow, GOAL, [FRONTIER], None, items=TICKETS[:1])
 
 
+@pytest.mark.unit
 def test_frugalmesh_estimate_triage(data_dir, monkeypatch):
     from services.cli.main import cli
 

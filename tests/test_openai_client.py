@@ -3,37 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from fakes.openai_server import Behaviour, FakeOpenAI
+from helpers import eventually
 
 from schemas.messages import ChatMessage, InferenceRequest
+from services.inference.backend import BackendError
 from services.inference.openai_backend import OpenAIBackend
 from services.inference.openai_client import OpenAIClient, OpenAIError, sse_data
 from services.runtime.catalog import Catalog
-from services.inference.backend import BackendError
 from services.runtime.settings import REPO_DEPLOY_DIR
 from services.runtime.tokens import count_message_tokens
+
+pytestmark = pytest.mark.unit
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is six times seven?"}]
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as server:
-        yield server
-
-
-@pytest.fixture
-async def client(fake) -> AsyncIterator[OpenAIClient]:
-    client = OpenAIClient(fake.url, "sk-test")
+async def client(fake_openai) -> AsyncIterator[OpenAIClient]:
+    client = OpenAIClient(fake_openai.url, "sk-test")
     yield client
     await client.aclose()
 
 
-async def test_streams_text_usage_cached_tokens_and_provider_model(fake, client):
-    fake.behaviour = Behaviour(
+async def test_streams_text_usage_cached_tokens_and_provider_model(fake_openai, client):
+    fake_openai.behaviour = Behaviour(
         reply="Six times seven is 42.", model="gpt-4-1106-preview-2023", cached_tokens=3, api_key="sk-test"
     )
 
@@ -44,23 +41,23 @@ async def test_streams_text_usage_cached_tokens_and_provider_model(fake, client)
     assert reply.model == "gpt-4-1106-preview-2023"
     assert reply.usage is not None
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.cached_tokens) == (7, 5, 3)
-    seen = fake.requests[0]
+    seen = fake_openai.requests[0]
     assert seen.headers["authorization"] == "Bearer sk-test"
     assert seen.body["stream"] is True
     assert seen.body["stream_options"] == {"include_usage": True}
     assert (seen.body["model"], seen.body["max_tokens"], seen.body["messages"]) == ("gpt-4-1106-preview", 64, MESSAGES)
 
 
-async def test_max_tokens_cuts_the_reply_with_finish_reason_length(fake, client):
-    fake.behaviour = Behaviour(reply="one two three four five")
+async def test_max_tokens_cuts_the_reply_with_finish_reason_length(fake_openai, client):
+    fake_openai.behaviour = Behaviour(reply="one two three four five")
 
     reply = await client.chat("m", MESSAGES, max_tokens=2)
 
     assert (reply.text, reply.finish_reason, reply.usage.completion_tokens) == ("one two", "length", 2)
 
 
-async def test_stream_without_usage_reports_none(fake, client):
-    fake.behaviour = Behaviour(usage=False)
+async def test_stream_without_usage_reports_none(fake_openai, client):
+    fake_openai.behaviour = Behaviour(usage=False)
 
     reply = await client.chat("m", MESSAGES, max_tokens=64)
 
@@ -68,8 +65,8 @@ async def test_stream_without_usage_reports_none(fake, client):
     assert reply.usage is None
 
 
-async def test_a_server_that_ignores_stream_is_read_as_one_json_body(fake, client):
-    fake.behaviour = Behaviour(stream=False, model="served-model", cached_tokens=2)
+async def test_a_server_that_ignores_stream_is_read_as_one_json_body(fake_openai, client):
+    fake_openai.behaviour = Behaviour(stream=False, model="served-model", cached_tokens=2)
 
     reply = await client.chat("m", MESSAGES, max_tokens=64)
 
@@ -78,8 +75,8 @@ async def test_a_server_that_ignores_stream_is_read_as_one_json_body(fake, clien
 
 
 @pytest.mark.parametrize(("status", "retryable"), [(429, True), (503, True), (400, False), (401, False)])
-async def test_http_errors_map_to_retryable_or_not(fake, client, status, retryable):
-    fake.behaviour = Behaviour(status=status)
+async def test_http_errors_map_to_retryable_or_not(fake_openai, client, status, retryable):
+    fake_openai.behaviour = Behaviour(status=status)
 
     with pytest.raises(OpenAIError) as caught:
         await client.chat("m", MESSAGES, max_tokens=8)
@@ -99,16 +96,16 @@ async def test_a_refused_connection_is_retryable_and_unbilled():
     assert (caught.value.retryable, caught.value.started) == (True, False)
 
 
-async def test_cancelling_a_call_closes_the_stream(fake, client):
-    fake.behaviour = Behaviour(reply="word " * 200, token_delay_s=0.02)
+async def test_cancelling_a_call_closes_the_stream(fake_openai, client):
+    fake_openai.behaviour = Behaviour(reply="word " * 200, token_delay_s=0.02)
 
     call = asyncio.create_task(client.chat("m", MESSAGES, max_tokens=500))
-    await asyncio.sleep(0.15)
+    await eventually(lambda: fake_openai.requests, interval_s=0.01)  # the server is streaming (about 4 s)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
 
-    assert await asyncio.to_thread(fake.disconnects.wait, 5), "the server never saw the client go away"
+    assert await asyncio.to_thread(fake_openai.disconnects.wait, 5), "the server never saw the client go away"
 
 
 async def test_sse_parser_joins_data_lines_and_skips_comments_and_other_fields():
@@ -133,10 +130,10 @@ def request(max_tokens: int = 64, schema: dict | None = None) -> InferenceReques
     )
 
 
-async def test_backend_meters_provider_usage(fake):
+async def test_backend_meters_provider_usage(fake_openai):
     model = Catalog.load(REPO_DEPLOY_DIR).model("gpt-4-1106-preview")
-    fake.behaviour = Behaviour(cached_tokens=4, prompt_tokens=10)
-    backend = OpenAIBackend(OpenAIClient(fake.url))
+    fake_openai.behaviour = Behaviour(cached_tokens=4, prompt_tokens=10)
+    backend = OpenAIBackend(OpenAIClient(fake_openai.url))
 
     completion = await backend.complete(model, request())
     await backend.aclose()
@@ -150,10 +147,10 @@ async def test_backend_meters_provider_usage(fake):
     assert completion.provider_model == "gpt-4-1106-preview"
 
 
-async def test_backend_records_a_stream_without_usage_as_estimated_worst_case(fake):
+async def test_backend_records_a_stream_without_usage_as_estimated_worst_case(fake_openai):
     model = Catalog.load(REPO_DEPLOY_DIR).model("gpt-4-1106-preview")
-    fake.behaviour = Behaviour(usage=False)
-    backend = OpenAIBackend(OpenAIClient(fake.url))
+    fake_openai.behaviour = Behaviour(usage=False)
+    backend = OpenAIBackend(OpenAIClient(fake_openai.url))
 
     completion = await backend.complete(model, request(max_tokens=300))
     await backend.aclose()
@@ -164,24 +161,25 @@ async def test_backend_records_a_stream_without_usage_as_estimated_worst_case(fa
     assert completion.usage.input_tokens == count_message_tokens("cl100k", request().messages) > 0
 
 
-async def test_backend_sends_the_response_schema_as_json_schema_format(fake):
+async def test_backend_sends_the_response_schema_as_json_schema_format(fake_openai):
     model = Catalog.load(REPO_DEPLOY_DIR).model("gpt-4-1106-preview")
     schema = {"title": "final answer", "type": "object", "properties": {"answer": {"type": "string"}}}
-    backend = OpenAIBackend(OpenAIClient(fake.url))
+    fake_openai.behaviour = Behaviour()  # any key
+    backend = OpenAIBackend(OpenAIClient(fake_openai.url))
 
     await backend.complete(model, request(schema=schema))
     await backend.aclose()
 
-    assert fake.requests[0].body["response_format"] == {
+    assert fake_openai.requests[0].body["response_format"] == {
         "type": "json_schema",
         "json_schema": {"name": "final_answer", "schema": schema},
     }
 
 
-async def test_backend_maps_a_rate_limit_to_a_retryable_provider_error(fake):
+async def test_backend_maps_a_rate_limit_to_a_retryable_provider_error(fake_openai):
     model = Catalog.load(REPO_DEPLOY_DIR).model("gpt-4-1106-preview")
-    fake.behaviour = Behaviour(status=429)
-    backend = OpenAIBackend(OpenAIClient(fake.url))
+    fake_openai.behaviour = Behaviour(status=429)
+    backend = OpenAIBackend(OpenAIClient(fake_openai.url))
 
     with pytest.raises(BackendError) as caught:
         await backend.complete(model, request())

@@ -1,147 +1,42 @@
 """The planner against a real nats-server and the real artifact store.
 
-The router is played by ``RouterTestPeer``: a plain nats-py subscriber on ``step_request`` that
-replies InferenceResult JSON, so each test decides what the "model" answers, how slowly, or how
-it fails.
+The router is played by ``RouterTestPeer`` (tests/fakes/router_peer.py, the ``router_peers``
+fixture): a plain nats-py subscriber on ``step_request`` that replies InferenceResult JSON, so each
+test decides what the "model" answers, how slowly, or how it fails.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import pytest
-from mesh_client import artifact, submit
+from fakes.router_peer import Responder, result
+from helpers import deploy_with, new_task
+from mesh_client import artifact, submit, wait_for_ack
 
 from schemas.messages import (
     DeadLetter,
     ErrorInfo,
     InferenceResult,
     StepRequest,
-    Task,
 )
 from schemas.subjects import (
+    HEADER_BUDGET,
     HEADER_DEADLINE,
     HEADER_TASK,
     HEADER_TENANT,
     STREAM_DLQ,
-    STREAM_TASKS,
 )
-from services.runtime.reservations import HEADER_BUDGET
 
-REPO = Path(__file__).resolve().parents[1]
-
-# What the test peer answers: an InferenceResult, raw bytes (e.g. a rejection), or None (never reply).
-Responder = Callable[[StepRequest], InferenceResult | bytes | None]
+pytestmark = pytest.mark.infra
 
 
-def result(request: StepRequest, output: str, cost_usd: float = 0.001, **fields) -> InferenceResult:
-    return InferenceResult(
-        call_id=f"{request.step_id}-{request.attempt}-{uuid.uuid4().hex[:6]}",
-        model="mixtral-8x7b-local",
-        tier="local",
-        output=output,
-        cost_usd=cost_usd,
-        **fields,
-    )
-
-
-class RouterTestPeer:
-    """Test peer standing in for the router on ``step_request``; records what it was asked."""
-
-    def __init__(self, nc, subject: str, respond: Responder, delay_s: float = 0.0) -> None:
-        self.nc = nc
-        self.subject = subject
-        self.respond = respond
-        self.delay_s = delay_s
-        self.requests: list[StepRequest] = []
-        self.headers: list[dict[str, str]] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self._tasks: set[asyncio.Task] = set()
-
-    async def start(self) -> RouterTestPeer:
-        self.sub = await self.nc.subscribe(self.subject, cb=self._on_request)
-        # Twice: nats-py 2.16's flush PING can overtake a SUB still in its pending buffer.
-        await self.nc.flush()
-        await self.nc.flush()
-        return self
-
-    async def _on_request(self, msg) -> None:
-        # nats-py runs a subscription's callback one message at a time: answer each concurrently.
-        task = asyncio.create_task(self._answer(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _answer(self, msg) -> None:
-        request = msgspec.json.decode(msg.data, type=StepRequest)
-        self.requests.append(request)
-        self.headers.append(dict(msg.headers or {}))
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await asyncio.sleep(self.delay_s)
-            reply = self.respond(request)
-        finally:
-            self.in_flight -= 1
-        if reply is not None:
-            await msg.respond(reply if isinstance(reply, bytes) else msgspec.json.encode(reply))
-
-    async def stop(self) -> None:
-        await self.sub.unsubscribe()
-        for task in self._tasks:
-            task.cancel()
-
-
-@pytest.fixture
-async def peers(nc):
-    started: list[RouterTestPeer] = []
-
-    async def start(settings, respond: Responder, delay_s: float = 0.0) -> RouterTestPeer:
-        peer = await RouterTestPeer(nc, settings.subjects.step_request, respond, delay_s).start()
-        started.append(peer)
-        return peer
-
-    yield start
-    for peer in started:
-        await peer.stop()
-
-
-@pytest.fixture
-async def mesh(settings, start_service):
-    """The artifact store and a planner; call it with planner options (and an optional deploy dir)."""
-
-    async def start(deploy_dir: Path | None = None, **options):
-        used = settings.model_copy(update={"deploy_dir": deploy_dir}) if deploy_dir else settings
-        await start_service("artifact-store", used)
-        await start_service("planner", used, **options)
-        return used
-
-    return start
-
-
-def new_task(**fields) -> Task:
-    return Task(id=uuid.uuid4().hex[:12], submitted_ms=int(time.time() * 1000), **fields)
-
-
-async def wait_for_ack(nc, settings) -> None:
-    """The task message leaves the work-queue stream once the planner acks it."""
-    js = nc.jetstream()
-    for _ in range(50):
-        if (await js.stream_info(settings.subjects.stream(STREAM_TASKS))).state.messages == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the task message was never acked")
-
-
-async def test_answer_task_events_from_accepted_to_done(settings, nc, mesh, peers):
-    await mesh()
-    peer = await peers(settings, lambda r: result(r, "The answer is 4.", cost_usd=0.002, graded=True))
+async def test_answer_task_events_from_accepted_to_done(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
+    peer = await router_peers(settings, lambda r: result(r, "The answer is 4.", cost_usd=0.002, graded=True))
     task = new_task(
         workflow="answer", goal="What is 2+2?", tenant="acme", deadline_s=5, allow_models=["mixtral-8x7b-local"]
     )
@@ -180,9 +75,9 @@ def reviewer(verdict_text: str) -> Responder:
     return respond
 
 
-async def test_draft_review_stores_draft_review_and_final_with_lineage(settings, nc, mesh, peers):
-    await mesh()
-    peer = await peers(settings, reviewer("It is 4."))
+async def test_draft_review_stores_draft_review_and_final_with_lineage(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
+    peer = await router_peers(settings, reviewer("It is 4."))
     task = new_task(workflow="draft-review", goal="What is 2+2?")
 
     events = await submit(nc, settings, task)
@@ -218,9 +113,9 @@ async def test_draft_review_stores_draft_review_and_final_with_lineage(settings,
     ]
 
 
-async def test_draft_review_keeps_an_accepted_draft(settings, nc, mesh, peers):
-    await mesh()
-    await peers(settings, reviewer("ACCEPT"))
+async def test_draft_review_keeps_an_accepted_draft(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
+    await router_peers(settings, reviewer("ACCEPT"))
     events = await submit(nc, settings, new_task(workflow="draft-review", goal="What is 2+2?"))
     refs = {e.step_id: e.artifact for e in events if e.kind == "step_done"}
     assert events[-1].kind == "done"
@@ -241,15 +136,6 @@ messages = [{{ role = "user", content = "{{goal}}" }}, {{ role = "user", content
 """
 
 
-def deploy_with(tmp_path: Path, **workflows: str) -> Path:
-    """A copy of deploy/ with extra workflows (name -> TOML text)."""
-    deploy = tmp_path / "deploy"
-    shutil.copytree(REPO / "deploy", deploy)
-    for name, text in workflows.items():
-        (deploy / "workflows" / f"{name}.toml").write_text(text)
-    return deploy
-
-
 def fanout_deploy(tmp_path: Path, workflow_cap: int) -> Path:
     ids = [f"s{i}" for i in range(12)]
     # Distinct prompts: twelve identical calls in one task would be stopped as a loop.
@@ -264,10 +150,10 @@ def fanout_deploy(tmp_path: Path, workflow_cap: int) -> Path:
 
 @pytest.mark.parametrize(("planner_cap", "workflow_cap", "expected"), [(4, 9, 4), (9, 3, 3)])
 async def test_independent_steps_run_in_parallel_up_to_the_cap(
-    settings, nc, mesh, peers, tmp_path, planner_cap, workflow_cap, expected
+    settings, nc, planner_mesh, router_peers, tmp_path, planner_cap, workflow_cap, expected
 ):
-    used = await mesh(fanout_deploy(tmp_path, workflow_cap), max_fanout=planner_cap)
-    peer = await peers(used, lambda r: result(r, f"out of {r.step_id}"), delay_s=0.1)
+    used = await planner_mesh(fanout_deploy(tmp_path, workflow_cap), max_fanout=planner_cap)
+    peer = await router_peers(used, lambda r: result(r, f"out of {r.step_id}"), delay_s=0.1)
 
     events = await submit(nc, used, new_task(workflow="fanout", goal="g"))
 
@@ -279,15 +165,15 @@ async def test_independent_steps_run_in_parallel_up_to_the_cap(
     assert len(final.parents) == 12
 
 
-async def test_failed_review_ends_partial_with_the_draft(settings, nc, mesh, peers):
-    await mesh()
+async def test_failed_review_ends_partial_with_the_draft(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
 
     def respond(request: StepRequest) -> InferenceResult:
         if request.step_id == "draft":
             return result(request, "draft answer")
         return result(request, "", error=ErrorInfo(kind="provider", message="upstream 500"))
 
-    await peers(settings, respond)
+    await router_peers(settings, respond)
     events = await submit(nc, settings, new_task(workflow="draft-review", goal="q"))
 
     terminal = events[-1]
@@ -299,8 +185,10 @@ async def test_failed_review_ends_partial_with_the_draft(settings, nc, mesh, pee
     await wait_for_ack(nc, settings)
 
 
-async def test_failed_only_step_ends_failed_and_retryable_error_is_retried_once(settings, nc, mesh, peers):
-    await mesh()
+async def test_failed_only_step_ends_failed_and_retryable_error_is_retried_once(
+    settings, nc, planner_mesh, router_peers
+):
+    await planner_mesh()
 
     def respond(request: StepRequest) -> InferenceResult:
         goal = request.messages[0].content
@@ -308,7 +196,7 @@ async def test_failed_only_step_ends_failed_and_retryable_error_is_retried_once(
             return result(request, "recovered")
         return result(request, "", error=ErrorInfo(kind="unavailable", message="busy", retryable=True))
 
-    peer = await peers(settings, respond)
+    peer = await router_peers(settings, respond)
     flaky, broken = await asyncio.gather(
         submit(nc, settings, new_task(goal="flaky")), submit(nc, settings, new_task(goal="broken"))
     )
@@ -319,26 +207,27 @@ async def test_failed_only_step_ends_failed_and_retryable_error_is_retried_once(
     assert sorted(r.attempt for r in peer.requests) == [1, 1, 2, 2]
 
 
-async def test_router_rejection_fails_the_step_with_its_reason(settings, nc, mesh, peers):
-    await mesh()
+async def test_router_rejection_fails_the_step_with_its_reason(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
     rejection = msgspec.json.encode({"v": 1, "error": {"kind": "pinning", "message": "model not allowed"}})
-    await peers(settings, lambda r: rejection)
+    await router_peers(settings, lambda r: rejection)
     events = await submit(nc, settings, new_task(goal="q"))
     assert events[-1].kind == "failed"
     assert "pinning: model not allowed" in events[-1].detail
     assert events[-1].calls == 0  # refused before any inference call: nothing metered, nothing counted
 
 
-async def test_killed_call_ends_the_task_killed(settings, nc, mesh, peers):
-    await mesh()
-    await peers(settings, lambda r: result(r, "", cost_usd=0.0, error=ErrorInfo(kind="killed", message="global kill")))
+async def test_killed_call_ends_the_task_killed(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
+    killed = ErrorInfo(kind="killed", message="global kill")
+    await router_peers(settings, lambda r: result(r, "", cost_usd=0.0, error=killed))
     events = await submit(nc, settings, new_task(goal="q"))
     assert events[-1].kind == "killed" and "global kill" in events[-1].detail
 
 
-async def test_deadline_cancels_the_task_and_records_a_timeout(settings, nc, mesh, peers):
-    await mesh()
-    await peers(settings, lambda r: None)  # a router that never answers
+async def test_deadline_cancels_the_task_and_records_a_timeout(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
+    await router_peers(settings, lambda r: None)  # a router that never answers
     started = time.monotonic()
     events = await submit(nc, settings, new_task(goal="q", deadline_s=1.0))
     assert events[-1].kind == "failed" and events[-1].detail.startswith("timeout: the deadline of 1s passed")
@@ -348,10 +237,10 @@ async def test_deadline_cancels_the_task_and_records_a_timeout(settings, nc, mes
     assert events[-1].calls == 1
 
 
-async def test_spent_budget_stops_new_steps_and_ends_partial(settings, nc, mesh, peers):
-    await mesh()
+async def test_spent_budget_stops_new_steps_and_ends_partial(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
     # The plan fits $0.03 (about $0.021 at worst), but the draft alone costs more than the budget.
-    peer = await peers(settings, lambda r: result(r, "pricey", cost_usd=0.05))
+    peer = await router_peers(settings, lambda r: result(r, "pricey", cost_usd=0.05))
     events = await submit(nc, settings, new_task(workflow="draft-review", goal="q", budget_usd=0.03))
     assert [e.kind for e in events][-2:] == ["refused", "partial"]
     assert events[-2].detail == events[-1].detail and "budget spent" in events[-1].detail
@@ -361,12 +250,13 @@ async def test_spent_budget_stops_new_steps_and_ends_partial(settings, nc, mesh,
 def refuse_review(request: StepRequest) -> InferenceResult:
     if request.step_id == "draft":
         return result(request, "draft answer")
-    return result(request, "", cost_usd=0.0, error=ErrorInfo(kind="refused", message="task cap: $0.02 left, call needs $0.03"))
+    refused = ErrorInfo(kind="refused", message="task cap: $0.02 left, call needs $0.03")
+    return result(request, "", cost_usd=0.0, error=refused)
 
 
-async def test_refused_reservation_ends_partial_with_the_draft(settings, nc, mesh, peers):
-    await mesh()
-    await peers(settings, refuse_review)
+async def test_refused_reservation_ends_partial_with_the_draft(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
+    await router_peers(settings, refuse_review)
     events = await submit(nc, settings, new_task(workflow="draft-review", goal="q"))
 
     refused, terminal = events[-2:]
@@ -378,17 +268,18 @@ async def test_refused_reservation_ends_partial_with_the_draft(settings, nc, mes
     await wait_for_ack(nc, settings)
 
 
-async def test_refused_first_call_ends_failed_without_an_artifact(settings, nc, mesh, peers):
-    await mesh()
-    await peers(settings, lambda r: result(r, "", cost_usd=0.0, error=ErrorInfo(kind="refused", message="tenant cap")))
+async def test_refused_first_call_ends_failed_without_an_artifact(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
+    refused = ErrorInfo(kind="refused", message="tenant cap")
+    await router_peers(settings, lambda r: result(r, "", cost_usd=0.0, error=refused))
     events = await submit(nc, settings, new_task(goal="q"))
     assert [e.kind for e in events][-2:] == ["refused", "failed"] and events[-1].artifact is None
     assert "refused: tenant cap" in events[-1].detail
 
 
-async def test_budget_travels_in_a_header_and_max_tokens_overrides_every_step(settings, nc, mesh, peers):
-    await mesh()
-    peer = await peers(settings, reviewer("ACCEPT"))
+async def test_budget_travels_in_a_header_and_max_tokens_overrides_every_step(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
+    peer = await router_peers(settings, reviewer("ACCEPT"))
     with_budget = new_task(workflow="draft-review", goal="q", budget_usd=0.5, max_tokens=64)
     assert (await submit(nc, settings, with_budget))[-1].kind == "done"
     assert [h[HEADER_BUDGET] for h in peer.headers] == ["0.5", "0.5"]
@@ -402,9 +293,9 @@ async def test_budget_travels_in_a_header_and_max_tokens_overrides_every_step(se
     ("limits", "why"),
     [({"budget_usd": 0.001}, "exceeds the budget $0.0010"), ({"deadline_s": 1.0}, "exceeds the deadline")],
 )
-async def test_a_plan_that_cannot_fit_is_refused_before_any_call(settings, nc, mesh, peers, limits, why):
-    await mesh()
-    peer = await peers(settings, reviewer("ACCEPT"))
+async def test_a_plan_that_cannot_fit_is_refused_before_any_call(settings, nc, planner_mesh, router_peers, limits, why):
+    await planner_mesh()
+    peer = await router_peers(settings, reviewer("ACCEPT"))
     # draft-review: a local draft (0.4 s) then a frontier review (2.0 s), about $0.021 at worst.
     events = await submit(nc, settings, new_task(workflow="draft-review", goal="What is 2+2?", **limits))
     assert [e.kind for e in events] == ["accepted", "refused", "failed"]
@@ -415,37 +306,37 @@ async def test_a_plan_that_cannot_fit_is_refused_before_any_call(settings, nc, m
     await wait_for_ack(nc, settings)
 
 
-async def test_a_call_that_would_overrun_the_budget_is_not_sent(settings, nc, mesh, peers):
-    await mesh()
+async def test_a_call_that_would_overrun_the_budget_is_not_sent(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
     # Spent $0.015 of $0.03 after the draft; the review may cost about $0.021: it must not start.
-    peer = await peers(settings, lambda r: result(r, "draft", cost_usd=0.015))
+    peer = await router_peers(settings, lambda r: result(r, "draft", cost_usd=0.015))
     events = await submit(nc, settings, new_task(workflow="draft-review", goal="q", budget_usd=0.03))
     assert [e.kind for e in events][-2:] == ["refused", "partial"]
     assert "budget would be exceeded" in events[-1].detail and "step 'review'" in events[-1].detail
     assert len(peer.requests) == 1 and events[-1].cost_usd == 0.015
 
 
-async def test_a_call_that_would_overrun_the_deadline_is_not_sent(settings, nc, mesh, peers):
-    await mesh()
+async def test_a_call_that_would_overrun_the_deadline_is_not_sent(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
     # The plan fits 3 s (0.4 + 2.0); the draft takes 1.6 s, leaving too little for a 2 s review.
-    peer = await peers(settings, lambda r: result(r, "slow draft"), delay_s=1.6)
+    peer = await router_peers(settings, lambda r: result(r, "slow draft"), delay_s=1.6)
     events = await submit(nc, settings, new_task(workflow="draft-review", goal="q", deadline_s=3.0))
     assert [e.kind for e in events][-2:] == ["refused", "partial"]
     assert "deadline would be exceeded" in events[-1].detail
     assert len(peer.requests) == 1
 
 
-async def test_unknown_workflow_fails_with_the_reason(settings, nc, mesh):
-    await mesh()
+async def test_unknown_workflow_fails_with_the_reason(settings, nc, planner_mesh):
+    await planner_mesh()
     events = await submit(nc, settings, new_task(workflow="nope", goal="q"))
     assert [e.kind for e in events] == ["accepted", "failed"]
     assert "unknown workflow 'nope'" in events[-1].detail and "draft-review" in events[-1].detail
     await wait_for_ack(nc, settings)
 
 
-async def test_invalid_task_is_dead_lettered_acked_and_work_goes_on(settings, nc, mesh, peers):
-    await mesh()
-    await peers(settings, lambda r: result(r, "fine"))
+async def test_invalid_task_is_dead_lettered_acked_and_work_goes_on(settings, nc, planner_mesh, router_peers):
+    await planner_mesh()
+    await router_peers(settings, lambda r: result(r, "fine"))
     js = nc.jetstream()
     dlq = await js.subscribe(settings.subjects.dlq("planner"), stream=settings.subjects.stream(STREAM_DLQ))
     await js.publish(settings.subjects.task_submit, b'{"id": 42}')
@@ -459,9 +350,9 @@ async def test_invalid_task_is_dead_lettered_acked_and_work_goes_on(settings, nc
     await wait_for_ack(nc, settings)
 
 
-async def test_many_tasks_run_concurrently(settings, nc, mesh, peers):
-    await mesh(max_in_flight=64)
-    peer = await peers(settings, lambda r: result(r, r.messages[0].content.upper()), delay_s=0.2)
+async def test_many_tasks_run_concurrently(settings, nc, planner_mesh, router_peers):
+    await planner_mesh(max_in_flight=64)
+    peer = await router_peers(settings, lambda r: result(r, r.messages[0].content.upper()), delay_s=0.2)
     tasks = [new_task(goal=f"goal {i}") for i in range(60)]
     started = time.monotonic()
     runs = await asyncio.gather(*(submit(nc, settings, t) for t in tasks))
@@ -472,29 +363,29 @@ async def test_many_tasks_run_concurrently(settings, nc, mesh, peers):
     await wait_for_ack(nc, settings)
 
 
-async def test_replicas_share_the_work_queue_and_run_each_task_once(settings, nc, start_service, peers):
+async def test_replicas_share_the_work_queue_and_run_each_task_once(settings, nc, start_service, router_peers):
     await start_service("artifact-store", settings)
     await start_service("planner", settings)
     await start_service("planner", settings)
-    peer = await peers(settings, lambda r: result(r, "ok"), delay_s=0.05)
+    peer = await router_peers(settings, lambda r: result(r, "ok"), delay_s=0.05)
     runs = await asyncio.gather(*(submit(nc, settings, new_task(goal=f"g{i}")) for i in range(20)))
     assert all([e.kind for e in events].count("accepted") == 1 and events[-1].kind == "done" for events in runs)
     assert len(peer.requests) == 20
     await wait_for_ack(nc, settings)
 
 
-async def test_a_task_longer_than_ack_wait_is_not_redelivered(settings, nc, mesh, peers):
+async def test_a_task_longer_than_ack_wait_is_not_redelivered(settings, nc, planner_mesh, router_peers):
     # in_progress every ack_wait/3 keeps the message ours while the task runs.
-    await mesh(ack_wait_s=0.6)
-    peer = await peers(settings, lambda r: result(r, "slow"), delay_s=1.5)
+    await planner_mesh(ack_wait_s=0.6)
+    peer = await router_peers(settings, lambda r: result(r, "slow"), delay_s=1.5)
     events = await submit(nc, settings, new_task(goal="q", deadline_s=5))
     assert [e.kind for e in events] == ["accepted", "planned", "step_started", "step_done", "done"]
     assert len(peer.requests) == 1
     await wait_for_ack(nc, settings)
 
 
-async def test_no_router_fails_the_task_after_one_retry(settings, nc, mesh):
-    await mesh()
+async def test_no_router_fails_the_task_after_one_retry(settings, nc, planner_mesh):
+    await planner_mesh()
     events = await submit(nc, settings, new_task(goal="q"))
     assert events[-1].kind == "failed" and "no router is answering" in events[-1].detail
     assert events[-1].calls == 0  # no router got either attempt

@@ -14,33 +14,20 @@ import msgspec
 import pytest
 from fakes.budget_peer import BudgetPeer
 from fakes.inference_peer import InferencePeer
+from helpers import SHORT, make_step
+from mesh_client import ask
 
-from schemas.messages import (
-    ChatMessage,
-    DeadLetter,
-    ErrorInfo,
-    InferenceResult,
-    StepRequest,
-    UsageEvent,
-)
+from schemas.messages import ChatMessage, DeadLetter, ErrorInfo, UsageEvent
 from schemas.subjects import HEADER_DEADLINE, HEADER_TASK, HEADER_TENANT
 from services.router.cache import cache_key
 from services.routing.table import PinningError, RoutingTable, pick_model, prompt_chars
-from services.runtime.bus import encode, now_ms
-from services.runtime.catalog import Catalog
 from services.runtime.settings import REPO_DEPLOY_DIR
 from services.runtime.tokens import count_message_tokens
 
 LOCAL = "mixtral-8x7b-local"
 MID = "mixtral-8x7b"
 FRONTIER = "gpt-4-1106-preview"
-SHORT = "A farmer has 12 cows and buys 5 more. How many cows does he have?"
 LONG = "Summarise the following report. " + "The quarterly figures rose again in every region. " * 120
-
-
-@pytest.fixture(scope="module")
-def catalog() -> Catalog:
-    return Catalog.load(REPO_DEPLOY_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -71,33 +58,6 @@ def start_router(settings, start_service, nc, budget):
     return start
 
 
-def make_step(
-    content: str = SHORT,
-    *,
-    role: str = "solve",
-    workflow: str = "answer",
-    max_tokens: int = 256,
-    deadline_in_ms: int = 5_000,
-    **fields,
-) -> StepRequest:
-    return StepRequest(
-        task_id="task-1",
-        step_id="step-1",
-        tenant="acme",
-        workflow=workflow,
-        role=role,
-        messages=[ChatMessage(role="user", content=content)],
-        max_tokens=max_tokens,
-        deadline_ms=now_ms() + deadline_in_ms,
-        **fields,
-    )
-
-
-async def ask(nc, settings, step: StepRequest) -> InferenceResult:
-    reply = await nc.request(settings.subjects.step_request, encode(step), timeout=5)
-    return msgspec.json.decode(reply.data, type=InferenceResult)
-
-
 async def next_usage(sub) -> UsageEvent:
     msg = await sub.next_msg(timeout=2)
     return msgspec.json.decode(msg.data, type=UsageEvent)
@@ -106,6 +66,7 @@ async def next_usage(sub) -> UsageEvent:
 # -- the decision alone, no NATS --
 
 
+@pytest.mark.unit
 def test_pick_model_goes_up_the_ladder_then_down(catalog):
     assert pick_model("local", None, catalog).name == LOCAL
     assert pick_model("local", [FRONTIER], catalog).name == FRONTIER
@@ -117,6 +78,7 @@ def test_pick_model_goes_up_the_ladder_then_down(catalog):
         pick_model("mid", [], catalog)
 
 
+@pytest.mark.unit
 def test_table_rejects_a_bad_tier_and_unknown_keys():
     with pytest.raises(ValueError, match="tier"):
         RoutingTable.parse({"rules": [{"role": "draft", "tier": "cheap"}]})
@@ -129,6 +91,7 @@ def test_table_rejects_a_bad_tier_and_unknown_keys():
         RoutingTable.parse({"rules": [{"min_prompt_chars": 300, "max_prompt_chars": 200, "tier": "local"}]})
 
 
+@pytest.mark.unit
 def test_size_rules_count_the_characters_of_every_message(table, catalog):
     threshold = next(rule.max_prompt_chars for rule in table.rules if rule.max_prompt_chars)
     at_threshold = make_step("x" * threshold, role="solve", workflow="answer")
@@ -138,6 +101,7 @@ def test_size_rules_count_the_characters_of_every_message(table, catalog):
     assert table.choose(with_system, catalog).name == FRONTIER
 
 
+@pytest.mark.unit
 def test_cache_key_covers_model_and_limits():
     step = make_step()
     assert cache_key(LOCAL, step) == cache_key(LOCAL, make_step())
@@ -149,6 +113,7 @@ def test_cache_key_covers_model_and_limits():
 # -- through the live router --
 
 
+@pytest.mark.infra
 @pytest.mark.parametrize(
     ("role", "workflow", "content", "model"),
     [
@@ -176,6 +141,7 @@ async def test_rules_route_to_the_tier_model(settings, start_router, nc, role, w
     assert (headers[HEADER_TASK], headers[HEADER_TENANT]) == ("task-1", "acme")
 
 
+@pytest.mark.infra
 async def test_allow_models_pins_the_model(settings, start_router, nc):
     peer = await InferencePeer(nc, settings.subjects).start()
     await start_router()
@@ -187,6 +153,7 @@ async def test_allow_models_pins_the_model(settings, start_router, nc):
     assert peer.models == [FRONTIER, MID]
 
 
+@pytest.mark.infra
 async def test_no_allowed_model_is_a_pinning_error_and_no_call(settings, start_router, nc):
     peer = await InferencePeer(nc, settings.subjects).start()
     await start_router()
@@ -198,6 +165,7 @@ async def test_no_allowed_model_is_a_pinning_error_and_no_call(settings, start_r
     assert peer.requests == []
 
 
+@pytest.mark.infra
 async def test_a_repeat_is_served_from_the_cache_at_zero_cost(settings, start_router, nc):
     peer = await InferencePeer(nc, settings.subjects).start()
     usage = await nc.subscribe(settings.subjects.usage_all)
@@ -221,6 +189,7 @@ async def test_a_repeat_is_served_from_the_cache_at_zero_cost(settings, start_ro
     assert (event.input_tokens, event.output_tokens) == (40, 7)
 
 
+@pytest.mark.infra
 async def test_error_results_are_not_cached(settings, start_router, nc):
     peer = await InferencePeer(nc, settings.subjects, error=ErrorInfo(kind="provider", message="boom")).start()
     await start_router()
@@ -231,6 +200,7 @@ async def test_error_results_are_not_cached(settings, start_router, nc):
     assert len(peer.requests) == 2
 
 
+@pytest.mark.infra
 async def test_no_responder_is_unavailable_and_metered_at_worst_case(settings, start_router, nc, catalog):
     usage = await nc.subscribe(settings.subjects.usage_all)
     await start_router()
@@ -249,6 +219,7 @@ async def test_no_responder_is_unavailable_and_metered_at_worst_case(settings, s
     assert result.cost_usd == pytest.approx(worst_case)
 
 
+@pytest.mark.infra
 async def test_a_silent_inference_service_times_out_at_the_deadline(settings, start_router, nc):
     await InferencePeer(nc, settings.subjects, reply=False).start()
     usage = await nc.subscribe(settings.subjects.usage_all)
@@ -265,6 +236,7 @@ async def test_a_silent_inference_service_times_out_at_the_deadline(settings, st
     assert event.cost_usd > 0
 
 
+@pytest.mark.infra
 async def test_invalid_step_is_rejected_and_dead_lettered(settings, start_router, nc):
     dlq = await nc.subscribe(settings.subjects.dlq("router"))
     await start_router()

@@ -9,18 +9,21 @@ import json
 import shutil
 from pathlib import Path
 
+import helpers
 import msgspec
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from fakes.budget_peer import BudgetPeer
 from fakes.inference_peer import InferencePeer
+from mesh_client import ask
 
-from schemas.messages import ChatMessage, InferenceResult, StepRequest, UsageEvent
+from schemas.messages import InferenceResult, StepRequest, UsageEvent
 from services.cli.router_commands import eval_group, router
+from services.router_training.dataset import load_outcomes
+from services.router_training.training import train
 from services.routing.policies import CascadePolicy, LearnedPolicy, PolicySet, execute
 from services.routing.policies.calibration import calibrate, calibrate_every_fold
-from services.router_training.dataset import load_outcomes
 from services.routing.policies.features import (
     EMBEDDING_DIMENSIONS,
     MAX_EMBEDDED_CHARS,
@@ -29,10 +32,7 @@ from services.routing.policies.features import (
 )
 from services.routing.policies.fixed import FixedPolicy
 from services.routing.policies.routerfile import RouterFile
-from services.router_training.training import train
 from services.routing.table import PinningError, RoutingTable
-from services.runtime.bus import encode, now_ms
-from services.runtime.catalog import Catalog
 from services.runtime.settings import REPO_DEPLOY_DIR
 
 WEAK = "mixtral-8x7b-local"
@@ -88,28 +88,15 @@ def router_file(small_data) -> RouterFile:
     )
 
 
-@pytest.fixture(scope="module")
-def catalog() -> Catalog:
-    return Catalog.load(REPO_DEPLOY_DIR)
-
-
-def make_step(content: str, max_tokens: int = 256, **fields) -> StepRequest:
-    return StepRequest(
-        task_id="task-1",
-        step_id="answer",
-        tenant=fields.pop("tenant", "acme"),
-        workflow="answer",
-        role="answer",
-        messages=[ChatMessage(role="user", content=content)],
-        max_tokens=max_tokens,
-        deadline_ms=now_ms() + 5_000,
-        **fields,
-    )
+def make_step(content: str, **fields) -> StepRequest:
+    """The step of the shipped "answer" workflow, as the planner sends it."""
+    return helpers.make_step(content, role="answer", step_id="answer", **fields)
 
 
 # -- calibration and training --
 
 
+@pytest.mark.unit
 def test_calibration_picks_the_cheapest_threshold_that_meets_the_target():
     weak = np.array([1, 1, 0, 1, 0, 0], bool)
     strong = np.array([1, 1, 1, 1, 1, 0], bool)
@@ -124,6 +111,7 @@ def test_calibration_picks_the_cheapest_threshold_that_meets_the_target():
     assert calibrate(scores, weak, strong, target=1.0).threshold == 0.8
 
 
+@pytest.mark.unit
 def test_every_fold_calibration_meets_the_target_in_each_fold():
     # Fold A: the weak model is right wherever its score is high; fold B: only at the very top.
     weak = np.array([1, 1, 1, 0, 1, 0, 0, 0], bool)
@@ -141,6 +129,7 @@ def test_every_fold_calibration_meets_the_target_in_each_fold():
         assert np.where(kept_weak, weak[fold], strong[fold]).mean() >= 0.8
 
 
+@pytest.mark.unit
 def test_prompt_embeddings_come_from_the_wheel_and_are_unit_length():
     vectors = prompt_embeddings(["How many eggs does she sell?", "Which treaty ended the war?", ""])
     assert vectors.shape == (3, EMBEDDING_DIMENSIONS)
@@ -157,6 +146,7 @@ def test_prompt_embeddings_come_from_the_wheel_and_are_unit_length():
     assert np.allclose(huge, prompt_embeddings([opening[:MAX_EMBEDDED_CHARS]])[0])
 
 
+@pytest.mark.unit
 def test_each_policy_meets_its_target_on_training_data(router_file):
     for model in (router_file.prompt_model, router_file.answer_model):
         point = model.calibration
@@ -164,6 +154,7 @@ def test_each_policy_meets_its_target_on_training_data(router_file):
         assert 0 < point.weak_share < 1
 
 
+@pytest.mark.unit
 def test_router_file_round_trips_without_pickle(router_file, small_data, tmp_path):
     path = tmp_path / "router.npz"
     router_file.save(path)
@@ -179,6 +170,7 @@ def test_router_file_round_trips_without_pickle(router_file, small_data, tmp_pat
     }
 
 
+@pytest.mark.unit
 def test_the_validator_checks_structure_and_arithmetic(router_file):
     features = dict(zip(("final", "integer"), answer_features(GOOD_ANSWER)[:2], strict=False))
     assert features == {"final": 1.0, "integer": 1.0}
@@ -191,6 +183,7 @@ def test_the_validator_checks_structure_and_arithmetic(router_file):
 # -- decisions and execution, no NATS --
 
 
+@pytest.mark.unit
 def test_learned_policy_splits_by_score_and_respects_pinning(router_file, catalog):
     learned = LearnedPolicy.from_file(router_file)
     step = make_step("What is 2 + 2?")
@@ -203,6 +196,7 @@ def test_learned_policy_splits_by_score_and_respects_pinning(router_file, catalo
         FixedPolicy(STRONG).choose(make_step("x", allow_models=["gpt-5"]), catalog)
 
 
+@pytest.mark.unit
 async def test_cascade_escalates_a_rejected_answer_and_counts_both_calls(router_file, catalog):
     cascade = CascadePolicy.from_file(router_file)
     calls: list[str] = []
@@ -221,6 +215,7 @@ async def test_cascade_escalates_a_rejected_answer_and_counts_both_calls(router_
     assert calls == [WEAK, STRONG] and escalated.model == STRONG and escalated.cost_usd == 0.5
 
 
+@pytest.mark.unit
 def test_policies_are_chosen_per_tenant_then_workflow(router_file, catalog, tmp_path):
     router_file.save(tmp_path / "r.npz")
     table = RoutingTable.load(REPO_DEPLOY_DIR)
@@ -244,6 +239,7 @@ def test_policies_are_chosen_per_tenant_then_workflow(router_file, catalog, tmp_
 # -- the command line --
 
 
+@pytest.mark.unit
 def test_train_and_eval_commands(small_data, tmp_path):
     out = tmp_path / "router.npz"
     runner = CliRunner()
@@ -269,11 +265,7 @@ def test_train_and_eval_commands(small_data, tmp_path):
 # -- through the live router on a real nats-server --
 
 
-async def ask(nc, settings, step: StepRequest) -> InferenceResult:
-    reply = await nc.request(settings.subjects.step_request, encode(step), timeout=5)
-    return msgspec.json.decode(reply.data, type=InferenceResult)
-
-
+@pytest.mark.infra
 async def test_each_policy_routes_as_configured_through_the_live_router(
     settings, start_service, nc, router_file, small_data, catalog, tmp_path
 ):
@@ -319,6 +311,7 @@ async def test_each_policy_routes_as_configured_through_the_live_router(
     assert len(budget.settled) == len(budget.reserved) == 6
 
 
+@pytest.mark.infra
 async def test_cascade_on_recorded_answers_meters_both_calls(settings, start_service, nc, router_file, data_dir):
     """With the replay inference services: a recorded weak answer the validator trusts is kept
     (one call); one it rejects is asked again of GPT-4 (two calls, two usage rows)."""
@@ -345,6 +338,7 @@ async def test_cascade_on_recorded_answers_meters_both_calls(settings, start_ser
     assert escalated.cost_usd == pytest.approx(events[1].cost_usd + events[2].cost_usd)
 
 
+@pytest.mark.unit
 def test_the_shipped_router_file_loads_and_decides(catalog):
     """deploy/routers/mixtral-gpt4.npz, named by the shipped routing.toml, works with this code."""
     table = RoutingTable.load(REPO_DEPLOY_DIR)

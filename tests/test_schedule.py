@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import msgspec
 import pytest
 from click.testing import CliRunner
-from test_planner import peers, result, wait_for_ack  # noqa: F401 (fixtures)
+from fakes.router_peer import result
+from helpers import eventually
+from mesh_client import wait_for_ack
 
 from schemas.messages import TERMINAL_EVENTS, Task, TaskEvent
 from services.cli.schedule_commands import schedule
@@ -17,11 +19,29 @@ from services.runtime.bus import now_ms
 
 
 class FakeClock:
+    """The planners' time, moved by the test. Each replica reads it through its own ``reader``,
+    which counts the reads: a scheduler tick reads the time once, then fires what is due."""
+
     def __init__(self, now: datetime) -> None:
         self.now = now
+        self.reads: list[int] = []
 
-    def __call__(self) -> datetime:
-        return self.now
+    def reader(self) -> Callable[[], datetime]:
+        replica = len(self.reads)
+        self.reads.append(0)
+
+        def read() -> datetime:
+            self.reads[replica] += 1
+            return self.now
+
+        return read
+
+    async def ticked(self) -> None:
+        """Until every replica has read the time three more times. A tick reads it once, fires
+        what is due, sleeps; so by the second tick read after the first, a whole tick has run at
+        ``now`` (three, not two: the scheduler also reads it once as it starts, before any tick)."""
+        marks = list(self.reads)
+        await eventually(lambda: all(r >= m + 3 for r, m in zip(self.reads, marks, strict=True)), timeout_s=5)
 
 
 def at(hour: int, minute: int, second: int = 0) -> datetime:
@@ -29,19 +49,29 @@ def at(hour: int, minute: int, second: int = 0) -> datetime:
     return datetime(2031, 1, 1, hour, minute, second, tzinfo=UTC)
 
 
-async def test_a_schedule_fires_each_run_once_across_replicas_with_its_timeout(settings, nc, start_service, peers):
-    kv = await schedules_bucket(nc.jetstream(), settings.subjects)
+async def nothing_submitted(nc, submitted) -> None:
+    """No task was submitted: after a round trip, whatever the server sent before is here."""
+    await nc.flush()
+    assert submitted.pending_msgs == 0, "a run was submitted that was not due"
+
+
+@pytest.mark.infra
+async def test_a_schedule_fires_each_run_once_across_replicas_with_its_timeout(
+    settings, nc, bus, start_service, router_peers
+):
+    kv = await schedules_bucket(bus)
     entry = Schedule(
         id="sreport", cron="*/5 * * * *", timeout_s=7.0, workflow="answer", goal="q", tenant="ops", created_ms=now_ms()
     )
     await add_schedule(kv, entry)
+    submitted = await nc.subscribe(settings.subjects.task_submit)  # every replica's copy, before dedupe
+    events = await nc.subscribe(settings.subjects.task_events)
+    await nc.flush()
     clock = FakeClock(at(12, 4, 30))
     await start_service("artifact-store", settings)
     for _ in range(2):
-        await start_service("planner", settings, clock=clock, schedule_tick_s=0.05)
-    peer = await peers(settings, lambda r: result(r, "report"))
-    submitted = await nc.subscribe(settings.subjects.task_submit)  # every replica's copy, before dedupe
-    events = await nc.subscribe(settings.subjects.task_events)
+        await start_service("planner", settings, clock=clock.reader(), schedule_tick_s=0.05)
+    peer = await router_peers(settings, lambda r: result(r, "report"))
 
     async def run_fired_at(fire: datetime) -> tuple[list[Task], list[TaskEvent]]:
         copies = [msgspec.json.decode((await submitted.next_msg(timeout=5)).data, type=Task) for _ in range(2)]
@@ -51,7 +81,8 @@ async def test_a_schedule_fires_each_run_once_across_replicas_with_its_timeout(s
         assert {c.id for c in copies} == {e.task_id for e in seen} == {f"sreport-{int(fire.timestamp())}"}
         return copies, seen
 
-    await asyncio.sleep(0.3)  # several ticks before 12:05: nothing is due
+    await clock.ticked()  # ticks at 12:04:30: nothing is due
+    await nothing_submitted(nc, submitted)
     assert peer.requests == []
 
     clock.now = at(12, 5, 1)
@@ -65,18 +96,21 @@ async def test_a_schedule_fires_each_run_once_across_replicas_with_its_timeout(s
     # Down for an hour: only the runs of the last CATCH_UP_S fire, not eleven late ones.
     clock.now = at(13, 2)
     await run_fired_at(at(13, 0))
-    await asyncio.sleep(0.3)
+    await clock.ticked()
+    await nothing_submitted(nc, submitted)
     assert len(peer.requests) == 2
 
     assert await remove_schedule(kv, "sreport")
     clock.now = at(13, 6)
-    await asyncio.sleep(0.3)
+    await clock.ticked()  # ticks past 13:05, without the schedule
+    await nothing_submitted(nc, submitted)
     assert len(peer.requests) == 2
     await wait_for_ack(nc, settings)
     await submitted.unsubscribe()
     await events.unsubscribe()
 
 
+@pytest.mark.unit
 def test_fire_times_are_the_cron_times_in_between():
     entry = Schedule(id="s", cron="*/5 * * * *", timeout_s=1, workflow="answer", goal="g", created_ms=0)
     assert entry.fire_times(at(12, 0), at(12, 15)) == [at(12, 5), at(12, 10), at(12, 15)]
@@ -89,8 +123,10 @@ def cli(settings, *args: str):
     return CliRunner().invoke(schedule, list(args), env=env)
 
 
+@pytest.mark.infra
 def test_schedule_add_list_remove(settings):
-    added = cli(settings, "add", "--cron", "*/5 * * * *", "--timeout", "90s", "--tenant", "ops", "--budget", "0.5", "daily report")
+    options = ["--cron", "*/5 * * * *", "--timeout", "90s", "--tenant", "ops", "--budget", "0.5"]
+    added = cli(settings, "add", *options, "daily report")
     assert added.exit_code == 0, added.output
     schedule_id = added.output.strip()
     listed = cli(settings, "list")
@@ -103,6 +139,7 @@ def test_schedule_add_list_remove(settings):
     assert gone.exit_code == 1 and f"no schedule '{schedule_id}'" in gone.output
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -123,6 +160,7 @@ def test_schedule_add_explains_bad_input(args, message):
     assert message in outcome.output
 
 
+@pytest.mark.unit
 def test_durations_convert_to_seconds():
     from services.cli.schedule_commands import Duration
 

@@ -4,8 +4,10 @@ import msgspec
 import pytest
 
 from schemas.export import JSON_DIR, render
-from schemas.messages import WIRE_MESSAGES, SCHEMA_VERSION, Task
+from schemas.messages import SCHEMA_VERSION, WIRE_MESSAGES, Task
 from schemas.subjects import Subjects, token
+
+pytestmark = pytest.mark.unit
 
 
 def test_checked_in_json_schemas_are_current():

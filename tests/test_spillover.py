@@ -11,36 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
+from collections.abc import Callable
 
 import httpx
 import msgspec
 import pytest
 from fakes.budget_peer import BudgetPeer
 from fakes.inference_peer import InferencePeer
-from mesh_client import engine_metrics, usage_rows, wait_engine_idle
+from helpers import eventually, kill_switch, make_step, pace_signal
+from mesh_client import ask, engine_metrics, usage_row, wait_engine_idle
 
-from schemas.messages import (
-    ChatMessage,
-    InferenceResult,
-    KillSwitch,
-    LocalLoad,
-    PaceSignal,
-    StepRequest,
-    UsageEvent,
-)
-from services.router.load import DEFAULT_DECODE_TOKENS_PER_S, LoadBoard, spill_target
-from services.runtime.bus import encode, now_ms
-from services.runtime.catalog import Catalog
-from services.runtime.control import set_kill, set_pace
-from services.runtime.data import load_recorded_outcomes
+from schemas.messages import ChatMessage, InferenceRequest, InferenceResult, LocalLoad, StepRequest, UsageEvent
 from services.inference.engine_load import (
     MetricsError,
     metrics_url,
     parse_metrics,
     with_decode_rate,
 )
-from services.runtime.settings import REPO_DEPLOY_DIR
+from services.router.load import DEFAULT_DECODE_TOKENS_PER_S, LoadBoard, spill_target
+from services.runtime.bus import encode, now_ms
+from services.runtime.control import set_kill, set_pace
+from services.runtime.data import load_recorded_outcomes
 
 LOCAL = "smollm2-135m"
 REPLAY_LOCAL = "mixtral-8x7b-local"
@@ -154,14 +147,10 @@ vllm:time_per_output_token_seconds_sum{model_name="mistralai/Mixtral-8x7B-Instru
 """
 
 
-@pytest.fixture(scope="module")
-def catalog() -> Catalog:
-    return Catalog.load(REPO_DEPLOY_DIR)
-
-
 # -- reading an engine's /metrics --
 
 
+@pytest.mark.unit
 def test_llamacpp_metrics_give_the_queue_kv_cache_and_decode_rate():
     load = parse_metrics(LLAMACPP_METRICS, LOCAL)
     assert (load.engine, load.running, load.waiting) == ("llamacpp", 1, 2)
@@ -169,11 +158,13 @@ def test_llamacpp_metrics_give_the_queue_kv_cache_and_decode_rate():
     assert load.decode_tokens_per_s == pytest.approx(97.88)
 
 
+@pytest.mark.unit
 def test_a_llamacpp_engine_that_has_not_generated_yet_has_no_decode_rate():
     idle = LLAMACPP_METRICS.replace("llamacpp:predicted_tokens_seconds 97.88", "llamacpp:predicted_tokens_seconds 0")
     assert parse_metrics(idle).decode_tokens_per_s is None
 
 
+@pytest.mark.unit
 def test_vllm_metrics_keep_to_the_models_own_samples_and_rate_comes_from_two_reads():
     first = parse_metrics(vllm_metrics(running=4, waiting=2, kv=0.61, latency_sum=10.0, latency_count=1000), LOCAL)
     assert (first.engine, first.running, first.waiting) == ("vllm", 4, 2)
@@ -188,24 +179,28 @@ def test_vllm_metrics_keep_to_the_models_own_samples_and_rate_comes_from_two_rea
     assert with_decode_rate(idle, rated).decode_tokens_per_s == pytest.approx(50.0)
 
 
+@pytest.mark.unit
 def test_vllm_metrics_without_the_models_label_sum_every_model():
     load = parse_metrics(vllm_metrics(running=4, waiting=2, kv=0.6, latency_sum=1.0, latency_count=10), "elsewhere")
     assert (load.running, load.waiting) == (11, 11)
     assert load.kv_cache_usage == pytest.approx(0.55)  # a ratio is averaged, not summed
 
 
+@pytest.mark.unit
 def test_older_vllm_names_are_read_too():
     load = parse_metrics(VLLM_V0_METRICS, "mistralai/Mixtral-8x7B-Instruct-v0.1")
     assert (load.engine, load.running, load.waiting, load.kv_cache_usage) == ("vllm", 12, 3, 0.93)
     assert (load.token_latency_sum_s, load.token_latency_count) == (50.0, 2000.0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["", "<html>404 Not Found</html>", "# TYPE up gauge\nup 1\n", "llamacpp:x {"])
 def test_text_that_is_not_an_engines_metrics_is_an_error(text):
     with pytest.raises(MetricsError):
         parse_metrics(text)
 
 
+@pytest.mark.unit
 def test_metrics_url_from_the_base_url():
     assert metrics_url("http://127.0.0.1:8090/v1") == "http://127.0.0.1:8090/metrics"
     assert metrics_url("http://gpu-1:8000/v1/") == "http://gpu-1:8000/metrics"
@@ -221,6 +216,7 @@ def report(*, engine: str = "llamacpp", running: int = 0, waiting: int = 0, repl
     )
 
 
+@pytest.mark.unit
 def test_a_one_at_a_time_engine_queues_everything_running_and_waiting(catalog):
     board = LoadBoard()
     board.update(report(running=1, waiting=3, decode_tokens_per_s=100.0))
@@ -231,6 +227,7 @@ def test_a_one_at_a_time_engine_queues_everything_running_and_waiting(catalog):
     assert estimate.breaks(remaining_s=9.0) and not estimate.breaks(remaining_s=11.0)
 
 
+@pytest.mark.unit
 def test_an_idle_engine_never_spills(catalog):
     board = LoadBoard()
     board.update(report(decode_tokens_per_s=10.0))
@@ -239,6 +236,7 @@ def test_an_idle_engine_never_spills(catalog):
     assert not estimate.breaks(remaining_s=1.0)
 
 
+@pytest.mark.unit
 def test_calls_in_flight_and_the_routers_own_calls_are_lower_bounds_of_the_queue(catalog):
     board = LoadBoard()
     board.update(report(running=1, in_flight=3, replica="a", endpoint="http://engine/metrics"))
@@ -252,6 +250,7 @@ def test_calls_in_flight_and_the_routers_own_calls_are_lower_bounds_of_the_queue
     assert board.estimate(model, 10).decode_tokens_per_s == DEFAULT_DECODE_TOKENS_PER_S
 
 
+@pytest.mark.unit
 def test_vllm_spills_only_when_its_batch_is_full(catalog):
     model = catalog.model(LOCAL)
     board = LoadBoard()
@@ -266,6 +265,7 @@ def test_vllm_spills_only_when_its_batch_is_full(catalog):
     assert estimate.finish_s == pytest.approx(10.0 * 3)
 
 
+@pytest.mark.unit
 def test_stale_reports_and_models_without_engine_metrics_give_no_estimate(catalog):
     board = LoadBoard(stale_s=2.0)
     board.update(report(running=1, waiting=50), received=time.monotonic() - 3)
@@ -275,6 +275,7 @@ def test_stale_reports_and_models_without_engine_metrics_give_no_estimate(catalo
     assert board.estimate(catalog.model(REPLAY_LOCAL), 100) is None
 
 
+@pytest.mark.unit
 def test_the_spill_model_is_the_next_allowed_tier_up_never_outside_the_allow_list(catalog):
     local = catalog.model(LOCAL)
     assert spill_target(local, [LOCAL, MID], catalog).name == MID
@@ -290,11 +291,6 @@ def test_the_spill_model_is_the_next_allowed_tier_up_never_outside_the_allow_lis
 # -- the router's decision, against test peers (no engine) --
 
 
-async def ask(nc, settings, step: StepRequest) -> InferenceResult:
-    reply = await nc.request(settings.subjects.step_request, encode(step), timeout=30)
-    return msgspec.json.decode(reply.data, type=InferenceResult)
-
-
 @pytest.fixture
 async def peers(settings, start_service, nc):
     """The router, with test peers for inference (records what it is sent) and budgets (grants)."""
@@ -305,56 +301,73 @@ async def peers(settings, start_service, nc):
     return peer
 
 
-async def busy(nc, settings, waiting: int = 20) -> None:
-    """Reports the real local model's engine as one generating and ``waiting`` queued."""
-    load = report(running=1, waiting=waiting, decode_tokens_per_s=100.0)
-    await nc.publish(settings.subjects.local_load(LOCAL), encode(load))
-    await nc.flush()
-    await asyncio.sleep(0.1)  # the router takes it on its own connection
-
-
 def small_draft(content: str = "Draft a reply.", **fields) -> StepRequest:
-    fields.setdefault("allow_models", [LOCAL, MID])
-    return StepRequest(
-        task_id="task-1",
-        step_id="draft",
-        tenant="acme",
-        workflow="research",
-        role="draft",
-        messages=[ChatMessage(role="user", content=content)],
-        max_tokens=64,
-        deadline_ms=now_ms() + 5_000,
-        **fields,
-    )
+    """A draft (routing.toml sends drafts to the local tier) that may spill to the mid tier."""
+    draft = {"role": "draft", "workflow": "research", "step_id": "draft", "max_tokens": 64}
+    return make_step(content, **(draft | {"allow_models": [LOCAL, MID]} | fields))
 
 
+# Probes: steps of their own tenant, whose answers show what the router has taken in so far.
+PROBE = "probe"
+
+
+def probe_step(number: int, **fields) -> StepRequest:
+    fields.setdefault("allow_models", [LOCAL, FRONTIER])  # spills to the frontier: MID may be killed
+    return small_draft(f"probe {number}", **({"tenant": PROBE} | fields))
+
+
+def routed(peer: InferencePeer) -> list[InferenceRequest]:
+    """What the router sent to inference, the probes' calls left out."""
+    return [request for request, _ in peer.requests if request.tenant != PROBE]
+
+
+async def busy(nc, settings, spilled: Callable[[InferenceResult], bool] = lambda r: r.spilled_from == LOCAL) -> None:
+    """Reports the real local model's engine as one generating and 20 queued, until the router acts
+    on it: a probe step (``spilled``: how its answer shows a spill) goes one tier up."""
+    probes = itertools.count()
+
+    async def spills() -> bool:
+        load = report(running=1, waiting=20, decode_tokens_per_s=100.0)
+        await nc.publish(settings.subjects.local_load(LOCAL), encode(load))
+        return spilled(await ask(nc, settings, probe_step(next(probes))))
+
+    await eventually(spills, timeout_s=5, message="the router never acted on the load report")
+
+
+@pytest.mark.infra
 async def test_the_router_spills_on_a_reported_queue_and_says_so(settings, peers, nc):
     await busy(nc, settings)
     # 21 calls of 64 tokens at 100 tokens/s ahead of and including this one: 13.4 s, past 5 s.
     result = await ask(nc, settings, small_draft())
 
     assert (result.model, result.spilled_from) == (MID, LOCAL)
-    [(request, _)] = peers.requests
+    [request] = routed(peers)
     assert (request.model, request.tier, request.spilled_from) == (MID, "mid", LOCAL)
 
 
+@pytest.mark.infra
 async def test_a_refused_spill_is_metered_as_spilled_and_the_call_runs_locally(settings, start_service, nc):
     await InferencePeer(nc, settings.subjects).start()
-    await BudgetPeer(nc, settings.subjects, refuse="over the cap").start()
+    budget = await BudgetPeer(nc, settings.subjects, refuse="over the cap").start()
     usage = await nc.subscribe(settings.subjects.usage_all)
     await start_service("router", settings)
     await nc.flush()
-    await busy(nc, settings)
+    # Every call is refused: a probe's spill shows as a reservation asked for the frontier.
+    await busy(nc, settings, lambda _: any(r.tenant == PROBE and r.model == FRONTIER for r in budget.reserved))
 
     result = await ask(nc, settings, small_draft())
 
-    rows = [msgspec.json.decode((await usage.next_msg(timeout=2)).data, type=UsageEvent) for _ in range(2)]
+    rows: list[UsageEvent] = []
+    while len(rows) < 2:
+        event = msgspec.json.decode((await usage.next_msg(timeout=2)).data, type=UsageEvent)
+        rows += [event] if event.tenant != PROBE else []
     # The router meters both refusals itself; the spilled one says where it came from.
     assert [(r.model, r.outcome, r.spilled_from) for r in rows] == [(MID, "refused", LOCAL), (LOCAL, "refused", "")]
     assert (result.model, result.spilled_from, result.error.kind) == (LOCAL, "", "refused")
 
 
-async def test_the_router_keeps_the_call_local_when_pinned_paced_killed_or_cached(settings, peers, nc):
+@pytest.mark.infra
+async def test_the_router_keeps_the_call_local_when_pinned_paced_killed_or_cached(settings, peers, nc, bus):
     # Cached first, while the engine is idle; then the same step under load is a free, instant hit.
     first = await ask(nc, settings, small_draft("cached"))
     await busy(nc, settings)
@@ -362,36 +375,47 @@ async def test_the_router_keeps_the_call_local_when_pinned_paced_killed_or_cache
     assert (first.model, again.model, again.cache_hit, again.spilled_from) == (LOCAL, LOCAL, True, "")
     # Nothing allowed above the local tier.
     pinned = await ask(nc, settings, small_draft("pinned", allow_models=[LOCAL]))
-    # A kill switch on the spill model.
-    js = nc.jetstream()
-    switch = KillSwitch(scope="model", key=MID, tripped=True, reason="test", by="test", time_ms=now_ms())
-    await set_kill(js, settings.subjects, switch)
-    await asyncio.sleep(0.2)
+    # A kill switch on the spill model, once the router has it.
+    switch = kill_switch("model", MID)
+    await set_kill(bus, switch)
+    probes = itertools.count()
+
+    async def mid_killed() -> bool:
+        probe = await ask(nc, settings, probe_step(next(probes), allow_models=[MID]))
+        return probe.error is not None and probe.error.kind == "killed"
+
+    await eventually(mid_killed, timeout_s=3)
     await busy(nc, settings)
     killed = await ask(nc, settings, small_draft("killed"))
-    await set_kill(js, settings.subjects, msgspec.structs.replace(switch, tripped=False))
-    # Ahead of the month's curve the mesh spends less, not more.
-    pace = PaceSignal(tenant="acme", action="downgrade", spend_usd=2.0, curve_usd=1.0, time_ms=now_ms())
-    await set_pace(js, settings.subjects, pace)
-    await asyncio.sleep(0.2)
+    await set_kill(bus, msgspec.structs.replace(switch, tripped=False))
+    # Ahead of the month's curve the mesh spends less, not more: once the router has the pace, a
+    # review of the tenant (the frontier tier) goes to the mid tier.
+    await set_pace(bus, pace_signal("acme", "downgrade"))
+
+    async def downgraded() -> bool:
+        probe = await ask(nc, settings, probe_step(next(probes), tenant="acme", role="review", allow_models=None))
+        return probe.model == MID
+
+    await eventually(downgraded, timeout_s=3)
     await busy(nc, settings)
     paced = await ask(nc, settings, small_draft("paced"))
 
     assert [(r.model, r.spilled_from) for r in (pinned, killed, paced)] == [(LOCAL, "")] * 3
-    assert peers.models == [LOCAL] * 4
+    assert [r.model for r in routed(peers) if not r.messages[0].content.startswith("probe")] == [LOCAL] * 4
 
 
+@pytest.mark.infra
 async def test_a_stale_report_does_not_spill(settings, start_service, nc):
     peer = await InferencePeer(nc, settings.subjects).start()
     await BudgetPeer(nc, settings.subjects).start()
     await start_service("router", settings, load_stale_s=0.2)
     await nc.flush()
     await busy(nc, settings)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # the time under test: the router's last report grows older than 0.2 s
 
     result = await ask(nc, settings, small_draft())
 
-    assert (result.model, result.spilled_from) == (LOCAL, "") and peer.models == [LOCAL]
+    assert (result.model, result.spilled_from) == (LOCAL, "") and [r.model for r in routed(peer)] == [LOCAL]
 
 
 # -- the whole path on the real engine --
@@ -462,10 +486,7 @@ def draft(prompt: str, *, allow_models: list[str], deadline_s: float = 10.0) -> 
     )
 
 
-async def usage_row(clickhouse_url: str, database: str, call_id: str) -> dict:
-    columns = "service, tier, model, requested_model, outcome, spilled_from, cost_usd"
-    [row] = await usage_rows(clickhouse_url, database, "call_id = %(c)s", {"c": call_id}, columns=columns)
-    return row
+USAGE_COLUMNS = "service, tier, model, requested_model, outcome, spilled_from, cost_usd"
 
 
 async def loads_seen(nc, settings, condition, count: int = 2) -> LocalLoad:
@@ -486,14 +507,9 @@ async def loads_seen(nc, settings, condition, count: int = 2) -> LocalLoad:
 
 
 @pytest.fixture
-async def mesh(settings, local_engine, start_service, nc):
+async def mesh(engine_settings, local_engine, start_service, nc):
     """Accountant, local-inference on the real engine, cloud-inference (replay), router."""
-    engine_settings = settings.model_copy(update={"local_engine_url": local_engine})
-    await wait_engine_idle(local_engine)
-    # The engine's first generation pays for loading the weights; the tests time later ones.
-    async with httpx.AsyncClient(timeout=60) as http:
-        body = {"model": LOCAL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
-        (await http.post(f"{local_engine}/chat/completions", json=body)).raise_for_status()
+    await wait_engine_idle(local_engine)  # the session's engine came up warm (conftest.local_engine)
     await start_service("accountant", engine_settings, database=engine_settings.subject_prefix)
     await start_service("local-inference", engine_settings)
     await start_service("cloud-inference", engine_settings)
@@ -502,43 +518,49 @@ async def mesh(settings, local_engine, start_service, nc):
     return engine_settings
 
 
+@pytest.mark.infra
+@pytest.mark.engine
 async def test_local_inference_publishes_the_engines_load(mesh, nc):
     load = await loads_seen(nc, mesh, lambda load: load.engine == "llamacpp", count=1)
     assert (load.model, load.running, load.waiting, load.in_flight) == (LOCAL, 0, 0, 0)
     assert load.endpoint == metrics_url(mesh.local_engine_url) and 0 <= load.kv_cache_usage <= 1
 
 
+@pytest.mark.infra
+@pytest.mark.engine
 async def test_with_an_idle_engine_the_step_runs_locally(mesh, nc, clickhouse_url, prompt):
     await loads_seen(nc, mesh, lambda load: load.engine == "llamacpp" and load.running + load.waiting == 0)
 
-    result = await ask(nc, mesh, draft(prompt, allow_models=[LOCAL, MID]))
+    result = await ask(nc, mesh, draft(prompt, allow_models=[LOCAL, MID]), timeout_s=30)
 
     assert result.error is None and result.model == LOCAL and result.spilled_from == ""
-    row = await usage_row(clickhouse_url, mesh.subject_prefix, result.call_id)
+    row = await usage_row(clickhouse_url, mesh.subject_prefix, result.call_id, USAGE_COLUMNS)
     assert (row["service"], row["model"], row["outcome"], row["spilled_from"]) == ("local-inference", LOCAL, "ok", "")
 
 
+@pytest.mark.infra
+@pytest.mark.engine
 async def test_a_saturated_engine_spills_the_step_to_the_next_tier(mesh, nc, clickhouse_url, prompt):
     async with saturated(mesh.local_engine_url):
         load = await loads_seen(nc, mesh, lambda load: load.running + load.waiting >= SATURATING)
         assert load.running == 1 and load.waiting >= SATURATING - 1
 
         started = time.monotonic()
-        result = await ask(nc, mesh, draft(prompt, allow_models=[LOCAL, MID]))
+        result = await ask(nc, mesh, draft(prompt, allow_models=[LOCAL, MID]), timeout_s=30)
         spilled_in_s = time.monotonic() - started
 
         # Pinned to the local model alone, the same step has nowhere to go: it waits its turn.
-        pinned = await ask(nc, mesh, draft(prompt, allow_models=[LOCAL], deadline_s=1.0))
+        pinned = await ask(nc, mesh, draft(prompt, allow_models=[LOCAL], deadline_s=1.0), timeout_s=30)
 
     assert result.error is None and result.output
     assert (result.model, result.tier, result.spilled_from) == (MID, "mid", LOCAL)
     assert spilled_in_s < 5.0
-    row = await usage_row(clickhouse_url, mesh.subject_prefix, result.call_id)
+    row = await usage_row(clickhouse_url, mesh.subject_prefix, result.call_id, USAGE_COLUMNS)
     assert (row["service"], row["tier"], row["model"], row["outcome"]) == ("cloud-inference", "mid", MID, "ok")
     assert row["spilled_from"] == LOCAL and result.cost_usd > 0
     assert float(row["cost_usd"]) == pytest.approx(result.cost_usd)
 
     assert pinned.model == LOCAL and pinned.spilled_from == ""
     assert pinned.error is not None and pinned.error.kind == "timeout"
-    pinned_row = await usage_row(clickhouse_url, mesh.subject_prefix, pinned.call_id)
+    pinned_row = await usage_row(clickhouse_url, mesh.subject_prefix, pinned.call_id, USAGE_COLUMNS)
     assert (pinned_row["model"], pinned_row["outcome"], pinned_row["spilled_from"]) == (LOCAL, "timeout", "")

@@ -8,6 +8,8 @@ import pytest
 
 from services.planner.workflow import WorkflowError, load_workflow, load_workflows, parse_workflow, render
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 
 MODEL_STEP = """
