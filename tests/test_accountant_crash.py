@@ -157,7 +157,12 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, bus, c
         )
         assert (await request(nc, subjects.budget_reserve, held, ReservationDecision)).granted
         spent = Reservation(
-            id="spent", tenant=tenant, task_id="t-spent", model="m-capped", amount_usd=0.01, expires_ms=now_ms() + 600_000
+            id="spent",
+            tenant=tenant,
+            task_id="t-spent",
+            model="m-capped",
+            amount_usd=0.01,
+            expires_ms=now_ms() + 600_000,
         )
         assert (await request(nc, subjects.budget_reserve, spent, ReservationDecision)).granted
         await request(nc, subjects.budget_settle, msgspec.structs.replace(spent, actual_usd=0.01), ReservationDecision)

@@ -38,7 +38,8 @@ name = "identical"
 description = "Three independent steps that send the very same call."
 """
 IDENTICAL += "".join(
-    f'[[steps]]\nid = "{s}"\nrole = "answer"\nartifact = "text"\nmessages = [{{ role = "user", content = "{{goal}}" }}]\n'
+    f'[[steps]]\nid = "{s}"\nrole = "answer"\nartifact = "text"\n'
+    'messages = [{ role = "user", content = "{goal}" }]\n'
     for s in ("a", "b", "c")
 )
 

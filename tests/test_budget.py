@@ -79,7 +79,9 @@ async def reserve(nc, settings: MeshSettings, r: Reservation) -> ReservationDeci
 
 
 async def settle(nc, settings: MeshSettings, r: Reservation, actual: float | None) -> ReservationDecision:
-    return await request(nc, settings.subjects.budget_settle, msgspec.structs.replace(r, actual_usd=actual), ReservationDecision)
+    return await request(
+        nc, settings.subjects.budget_settle, msgspec.structs.replace(r, actual_usd=actual), ReservationDecision
+    )
 
 
 async def show(nc, settings: MeshSettings, **query) -> BudgetState:
@@ -182,7 +184,9 @@ async def test_task_budget_and_model_cap(start_service, settings, nc):
 
 async def test_restart_keeps_budgets_and_outstanding_reservations(start_service, settings, nc):
     app = await start_accountant(start_service, settings, caps(global_={"day": 100.0}))
-    state = await request(nc, settings.subjects.budget_set, BudgetUpdate(scope="tenant", key="acme", day_usd=0.05), BudgetState)
+    state = await request(
+        nc, settings.subjects.budget_set, BudgetUpdate(scope="tenant", key="acme", day_usd=0.05), BudgetState
+    )
     assert state.error is None and spend(state, "tenant", "acme", "day")[2] == 0.05
     held = reservation(1, 0.03)
     assert (await reserve(nc, settings, held)).granted
@@ -271,7 +275,9 @@ async def test_cli_budget_set_show_kill_and_clear(start_service, settings, nc, c
         return result.output
 
     # click runs asyncio.run, so the commands go to a worker thread, away from the test's loop.
-    await asyncio.to_thread(invoke, "budget", "set", "--scope", "tenant", "--key", "acme", "--day", "5", "--month", "100")
+    await asyncio.to_thread(
+        invoke, "budget", "set", "--scope", "tenant", "--key", "acme", "--day", "5", "--month", "100"
+    )
     out = await asyncio.to_thread(invoke, "budget", "show", "--json")
     state = msgspec.json.decode(out, type=BudgetState)
     assert [(c.scope, c.key, c.day_usd, c.month_usd) for c in state.caps] == [("tenant", "acme", 5.0, 100.0)]

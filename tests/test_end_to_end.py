@@ -119,7 +119,10 @@ def test_answer_task_runs_through_all_six_services_and_is_metered_once_per_call(
     event_id, model, tier, outcome, tokens_in, tokens_out, cost = rows[0]
     assert outcome == "ok" and tokens_in > 0 and tokens_out > 0
     # The recorded answer of the routed model is what the user gets back.
-    column = {"mixtral-8x7b-local": "mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview": "gpt-4-1106-preview"}[model]
+    column = {
+        "mixtral-8x7b-local": "mistralai/Mixtral-8x7B-Instruct-v0.1",
+        "gpt-4-1106-preview": "gpt-4-1106-preview",
+    }[model]
     assert record.responses[column].strip()[:60] in result.stdout
     # The price table, applied to the metered tokens, is the metered cost.
     from schemas.messages import Usage
@@ -137,7 +140,8 @@ def test_draft_review_yields_three_artifacts_and_two_metered_calls(mesh, infra, 
     assert sorted(done_steps) == ["[draft]", "[final]", "[review]"]
     rows = usage_rows(infra[1], task_id, expected=2)
     assert sorted(r[2] for r in rows) == ["frontier", "local"]  # cheap draft, frontier review
-    sql = frugalmesh(mesh, "sql", f"SELECT count() AS calls FROM usage_events FINAL WHERE task_id = '{task_id}'", "--format", "tsv")
+    query = f"SELECT count() AS calls FROM usage_events FINAL WHERE task_id = '{task_id}'"
+    sql = frugalmesh(mesh, "sql", query, "--format", "tsv")
     assert sql.returncode == 0, sql.stderr
     assert sql.stdout.splitlines() == ["calls", "2"]
 

@@ -209,7 +209,7 @@ def workflows():
 
 def test_success_probability_is_each_models_recorded_accuracy(preflight, data_dir):
     records = load_recorded_outcomes(data_dir)
-    for name, (latency_s, p_success) in preflight.profiles.items():
+    for name, (_latency_s, p_success) in preflight.profiles.items():
         column = preflight.catalog.model(name).recorded_as
         if column is None:  # a real model with no recorded outcomes: reliability unknown
             assert p_success is None, name
@@ -265,7 +265,9 @@ def test_without_recorded_data_reliability_is_unknown_unless_p_success_is_set(tm
 
 
 def test_planner_config_is_checked(tmp_path):
-    assert PlannerConfig.load(DEPLOY).limits == Limits(attempts_per_day=3, step_attempts=2, identical_calls=2, max_loops=5)
+    assert PlannerConfig.load(DEPLOY).limits == Limits(
+        attempts_per_day=3, step_attempts=2, identical_calls=2, max_loops=5
+    )
     (tmp_path / "planner.toml").write_text("[limits]\nattempts_per_day = 0\n")
     with pytest.raises(ValueError, match="attempts_per_day must be at least 1"):
         PlannerConfig.load(tmp_path)
@@ -278,7 +280,9 @@ def test_planner_config_is_checked(tmp_path):
 
 def test_estimate_command_prints_the_figures_and_fails_when_the_plan_cannot_fit():
     runner = CliRunner()
-    fits_ = runner.invoke(estimate_command, ["draft-review", "--goal", "What is 2+2?", "--budget", "0.05", "--deadline", "5"])
+    fits_ = runner.invoke(
+        estimate_command, ["draft-review", "--goal", "What is 2+2?", "--budget", "0.05", "--deadline", "5"]
+    )
     assert fits_.exit_code == 0, fits_.output
     for text in ("mixtral-8x7b-local", "gpt-4-1106-preview", "2.4 s", "reliability", "q/$", "fits the budget"):
         assert text in fits_.output

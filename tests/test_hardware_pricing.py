@@ -83,7 +83,9 @@ def test_a_bought_machine_costs_its_amortised_price_plus_power_over_its_useful_t
 def test_lifetime_in_years_and_a_rented_machine(tmp_path):
     path = tmp_path / "hardware.toml"
     path.write_text(
-        BOUGHT.replace("lifetime_hours = 10000", "lifetime_years = 2").replace("purchase_usd = 9000", "purchase_usd = 17520")
+        BOUGHT.replace("lifetime_hours = 10000", "lifetime_years = 2").replace(
+            "purchase_usd = 9000", "purchase_usd = 17520"
+        )
         + "\n[profiles.rented]\nhourly_usd = 3.6\nwatts = 0\nusd_per_kwh = 0\nutilisation = 1.0\n"
         "input_tokens_per_s = 5000\noutput_tokens_per_s = 1000\n"
     )
@@ -151,7 +153,11 @@ def test_a_catalogue_of_list_prices_needs_no_hardware_file(tmp_path):
     ("pricing", "hardware", "message"),
     [
         ('hardware = "box"\noutput_usd_per_mtok = 0.2', BOUGHT, "model m: set hardware or prices, not both"),
-        ('hardware = "gpu"', BOUGHT, "model m names hardware 'gpu', which {dir}/hardware.toml does not define (known: box)"),
+        (
+            'hardware = "gpu"',
+            BOUGHT,
+            "model m names hardware 'gpu', which {dir}/hardware.toml does not define (known: box)",
+        ),
         ('hardware = "box"', None, "which {dir}/hardware.toml does not define (the file does not exist)"),
         ("input_usd_per_mtok = 0.1", BOUGHT, "model m: set input_usd_per_mtok and output_usd_per_mtok, or hardware"),
         ('hardware = "box"', BOUGHT.replace("watts", "wats"), "[profiles.box]: unknown key 'wats'"),
@@ -222,7 +228,9 @@ async def test_a_local_call_lands_a_row_priced_by_its_profile(settings, start_se
     await start_service("local-inference", settings)
     model = Catalog.load(REPO_DEPLOY_DIR).model("mixtral-8x7b-local")
     profile = load_profiles(REPO_DEPLOY_DIR / "hardware.toml")[model.hardware]
-    record = next(r for r in load_recorded_outcomes(data_dir) if r.dataset == "gsm8k" and r.responses.get(model.recorded_as))
+    record = next(
+        r for r in load_recorded_outcomes(data_dir) if r.dataset == "gsm8k" and r.responses.get(model.recorded_as)
+    )
     request = InferenceRequest(
         call_id=uuid.uuid4().hex, task_id="task-hw", step_id="answer", tenant="acme", model=model.name,
         tier="local", messages=[ChatMessage(role="user", content=record.prompt)], max_tokens=512,

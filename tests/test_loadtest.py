@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import re
 import uuid
@@ -155,7 +156,7 @@ def test_prompts_have_the_recorded_length_and_share_prefixes_by_block_id():
 def test_every_shipped_trace_reads_as_rows_from_time_zero(name, data_dir):
     rows = read_trace(resolve_trace(name, data_dir), limit=200)
     assert len(rows) == 200 and rows[0].arrival_s == 0
-    assert all(b.arrival_s >= a.arrival_s for a, b in zip(rows, rows[1:]))
+    assert all(b.arrival_s >= a.arrival_s for a, b in itertools.pairwise(rows))
     assert all(r.input_tokens > 0 and r.output_tokens is not None for r in rows)
     if name.startswith("mooncake"):
         assert all(len(r.prefix_ids) == -(-r.input_tokens // BLOCK_TOKENS) for r in rows)

@@ -115,11 +115,15 @@ def triage_task(refs: list[ArtifactRef], **fields) -> Task:
     )
 
 
-LABEL_COLUMNS = "step_id, model, tier, outcome, usage_source, input_tokens, output_tokens, cost_usd, hardware_profile, time"
+LABEL_COLUMNS = (
+    "step_id, model, tier, outcome, usage_source, input_tokens, output_tokens, cost_usd, hardware_profile, time"
+)
 
 
 async def task_rows(clickhouse_url: str, database: str, task_id: str, expected: int) -> list[dict]:
-    return await usage_rows(clickhouse_url, database, "task_id = %(t)s", {"t": task_id}, columns=LABEL_COLUMNS, expected=expected)
+    return await usage_rows(
+        clickhouse_url, database, "task_id = %(t)s", {"t": task_id}, columns=LABEL_COLUMNS, expected=expected
+    )
 
 
 # -- end to end, on the real engine --
@@ -197,7 +201,9 @@ async def test_triage_labels_every_ticket_locally_and_synthesises_once_on_the_fr
 
 @pytest.mark.infra
 @pytest.mark.engine
-async def test_an_invalid_local_output_is_retried_then_escalated_to_the_mid_tier(mesh, nc, frontier, mid, clickhouse_url):
+async def test_an_invalid_local_output_is_retried_then_escalated_to_the_mid_tier(
+    mesh, nc, frontier, mid, clickhouse_url
+):
     """Four output tokens cannot hold a ticket_label: the grammar keeps the engine's JSON valid
     as far as it goes, but it is cut off, so it fails validation every time."""
     settings = mesh
@@ -216,7 +222,8 @@ async def test_an_invalid_local_output_is_retried_then_escalated_to_the_mid_tier
         assert retry.detail.startswith(f"retry 1 of 1 on {LOCAL}: the output is invalid: not valid JSON")
         assert escalated.detail.startswith(f"to tier mid ({MID}): the output of {LOCAL} is invalid after 1 retries")
 
-    batch = await artifact(nc, settings, next(e for e in events if e.kind == "step_done" and e.step_id == "label").artifact.id)
+    label_done = next(e for e in events if e.kind == "step_done" and e.step_id == "label")
+    batch = await artifact(nc, settings, label_done.artifact.id)
     for position, item_id in enumerate(batch.body["items"]):
         item = await artifact(nc, settings, item_id)
         assert item.body == {"input": refs[position].id, "model": MID, "label": "bug", "urgent": True}
@@ -374,12 +381,17 @@ def one_step(artifact: str = "ticket_label", extra: str = 'for_each = "inputs"',
 
 @pytest.mark.unit
 def test_for_each_pins_and_escalation_are_checked_when_loaded():
-    step = parse_workflow(one_step(extra='for_each = "inputs"\nescalate_to = "mid"\nallow_models = ["smollm2-135m"]')).steps[0]
+    step = parse_workflow(
+        one_step(extra='for_each = "inputs"\nescalate_to = "mid"\nallow_models = ["smollm2-135m"]')
+    ).steps[0]
     assert (step.for_each, step.escalate_to, step.allow_models) == ("inputs", "mid", [LOCAL])
     cases = [
         (one_step(content="no item here"), "must use \\{item\\}"),
         (one_step(extra=""), "placeholder \\{item\\} needs for_each"),
-        (one_step(artifact="answer", extra='for_each = "inputs"\nescalate_to = "mid"'), "need a structured artifact type"),
+        (
+            one_step(artifact="answer", extra='for_each = "inputs"\nescalate_to = "mid"'),
+            "need a structured artifact type",
+        ),
         (one_step(extra='for_each = "inputs"\nescalate_to = "top"'), "escalate_to"),
         (one_step(extra='for_each = "inputs"\nallow_models = []'), "allow_models must name at least one model"),
         (one_step(extra='for_each = "inputs"\ninvalid_retries = -1'), "invalid_retries must not be negative"),
@@ -390,8 +402,13 @@ def test_for_each_pins_and_escalation_are_checked_when_loaded():
         with pytest.raises(WorkflowError, match=why):
             parse_workflow(text)
     select = '[[steps]]\nid = "final"\nkind = "select"\nartifact = "answer"\nneeds = ["a", "r"]\n'
-    mapped = STEP.replace('id = "s"', 'id = "a"').format(artifact="answer", extra='for_each = "inputs"', content="{item}")
-    review = '[[steps]]\nid = "r"\nrole = "review"\nartifact = "review"\nmessages = [{ role = "user", content = "{goal}" }]\n'
+    mapped = STEP.replace('id = "s"', 'id = "a"').format(
+        artifact="answer", extra='for_each = "inputs"', content="{item}"
+    )
+    review = (
+        '[[steps]]\nid = "r"\nrole = "review"\nartifact = "review"\n'
+        'messages = [{ role = "user", content = "{goal}" }]\n'
+    )
     with pytest.raises(WorkflowError, match="cannot select from a step run for each input"):
         parse_workflow('name = "w"\n' + mapped + review + select)
 

@@ -164,4 +164,5 @@ def test_schedule_add_explains_bad_input(args, message):
 def test_durations_convert_to_seconds():
     from services.cli.schedule_commands import Duration
 
-    assert [Duration().convert(v, None, None) for v in ("250ms", "60s", "5m", "1.5h", " 2S ")] == [0.25, 60, 300, 5400, 2]
+    converted = [Duration().convert(v, None, None) for v in ("250ms", "60s", "5m", "1.5h", " 2S ")]
+    assert converted == [0.25, 60, 300, 5400, 2]

@@ -462,7 +462,9 @@ async def saturated(base_url: str):
 def prompt(data_dir) -> str:
     """A recorded prompt, so the mid tier's replay backend has an answer for it."""
     recorded = load_recorded_outcomes(data_dir)
-    return next(r.prompt for r in recorded if r.dataset == "gsm8k" and r.responses.get("mistralai/Mixtral-8x7B-Instruct-v0.1"))
+    return next(
+        r.prompt for r in recorded if r.dataset == "gsm8k" and r.responses.get("mistralai/Mixtral-8x7B-Instruct-v0.1")
+    )
 
 
 def draft(prompt: str, *, allow_models: list[str], deadline_s: float = 10.0) -> StepRequest:

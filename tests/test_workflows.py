@@ -130,6 +130,9 @@ def test_a_looping_step_needs_a_valid_pattern_and_bound():
     with pytest.raises(WorkflowError, match="max_loops must be at least 1, not 0"):
         parse_workflow(looping.replace("max_loops = 3", "max_loops = 0"))
     select = '[[steps]]\nid = "final"\nkind = "select"\nartifact = "answer"\nneeds = ["a", "r"]\nretry_if = "x"\n'
-    review = '[[steps]]\nid = "r"\nrole = "review"\nartifact = "review"\nneeds = ["a"]\nmessages = [{ role = "user", content = "{goal}" }]\n'
+    review = (
+        '[[steps]]\nid = "r"\nrole = "review"\nartifact = "review"\nneeds = ["a"]\n'
+        'messages = [{ role = "user", content = "{goal}" }]\n'
+    )
     with pytest.raises(WorkflowError, match="takes no role, messages or retry_if"):
         parse_workflow(workflow(step("a"), review, select))
