@@ -3,7 +3,7 @@
 import msgspec
 import pytest
 
-from schemas.export import JSON_DIR, render
+from schemas.export import JSON_DIR, render, undocumented_fields
 from schemas.messages import SCHEMA_VERSION, WIRE_MESSAGES, Task
 from schemas.subjects import Subjects, token
 
@@ -39,3 +39,8 @@ def test_subject_tokens_refuse_dots_and_wildcards():
     for bad in ("a.b", "a b", "*", ">", ""):
         with pytest.raises(ValueError):
             token(bad)
+
+
+def test_every_field_of_every_wire_message_is_documented():
+    """Field meaning lives in the schema, so an author in another language reads what Python's does."""
+    assert undocumented_fields() == []

@@ -124,7 +124,6 @@ def budget_show(
 def _switch(scope: KillScope, key: str | None, tripped: bool, reason: str) -> None:
     from services.runtime.bus import now_ms
     from services.runtime.control import set_kill
-    from services.runtime.streams import ensure_streams
 
     if scope == "global":
         key = "*"
@@ -138,7 +137,7 @@ def _switch(scope: KillScope, key: str | None, tripped: bool, reason: str) -> No
         from services.cli.client import MeshClient
 
         async with MeshClient(settings) as client:
-            await ensure_streams(client.bus.jetstream, settings.subjects)
+            await client.bus.declare_streams()
             await set_kill(client.bus, switch)
 
     _run(write())

@@ -125,7 +125,7 @@ class Bus:
         @app.on_startup
         async def declare_streams() -> None:
             await self.connect()
-            await ensure_streams(self.jetstream, self.subjects)
+            await self.declare_streams()
 
         @app.after_startup
         async def subscriptions_reached_server() -> None:
@@ -138,6 +138,10 @@ class Bus:
             gc.unfreeze()  # in a process that goes on (tests), what was frozen can be collected again
 
         return app
+
+    async def declare_streams(self) -> None:
+        """Create the mesh's streams, or update them to this version's configuration (idempotent)."""
+        await ensure_streams(self.jetstream, self.subjects)
 
     async def connect(self) -> None:
         """Connect without running an app (a client: the CLI, a test, a load generator)."""
