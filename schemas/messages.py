@@ -19,7 +19,7 @@ from msgspec import Meta
 SCHEMA_VERSION = 1
 
 Tier = Literal["local", "mid", "frontier"]
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class WireMessage(msgspec.Struct, kw_only=True):
@@ -47,14 +47,94 @@ class ArtifactRef(msgspec.Struct, kw_only=True):
     ]
 
 
-class ChatMessage(msgspec.Struct, kw_only=True):
+class FunctionCall(msgspec.Struct, kw_only=True):
+    """The function a model asked to call, as in the OpenAI chat API."""
+
+    name: Annotated[str, Meta(description="The function's name, one of the call's tools.")]
+    arguments: Annotated[str, Meta(description="Its arguments as the model wrote them: JSON text, not checked.")]
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    """One tool call of an assistant message (OpenAI's ``tool_calls`` items)."""
+
+    id: Annotated[str, Meta(description="The call's id; the tool message that answers it names it.")]
+    type: Annotated[Literal["function"], Meta(description="Always function.")] = "function"
+    function: Annotated[FunctionCall, Meta(description="The function and its arguments.")]
+
+
+class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One message of a chat prompt, as in the OpenAI chat API."""
 
     role: Annotated[
         Role,
-        Meta(description="Who speaks: system (instructions), user (the prompt) or assistant (an earlier reply)."),
+        Meta(
+            description="Who speaks: system or developer (instructions), user (the prompt), assistant (an "
+            "earlier reply) or tool (a tool's result)."
+        ),
     ]
-    content: Annotated[str, Meta(description="The message text.")]
+    content: Annotated[str, Meta(description="The message text; empty for an assistant message of tool calls.")] = ""
+    tool_calls: Annotated[
+        list[ToolCall] | None, Meta(description="An assistant message's tool calls; null: none.")
+    ] = None
+    tool_call_id: Annotated[
+        str | None, Meta(description="A tool message's answer to this tool call (ToolCall.id).")
+    ] = None
+    name: Annotated[str | None, Meta(description="An optional name of the speaker.")] = None
+
+
+class FunctionSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A function a model may call (OpenAI's ``tools[].function``)."""
+
+    name: Annotated[str, Meta(description="The function's name.")]
+    description: Annotated[str | None, Meta(description="What it does, for the model.")] = None
+    parameters: Annotated[
+        dict[str, Any] | None, Meta(description="Its arguments as a JSON Schema object; null: none.")
+    ] = None
+    strict: Annotated[
+        bool | None, Meta(description="Whether the provider must make the arguments follow the schema exactly.")
+    ] = None
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    """One tool offered to the model (OpenAI's ``tools`` items)."""
+
+    type: Annotated[Literal["function"], Meta(description="Always function.")] = "function"
+    function: Annotated[FunctionSpec, Meta(description="The function.")]
+
+
+class ChatOptions(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """What an OpenAI-style caller may set beyond messages and max_tokens (the gateway's requests carry
+    them; a workflow step leaves them at their defaults). Part of the exact-match cache key."""
+
+    temperature: Annotated[
+        float | None,
+        Meta(description="Sampling temperature; null: 0, the mesh's default (repeatable answers, which the cache "
+             "assumes)."),
+    ] = None
+    top_p: Annotated[float | None, Meta(description="Nucleus sampling mass; null: the engine's default.")] = None
+    seed: Annotated[int | None, Meta(description="Sampling seed, where the engine honours one.")] = None
+    stop: Annotated[
+        list[str] | None, Meta(description="Sequences that end the output (not included in it).")
+    ] = None
+    tools: Annotated[list[Tool] | None, Meta(description="Tools the model may call; null: none.")] = None
+    tool_choice: Annotated[
+        str | dict[str, Any] | None,
+        Meta(description="none, auto, required, or {type: function, function: {name}}: as in the OpenAI API."),
+    ] = None
+    json_object: Annotated[
+        bool, Meta(description="Whether the output must be a JSON object (OpenAI's response_format json_object).")
+    ] = False
+    user: Annotated[str, Meta(description="The caller's end-user id, passed to providers that take one.")] = ""
+
+
+class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A piece of a streamed tool call: the first piece of each call has its id and name, the rest add
+    to its arguments (OpenAI's ``delta.tool_calls`` items)."""
+
+    index: Annotated[int, Meta(description="Which tool call of the output it belongs to, from 0.")]
+    id: Annotated[str | None, Meta(description="The tool call's id, on its first piece.")] = None
+    name: Annotated[str | None, Meta(description="The function's name, on its first piece.")] = None
+    arguments: Annotated[str, Meta(description="More of the arguments' JSON text.")] = ""
 
 
 class Task(WireMessage, kw_only=True):
@@ -228,6 +308,19 @@ class StepRequest(WireMessage, kw_only=True):
     attempt: Annotated[
         int, Meta(description="Which try of this step it is, from 1; retries and loop passes count up.")
     ] = 1
+    options: Annotated[
+        ChatOptions, Meta(description="Sampling, tools and output-format options of an OpenAI-style caller.")
+    ] = ChatOptions()
+    stream_to: Annotated[
+        str,
+        Meta(
+            description="Where to publish the call's output as it is produced (StreamChunk messages, core NATS); "
+            "empty: no stream, only the result. A message on <stream_to>.cancel stops the call."
+        ),
+    ] = ""
+    key_id: Annotated[
+        str, Meta(description="The virtual key the call came in with (the gateway's); its cap binds the call.")
+    ] = ""
 
 
 class InferenceRequest(WireMessage, kw_only=True):
@@ -256,9 +349,13 @@ class InferenceRequest(WireMessage, kw_only=True):
     tier: Annotated[Tier, Meta(description="The model's tier: local, mid or frontier.")]
     messages: Annotated[list[ChatMessage], Meta(description="The prompt (StepRequest.messages).")]
     max_tokens: Annotated[int, Meta(description="The most output tokens to generate.")] = 512
-    temperature: Annotated[
-        float, Meta(description="Sampling temperature; 0: as deterministic as the engine allows.")
-    ] = 0.0
+    options: Annotated[ChatOptions, Meta(description="The step's ChatOptions, as the router received them.")] = (
+        ChatOptions()
+    )
+    stream_to: Annotated[
+        str, Meta(description="StepRequest.stream_to: where the inference service publishes StreamChunks.")
+    ] = ""
+    key_id: Annotated[str, Meta(description="The virtual key of the call (StepRequest.key_id).")] = ""
     response_schema: Annotated[
         dict[str, Any] | None,
         Meta(description="The JSON Schema the output must follow (StepRequest.response_schema); null: free text."),
@@ -346,6 +443,9 @@ class InferenceResult(WireMessage, kw_only=True):
         str, Meta(description="The provider that served the call (deploy/models.toml); empty when none was chosen.")
     ] = ""
     output: Annotated[str, Meta(description="The model's reply text; empty on error.")] = ""
+    tool_calls: Annotated[
+        list[ToolCall] | None, Meta(description="The tool calls the model made (finish_reason tool_calls); null: none.")
+    ] = None
     finish_reason: Annotated[
         str, Meta(description="Why generation stopped, as the engine or provider says (stop, length); empty on error.")
     ] = ""
@@ -377,6 +477,19 @@ class InferenceResult(WireMessage, kw_only=True):
     spilled_from: Annotated[
         str, Meta(description="The local model a spilled call was meant for (InferenceRequest.spilled_from).")
     ] = ""
+
+
+class StreamChunk(WireMessage, kw_only=True):
+    """A piece of a call's output as the engine produced it, published by the inference service on the
+    call's ``stream_to`` subject (core NATS, in order). The call's InferenceResult, the reply, stays the
+    one complete answer and the one that is metered; chunks only let a caller show tokens early."""
+
+    call_id: Annotated[str, Meta(description="The call (InferenceRequest.call_id).")]
+    seq: Annotated[int, Meta(description="Its position in the call's stream, from 0: a gap means a lost chunk.")]
+    content: Annotated[str, Meta(description="More of the reply text.")] = ""
+    tool_calls: Annotated[
+        list[ToolCallDelta] | None, Meta(description="More of the tool calls; null: none in this piece.")
+    ] = None
 
 
 Outcome = Literal["ok", "error", "timeout", "killed", "cache_hit", "refused"]
@@ -445,6 +558,9 @@ class UsageEvent(WireMessage, kw_only=True):
     spilled_from: Annotated[
         str, Meta(description="The local model a spilled call was meant for (InferenceRequest.spilled_from).")
     ] = ""
+    key_id: Annotated[
+        str, Meta(description="The virtual key the call came in with (VirtualKey.id); empty: not a gateway call.")
+    ] = ""
 
 
 class Reservation(WireMessage, kw_only=True):
@@ -483,6 +599,9 @@ class Reservation(WireMessage, kw_only=True):
         float | None,
         Meta(description="Set on settle: what the call really cost, in USD; null settles at amount_usd."),
     ] = None
+    key_id: Annotated[
+        str, Meta(description="The virtual key of the call (VirtualKey.id), whose caps also apply; empty: none.")
+    ] = ""
 
 
 class ReservationDecision(WireMessage, kw_only=True):
@@ -501,7 +620,7 @@ class ReservationDecision(WireMessage, kw_only=True):
     ] = ""
 
 
-KillScope = Literal["global", "tenant", "task", "model"]
+KillScope = Literal["global", "tenant", "task", "model", "key"]
 
 
 class KillSwitch(WireMessage, kw_only=True):
@@ -579,10 +698,10 @@ class LocalLoad(WireMessage, kw_only=True):
     time_ms: Annotated[int, Meta(description="When the replica measured it, ms since the Unix epoch.")]
 
 
-BudgetScope = Literal["global", "tenant", "model"]
+BudgetScope = Literal["global", "tenant", "model", "key"]
 BudgetWindow = Literal["day", "month"]
 # Spend is also kept per task (a task's budget_usd is its cap), for as long as the task runs.
-SpendScope = Literal["global", "tenant", "model", "task"]
+SpendScope = Literal["global", "tenant", "model", "key", "task"]
 SpendWindow = Literal["day", "month", "task"]
 
 
@@ -723,9 +842,32 @@ class DeadLetter(WireMessage, kw_only=True):
     time_ms: Annotated[int, Meta(description="When it was refused, ms since the Unix epoch.")]
 
 
+class VirtualKey(WireMessage, kw_only=True):
+    """A gateway credential (``frugalmesh keys create``), stored in the KV bucket ``<prefix>_keys`` under the
+    sha256 of its secret: the secret itself is shown once and kept nowhere. The tenant of every call made
+    with it comes from here, never from the request."""
+
+    id: Annotated[str, Meta(description="The key's public id (fmk_...), as listed, revoked and metered.")]
+    tenant: Annotated[str, Meta(description="The tenant its calls belong to: their caps, pace and kill switch.")]
+    name: Annotated[str, Meta(description="A label for people (e.g. ci-bot).")] = ""
+    allow_models: Annotated[
+        list[str] | None, Meta(description="The only models its calls may run on; null: any.")
+    ] = None
+    policy: Annotated[
+        str | None, Meta(description="The routing policy for its frugalmesh/auto calls; null: the tenant's.")
+    ] = None
+    created_ms: Annotated[int, Meta(description="When it was created, ms since the Unix epoch.")]
+    revoked_ms: Annotated[
+        int | None, Meta(description="When it was revoked, ms since the Unix epoch; null: it is live.")
+    ] = None
+    by: Annotated[str, Meta(description="Who created it (the CLI sends the user's login name).")] = ""
+
+
 # Every message a non-Python agent may need a JSON Schema for, by name.
 WIRE_MESSAGES: tuple[type[WireMessage], ...] = (
     Rejection,
+    StreamChunk,
+    VirtualKey,
     Task,
     TaskEvent,
     StepRequest,

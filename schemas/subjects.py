@@ -87,6 +87,12 @@ class Subjects:
     def infer_cloud_all(self) -> str:
         return f"{self.prefix}.infer.cloud.>"
 
+    # -- a call's streamed output (core NATS): StepRequest.stream_to is the caller's own inbox --
+    @staticmethod
+    def stream_cancel(stream_to: str) -> str:
+        """Where the caller of a streamed call asks for it to stop (its client went away)."""
+        return f"{stream_to}.cancel"
+
     # -- local engines' load, for spillover (core NATS, latest value wins) --
     def local_load(self, model: str) -> str:
         return f"{self.prefix}.local.load.{token(model)}"
@@ -188,6 +194,7 @@ BUCKET_BUDGETS = "budgets"  # accountant: caps changed at run time, per scope
 BUCKET_LEDGER = "ledger"  # accountant: Object Store holding the ledger snapshot
 BUCKET_SCHEDULES = "schedules"  # planner: cron schedules, one key per schedule id
 BUCKET_ATTEMPTS = "attempts"  # planner: anti-loop attempts per task fingerprint per UTC day (TTL)
+BUCKET_KEYS = "keys"  # gateway: VirtualKeys by the sha256 of their secret (`frugalmesh keys`)
 
 # Keys of BUCKET_CONTROL: kill.global, kill.<scope>.<key> (the latest KillSwitch) and pace.<tenant> (PaceSignal).
 CONTROL_KILL_KEYS = "kill."

@@ -41,7 +41,7 @@ class OpenAIBackend:
                 model.name,
                 [{"role": m.role, "content": m.content} for m in request.messages],
                 max_tokens=request.max_tokens,
-                temperature=request.temperature,
+                temperature=0.0 if request.options.temperature is None else request.options.temperature,
                 response_format=_response_format(request.response_schema),
             )
         except OpenAIError as exc:
