@@ -391,7 +391,7 @@ class Usage(msgspec.Struct, kw_only=True):
     output_tokens: Annotated[int, Meta(description="Generated tokens.")] = 0
 
 
-ErrorKind = Literal["invalid", "timeout", "killed", "refused", "provider", "unavailable", "pinning"]
+ErrorKind = Literal["invalid", "timeout", "killed", "refused", "provider", "unavailable", "pinning", "cancelled"]
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):
@@ -492,8 +492,8 @@ class StreamChunk(WireMessage, kw_only=True):
     ] = None
 
 
-Outcome = Literal["ok", "error", "timeout", "killed", "cache_hit", "refused"]
-UsageSource = Literal["provider", "estimated"]
+Outcome = Literal["ok", "error", "timeout", "killed", "cancelled", "cache_hit", "refused"]
+UsageSource = Literal["provider", "counted", "estimated"]
 
 
 class UsageEvent(WireMessage, kw_only=True):
@@ -541,13 +541,15 @@ class UsageEvent(WireMessage, kw_only=True):
         Outcome,
         Meta(
             description="How the call ended: ok, error, timeout (its deadline passed), killed (the kill switch), "
-            "cache_hit (the router's cache answered) or refused (a cap, pacing or throttling)."
+            "cancelled (its streaming caller went away), cache_hit (the router's cache answered) or refused "
+            "(a cap, pacing or throttling)."
         ),
     ]
     usage_source: Annotated[
         UsageSource,
         Meta(
-            description="provider: the token counts are the provider's; estimated: the provider gave none "
+            description="provider: the token counts are the provider's; counted: the mesh counted what was "
+            "sent and streamed with the model's tokenizer (a stream stopped early); estimated: nobody knows "
             "(e.g. the call failed after it started), so they are the worst case, never zero."
         ),
     ] = "provider"
