@@ -9,17 +9,17 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import msgspec
 import pytest
 from clickhouse_connect.driver.client import Client
-from helpers import eventually
+from helpers import eventually, make_request, make_step
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
-from schemas.messages import Artifact, ArtifactRef, DeadLetter, TaskEvent, UsageEvent
+from schemas.messages import Artifact, ArtifactRef, DeadLetter, TaskEvent, Usage, UsageEvent
 from schemas.subjects import (
     HEADER_MSG_ID,
     STREAM_ARTIFACT_EVENTS,
@@ -34,6 +34,7 @@ from services.accountant.rows import USAGE, usage_row, usd
 from services.runtime.bus import Bus
 from services.runtime.settings import MeshSettings
 from services.runtime.streams import ensure_streams
+from services.runtime.usage import usage_event
 
 DAY1_MS = 1_763_596_800_000  # 2025-11-20 00:00 UTC
 DAY_MS = 86_400_000
@@ -349,7 +350,54 @@ async def test_schema_creation_is_idempotent(ch, database):
         "completed_artifact_cost",
         "cache_hit_daily",
         "task_tokens",
+        "key_spend_daily",
     }
+
+
+@pytest.mark.infra
+def test_an_existing_usage_table_gains_key_id_in_place(ch, database):
+    # A table from before key_id and spilled_from: both come back, in a new table's column order.
+    create_schema(ch, database)
+    ch.command(f"ALTER TABLE {database}.usage_events DROP COLUMN spilled_from, DROP COLUMN key_id")
+    ch.command(f"INSERT INTO {database}.usage_events (event_id, time) VALUES ('old', now())")
+    create_schema(ch, database)
+    columns = [row[0] for row in ch.query(f"DESCRIBE TABLE {database}.usage_events").result_rows]
+    assert columns == list(USAGE.columns) and columns[-1] == "key_id"
+    assert ch.query(f"SELECT spilled_from, key_id FROM {database}.usage_events").result_rows == [("", "")]
+
+
+@pytest.mark.infra
+async def test_usage_rows_carry_the_virtual_key(start_service, settings, database, ch, nc):
+    """The row builder copies key_id from the step (router rows) or the request (inference rows);
+    ClickHouse sums spend per key."""
+    js = nc.jetstream()
+    await start_accountant(start_service, settings, database)
+    ended = {"service": "cloud-inference", "tier": "mid", "provider": "together", "model": "mixtral-8x7b",
+             "requested_model": "mixtral-8x7b", "usage": Usage(input_tokens=100, output_tokens=20),
+             "latency_ms": 5.0, "outcome": "ok"}  # fmt: skip
+    request = make_request("mixtral-8x7b", "hi")
+    events = [
+        usage_event(make_step(key_id="fmk_a"), "call-a1", cost_usd=0.001, **ended),
+        usage_event(msgspec.structs.replace(request, key_id="fmk_a"), "call-a2", cost_usd=0.002, **ended),
+        usage_event(msgspec.structs.replace(request, key_id="fmk_b"), "call-b1", cost_usd=0.004, **ended),
+        usage_event(make_step(), "call-none", cost_usd=0.008, **ended),  # not a gateway call
+    ]
+    assert [e.key_id for e in events] == ["fmk_a", "fmk_a", "fmk_b", ""]
+    await publish_usage(js, settings, events)
+    await publish_usage(js, settings, events[:2], suffix="-again")  # redelivered: still one row each
+    await drained(js, settings.subjects.stream(STREAM_USAGE), "accountant")
+
+    assert ch.query(
+        f"SELECT key_id, sum(cost_usd) FROM {database}.usage_events FINAL GROUP BY key_id ORDER BY key_id"
+    ).result_rows == [("", Decimal("0.008")), ("fmk_a", Decimal("0.003")), ("fmk_b", Decimal("0.004"))]
+    today = datetime.fromtimestamp(events[0].time_ms / 1000, UTC).date()
+    assert ch.query(
+        f"SELECT day, tenant, key_id, calls, input_tokens, output_tokens, cost_usd "
+        f"FROM {database}.key_spend_daily ORDER BY key_id"
+    ).result_rows == [
+        (today, "acme", "fmk_a", 2, 200, 40, Decimal("0.003")),
+        (today, "acme", "fmk_b", 1, 100, 20, Decimal("0.004")),
+    ]
 
 
 @pytest.mark.unit

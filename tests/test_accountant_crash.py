@@ -1,5 +1,5 @@
 """SIGKILL the accountant process mid-stream and restart it: no usage row lost or doubled,
-budgets, outstanding reservations and a tripped switch intact.
+budgets (a virtual key's among them), outstanding reservations and a tripped switch intact.
 
 The accountant runs as a real subprocess (`frugalmesh run accountant`) against the session's
 nats-server and ClickHouse. Its tables live in the ClickHouse URL's database, which other tests
@@ -152,8 +152,17 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, bus, c
         )
         assert state.error is None
         await request(nc, subjects.budget_set, BudgetUpdate(scope="model", key="m-capped", day_usd=0.01), BudgetState)
+        # A virtual key of the tenant, capped at run time, whose hold must come back too.
+        key = f"fmk_{tenant}"
+        await request(nc, subjects.budget_set, BudgetUpdate(scope="key", key=key, day_usd=2.0), BudgetState)
         held = Reservation(
-            id="held", tenant=tenant, task_id="t-held", model="m1", amount_usd=0.5, expires_ms=now_ms() + 600_000
+            id="held",
+            tenant=tenant,
+            task_id="t-held",
+            model="m1",
+            amount_usd=0.5,
+            expires_ms=now_ms() + 600_000,
+            key_id=key,
         )
         assert (await request(nc, subjects.budget_reserve, held, ReservationDecision)).granted
         spent = Reservation(
@@ -205,6 +214,9 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, bus, c
         assert caps[("tenant", tenant)] == (3.0, 50.0) and caps[("model", "m-capped")] == (0.01, None)
         tenant_day = next(s for s in state.spend if (s.scope, s.key, s.window) == ("tenant", tenant, "day"))
         assert (tenant_day.settled_usd, tenant_day.reserved_usd) == pytest.approx((0.01, 0.5))
+        assert caps[("key", key)] == (2.0, None)
+        key_day = next(s for s in state.spend if (s.scope, s.key, s.window) == ("key", key, "day"))
+        assert (key_day.settled_usd, key_day.reserved_usd, key_day.cap_usd) == pytest.approx((0.0, 0.5, 2.0))
         control = await control_bucket(bus)
         switch = msgspec.json.decode((await control.get("kill.model.m-capped")).value, type=KillSwitch)
         assert switch.tripped and switch.by == "accountant"
@@ -213,6 +225,7 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, bus, c
         )
         refused = await request(nc, subjects.budget_reserve, again, ReservationDecision)
         assert not refused.granted and refused.reason.startswith("kill switch tripped (model m-capped)")
+
         # The trip's row arrives through its own consumer, which may still be catching up.
         def trip_recorded() -> bool:
             return ch.query(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 import msgspec
@@ -26,12 +27,12 @@ from schemas.messages import (
     Reservation,
     ReservationDecision,
 )
-from schemas.subjects import STREAM_LEDGER
+from schemas.subjects import BUCKET_LEDGER, STREAM_LEDGER
 from services.accountant.budget import BudgetConfig, Caps, PacingConfig
 from services.accountant.ledger import pico
 from services.cli.budget_commands import budget, clear, kill
 from services.runtime.bus import now_ms
-from services.runtime.control import control_bucket
+from services.runtime.control import ControlState, control_bucket
 from services.runtime.settings import MeshSettings
 
 pytestmark = pytest.mark.infra
@@ -61,8 +62,17 @@ def caps(**scopes: dict[str, float]) -> BudgetConfig:
     return config
 
 
-def reservation(i: int | str, amount: float, *, tenant: str = "acme", task: str = "task-1", model: str = "m1",
-                expires_ms: int | None = None, task_budget: float | None = None) -> Reservation:
+def reservation(
+    i: int | str,
+    amount: float,
+    *,
+    tenant: str = "acme",
+    task: str = "task-1",
+    model: str = "m1",
+    expires_ms: int | None = None,
+    task_budget: float | None = None,
+    key: str = "",
+) -> Reservation:
     return Reservation(
         id=f"call-{i}",
         tenant=tenant,
@@ -71,6 +81,7 @@ def reservation(i: int | str, amount: float, *, tenant: str = "acme", task: str 
         amount_usd=amount,
         expires_ms=expires_ms or now_ms() + 60_000,
         task_budget_usd=task_budget,
+        key_id=key,
     )
 
 
@@ -96,7 +107,7 @@ def spend(state: BudgetState, scope: str, key: str, window: str) -> tuple[float,
     return 0.0, 0.0, None
 
 
-async def start_accountant(start_service, settings: MeshSettings, budgets: BudgetConfig, **options):
+async def start_accountant(start_service, settings: MeshSettings, budgets: BudgetConfig | Path, **options):
     return await start_service(
         "accountant", settings, database=settings.subject_prefix, budgets=budgets, sweep_interval_s=0.02, **options
     )
@@ -292,6 +303,7 @@ async def test_cli_budget_set_show_kill_and_clear(start_service, settings, nc, c
         return (await reserve(nc, settings, reservation(2, 0.001))).granted
 
     await eventually(granted)
+
     def both_recorded() -> bool:
         rows = ch.query(
             f"SELECT scope, key, tripped, reason FROM {settings.subject_prefix}.kill_events ORDER BY time"
@@ -337,3 +349,180 @@ async def test_pacing_downgrades_throttles_and_restores(start_service, settings,
     await pace_is("throttle")
     clock.advance(9 * 86_400)  # Nov 25: the curve reaches $8
     await pace_is("normal")
+
+
+# -- virtual keys: a key's caps bind like a tenant's, inside its tenant's --
+
+
+async def test_key_caps_and_their_tenants_cap_all_hold_at_any_concurrency(start_service, settings, nc):
+    # Three keys of one tenant, two capped in the file and one at run time; together their caps
+    # pass the tenant's, so the tenant's cap binds as well as each key's.
+    await start_accountant(
+        start_service, settings, caps(tenant_acme={"day": 1.0}, key_fmk_a={"day": 0.3}, key_fmk_b={"day": 0.5})
+    )
+    update = BudgetUpdate(scope="key", key="fmk_c", day_usd=0.6)
+    state = await request(nc, settings.subjects.budget_set, update, BudgetState)
+    assert state.error is None and spend(state, "key", "fmk_c", "day")[2] == 0.6
+    key_caps = {"fmk_a": 0.3, "fmk_b": 0.5, "fmk_c": 0.6}
+    keys = list(key_caps)
+    worst = 0.004  # 900 calls: $1.20 of demand per key
+    rng = random.Random(5)
+    actuals = [round(worst * rng.uniform(0.5, 1.0), 9) for _ in range(900)]
+    refusals: dict[str, list[str]] = {key: [] for key in keys}
+    settled_by_key = dict.fromkeys(keys, 0.0)
+    watching = True
+
+    async def call(i: int) -> None:
+        key = keys[i % 3]
+        r = reservation(i, worst, task=f"task-{i % 30}", key=key)
+        decision = await reserve(nc, settings, r)
+        if not decision.granted:
+            refusals[key].append(decision.reason)
+            return
+        await settle(nc, settings, r, actuals[i])
+        settled_by_key[key] += actuals[i]
+        assert settled_by_key[key] <= key_caps[key] + 1e-9
+        assert sum(settled_by_key.values()) <= 1.0 + 1e-9
+
+    async def watch() -> None:
+        while watching:
+            state = await show(nc, settings)
+            for scope, key, cap in (("tenant", "acme", 1.0), *(("key", k, c) for k, c in key_caps.items())):
+                settled, reserved, shown = spend(state, scope, key, "day")
+                assert shown == cap and settled + reserved <= cap + 1e-9, (scope, key, settled, reserved)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.gather(*(call(i) for i in range(900)))
+    watching = False
+    await watcher
+
+    tenant_refusals = ("tenant acme day cap", "kill switch tripped (tenant acme)")
+    for key in keys:
+        own = (f"key {key} day cap", f"kill switch tripped (key {key})", *tenant_refusals)
+        assert refusals[key] and all(reason.startswith(own) for reason in refusals[key]), refusals[key][:3]
+    # fmk_a's $0.30 fills first (at about $0.90 of the tenant's $1); the tenant's cap binds later.
+    assert any(reason.startswith("key fmk_a day cap") for reason in refusals["fmk_a"])
+    assert any(reason.startswith(tenant_refusals) for reasons in refusals.values() for reason in reasons)
+    final = await show(nc, settings)
+    for key, cap in key_caps.items():
+        settled, reserved, _ = spend(final, "key", key, "day")
+        assert reserved == 0.0 and settled == pytest.approx(settled_by_key[key], abs=1e-9) and settled <= cap
+    settled, reserved, _ = spend(final, "tenant", "acme", "day")
+    assert reserved == 0.0 and settled == pytest.approx(sum(settled_by_key.values()), abs=1e-9) and settled <= 1.0
+
+
+async def test_a_crossed_key_cap_trips_that_keys_switch_alone(start_service, settings, nc, bus, ch):
+    await start_accountant(start_service, settings, caps(key_fmk_a={"day": 0.01}))
+    state = await ControlState.open(bus)
+    try:
+        r = reservation(1, 0.01, key="fmk_a")
+        assert (await reserve(nc, settings, r)).granted
+        await settle(nc, settings, r, 0.01)
+        switch = await eventually(lambda: state.blocked(tenant="acme", task_id="task-2", model="m1", key_id="fmk_a"))
+        assert (switch.scope, switch.key, switch.by) == ("key", "fmk_a", "accountant")
+        assert switch.reason.startswith("key fmk_a day cap") and "reached: settled $0.010000" in switch.reason
+        # Another key of the same tenant, and the tenant's calls made without a key, go on.
+        assert state.blocked(tenant="acme", task_id="task-2", model="m1", key_id="fmk_b") is None
+        assert state.blocked(tenant="acme", task_id="task-2", model="m1") is None
+    finally:
+        await state.close()
+
+    tries = iter(range(100, 200))
+
+    async def refused_by_the_switch() -> bool:
+        # $0 fits the cap, so only the switch refuses it (once the accountant's own watch has it).
+        decision = await reserve(nc, settings, reservation(next(tries), 0.0, task="task-2", key="fmk_a"))
+        return not decision.granted and decision.reason.startswith("kill switch tripped (key fmk_a)")
+
+    await eventually(refused_by_the_switch)
+    assert (await reserve(nc, settings, reservation(2, 0.001, task="task-2", key="fmk_b"))).granted
+    assert (await reserve(nc, settings, reservation(3, 0.001, task="task-2"))).granted
+
+    def recorded() -> bool:
+        rows = ch.query(f"SELECT scope, key, tripped, by FROM {settings.subject_prefix}.kill_events").result_rows
+        return rows == [("key", "fmk_a", True, "accountant")]
+
+    await eventually(recorded)
+
+
+@pytest.mark.parametrize("snapshot_interval_s", [30.0, 0.0], ids=["journal", "snapshot"])
+async def test_restart_keeps_key_caps_spend_and_holds(start_service, settings, nc, bus, snapshot_interval_s):
+    """Replayed from the journal alone, or restored from a snapshot taken on every commit."""
+    options = {"snapshot_interval_s": snapshot_interval_s}
+    app = await start_accountant(start_service, settings, caps(), **options)
+    update = BudgetUpdate(scope="key", key="fmk_a", day_usd=0.05, month_usd=1.0)
+    assert (await request(nc, settings.subjects.budget_set, update, BudgetState)).error is None
+    held = reservation(1, 0.03, key="fmk_a")
+    assert (await reserve(nc, settings, held)).granted
+    done = reservation(2, 0.01, key="fmk_a")
+    assert (await reserve(nc, settings, done)).granted
+    await settle(nc, settings, done, 0.008)
+    other = reservation(3, 0.004, key="fmk_b")
+    assert (await reserve(nc, settings, other)).granted
+    await settle(nc, settings, other, 0.004)
+    before = await show(nc, settings, scope="key")
+    await asyncio.wait_for(app.stop(), 10)
+    if snapshot_interval_s == 0.0:
+        saved = await (await bus.object_store(settings.subjects.bucket(BUCKET_LEDGER))).get("snapshot")
+        assert b'["key","fmk_a","day"' in saved.data
+
+    await start_accountant(start_service, settings, caps(), **options)
+    after = await show(nc, settings, scope="key")
+    assert (after.caps, after.spend, after.outstanding) == (before.caps, before.spend, 1)
+    assert spend(after, "key", "fmk_a", "day") == pytest.approx((0.008, 0.03, 0.05))
+    assert spend(after, "key", "fmk_b", "month") == pytest.approx((0.004, 0.0, None))
+    refused = await reserve(nc, settings, reservation(4, 0.02, key="fmk_a"))
+    assert not refused.granted and refused.reason.startswith("key fmk_a day cap")
+    await settle(nc, settings, held, 0.02)
+    await settle(nc, settings, held, 0.02)
+    assert spend(await show(nc, settings, scope="key"), "key", "fmk_a", "day") == pytest.approx((0.028, 0.0, 0.05))
+
+
+async def test_cli_sets_shows_kills_and_clears_a_key(start_service, settings, nc):
+    await start_accountant(start_service, settings, caps())
+    cli = click.Group(commands={"budget": budget, "kill": kill, "clear": clear})
+    env = {"NATS_URL": settings.nats_url, "FRUGALMESH_SUBJECT_PREFIX": settings.subject_prefix}
+
+    def invoke(*args: str):
+        result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    await asyncio.to_thread(invoke, "budget", "set", "--scope", "key", "--key", "fmk_x", "--day", "5")
+    out = await asyncio.to_thread(invoke, "budget", "show", "--scope", "key", "--key", "fmk_x", "--json")
+    state = msgspec.json.decode(out, type=BudgetState)
+    assert [(c.scope, c.key, c.day_usd, c.month_usd) for c in state.caps] == [("key", "fmk_x", 5.0, None)]
+    assert [(s.scope, s.key, s.window, s.cap_usd) for s in state.spend] == [("key", "fmk_x", "day", 5.0)]
+
+    assert "kill switch tripped: key fmk_x" in await asyncio.to_thread(
+        invoke, "kill", "--scope", "key", "--key", "fmk_x", "--reason", "leaked"
+    )
+    tries = iter(range(100, 200))
+
+    async def refused() -> bool:  # once the accountant's watch has the switch
+        decision = await reserve(nc, settings, reservation(next(tries), 0.001, key="fmk_x"))
+        return not decision.granted and decision.reason == "kill switch tripped (key fmk_x): leaked"
+
+    await eventually(refused)
+    assert (await reserve(nc, settings, reservation(1, 0.001, key="fmk_y"))).granted
+    await asyncio.to_thread(invoke, "clear", "--scope", "key", "--key", "fmk_x")
+
+    async def granted() -> bool:
+        return (await reserve(nc, settings, reservation(next(tries), 0.001, key="fmk_x"))).granted
+
+    await eventually(granted)
+
+
+async def test_the_budget_file_caps_keys_and_refuses_a_misspelt_table(start_service, settings, nc, tmp_path):
+    path = tmp_path / "budgets.toml"
+    path.write_text("[tenants.acme]\nday_usd = 1.0\n\n[keys.fmk_a]\nday_usd = 0.01\nmonth_usd = 0.5\n")
+    await start_accountant(start_service, settings, path)
+    state = await show(nc, settings, scope="key")
+    assert [(c.scope, c.key, c.day_usd, c.month_usd) for c in state.caps] == [("key", "fmk_a", 0.01, 0.5)]
+    refused = await reserve(nc, settings, reservation(1, 0.02, key="fmk_a"))
+    assert not refused.granted and refused.reason.startswith("key fmk_a day cap")
+    # [key.<id>] (singular) is not a table the accountant reads: it fails rather than cap nothing.
+    path.write_text("[key.fmk_a]\nday_usd = 0.01\n")
+    with pytest.raises(ValueError, match=r"unknown tables \['key'\]"):
+        BudgetConfig.load(path)

@@ -1,7 +1,8 @@
 """Budget caps: from deploy/budgets.toml, overridden at run time through the KV bucket ``<prefix>_budgets``.
 
-A scope is global, one tenant or one model; each has an optional day cap and month cap (UTC
-calendar day and month). A task's cap is not configured here: it travels on each Reservation
+A scope is global, one tenant, one model or one virtual key (a gateway credential, ``fmk_...``,
+which belongs to one tenant: a call made with it counts against both caps); each has an optional
+day cap and month cap (UTC calendar day and month). A task's cap is not configured here: it travels on each Reservation
 (``task_budget_usd``, the Task's ``budget_usd``). ``frugalmesh budget set`` sends a
 BudgetUpdate to the accountant, which writes the new caps of that scope to KV before it uses
 them, so they survive a restart and win over the file from then on.
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
     from services.runtime.bus import Bus
 
 BUDGETS_FILE = "budgets.toml"
-SCOPES = ("global", "tenant", "model")
+SCOPES = ("global", "tenant", "model", "key")
+# The file's table of each keyed scope: [tenants.<tenant>], [models.<model>], [keys.<key id>].
+FILE_TABLES = {"tenant": "tenants", "model": "models", "key": "keys"}
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,15 @@ class BudgetConfig:
         if not path.is_file():
             return cls()
         raw = tomllib.loads(path.read_text())
+        # A misspelt table (``[key.fmk_x]`` for ``[keys.fmk_x]``) would leave its scope uncapped in silence.
+        unknown = set(raw) - {"global", "pacing", *FILE_TABLES.values()}
+        if unknown:
+            expected = "global, tenants, models, keys, pacing"
+            raise ValueError(f"{path}: unknown tables {sorted(unknown)}; expected {expected}")
         config = cls(pacing=PacingConfig(**raw.get("pacing", {})))
         if "global" in raw:
             config.caps[("global", "*")] = _caps(raw["global"], f"{path}: [global]")
-        for scope, table in (("tenant", "tenants"), ("model", "models")):
+        for scope, table in FILE_TABLES.items():
             for key, spec in raw.get(table, {}).items():
                 token(key)
                 config.caps[(scope, key)] = _caps(spec, f"{path}: [{table}.{key}]")
@@ -92,7 +100,8 @@ def check_scope(scope: str, key: str) -> str:
     if scope == "global":
         return "*"
     if not key or key == "*":
-        raise ValueError(f"a {scope} budget needs a key (the {scope} name)")
+        name = "virtual key's id" if scope == "key" else f"{scope} name"
+        raise ValueError(f"a {scope} budget needs a key (the {name})")
     return token(key)
 
 

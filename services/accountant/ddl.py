@@ -25,13 +25,16 @@ SPEND_DAILY = "spend_daily"
 COMPLETED_ARTIFACT_COST = "completed_artifact_cost"
 CACHE_HIT_DAILY = "cache_hit_daily"
 TASK_TOKENS = "task_tokens"
+KEY_SPEND_DAILY = "key_spend_daily"
 
 TABLES = (USAGE_EVENTS, TASK_EVENTS, ARTIFACTS, KILL_EVENTS)
-VIEWS = (SPEND_DAILY, COMPLETED_ARTIFACT_COST, CACHE_HIT_DAILY, TASK_TOKENS)
+VIEWS = (SPEND_DAILY, COMPLETED_ARTIFACT_COST, CACHE_HIT_DAILY, TASK_TOKENS, KEY_SPEND_DAILY)
 
-# Columns usage_events gained after its first release. ADD COLUMN appends, so CREATE TABLE lists
-# them last too, in this order: an upgraded table and a new one have the same column order.
-ADDED_USAGE_COLUMNS = ("hardware_profile", "spilled_from")
+# Columns usage_events gained after its first release, in the order CREATE TABLE lists them, last.
+# Each is added AFTER the one before it, so an upgraded table and a new one have the same column
+# order (one insert column list serves both) whichever of them an old table already had.
+ADDED_USAGE_COLUMNS = ("hardware_profile", "spilled_from", "key_id")
+FIRST_ADDED_AFTER = "usage_source"
 
 
 def quote_identifier(name: str) -> str:
@@ -64,7 +67,8 @@ def statements(database: str) -> list[str]:
             outcome LowCardinality(String),
             usage_source LowCardinality(String),
             hardware_profile LowCardinality(String) DEFAULT '',
-            spilled_from LowCardinality(String) DEFAULT ''
+            spilled_from LowCardinality(String) DEFAULT '',
+            key_id LowCardinality(String) DEFAULT ''
         )
         ENGINE = ReplacingMergeTree
         -- an event's time never changes, so a duplicate always lands in the same partition
@@ -75,7 +79,8 @@ def statements(database: str) -> list[str]:
         # IF NOT EXISTS leaves an existing table as it is); its old rows read as ''.
         *(
             f"ALTER TABLE {db}.{USAGE_EVENTS} ADD COLUMN IF NOT EXISTS {column} LowCardinality(String) DEFAULT ''"
-            for column in ADDED_USAGE_COLUMNS
+            f" AFTER {after}"
+            for after, column in zip((FIRST_ADDED_AFTER, *ADDED_USAGE_COLUMNS), ADDED_USAGE_COLUMNS, strict=False)
         ),
         f"""
         CREATE TABLE IF NOT EXISTS {db}.{TASK_EVENTS} (
@@ -194,5 +199,21 @@ def statements(database: str) -> list[str]:
             max(e.time) AS last_call
         FROM {db}.{USAGE_EVENTS} AS e FINAL
         GROUP BY e.task_id
+        """,
+        # Spend per UTC day and virtual key (the gateway's callers): what each key cost, beside its
+        # caps (`frugalmesh budget show --scope key`). Calls not made with a key are left out.
+        f"""
+        CREATE VIEW IF NOT EXISTS {db}.{KEY_SPEND_DAILY} AS
+        SELECT
+            toDate(time) AS day,
+            tenant,
+            key_id,
+            count() AS calls,
+            sum(input_tokens) AS input_tokens,
+            sum(output_tokens) AS output_tokens,
+            sum(cost_usd) AS cost_usd
+        FROM {db}.{USAGE_EVENTS} FINAL
+        WHERE key_id != ''
+        GROUP BY day, tenant, key_id
         """,
     ]

@@ -8,8 +8,9 @@ Money is integer picodollars (the scale of the ClickHouse money columns), so sum
 checks are exact whatever the order of calls; amounts are rounded up, never down, on the way in.
 
 A bucket is one cap's counter: ``(scope, key, window, period)``, e.g.
-``("tenant", "acme", "day", "2025-11-20")``, ``("global", "*", "month", "2025-11")`` or
-``("task", "t-1", "task", "")`` (a task's cap lasts as long as the task).
+``("tenant", "acme", "day", "2025-11-20")``, ``("global", "*", "month", "2025-11")``,
+``("key", "fmk_ab12", "day", "2025-11-20")`` (a gateway's virtual key) or ``("task", "t-1", "task", "")``
+(a task's cap lasts as long as the task).
 """
 
 from __future__ import annotations
@@ -57,12 +58,21 @@ def month_period(time_ms: int) -> str:
 
 
 def buckets_for(r: Reservation, time_ms: int, *, task_capped: bool) -> list[Bucket]:
-    """Every bucket a call of this tenant, model and task counts against, in the periods of ``time_ms``."""
+    """Every bucket a call of this tenant, model, virtual key and task counts against, in the periods
+    of ``time_ms``.
+
+    A call with a key counts against the key's day and month as well as its tenant's: a key is a
+    slice of its tenant's budget, never a way around it. Recomputed from the reservation on replay,
+    so a journal written before keys existed (``key_id`` empty) rebuilds the same buckets.
+    """
     day, month = day_period(time_ms), month_period(time_ms)
     out: list[Bucket] = []
     for scope, key in (("global", "*"), ("tenant", r.tenant), ("model", r.model)):
         out.append((scope, key, "day", day))
         out.append((scope, key, "month", month))
+    if r.key_id:
+        out.append(("key", r.key_id, "day", day))
+        out.append(("key", r.key_id, "month", month))
     if task_capped:
         out.append(("task", r.task_id, "task", ""))
     return out

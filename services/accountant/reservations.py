@@ -16,9 +16,7 @@ from collections.abc import Callable
 from typing import cast
 
 from schemas.messages import (
-    BudgetCap,
     BudgetQuery,
-    BudgetSpend,
     BudgetState,
     BudgetUpdate,
     KillScope,
@@ -27,9 +25,8 @@ from schemas.messages import (
     PaceSignal,
     Reservation,
     ReservationDecision,
-    SpendScope,
-    SpendWindow,
 )
+from schemas.subjects import token
 from services.accountant.budget import BudgetBook, BudgetConfig
 from services.accountant.journal import Commit, Journal
 from services.accountant.ledger import (
@@ -47,6 +44,7 @@ from services.accountant.ledger import (
     pico,
 )
 from services.accountant.pacing import curve, pace_action
+from services.accountant.statement import budget_state
 from services.runtime.bus import Bus
 from services.runtime.control import ControlState, set_kill, set_pace
 
@@ -156,9 +154,11 @@ class Accounts:
         try:
             amount = pico(r.amount_usd)
             task_cap = None if r.task_budget_usd is None else pico(r.task_budget_usd)
+            if r.key_id:  # it names a kill switch if its cap is crossed, so it must be a KV key token
+                token(r.key_id)
         except ValueError as exc:
             return refuse(str(exc))
-        switch = self.control.blocked(tenant=r.tenant, task_id=r.task_id, model=r.model)
+        switch = self.control.blocked(tenant=r.tenant, task_id=r.task_id, model=r.model, key_id=r.key_id)
         if switch is not None:
             key = "" if switch.scope == "global" else f" {switch.key}"
             return refuse(f"kill switch tripped ({switch.scope}{key}): {switch.reason}")
@@ -354,37 +354,4 @@ class Accounts:
         return self.show(BudgetQuery(scope=cap.scope, key=cap.key))
 
     def show(self, query: BudgetQuery) -> BudgetState:
-        now = self.clock()
-        periods = {"day": day_period(now), "month": month_period(now)}
-
-        def wanted(scope: str, key: str) -> bool:
-            if query.scope is None:
-                return scope != "task"  # tasks are many: listed only when asked for
-            return scope == query.scope and (query.key is None or key == query.key)
-
-        caps: list[BudgetCap] = [c for c in self.book.all() if wanted(c.scope, c.key)]
-        buckets: set[Bucket] = {
-            (c.scope, c.key, window, periods[window])
-            for c in caps
-            for window, value in (("day", c.day_usd), ("month", c.month_usd))
-            if value is not None
-        }
-        for bucket in (*self.ledger.settled, *self.ledger.reserved):
-            scope, key, window, period = bucket
-            if wanted(scope, key) and (window == "task" or period == periods[window]):
-                buckets.add(bucket)
-        spend = []
-        for bucket in sorted(buckets):
-            cap = self.cap_of(bucket)
-            spend.append(
-                BudgetSpend(
-                    scope=cast(SpendScope, bucket[0]),
-                    key=bucket[1],
-                    window=cast(SpendWindow, bucket[2]),
-                    period=bucket[3],
-                    settled_usd=dollars(self.ledger.settled.get(bucket, 0)),
-                    reserved_usd=dollars(self.ledger.reserved.get(bucket, 0)),
-                    cap_usd=None if cap is None else dollars(cap),
-                )
-            )
-        return BudgetState(caps=caps, spend=spend, outstanding=len(self.ledger.holds), time_ms=now)
+        return budget_state(query, self.book, self.ledger, self.cap_of, self.clock())

@@ -94,6 +94,7 @@ def usage_row(e: UsageEvent) -> Row:
         e.usage_source,
         e.hardware_profile,
         e.spilled_from,
+        e.key_id,
     )
 
 
@@ -160,6 +161,7 @@ USAGE = Sink(
         "usage_source",
         "hardware_profile",
         "spilled_from",
+        "key_id",
     ),
     key=("event_id",),
     to_row=usage_row,

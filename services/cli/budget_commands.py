@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-from typing import Any, Literal
+from typing import Any
 
 import click
 import msgspec
 
-from schemas.messages import BudgetQuery, BudgetScope, BudgetState, BudgetUpdate, BudgetWindow, KillScope, KillSwitch
+from schemas.messages import (
+    BudgetQuery,
+    BudgetScope,
+    BudgetState,
+    BudgetUpdate,
+    BudgetWindow,
+    KillScope,
+    KillSwitch,
+    SpendScope,
+)
 from services.runtime.settings import MeshSettings
 
 REQUEST_TIMEOUT_S = 5.0
@@ -75,12 +84,12 @@ def _print(state: BudgetState) -> None:
 
 @click.group()
 def budget() -> None:
-    """Budget caps: global, per tenant and per model (day and month, USD)."""
+    """Budget caps: global, per tenant, per model and per virtual key (day and month, USD)."""
 
 
 @budget.command("set")
-@click.option("--scope", type=click.Choice(["global", "tenant", "model"]), required=True)
-@click.option("--key", default="*", help="The tenant or model name (not for global).")
+@click.option("--scope", type=click.Choice(["global", "tenant", "model", "key"]), required=True)
+@click.option("--key", default="*", help="The tenant or model name, or the virtual key's id (not for global).")
 @click.option("--day", "day_usd", type=float, help="Cap per UTC day, USD.")
 @click.option("--month", "month_usd", type=float, help="Cap per UTC month, USD.")
 @click.option("--no-day", is_flag=True, help="Remove the day cap.")
@@ -104,11 +113,11 @@ def budget_set(
 
 
 @budget.command("show")
-@click.option("--scope", type=click.Choice(["global", "tenant", "model", "task"]))
-@click.option("--key", help="One tenant, model or task.")
+@click.option("--scope", type=click.Choice(["global", "tenant", "model", "key", "task"]))
+@click.option("--key", help="One tenant, model, virtual key id or task.")
 @click.option("--json", "as_json", is_flag=True, help="Print the accountant's BudgetState as JSON.")
 def budget_show(
-    scope: Literal["global", "tenant", "model", "task"] | None,  # click.Choice has checked it
+    scope: SpendScope | None,  # click.Choice has checked it
     key: str | None,
     as_json: bool,
 ) -> None:
@@ -145,12 +154,13 @@ def _switch(scope: KillScope, key: str | None, tripped: bool, reason: str) -> No
     click.echo(f"kill switch {'tripped' if tripped else 'cleared'}: {where}")
 
 
-SCOPE = click.Choice(["global", "tenant", "task", "model"])
+SCOPE = click.Choice(["global", "tenant", "task", "model", "key"])
+KEY_HELP = "The tenant, task or model, or the virtual key's id (fmk_...); not for global."
 
 
 @click.command()
 @click.option("--scope", type=SCOPE, required=True)
-@click.option("--key", help="The tenant, task or model (not for global).")
+@click.option("--key", help=KEY_HELP)
 @click.option("--reason", default="operator kill", show_default=True)
 def kill(scope: KillScope, key: str | None, reason: str) -> None:  # click.Choice (SCOPE) has checked scope
     """Trip the kill switch: no new paid call starts in this scope (works without the accountant)."""
@@ -159,7 +169,7 @@ def kill(scope: KillScope, key: str | None, reason: str) -> None:  # click.Choic
 
 @click.command()
 @click.option("--scope", type=SCOPE, required=True)
-@click.option("--key", help="The tenant, task or model (not for global).")
+@click.option("--key", help=KEY_HELP)
 @click.option("--reason", default="operator clear", show_default=True)
 def clear(scope: KillScope, key: str | None, reason: str) -> None:  # click.Choice (SCOPE) has checked scope
     """Lift the kill switch of a scope."""

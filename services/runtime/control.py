@@ -1,7 +1,8 @@
 """The control plane every service obeys: the kill switch and the pace signal.
 
 The last value of each switch lives in the KV bucket ``<prefix>_control`` (keys
-``kill.global``, ``kill.<scope>.<key>``, ``pace.<tenant>``); every change is also published on
+``kill.global``, ``kill.<scope>.<key>`` for scopes tenant, task, model and key (a virtual key's
+id), ``pace.<tenant>``); every change is also published on
 ``mesh.control.kill`` / ``mesh.control.pace`` (JetStream) as the event of record, which the
 accountant stores in ClickHouse. Writers put the KV value first, so a trip takes effect even
 when the accountant is down. Services hold a ``ControlState``: it reads every current value
@@ -53,13 +54,14 @@ def killed_message(switch: KillSwitch) -> str:
     return f"kill switch tripped ({switch.scope} {switch.key}): {switch.reason}"
 
 
-def covers(switch: KillSwitch, *, tenant: str, task_id: str, model: str) -> bool:
-    """Whether ``switch`` applies to a call of this tenant, task and model."""
+def covers(switch: KillSwitch, *, tenant: str, task_id: str, model: str, key_id: str = "") -> bool:
+    """Whether ``switch`` applies to a call of this tenant, task, model and virtual key ("": none)."""
     return (
         switch.scope == "global"
         or (switch.scope == "tenant" and switch.key == tenant)
         or (switch.scope == "task" and switch.key == task_id)
         or (switch.scope == "model" and switch.key == model)
+        or (switch.scope == "key" and bool(key_id) and switch.key == key_id)
     )
 
 
@@ -110,8 +112,12 @@ class ControlState:
                 signal = msgspec.json.decode(entry.value or b"", type=PaceSignal)
                 self.paces[signal.tenant] = signal
 
-    def blocked(self, *, tenant: str, task_id: str, model: str) -> KillSwitch | None:
-        """The tripped switch that forbids a paid call of this tenant, task and model, if any."""
+    def blocked(self, *, tenant: str, task_id: str, model: str, key_id: str = "") -> KillSwitch | None:
+        """The tripped switch that forbids a paid call of this tenant, task, model and virtual key, if any.
+
+        ``key_id`` "" (the default: a call that did not come through the gateway) checks no key switch.
+        Asked before every paid call, so nothing tripped (the usual case) costs one emptiness check.
+        """
         if not self.kills:
             return None
         for key in (
@@ -122,6 +128,8 @@ class ControlState:
         ):
             if key in self.kills:
                 return self.kills[key]
+        if key_id:
+            return self.kills.get(control_kill_key("key", key_id))
         return None
 
     def pace(self, tenant: str) -> PaceSignal | None:

@@ -23,7 +23,9 @@ from services.runtime.tokens import count_message_tokens
 
 
 class StepOfCall(Protocol):
-    """What a row says about the step a call belongs to (a ``StepRequest`` or an ``InferenceRequest``)."""
+    """What a row says about the step a call belongs to (a ``StepRequest`` or an ``InferenceRequest``):
+    its tenant, task and step, and the virtual key it came in with ("" for a call not made through the
+    gateway), so spend can be summed per key whoever metered the call."""
 
     @property
     def tenant(self) -> str: ...
@@ -31,6 +33,8 @@ class StepOfCall(Protocol):
     def task_id(self) -> str: ...
     @property
     def step_id(self) -> str: ...
+    @property
+    def key_id(self) -> str: ...
 
 
 def usage_event(
@@ -76,6 +80,7 @@ def usage_event(
         usage_source=usage_source,
         hardware_profile=hardware_profile,
         spilled_from=spilled_from,
+        key_id=step.key_id,
     )
 
 
