@@ -627,12 +627,15 @@ KillScope = Literal["global", "tenant", "task", "model", "key"]
 
 class KillSwitch(WireMessage, kw_only=True):
     """Trip or clear the kill switch for a scope (``mesh.control.kill``): an operator does it
-    (``frugalmesh budget kill``), and the accountant does when spend crosses a cap."""
+    (``frugalmesh kill``), and the accountant does when spend crosses a cap."""
 
     scope: Annotated[
-        KillScope, Meta(description="What it stops: every paid call (global), or one tenant's, task's or model's.")
+        KillScope,
+        Meta(description="What it stops: every paid call (global), or one tenant's, task's, model's or key's."),
     ]
-    key: Annotated[str, Meta(description="The tenant, task id or model the scope names; '*' for global.")] = "*"
+    key: Annotated[
+        str, Meta(description="The tenant, task id, model or key id the scope names; '*' for global.")
+    ] = "*"
     tripped: Annotated[
         bool,
         Meta(
@@ -710,8 +713,11 @@ SpendWindow = Literal["day", "month", "task"]
 class BudgetCap(msgspec.Struct, kw_only=True):
     """The caps of one scope in USD; null means no cap for that window."""
 
-    scope: Annotated[BudgetScope, Meta(description="Whose spend is capped: all (global), one tenant's or one model's.")]
-    key: Annotated[str, Meta(description="The tenant or model; '*' for global.")] = "*"
+    scope: Annotated[
+        BudgetScope,
+        Meta(description="Whose spend is capped: all (global), one tenant's, one model's or one virtual key's."),
+    ]
+    key: Annotated[str, Meta(description="The tenant, model or key id (VirtualKey.id); '*' for global.")] = "*"
     day_usd: Annotated[float | None, Meta(description="Cap on a UTC calendar day's spend, in USD.")] = None
     month_usd: Annotated[float | None, Meta(description="Cap on a UTC calendar month's spend, in USD.")] = None
 
@@ -723,8 +729,10 @@ class BudgetUpdate(WireMessage, kw_only=True):
     and a window in neither keeps what it had. An operator sends it (``frugalmesh budget set``).
     """
 
-    scope: Annotated[BudgetScope, Meta(description="Whose caps change: global, one tenant's or one model's.")]
-    key: Annotated[str, Meta(description="The tenant or model; '*' for global.")] = "*"
+    scope: Annotated[
+        BudgetScope, Meta(description="Whose caps change: global, one tenant's, one model's or one virtual key's.")
+    ]
+    key: Annotated[str, Meta(description="The tenant, model or key id (VirtualKey.id); '*' for global.")] = "*"
     day_usd: Annotated[float | None, Meta(description="The new day cap, in USD; null: not changed here.")] = None
     month_usd: Annotated[float | None, Meta(description="The new month cap, in USD; null: not changed here.")] = None
     unset: Annotated[list[BudgetWindow], Meta(description="The windows whose cap is removed.")] = []
@@ -748,7 +756,7 @@ class BudgetSpend(msgspec.Struct, kw_only=True):
 
     scope: Annotated[
         SpendScope,
-        Meta(description="Whose spend: all of it (global), one tenant's, one model's or one task's."),
+        Meta(description="Whose spend: all of it (global), one tenant's, one model's, one key's or one task's."),
     ]
     key: Annotated[str, Meta(description="The tenant, model or task id; '*' for global.")]
     window: Annotated[
