@@ -10,8 +10,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from helpers import eventually, kill_switch, shipped_catalog
 from helpers import make_request as _make_request
-from helpers import shipped_catalog
 from mesh_client import call, stream_messages, usage_events
 
 from schemas.messages import ChatMessage, InferenceRequest, Usage
@@ -19,6 +19,7 @@ from schemas.subjects import STREAM_DLQ
 from services.inference.backend import BackendError
 from services.inference.replay import ReplayBackend, frontier_baseline, index_records, replay
 from services.runtime.bus import encode
+from services.runtime.control import set_kill
 from services.runtime.data import Record, load_recorded_outcomes
 from services.runtime.tokens import count_message_tokens, count_tokens
 
@@ -310,3 +311,44 @@ async def test_one_replica_runs_calls_concurrently(openai_settings, start_servic
     assert [r.error for r in results] == [None] * 6
     assert elapsed < 2.5, f"6 calls of ~0.7 s took {elapsed:.2f}s: they ran one after another"
     assert sorted(e.event_id for e in await usage_events(nc, settings)) == sorted(r.call_id for r in requests)
+
+
+@pytest.mark.infra
+async def test_a_key_kill_switch_cancels_that_keys_calls_in_flight(
+    openai_settings, start_service, nc, fake_openai, bus
+):
+    settings = openai_settings
+    fake_openai.behaviour.reply = "word " * 200
+    fake_openai.behaviour.token_delay_s = 0.02
+    await start_service("cloud-inference", settings)
+    subject = settings.subjects.infer_cloud("openai")
+    doomed, spared = (
+        msgspec.structs.replace(make_request(FRONTIER, "Count slowly.", max_tokens=300), key_id=key)
+        for key in ("fmk_doomed", "fmk_spared")
+    )
+
+    running = [asyncio.create_task(call(nc, subject, r)) for r in (doomed, spared)]
+    await eventually(lambda: len(fake_openai.requests) == 2)
+    await set_kill(bus, kill_switch("key", "fmk_doomed"))
+    killed, finished = await asyncio.gather(*running)
+
+    assert killed.error is not None and killed.error.kind == "killed" and "fmk_doomed" in killed.error.message
+    assert finished.error is None
+    events = {e.event_id: e for e in await usage_events(nc, settings)}
+    assert (events[doomed.call_id].outcome, events[doomed.call_id].key_id) == ("killed", "fmk_doomed")
+    assert (events[spared.call_id].outcome, events[spared.call_id].key_id) == ("ok", "fmk_spared")
+
+
+@pytest.mark.infra
+async def test_a_call_streaming_into_the_mesh_is_dead_lettered_and_rejected(settings, start_service, nc, gsm8k):
+    await start_service("local-inference", settings)
+    subject = settings.subjects.infer_local(LOCAL_MODEL)
+    into_usage = settings.subjects.usage("acme")
+    request = msgspec.structs.replace(make_request(LOCAL_MODEL, gsm8k.prompt), stream_to=into_usage)
+
+    reply = msgspec.json.decode((await nc.request(subject, encode(request), timeout=5)).data)
+
+    assert reply["error"]["kind"] == "invalid" and "stream_to" in reply["error"]["message"]
+    [letter] = [msgspec.json.decode(d) for d in await stream_messages(nc, settings, STREAM_DLQ)]
+    assert letter["subject"] == subject
+    assert await usage_events(nc, settings) == []

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 from fakes.openai_server import Behaviour, FakeOpenAI
 from helpers import eventually
 
-from schemas.messages import ChatMessage, InferenceRequest
-from services.inference.backend import BackendError
+from schemas.messages import ChatMessage, ChatOptions, FunctionCall, FunctionSpec, InferenceRequest, Tool, ToolCall
+from services.inference.backend import BackendError, OnDelta, OutputDelta
 from services.inference.openai_backend import OpenAIBackend
 from services.inference.openai_client import OpenAIClient, OpenAIError, sse_data
 from services.runtime.catalog import Catalog
@@ -186,3 +187,120 @@ async def test_backend_maps_a_rate_limit_to_a_retryable_provider_error(fake_open
     await backend.aclose()
 
     assert (caught.value.kind, caught.value.retryable, caught.value.started) == ("provider", True, False)
+
+
+# -- options, tools and streamed pieces --
+
+TOOLS = [
+    Tool(function=FunctionSpec(name="get_weather", parameters={"type": "object", "properties": {}})),
+    Tool(function=FunctionSpec(name="get_time")),
+]
+
+
+def collector() -> tuple[list[OutputDelta], OnDelta]:
+    """A list and the on_delta callback that appends every piece to it."""
+    seen: list[OutputDelta] = []
+
+    async def on_delta(delta: OutputDelta) -> None:
+        seen.append(delta)
+
+    return seen, on_delta
+
+
+async def test_every_streamed_text_piece_reaches_on_delta_in_order(fake_openai, client):
+    fake_openai.behaviour = Behaviour(reply="one two three four", api_key="sk-test")
+    seen, on_delta = collector()
+
+    reply = await client.chat("m", MESSAGES, max_tokens=64, on_delta=on_delta)
+
+    assert [d.content for d in seen] == ["one", " two", " three", " four"]
+    assert "".join(d.content for d in seen) == reply.text and reply.tool_calls == ()
+    assert {d.provider_model for d in seen} == {"m"} and all(d.tool_calls is None for d in seen)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "one-body"])
+async def test_tool_calls_are_assembled_by_index(fake_openai, client, stream):
+    fake_openai.behaviour = Behaviour(tool_calls=2, tool_arguments='{"city": "Oslo"}', stream=stream)
+    seen, on_delta = collector()
+    tools = msgspec.to_builtins(TOOLS)
+
+    reply = await client.chat("m", MESSAGES, max_tokens=64, extra={"tools": tools}, on_delta=on_delta)
+
+    assert reply.finish_reason == "tool_calls" and reply.text == ""
+    assert reply.tool_calls == (
+        ToolCall(id="call_fake_0", function=FunctionCall(name="get_weather", arguments='{"city": "Oslo"}')),
+        ToolCall(id="call_fake_1", function=FunctionCall(name="get_time", arguments='{"city": "Oslo"}')),
+    )
+    if stream:  # the pieces as streamed: the first of each call names it, the rest add arguments
+        pieces = [p for d in seen for p in d.tool_calls]
+        firsts = [(p.index, p.id, p.name) for p in pieces[:2]]
+        assert firsts == [(0, "call_fake_0", "get_weather"), (1, "call_fake_1", "get_time")]
+        assert "".join(p.arguments for p in pieces if p.index == 1) == '{"city": "Oslo"}'
+        assert reply.ttft_s > 0
+    else:
+        assert seen == []
+
+
+def options_request(messages: list[ChatMessage], **options) -> InferenceRequest:
+    return msgspec.structs.replace(request(), messages=messages, options=ChatOptions(**options))
+
+
+async def test_backend_sends_every_option_and_the_tool_fields_of_messages(fake_openai):
+    model = Catalog.load(REPO_DEPLOY_DIR).model("gpt-4-1106-preview")
+    fake_openai.behaviour = Behaviour()
+    backend = OpenAIBackend(OpenAIClient(fake_openai.url))
+    call = ToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments="{}"))
+    messages = [
+        ChatMessage(role="developer", content="Be brief."),
+        ChatMessage(role="user", content="Weather?", name="ann"),
+        ChatMessage(role="assistant", tool_calls=[call]),
+        ChatMessage(role="tool", content="sunny", tool_call_id="call_1"),
+    ]
+    options = {"temperature": 0.5, "top_p": 0.9, "seed": 7, "stop": ["END"], "user": "u-1"}
+
+    completion = await backend.complete(
+        model, options_request(messages, tools=TOOLS, tool_choice="auto", json_object=True, **options)
+    )
+    await backend.aclose()
+
+    body = fake_openai.requests[0].body
+    assert {k: body[k] for k in options} == options
+    assert (body["tools"], body["tool_choice"]) == (msgspec.to_builtins(TOOLS), "auto")
+    assert body["response_format"] == {"type": "json_object"}
+    assert body["messages"] == [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Weather?", "name": "ann"},
+        {"role": "assistant", "content": None, "tool_calls": [msgspec.to_builtins(call)]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]
+    # After a tool message the model answers text: the json_object reply, cut at nothing.
+    assert (completion.output, completion.tool_calls) == ('{"answer": 42}', None)
+
+
+async def test_backend_defaults_send_temperature_zero_and_no_other_option(fake_openai):
+    model = Catalog.load(REPO_DEPLOY_DIR).model("gpt-4-1106-preview")
+    fake_openai.behaviour = Behaviour()
+    backend = OpenAIBackend(OpenAIClient(fake_openai.url))
+
+    await backend.complete(model, request())
+    await backend.aclose()
+
+    body = fake_openai.requests[0].body
+    assert body["temperature"] == 0
+    assert not {"top_p", "seed", "stop", "tools", "tool_choice", "user", "response_format"} & set(body)
+
+
+async def test_backend_returns_tool_calls_and_cuts_text_at_a_stop_sequence(fake_openai):
+    model = Catalog.load(REPO_DEPLOY_DIR).model("gpt-4-1106-preview")
+    fake_openai.behaviour = Behaviour(reply="first part END second part")
+    backend = OpenAIBackend(OpenAIClient(fake_openai.url))
+    seen, on_delta = collector()
+
+    called = await backend.complete(model, options_request(request().messages, tools=TOOLS), on_delta)
+    stopped = await backend.complete(model, options_request(request().messages, stop=["END"]))
+    await backend.aclose()
+
+    assert called.finish_reason == "tool_calls" and called.output == ""
+    assert called.tool_calls == [ToolCall(id="call_fake_0", function=FunctionCall(name="get_weather", arguments="{}"))]
+    assert [p.arguments for d in seen for p in d.tool_calls] == ["", "{", "}"]
+    assert (stopped.output, stopped.finish_reason) == ("first part", "stop")

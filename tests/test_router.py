@@ -17,9 +17,20 @@ from fakes.inference_peer import InferencePeer
 from helpers import SHORT, make_step
 from mesh_client import ask
 
-from schemas.messages import ChatMessage, DeadLetter, ErrorInfo, UsageEvent
+from schemas.messages import (
+    ChatMessage,
+    ChatOptions,
+    DeadLetter,
+    ErrorInfo,
+    FunctionCall,
+    FunctionSpec,
+    StepRequest,
+    Tool,
+    ToolCall,
+    UsageEvent,
+)
 from schemas.subjects import HEADER_DEADLINE, HEADER_TASK, HEADER_TENANT
-from services.router.cache import cache_key
+from services.router.cache import cache_key, cacheable
 from services.routing.table import PinningError, RoutingTable, pick_model, prompt_chars
 from services.runtime.settings import REPO_DEPLOY_DIR
 from services.runtime.tokens import count_message_tokens
@@ -110,6 +121,57 @@ def test_cache_key_covers_model_and_limits():
     assert cache_key(LOCAL, step) != cache_key(LOCAL, make_step(response_schema={"type": "object"}))
 
 
+TOOL = Tool(function=FunctionSpec(name="get_weather"))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"temperature": 0.5, "seed": 1},
+        {"top_p": 0.5},
+        {"seed": 3},
+        {"stop": ["END"]},
+        {"tools": [TOOL]},
+        {"tools": [TOOL], "tool_choice": "required"},
+        {"json_object": True},
+    ],
+    ids=lambda o: ",".join(o),
+)
+def test_cache_key_covers_every_option_that_changes_the_answer(options):
+    plain = cache_key(LOCAL, make_step())
+    assert cache_key(LOCAL, make_step(options=ChatOptions(**options))) != plain
+    # Who asks does not change the answer; an explicit temperature 0 is the default.
+    assert cache_key(LOCAL, make_step(options=ChatOptions(**options, user="u-9"))) == cache_key(
+        LOCAL, make_step(options=ChatOptions(**options))
+    )
+    assert cache_key(LOCAL, make_step(options=ChatOptions(temperature=0.0, user="u-9"))) == plain
+
+
+@pytest.mark.unit
+def test_cache_key_covers_the_tool_fields_of_messages():
+    call = ToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments="{}"))
+    asked = [ChatMessage(role="user", content=SHORT), ChatMessage(role="assistant", tool_calls=[call])]
+
+    def with_messages(*messages: ChatMessage) -> StepRequest:
+        return msgspec.structs.replace(make_step(), messages=list(messages))
+
+    keys = {
+        cache_key(LOCAL, with_messages(*asked, ChatMessage(role="tool", content="sunny", tool_call_id=i)))
+        for i in ("call_1", "call_2")
+    }
+    named = with_messages(ChatMessage(role="user", content=SHORT, name="ann"))
+    assert len(keys) == 2 and cache_key(LOCAL, named) != cache_key(LOCAL, make_step())
+    assert cache_key(LOCAL, with_messages(*asked)) != cache_key(LOCAL, with_messages(asked[0]))
+
+
+@pytest.mark.unit
+def test_only_repeatable_answers_are_cached():
+    assert cacheable(make_step()) and cacheable(make_step(options=ChatOptions(temperature=0.0)))
+    assert cacheable(make_step(options=ChatOptions(temperature=0.8, seed=4)))
+    assert not cacheable(make_step(options=ChatOptions(temperature=0.8)))
+
+
 # -- through the live router --
 
 
@@ -139,6 +201,33 @@ async def test_rules_route_to_the_tier_model(settings, start_router, nc, role, w
     assert request.messages == step.messages and request.max_tokens == 256
     assert headers[HEADER_DEADLINE] == str(step.deadline_ms)
     assert (headers[HEADER_TASK], headers[HEADER_TENANT]) == ("task-1", "acme")
+
+
+@pytest.mark.infra
+async def test_options_stream_to_and_key_reach_the_call_and_the_key_its_reservation(settings, start_router, nc, budget):
+    peer = await InferencePeer(nc, settings.subjects).start()
+    await start_router()
+    options = ChatOptions(temperature=0.2, seed=5, stop=["END"], tools=[TOOL], tool_choice="auto", user="u-1")
+    step = make_step(role="review", options=options, stream_to="_INBOX.caller.1", key_id="fmk_test")
+
+    result = await ask(nc, settings, step)
+
+    assert result.error is None and result.model == FRONTIER
+    [(request, _)] = peer.requests
+    assert (request.options, request.stream_to, request.key_id) == (options, "_INBOX.caller.1", "fmk_test")
+    [reservation] = budget.reserved
+    assert (reservation.id, reservation.key_id) == (result.call_id, "fmk_test")
+
+
+@pytest.mark.infra
+async def test_a_sampled_call_without_a_seed_is_never_cached(settings, start_router, nc):
+    peer = await InferencePeer(nc, settings.subjects).start()
+    await start_router()
+    sampled = ChatOptions(temperature=0.9)
+
+    results = [await ask(nc, settings, make_step(options=sampled)) for _ in range(2)]
+
+    assert [r.cache_hit for r in results] == [False, False] and len(peer.requests) == 2
 
 
 @pytest.mark.infra

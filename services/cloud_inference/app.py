@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from faststream import FastStream
 
-from services.inference.service import DEFAULT_CONCURRENCY, create_inference_app
+from services.inference.app import DEFAULT_CONCURRENCY, create_inference_app
 from services.runtime.settings import MeshSettings
 
 

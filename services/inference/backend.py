@@ -1,12 +1,18 @@
-"""What an inference backend is to the service that runs it: one call in, one completion out."""
+"""What an inference backend is to the service that runs it: one call in, one completion out.
+
+A backend that streams (the ``openai`` backend) also hands each piece of output to ``on_delta`` as
+the engine produces it, so the service can relay it to a streaming caller; the completion stays the
+one whole answer, and the one that is metered. Backends that answer at once (replay, synthetic)
+ignore ``on_delta``: their caller then gets the whole answer from the result.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from schemas.messages import ErrorKind, InferenceRequest, Usage, UsageSource
+from schemas.messages import ErrorKind, InferenceRequest, ToolCall, ToolCallDelta, Usage, UsageSource
 from services.runtime.catalog import ModelSpec, ProviderSpec
 from services.runtime.settings import MeshSettings
 
@@ -23,6 +29,23 @@ class Completion:
     graded: bool | None = None
     # Milliseconds from the backend's request to the first output token (0.0: not streamed).
     ttft_ms: float = 0.0
+    # The tool calls the model made (finish_reason tool_calls); None: none.
+    tool_calls: list[ToolCall] | None = None
+
+
+@dataclass(frozen=True)
+class OutputDelta:
+    """A piece of output as the engine produced it: more text, more of the tool calls, or both."""
+
+    content: str = ""
+    tool_calls: list[ToolCallDelta] | None = None
+    # The model the provider says produces it ("" when it does not say): strict pinning withholds
+    # the pieces of another model, as it withholds its answer.
+    provider_model: str = ""
+
+
+# Receives each OutputDelta of a streaming call, in order, as it arrives.
+OnDelta = Callable[[OutputDelta], Awaitable[None]]
 
 
 class BackendError(Exception):
@@ -37,8 +60,11 @@ class BackendError(Exception):
 
 
 class Backend(Protocol):
-    async def complete(self, model: ModelSpec, request: InferenceRequest) -> Completion:
-        """Run ``request`` on exactly ``model``; raise BackendError on failure."""
+    async def complete(
+        self, model: ModelSpec, request: InferenceRequest, on_delta: OnDelta | None = None
+    ) -> Completion:
+        """Run ``request`` on exactly ``model``; raise BackendError on failure. A streaming backend
+        awaits ``on_delta`` with each piece of output (backends that answer at once never call it)."""
         ...
 
     async def aclose(self) -> None: ...

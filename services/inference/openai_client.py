@@ -2,8 +2,10 @@
 
 It always streams (``stream=true`` with ``stream_options.include_usage``) so a call cut off at
 its deadline closes the connection and stops the provider generating, and reads the
-server-sent events itself. It knows nothing of the mesh: it returns what the provider said,
-with ``usage=None`` when the provider did not report usage.
+server-sent events itself. Each chunk's text and tool-call pieces go to ``on_delta`` as they
+arrive (when given); the tool calls are assembled by their ``index`` (the first piece carries the
+id and name, the rest add to the arguments). It knows nothing of the mesh's routing or metering:
+it returns what the provider said, with ``usage=None`` when the provider did not report usage.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+from schemas.messages import FunctionCall, ToolCall, ToolCallDelta
+from services.inference.backend import OnDelta, OutputDelta
 
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 ERROR_BODY_CHARS = 500
@@ -36,6 +41,8 @@ class ChatCompletion:
     usage: ProviderUsage | None
     # Seconds from sending the request to the first output text (0.0: none came, or not streamed).
     ttft_s: float = 0.0
+    # The tool calls the model made, in index order; empty: none.
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class OpenAIError(Exception):
@@ -70,17 +77,22 @@ class OpenAIClient:
     async def chat(
         self,
         model: str,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         *,
         max_tokens: int,
         temperature: float = 0.0,
         response_format: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        on_delta: OnDelta | None = None,
     ) -> ChatCompletion:
+        """One chat completion. ``extra``: more request fields sent as given (top_p, seed, stop, tools,
+        tool_choice, user); ``on_delta`` is awaited with each streamed piece of output, in order."""
         payload: dict[str, Any] = {
             "model": model,
             "messages": list(messages),
             "max_tokens": max_tokens,
             "temperature": temperature,
+            **(extra or {}),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -100,7 +112,7 @@ class OpenAIClient:
                 if response.headers.get("content-type", "").startswith("application/json"):
                     # Some compatible servers ignore stream=true and answer with one JSON body.
                     return _from_body(json.loads(await response.aread()))
-                return await _from_stream(sse_data(response.aiter_lines()), sent)
+                return await _from_stream(sse_data(response.aiter_lines()), sent, on_delta)
         except httpx.TransportError as exc:
             # Connection failures, resets and read timeouts are transient. Only a call that never
             # reached the provider is surely unbilled.
@@ -132,8 +144,38 @@ async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
         yield "\n".join(data)
 
 
-async def _from_stream(events: AsyncIterator[str], sent: float) -> ChatCompletion:
+class _ToolCallAssembly:
+    """Streamed tool-call pieces joined by index into whole tool calls."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, raw: Sequence[Mapping[str, Any]]) -> list[ToolCallDelta]:
+        """Take one chunk's ``delta.tool_calls``; returns them as pieces to relay."""
+        pieces = []
+        for item in raw:
+            index = int(item.get("index", 0))
+            function = item.get("function") or {}
+            piece = ToolCallDelta(
+                index=index, id=item.get("id"), name=function.get("name"), arguments=function.get("arguments") or ""
+            )
+            call = self.calls.setdefault(index, {"id": "", "name": "", "arguments": []})
+            call["id"] = piece.id or call["id"]
+            call["name"] = piece.name or call["name"]
+            call["arguments"].append(piece.arguments)
+            pieces.append(piece)
+        return pieces
+
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return tuple(
+            ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments="".join(c["arguments"])))
+            for _, c in sorted(self.calls.items())
+        )
+
+
+async def _from_stream(events: AsyncIterator[str], sent: float, on_delta: OnDelta | None) -> ChatCompletion:
     text: list[str] = []
+    tools = _ToolCallAssembly()
     finish_reason = ""
     model = ""
     usage: ProviderUsage | None = None
@@ -151,21 +193,36 @@ async def _from_stream(events: AsyncIterator[str], sent: float) -> ChatCompletio
         for choice in chunk.get("choices") or []:
             if choice.get("index", 0) != 0:
                 continue
-            content = (choice.get("delta") or {}).get("content") or ""
-            if content and not ttft_s:
+            delta = choice.get("delta") or {}
+            content = delta.get("content") or ""
+            pieces = tools.add(delta["tool_calls"]) if delta.get("tool_calls") else None
+            if (content or pieces) and not ttft_s:
                 ttft_s = time.monotonic() - sent
             text.append(content)
             finish_reason = choice.get("finish_reason") or finish_reason
-    return ChatCompletion(text="".join(text), finish_reason=finish_reason, model=model, usage=usage, ttft_s=ttft_s)
+            if on_delta is not None and (content or pieces):
+                await on_delta(OutputDelta(content=content, tool_calls=pieces, provider_model=model))
+    return ChatCompletion(
+        text="".join(text),
+        finish_reason=finish_reason,
+        model=model,
+        usage=usage,
+        ttft_s=ttft_s,
+        tool_calls=tools.tool_calls(),
+    )
 
 
 def _from_body(body: Mapping[str, Any]) -> ChatCompletion:
     choice = (body.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    tools = _ToolCallAssembly()
+    tools.add([{"index": i, **call} for i, call in enumerate(message.get("tool_calls") or [])])
     return ChatCompletion(
-        text=(choice.get("message") or {}).get("content") or "",
+        text=message.get("content") or "",
         finish_reason=choice.get("finish_reason") or "",
         model=body.get("model") or "",
         usage=_usage(body["usage"]) if body.get("usage") else None,
+        tool_calls=tools.tool_calls(),
     )
 
 

@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 
 from schemas.messages import ChatMessage, InferenceRequest, Usage
-from services.inference.backend import BackendError, Completion
+from services.inference.backend import BackendError, Completion, OnDelta
 from services.inference.latency import simulate_latency
 from services.runtime.catalog import Catalog, ModelSpec, ProviderSpec
 from services.runtime.data import Record, load_recorded_outcomes, resolve_data_dir
@@ -70,7 +70,10 @@ class ReplayBackend:
     def from_provider(cls, provider: ProviderSpec, settings: MeshSettings) -> ReplayBackend:
         return cls(_recorded_index(resolve_data_dir(settings.data)))
 
-    async def complete(self, model: ModelSpec, request: InferenceRequest) -> Completion:
+    async def complete(
+        self, model: ModelSpec, request: InferenceRequest, on_delta: OnDelta | None = None
+    ) -> Completion:
+        """The recorded answer, whole (nothing is streamed: ``on_delta`` is not called; tools are ignored)."""
         prompt = first_user_prompt(request.messages)
         record = self.records.get(prompt) if prompt is not None else None
         if record is None:

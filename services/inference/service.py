@@ -1,5 +1,5 @@
-"""The handler both inference services share: check pinning, the deadline and the kill switch,
-run the backend, meter exactly one UsageEvent, reply an InferenceResult.
+"""The handler both inference services share (their app: services/inference/app.py): check pinning,
+the deadline and the kill switch, run the backend, meter exactly one UsageEvent, reply an InferenceResult.
 
 A call whose real usage is unknown (cut off at its deadline or by the kill switch after the
 provider took it, or failed mid-stream) is metered as estimated, at its worst case: unknown
@@ -9,18 +9,20 @@ The kill switch is obeyed twice: a call is not started while a switch covering i
 (the state is read before the service takes work, so a service started after a trip refuses
 too), and a trip cancels every call in flight that it covers; cancelling closes the backend's
 stream, which stops the engine generating.
+
+A call with ``stream_to`` also relays its output as it comes and stops when its caller cancels
+(services/inference/streaming.py): such a call is metered ``cancelled``, counted from what was streamed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import structlog
-from faststream import FastStream
 
 from schemas.messages import (
     ErrorInfo,
@@ -33,18 +35,14 @@ from schemas.messages import (
 )
 from schemas.subjects import token
 from services.inference.backend import Backend, BackendError, Completion
-from services.inference.backend_factories import BACKENDS
+from services.inference.streaming import StreamRelay, check_stream_to, listen_for_cancel
 from services.runtime.bus import Bus, Message, encode, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.control import ControlState, covers, killed_message
 from services.runtime.reservations import is_paid
-from services.runtime.settings import MeshSettings
 from services.runtime.usage import usage_event, worst_case_usage
 
 ServiceKind = Literal["local", "cloud"]
-
-# Calls in flight per replica: inference is mostly waiting on a model, so one replica overlaps many.
-DEFAULT_CONCURRENCY = 64
 
 
 @dataclass(frozen=True)
@@ -69,13 +67,18 @@ class _RunningCall:
     call: asyncio.Future[Completion]
     # Set by a trip that cancelled the call, so the cancellation is metered as a kill.
     killed_by: KillSwitch | None = None
+    # Set when the streaming caller cancelled it, so the cancellation is metered as cancelled.
+    cancelled_by_caller: bool = False
+
+    def cancel_for_caller(self) -> None:
+        if not self.call.done() and self.killed_by is None:
+            self.cancelled_by_caller = True
+            self.call.cancel()
 
 
 def _unknown_usage(outcome: Outcome, model: ModelSpec, request: InferenceRequest, error: ErrorInfo) -> _CallEnd:
     """A call that may have run and whose real usage is unknown: metered as estimated, at its worst case."""
     return _CallEnd(outcome, worst_case_usage(model, request.messages, request.max_tokens), "estimated", error=error)
-
-
 
 
 class InferenceService:
@@ -103,7 +106,9 @@ class InferenceService:
             if (
                 flight.killed_by is None
                 and is_paid(self.catalog.model(request.model))
-                and covers(switch, tenant=request.tenant, task_id=request.task_id, model=request.model)
+                and covers(
+                    switch, tenant=request.tenant, task_id=request.task_id, model=request.model, key_id=request.key_id
+                )
             ):
                 flight.killed_by = switch
                 flight.call.cancel()
@@ -115,8 +120,11 @@ class InferenceService:
             return self.bus.rejection(f"not a valid InferenceRequest; {kept}")
         try:
             token(request.tenant)
+            if request.stream_to:
+                check_stream_to(request.stream_to, self.bus.subjects)
         except ValueError as exc:
-            # The tenant names the usage subject; a call that cannot be metered is not run.
+            # The tenant names the usage subject; a call that cannot be metered is not run; nor is
+            # one whose chunks would be published where they must not go.
             await self.bus.dead_letter(msg.raw_message.subject, msg.body, msg.headers, str(exc))
             return self.bus.rejection(f"{exc}; {kept}")
         with structlog.contextvars.bound_contextvars(call_id=request.call_id, task_id=request.task_id):
@@ -138,7 +146,9 @@ class InferenceService:
             error = ErrorInfo(kind="timeout", message="the deadline had passed before the call started")
             return await self._finish(request, model, _CallEnd("timeout", Usage(), error=error), started)
         assert self.control is not None, "open_control runs at startup, before any subscriber"
-        switch = self.control.blocked(tenant=request.tenant, task_id=request.task_id, model=model.name)
+        switch = self.control.blocked(
+            tenant=request.tenant, task_id=request.task_id, model=model.name, key_id=request.key_id
+        )
         if switch is not None and is_paid(model):
             # Not started, so nothing was spent: metered once, at $0.
             error = ErrorInfo(kind="killed", message=killed_message(switch))
@@ -147,18 +157,27 @@ class InferenceService:
         return await self._finish(request, model, ended, started)
 
     async def _call(self, backend: Backend, model: ModelSpec, request: InferenceRequest, timeout_s: float) -> _CallEnd:
-        # Its own task, so that a trip can cancel this call alone.
-        flight = _RunningCall(request, asyncio.ensure_future(backend.complete(model, request)))
+        relay = StreamRelay(self.bus, request, strict_pinning=self.strict_pinning) if request.stream_to else None
+        # Its own task, so that a trip or the caller's cancel can stop this call alone.
+        call = asyncio.ensure_future(backend.complete(model, request, relay.relay if relay else None))
+        flight = _RunningCall(request, call)
         self.in_flight.add(flight)
+        cancel_sub = None
         try:
+            if relay is not None:
+                cancel_sub = await listen_for_cancel(self.bus, request.stream_to, flight.cancel_for_caller)
             # wait_for cancels the call at the deadline; a streaming backend closes its stream.
             completion = await asyncio.wait_for(flight.call, timeout_s)
         except asyncio.CancelledError:
-            if flight.killed_by is None:
-                raise  # the service itself is stopping
-            # Whatever the provider generated before the stream closed is billed but not reported.
-            error = ErrorInfo(kind="killed", message=f"cancelled in flight: {killed_message(flight.killed_by)}")
-            return _unknown_usage("killed", model, request, error)
+            if flight.killed_by is not None:
+                # Whatever the provider generated before the stream closed is billed but not reported.
+                message = f"cancelled in flight: {killed_message(flight.killed_by)}"
+                return _unknown_usage("killed", model, request, ErrorInfo(kind="killed", message=message))
+            if flight.cancelled_by_caller and relay is not None:
+                message = f"cancelled by the caller after {relay.seq} streamed chunks"
+                error = ErrorInfo(kind="cancelled", message=message)
+                return _CallEnd("cancelled", relay.counted_usage(model), "counted", error=error)
+            raise  # the service itself is stopping
         except TimeoutError:
             error = ErrorInfo(kind="timeout", message=f"cancelled at the deadline after {timeout_s:.3f}s")
             return _unknown_usage("timeout", model, request, error)
@@ -174,6 +193,10 @@ class InferenceService:
             return _unknown_usage("error", model, request, error)
         finally:
             self.in_flight.discard(flight)
+            # A no-op once the call is done; stops it when something else failed (the cancel subscription).
+            flight.call.cancel()
+            if cancel_sub is not None:
+                await cancel_sub.unsubscribe()
         reported = completion.provider_model
         if self.strict_pinning and reported and reported != request.model:
             # The provider ran, and billed, another model: metered as reported, answer withheld.
@@ -220,6 +243,7 @@ class InferenceService:
             tier=tier,
             provider=provider,
             output=completion.output if completion else "",
+            tool_calls=completion.tool_calls if completion else None,
             finish_reason=completion.finish_reason if completion else "",
             usage=ended.usage,
             latency_ms=latency_ms,
@@ -229,48 +253,3 @@ class InferenceService:
             ttft_ms=completion.ttft_ms if completion else 0.0,
             spilled_from=request.spilled_from,
         )
-
-
-def create_inference_app(
-    settings: MeshSettings,
-    kind: ServiceKind,
-    max_concurrency: int = DEFAULT_CONCURRENCY,
-    setup: Callable[[FastStream, InferenceService], None] | None = None,
-) -> FastStream:
-    """The FastStream app of ``<kind>-inference``: one backend per provider of this service's models,
-    chosen by the provider's ``backend`` in models.toml (services/inference/backend_factories.py).
-    ``setup`` lets a service add its own hooks (local-inference publishes its engines' load) once
-    the app is built."""
-    service = f"{kind}-inference"
-    bus = Bus(settings, service)
-    catalog = Catalog.load(settings.deploy_dir)
-    catalog.load_tokenizers(kind)  # only the models this service serves are counted here
-    backends: dict[str, Backend] = {}
-    for provider_name in sorted({m.provider for m in catalog.models.values() if m.service == kind}):
-        provider = catalog.providers[provider_name]
-        if provider.backend not in BACKENDS:
-            raise ValueError(
-                f"providers.{provider_name}: {service} has no backend {provider.backend!r}; "
-                f"it has: {', '.join(sorted(BACKENDS))}"
-            )
-        backends[provider_name] = BACKENDS[provider.backend](provider, settings)
-    handler = InferenceService(bus, kind, catalog, backends)
-    subject = settings.subjects.infer_local_all if kind == "local" else settings.subjects.infer_cloud_all
-
-    @bus.broker.subscriber(subject, queue=service, max_workers=max_concurrency)
-    async def infer(msg: Message) -> bytes:
-        return await handler.handle(msg)
-
-    app = bus.app()
-    # After bus.app()'s hook, which connects the broker; subscribers start after both.
-    app.on_startup(handler.open_control)
-
-    @app.after_shutdown
-    async def close_backends() -> None:
-        await handler.close_control()
-        for backend in backends.values():
-            await backend.aclose()
-
-    if setup is not None:
-        setup(app, handler)
-    return app

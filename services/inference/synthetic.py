@@ -12,7 +12,7 @@ spent.
 from __future__ import annotations
 
 from schemas.messages import InferenceRequest, Usage
-from services.inference.backend import Completion
+from services.inference.backend import Completion, OnDelta
 from services.inference.latency import simulate_latency
 from services.inference.prefix_cache import PrefixCache
 from services.runtime.catalog import ModelSpec, ProviderSpec
@@ -45,7 +45,10 @@ class SyntheticBackend:
     def from_provider(cls, provider: ProviderSpec, settings: MeshSettings) -> SyntheticBackend:
         return cls()
 
-    async def complete(self, model: ModelSpec, request: InferenceRequest) -> Completion:
+    async def complete(
+        self, model: ModelSpec, request: InferenceRequest, on_delta: OnDelta | None = None
+    ) -> Completion:
+        """``max_tokens`` of text, whole (nothing is streamed: ``on_delta`` is not called)."""
         # A word or two more than asked, cut at max_tokens by the real tokenizer: the count is measured, not assumed.
         text, output_tokens = truncate_tokens(
             model.tokenizer, synthetic_text(request.max_tokens + 2), request.max_tokens

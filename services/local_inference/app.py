@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from faststream import FastStream
 
-from services.inference.service import DEFAULT_CONCURRENCY, create_inference_app
+from services.inference.app import DEFAULT_CONCURRENCY, create_inference_app
 from services.local_inference.load import DEFAULT_LOAD_INTERVAL_S, publish_load
 from services.runtime.settings import MeshSettings
 

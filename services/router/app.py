@@ -17,6 +17,7 @@ from faststream import FastStream
 
 from schemas.messages import LocalLoad, StepRequest
 from schemas.subjects import HEADER_BUDGET, HEADER_TRACEPARENT, token
+from services.inference.streaming import check_stream_to
 from services.router.load import DEFAULT_STALE_S, LoadBoard
 from services.router.steps import StepRouter
 from services.router.throttle import DEFAULT_BURST, DEFAULT_RATE_PER_S, Throttle
@@ -78,6 +79,8 @@ def create_app(
         try:
             # The tenant names the usage subject; a bad one must fail here, not after a paid call.
             token(step.tenant)
+            if step.stream_to:
+                check_stream_to(step.stream_to, settings.subjects)
             # A task cap that cannot be read cannot be enforced: refuse the step rather than run it uncapped.
             task_budget_usd = parse_budget(msg.headers.get(HEADER_BUDGET))
         except ValueError as exc:

@@ -1,6 +1,12 @@
-"""The exact-match response cache: a successful InferenceResult per (model, prompt, limits), in NATS KV.
+"""The exact-match response cache: a successful InferenceResult per (model, prompt, options), in NATS KV.
 
 Every router replica shares the one bucket, so a repeat is a hit whichever replica gets it.
+
+The key covers everything that changes the answer: the model, the messages (with their tool calls,
+tool call ids and names), max_tokens, the response schema and every ChatOption but ``user`` (who
+asks does not change the answer). A sampled call (temperature above 0) is cached only with a
+seed: without one, asking again is asking for another answer. A hit streams nothing; a streaming
+caller takes the whole answer from the result.
 """
 
 from __future__ import annotations
@@ -13,23 +19,33 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from structlog.stdlib import BoundLogger
 
-from schemas.messages import InferenceResult, StepRequest
+from schemas.messages import ChatOptions, InferenceResult, StepRequest
 from services.runtime.bus import encode
+
+
+def cacheable(step: StepRequest) -> bool:
+    """Whether the step's answer is repeatable: greedy (temperature unset or 0), or sampled with a seed."""
+    options = step.options
+    return not options.temperature or options.seed is not None
 
 
 def cache_key(model: str, step: StepRequest) -> str:
     """sha256 hex of the canonical JSON of everything that decides a model's answer.
 
-    Temperature is always 0 (the router never asks for sampling), and it is part of the key so
-    that a future sampled call can never be served a greedy answer.
+    Temperature is in the key (0 when unset: the mesh's default), so a sampled call is never served
+    a greedy answer. The other options enter only when one is set, so a workflow step's key (every
+    option at its default) is the same as before options existed, and its cached answers stay valid.
     """
+    options = step.options
+    rest = msgspec.structs.replace(options, temperature=None, user="")
     canonical = msgspec.json.encode(
         {
             "model": model,
             "messages": step.messages,
             "max_tokens": step.max_tokens,
-            "temperature": 0.0,
+            "temperature": options.temperature or 0.0,
             "response_schema": step.response_schema,
+            **({"options": rest} if rest != ChatOptions() else {}),
         },
         order="sorted",
     )

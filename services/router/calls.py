@@ -5,10 +5,12 @@ neither the kill switch nor pacing holds it back), then the deadline (a call tha
 finish is not sent), then a paid call goes through the cost defences (services/router/cost_defence.py)
 and a free one straight out. Only a successful answer is cached.
 
-The request goes to ``mesh.infer.local.<model>`` or ``mesh.infer.cloud.<provider>`` with the step's
-deadline as its time-out, and the headers ``Mesh-Deadline``, ``Mesh-Task``, ``Mesh-Tenant`` (and the
-caller's ``traceparent``). No responder, no answer in time, or an unreadable one: the router meters
-the call itself, at its worst case (services/router/metering.py).
+The request goes to ``mesh.infer.local.<model>`` or ``mesh.infer.cloud.<provider>``, carrying the
+step's options, virtual key and ``stream_to`` (the inference service streams the output there
+itself; a cache hit streams nothing, and its caller takes the whole answer from the result), with
+the step's deadline as its time-out, and the headers ``Mesh-Deadline``, ``Mesh-Task``,
+``Mesh-Tenant`` (and the caller's ``traceparent``). No responder, no answer in time, or an
+unreadable one: the router meters the call itself, at its worst case (services/router/metering.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import structlog
 
 from schemas.messages import InferenceRequest, InferenceResult, PaceSignal, StepRequest
 from schemas.subjects import HEADER_DEADLINE, HEADER_TASK, HEADER_TENANT, HEADER_TRACEPARENT
-from services.router.cache import ResponseCache, cache_key
+from services.router.cache import ResponseCache, cache_key, cacheable
 from services.router.cost_defence import CostDefence
 from services.router.metering import CallMeter, ModelCall, expired
 from services.runtime.bus import Bus, Rejected, now_ms
@@ -47,8 +49,8 @@ class CallRunner:
         """One call on ``model``: from the cache, or enforced, sent and metered under its own call id."""
         call = ModelCall(step, model, spilled_from=spilled_from)
         with structlog.contextvars.bound_contextvars(task_id=step.task_id, call_id=call.call_id):
-            key = cache_key(model.name, step)
-            cached = await self.cache.get(key)
+            key = cache_key(model.name, step) if cacheable(step) else None
+            cached = await self.cache.get(key) if key is not None else None
             if cached is not None:
                 return await self.meter.cache_hit(call, cached)
             if step.deadline_ms <= now_ms():
@@ -61,7 +63,7 @@ class CallRunner:
                 result = await self.defence.paid_call(call, pace, task_budget_usd, send)
             else:
                 result = await send(call, None)
-            if result.error is None:
+            if result.error is None and key is not None:
                 await self.cache.put(key, result)
             return result
 
@@ -81,6 +83,9 @@ class CallRunner:
             tier=model.tier,
             messages=step.messages,
             max_tokens=step.max_tokens,
+            options=step.options,
+            stream_to=step.stream_to,
+            key_id=step.key_id,
             response_schema=step.response_schema,
             deadline_ms=step.deadline_ms,
             reservation_id=reservation_id,

@@ -1,14 +1,15 @@
 """The cost defences the router applies to a paid call (price > 0) before it is sent, in this order:
 
-1. the kill switch: a tripped switch covering the tenant, task or model stops the call (``killed``);
+1. the kill switch: a tripped switch covering the tenant, task, model or virtual key stops the call
+   (``killed``);
 2. pacing's throttle: a tenant whose pace says "throttle" waits for its next call slot
    (services/router/throttle.py); a slot past the step's deadline refuses the call (``refused``),
    and the switch is read again after the wait, since it may have tripped meanwhile;
 3. the reservation: the call's worst case (input tokens counted with the model's tokenizer, plus
-   ``max_tokens`` of output, at list price) is reserved with the accountant, the hold lapsing at the
-   step's deadline; a refusal, or no answer (services/runtime/reservations.py fails closed), refuses
-   the call. Only "no answer" is retryable: the accountant may be back for the planner's retry, a cap
-   will not move.
+   ``max_tokens`` of output, at list price) is reserved with the accountant (naming the call's virtual
+   key, whose caps bind too), the hold lapsing at the step's deadline; a refusal, or no answer
+   (services/runtime/reservations.py fails closed), refuses the call. Only "no answer" is retryable:
+   the accountant may be back for the planner's retry, a cap will not move.
 
 Then the call is sent, and its reservation settled at the metered cost, errors and timeouts included,
 so the books and the budget agree. A call stopped here is metered once, at $0 (services/router/metering.py).
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from schemas.messages import InferenceResult, PaceSignal, Reservation
+from schemas.messages import InferenceResult, KillSwitch, PaceSignal, Reservation
 from services.router.metering import CallMeter, ModelCall
 from services.router.throttle import Throttle
 from services.runtime.control import ControlState, killed_message
@@ -55,6 +56,7 @@ class CostDefence:
             # An unsettled hold lapses when the call can no longer be running.
             expires_ms=step.deadline_ms,
             task_budget_usd=task_budget_usd,
+            key_id=step.key_id,
         )
         decision = await self.reservations.reserve(reservation, call.time_left_s())
         if not decision.granted:
@@ -64,10 +66,14 @@ class CostDefence:
         await self.reservations.settle(reservation, result.cost_usd)
         return result
 
+    def _blocked(self, call: ModelCall) -> KillSwitch | None:
+        step = call.step
+        return self.control.blocked(tenant=step.tenant, task_id=step.task_id, model=call.model.name, key_id=step.key_id)
+
     async def _admit(self, call: ModelCall, pace: PaceSignal | None) -> InferenceResult | None:
         """None when a paid call may go on to reserve; else the result of a call that never started."""
         step = call.step
-        switch = self.control.blocked(tenant=step.tenant, task_id=step.task_id, model=call.model.name)
+        switch = self._blocked(call)
         if switch is None and pace is not None and pace.action == "throttle":
             wait_s = self.throttle.take(step.tenant, within_s=call.time_left_s())
             if wait_s is None:
@@ -78,7 +84,7 @@ class CostDefence:
                 return await self.meter.not_started(call, "refused", message, False)
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
-                switch = self.control.blocked(tenant=step.tenant, task_id=step.task_id, model=call.model.name)
+                switch = self._blocked(call)
         if switch is not None:
             message = killed_message(switch)
             return await self.meter.not_started(call, "killed", message, False)

@@ -1,7 +1,9 @@
 """A step, routed: the step's policy picks the model (deploy/routing.toml [policies]: rules, fixed,
 learned, cascade; services/routing/policies), and each call it makes runs through
 services/router/calls.py. A cascade whose validator rejects the weak answer makes a second call on
-the strong model; each call is enforced, metered and cached on its own.
+the strong model; each call is enforced, metered and cached on its own. Every call carries the
+step's options, ``stream_to`` and virtual key, except that a streamed cascade streams only its
+escalation (services/router/cascade_stream.py).
 
 Pacing steers the choice: a tenant whose pace says "downgrade" or "throttle" gets the model one tier
 down inside its allow-list.
@@ -23,13 +25,15 @@ import msgspec
 
 from schemas.messages import ErrorInfo, InferenceResult, LocalLoad, PaceSignal, StepRequest
 from schemas.subjects import BUCKET_RESPONSE_CACHE
-from services.router.cache import ResponseCache, cache_key
+from services.router.cache import ResponseCache, cache_key, cacheable
 from services.router.calls import CallRunner
+from services.router.cascade_stream import CascadeStream
 from services.router.cost_defence import CostDefence
 from services.router.load import LoadBoard, spill_target
 from services.router.metering import CallMeter
 from services.router.throttle import Throttle
 from services.routing.policies import PolicySet, execute
+from services.routing.policies.cascade import CascadePolicy
 from services.routing.table import PinningError
 from services.runtime.bus import Bus, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
@@ -83,11 +87,20 @@ class StepRouter:
         calls, control = self.calls, self.control
         assert calls is not None and control is not None, "start runs at startup, before any subscriber"
         pace = control.pace(step.tenant)
+        policy = self.policies.for_step(step)
+        cascade = CascadeStream(step) if step.stream_to and isinstance(policy, CascadePolicy) else None
 
         async def call(model: ModelSpec) -> InferenceResult:
+            sent = step
+            if cascade is not None:
+                next_step = cascade.next_step()
+                if next_step is None:
+                    return cascade.cancelled_call(model)
+                sent = next_step
+
             async def run(on: ModelSpec, spilled_from: str = "") -> InferenceResult:
                 return await calls.run(
-                    step,
+                    sent,
                     on,
                     traceparent=traceparent,
                     pace=pace,
@@ -97,7 +110,7 @@ class StepRouter:
 
             if model.service != "local":
                 return await run(model)
-            target = await self._spill_target(step, model, pace)
+            target = await self._spill_target(sent, model, pace)
             if target is not None:
                 spilled = msgspec.structs.replace(await run(target, model.name), spilled_from=model.name)
                 if spilled.error is None or spilled.error.kind not in ("refused", "killed"):
@@ -111,19 +124,18 @@ class StepRouter:
                 self.load.pending[model.name] -= 1
 
         try:
-            return await execute(
-                self.policies.for_step(step),
-                step,
-                self.catalog,
-                call,
-                downgrade=pace is not None and pace.action in PACED,
-            )
+            if cascade is not None:
+                await cascade.open(self.bus)
+            return await execute(policy, step, self.catalog, call, downgrade=pace is not None and pace.action in PACED)
         except PinningError as exc:
             # Nothing is sent, so nothing is spent or metered: the planner sees why.
             self.log.warning("pinning_refused", task_id=step.task_id, step_id=step.step_id, error=str(exc))
             return InferenceResult(
                 call_id=uuid.uuid4().hex, model="", tier=exc.tier, error=ErrorInfo(kind="pinning", message=str(exc))
             )
+        finally:
+            if cascade is not None:
+                await cascade.close()
 
     async def _spill_target(self, step: StepRequest, model: ModelSpec, pace: PaceSignal | None) -> ModelSpec | None:
         """The model to run ``step`` on instead of the local ``model``; None to stay local."""
@@ -146,9 +158,9 @@ class StepRouter:
         if pace is not None and pace.action in PACED:
             self.log.info("spill_paced", to=target.name, pace=pace.action, **decision)
             return None
-        if self.control.blocked(tenant=step.tenant, task_id=step.task_id, model=target.name) is not None:
+        if self.control.blocked(tenant=step.tenant, task_id=step.task_id, model=target.name, key_id=step.key_id):
             return None
-        if await self.cache.get(cache_key(model.name, step)) is not None:
+        if cacheable(step) and await self.cache.get(cache_key(model.name, step)) is not None:
             return None
         self.log.info("spilled", to=target.name, task_id=step.task_id, step_id=step.step_id, **decision)
         return target

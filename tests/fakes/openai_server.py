@@ -3,10 +3,18 @@
 ``POST /v1/chat/completions`` answers one JSON body, or with ``stream: true`` server-sent events:
 ``data: {chunk}`` per token (``choices[0].delta.content``), a chunk with ``finish_reason``, a
 usage chunk with empty ``choices`` when ``stream_options.include_usage`` asks, then
-``data: [DONE]``. The HTTP is a real server on a real socket (a ThreadingHTTPServer, HTTP/1.1
-chunked), so the client under test is the production client, connection handling included.
-What it answers is set per test through ``Behaviour``; what it saw is kept in ``requests``
-and ``disconnects``.
+``data: [DONE]``.
+
+As the real API: when ``tools`` are offered (and ``tool_choice`` is not "none") and the last message
+is the user's, it calls the first ``Behaviour.tool_calls`` tools with ``Behaviour.tool_arguments``
+(streamed as ``delta.tool_calls`` pieces with their ``index``: the first piece has the id, type and
+name, the next ones the arguments a character at a time; finish_reason ``tool_calls``; content null
+in a JSON body); after a tool message it answers text. ``response_format`` json_object answers
+``Behaviour.json_reply``; ``stop`` cuts the reply before the first stop sequence (finish_reason stop).
+
+The HTTP is a real server on a real socket (a ThreadingHTTPServer, HTTP/1.1 chunked), so the
+client under test is the production client, connection handling included. What it answers is set
+per test through ``Behaviour``; what it saw is kept in ``requests`` and ``disconnects``.
 """
 
 from __future__ import annotations
@@ -36,6 +44,11 @@ class Behaviour:
     stream: bool = True
     # When set, a request without ``Authorization: Bearer <api_key>`` gets 401.
     api_key: str | None = None
+    # How many of the offered tools a tool-calling answer calls (the first ones, in order), and with what.
+    tool_calls: int = 1
+    tool_arguments: str = "{}"
+    # The reply to response_format json_object.
+    json_reply: str = '{"answer": 42}'
 
 
 @dataclass
@@ -93,22 +106,48 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 return self._json(
                     behaviour.status, {"error": {"message": f"fake status {behaviour.status}", "type": "fake"}}
                 )
-            tokens = re.findall(r"\s*\S+", behaviour.reply)
+            model = behaviour.model or body["model"]
+            prompt_tokens = (
+                behaviour.prompt_tokens
+                if behaviour.prompt_tokens is not None
+                else sum(len((m.get("content") or "").split()) for m in body["messages"])
+            )
+            include_usage = behaviour.usage and (body.get("stream_options") or {}).get("include_usage")
+            streamed = body.get("stream") and behaviour.stream
+            if _calls_tools(body):
+                names = [tool["function"]["name"] for tool in body["tools"][: behaviour.tool_calls]]
+                calls = [_tool_call(i, name, behaviour.tool_arguments) for i, name in enumerate(names)]
+                pieces = [_tool_call(i, name, "") | {"index": i} for i, name in enumerate(names)]
+                pieces += [
+                    {"index": i, "function": {"arguments": char}}
+                    for i in range(len(names))
+                    for char in behaviour.tool_arguments
+                ]
+                usage = _usage(prompt_tokens, len(pieces), behaviour.cached_tokens)
+                if streamed:
+                    deltas = [{"tool_calls": [piece]} for piece in pieces]
+                    return self._stream(model, deltas, "tool_calls", usage if include_usage else None)
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+                return self._body(model, message, "tool_calls", usage)
+            reply = behaviour.reply
+            if (body.get("response_format") or {}).get("type") == "json_object":
+                reply = behaviour.json_reply
+            stopped = False
+            stops = body.get("stop") or []
+            for stop in [stops] if isinstance(stops, str) else stops:
+                if stop in reply:
+                    reply, stopped = reply[: reply.index(stop)], True
+            tokens = re.findall(r"\s*\S+", reply)
             finish_reason = "length" if len(tokens) > body["max_tokens"] else "stop"
             tokens = tokens[: body["max_tokens"]]
-            model = behaviour.model or body["model"]
-            usage = {
-                "prompt_tokens": behaviour.prompt_tokens
-                if behaviour.prompt_tokens is not None
-                else sum(len(m["content"].split()) for m in body["messages"]),
-                "completion_tokens": len(tokens),
-                "prompt_tokens_details": {"cached_tokens": behaviour.cached_tokens},
-            }
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            if body.get("stream") and behaviour.stream:
-                include_usage = behaviour.usage and (body.get("stream_options") or {}).get("include_usage")
-                return self._stream(model, tokens, finish_reason, usage if include_usage else None)
-            message = {"role": "assistant", "content": "".join(tokens)}
+            # A stop sequence is generated (and billed) before it is cut.
+            usage = _usage(prompt_tokens, len(tokens) + stopped, behaviour.cached_tokens)
+            if streamed:
+                deltas = [{"content": t} for t in tokens]
+                return self._stream(model, deltas, finish_reason, usage if include_usage else None)
+            self._body(model, {"role": "assistant", "content": "".join(tokens)}, finish_reason, usage)
+
+        def _body(self, model: str, message: dict[str, Any], finish_reason: str, usage: dict[str, Any]) -> None:
             self._json(
                 200,
                 {
@@ -117,7 +156,7 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     "created": int(time.time()),
                     "model": model,
                     "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-                    **({"usage": usage} if behaviour.usage else {}),
+                    **({"usage": usage} if fake.behaviour.usage else {}),
                 },
             )
 
@@ -129,7 +168,9 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        def _stream(self, model: str, tokens: list[str], finish_reason: str, usage: dict[str, Any] | None) -> None:
+        def _stream(
+            self, model: str, deltas: list[dict[str, Any]], finish_reason: str, usage: dict[str, Any] | None
+        ) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
@@ -146,9 +187,7 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
                 }
             ]
-            events += [
-                {**base, "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]} for t in tokens
-            ]
+            events += [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
             events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
             if usage is not None:
                 events.append({**base, "choices": [], "usage": usage})
@@ -167,3 +206,21 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
 
     return Handler
+
+
+def _calls_tools(body: dict[str, Any]) -> bool:
+    """Whether the fake answers with tool calls: tools offered, not refused, and the user spoke last."""
+    return bool(body.get("tools")) and body.get("tool_choice") != "none" and body["messages"][-1]["role"] == "user"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def _tool_call(index: int, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": f"call_fake_{index}", "type": "function", "function": {"name": name, "arguments": arguments}}

@@ -3,12 +3,16 @@
 Generating through ``Llama.generate`` rather than ``create_chat_completion`` is what gives
 exact counts: every token sampled is counted here, and the prompt is tokenized exactly as
 llama-cpp-python's chat handler would (the GGUF's own chat template, special tokens parsed).
+Stop sequences are found in the decoded text, so text that may be the start of one is held back
+until it is known not to be; the tokens that made a stop sequence are counted (they were
+generated) but not returned, as OpenAI does.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import random
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,6 +23,9 @@ from typing import Any, cast
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_types import ChatCompletionRequestMessage
+
+# llama.cpp's nucleus sampling mass when a request sets none (it only matters above temperature 0).
+DEFAULT_TOP_P = 0.95
 
 
 class PromptTooLong(ValueError):
@@ -31,6 +38,11 @@ class Generation:
     prompt: list[int]
     max_tokens: int
     temperature: float = 0.0
+    top_p: float = DEFAULT_TOP_P
+    # The sampler's seed; None: a fresh one per generation.
+    seed: int | None = None
+    # Sequences that end the output (not included in it).
+    stop: tuple[str, ...] = ()
     # A JSON Schema the output must follow, enforced by a grammar while sampling.
     json_schema: dict[str, Any] | None = None
 
@@ -132,29 +144,73 @@ class LocalModel:
         )
         max_tokens = min(request.max_tokens, self.n_ctx - len(prompt))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopSequences(request.stop)
         vocab = self.llama._model.vocab
         first_token_at: float | None = None
         outcome.finish_reason = "length"
-        for token in self.llama.generate(prompt, temp=request.temperature, grammar=grammar, reset=True):
+        self.llama.set_seed(request.seed if request.seed is not None else random.randrange(2**32))
+        tokens = self.llama.generate(
+            prompt, temp=request.temperature, top_p=request.top_p, grammar=grammar, reset=True
+        )
+        stopped = False
+        for token in tokens:
             if first_token_at is None:
                 first_token_at = time.monotonic()
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 outcome.finish_reason = "stop"
                 break
             outcome.completion_tokens += 1
-            piece = decoder.decode(self.llama.detokenize([token]))
-            if piece:
-                yield piece
+            text, stopped = stops.feed(decoder.decode(self.llama.detokenize([token])))
+            if text:
+                yield text
+            if stopped:
+                outcome.finish_reason = "stop"
+                break
             if outcome.completion_tokens >= max_tokens:
                 break
             if cancelled.is_set():
                 outcome.finish_reason = "cancelled"
                 break
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
+        if not stopped:
+            text, stopped = stops.feed(decoder.decode(b"", final=True))
+            if stopped:
+                outcome.finish_reason = "stop"
+            text += stops.held()
+            if text:
+                yield text
         if first_token_at is not None:
             outcome.decode_s = time.monotonic() - first_token_at
+
+
+class StopSequences:
+    """Finds the first stop sequence in text that arrives in pieces."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self._held = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """The text that may be returned now, and whether a stop sequence ended the output (the text
+        is then everything before it). Text that may be the start of a stop sequence is held back."""
+        if not self.stops:
+            return piece, False
+        text = self._held + piece
+        found = [i for i in (text.find(stop) for stop in self.stops) if i != -1]
+        if found:
+            self._held = ""
+            return text[: min(found)], True
+        keep = next(
+            (n for n in range(min(len(text), max(map(len, self.stops)) - 1), 0, -1)
+             if any(stop.startswith(text[-n:]) for stop in self.stops)),
+            0,
+        )  # fmt: skip
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def held(self) -> str:
+        """What is held back, once the output has ended without a stop sequence."""
+        held, self._held = self._held, ""
+        return held
 
 
 def _common_prefix(cached: Iterable[int], prompt: Iterable[int]) -> int:

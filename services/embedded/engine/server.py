@@ -1,9 +1,11 @@
 """The engine's HTTP face: the parts of the OpenAI API the mesh uses, and Prometheus metrics.
 
 - ``POST /v1/chat/completions``: streamed (server-sent events, with a final usage chunk when
-  ``stream_options.include_usage``) or one JSON body; ``response_format`` json_schema is
-  enforced by grammar. A streaming client that disconnects stops its generation at the next
-  token (or before it starts, if it was still waiting for its turn).
+  ``stream_options.include_usage``) or one JSON body; ``response_format`` json_schema and
+  json_object are enforced by grammar; ``stop``, ``top_p`` and ``seed`` are honoured; a request
+  offering ``tools`` gets a 400 (request.py says what is accepted). A streaming client that
+  disconnects stops its generation at the next token (or before it starts, if it was still
+  waiting for its turn). Errors have OpenAI's shape: ``{"error": {message, type, param, code}}``.
 - ``GET /v1/models``, ``GET /health``.
 - ``GET /metrics``: llama.cpp server's metric names (``llamacpp:requests_processing``,
   ``llamacpp:requests_deferred``, ``llamacpp:kv_cache_usage_ratio``, ...), so one reader serves
@@ -19,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
@@ -29,40 +31,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from services.embedded.engine.model import Generation, GenerationStats, LocalModel, PromptTooLong
+from services.embedded.engine.model import DEFAULT_TOP_P, Generation, GenerationStats, LocalModel, PromptTooLong
+from services.embedded.engine.request import ChatRequest, template_messages
 from services.inference.engine_load import LLAMACPP_DECODE_RATE, LLAMACPP_KV, LLAMACPP_RUNNING, LLAMACPP_WAITING
 
 # Requests waiting for their turn each hold a thread; this bounds the queue an engine accepts.
 MAX_QUEUED = 64
-
-
-class ChatMessage(msgspec.Struct):
-    role: str
-    content: str
-
-
-class JsonSchemaFormat(msgspec.Struct):
-    name: str = "response"
-    schema: dict[str, Any] = {}
-
-
-class ResponseFormat(msgspec.Struct):
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: JsonSchemaFormat | None = None
-
-
-class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
-
-
-class ChatRequest(msgspec.Struct):
-    messages: list[ChatMessage]
-    model: str = ""
-    max_tokens: int | None = None
-    temperature: float = 0.0
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
 
 
 class _LoadCollector:
@@ -94,8 +68,9 @@ def create_app(model: LocalModel) -> Starlette:
     registry.register(_LoadCollector(model))
     executor = ThreadPoolExecutor(max_workers=MAX_QUEUED, thread_name_prefix="generate")
 
-    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+    def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+        body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+        return JSONResponse(body, status_code=status)
 
     async def chat_completions(request: Request) -> Response:
         try:
@@ -104,21 +79,24 @@ def create_app(model: LocalModel) -> Starlette:
             return error(400, f"not a valid chat completion request: {exc}")
         if body.model and body.model != model.name:
             return error(404, f"this engine serves {model.name!r}, not {body.model!r}", "not_found_error")
-        schema = None
-        if body.response_format is not None and body.response_format.type == "json_schema":
-            if body.response_format.json_schema is None:
-                return error(400, "response_format json_schema needs a json_schema object")
-            schema = body.response_format.json_schema.schema
-        elif body.response_format is not None and body.response_format.type == "json_object":
-            schema = {"type": "object"}
+        refused = body.tools_error()
+        if refused is not None:
+            return error(400, refused, param="tools")
         try:
-            prompt = model.prompt_tokens([{"role": m.role, "content": m.content} for m in body.messages])
+            schema = body.json_schema()
+        except ValueError as exc:
+            return error(400, str(exc), param="response_format")
+        try:
+            prompt = model.prompt_tokens(template_messages(body.messages))
         except PromptTooLong as exc:
-            return error(400, str(exc))
+            return error(400, str(exc), param="messages")
         generation = Generation(
             prompt=prompt,
             max_tokens=body.max_tokens or model.n_ctx,
-            temperature=body.temperature,
+            temperature=body.temperature or 0.0,
+            top_p=DEFAULT_TOP_P if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop=body.stop_sequences(),
             json_schema=schema,
         )
         if model.load.processing + model.load.deferred >= MAX_QUEUED:

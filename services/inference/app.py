@@ -1,0 +1,64 @@
+"""The FastStream app both inference services run (``local-inference``, ``cloud-inference``): one
+backend per provider of the service's models, the metered handler (services/inference/service.py)
+on the service's subjects in its queue group, the control state read before the first call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from faststream import FastStream
+
+from services.inference.backend import Backend
+from services.inference.backend_factories import BACKENDS
+from services.inference.service import InferenceService, ServiceKind
+from services.runtime.bus import Bus, Message
+from services.runtime.catalog import Catalog
+from services.runtime.settings import MeshSettings
+
+# Calls in flight per replica: inference is mostly waiting on a model, so one replica overlaps many.
+DEFAULT_CONCURRENCY = 64
+
+
+def create_inference_app(
+    settings: MeshSettings,
+    kind: ServiceKind,
+    max_concurrency: int = DEFAULT_CONCURRENCY,
+    setup: Callable[[FastStream, InferenceService], None] | None = None,
+) -> FastStream:
+    """The FastStream app of ``<kind>-inference``: one backend per provider of this service's models,
+    chosen by the provider's ``backend`` in models.toml (services/inference/backend_factories.py).
+    ``setup`` lets a service add its own hooks (local-inference publishes its engines' load) once
+    the app is built."""
+    service = f"{kind}-inference"
+    bus = Bus(settings, service)
+    catalog = Catalog.load(settings.deploy_dir)
+    catalog.load_tokenizers(kind)  # only the models this service serves are counted here
+    backends: dict[str, Backend] = {}
+    for provider_name in sorted({m.provider for m in catalog.models.values() if m.service == kind}):
+        provider = catalog.providers[provider_name]
+        if provider.backend not in BACKENDS:
+            raise ValueError(
+                f"providers.{provider_name}: {service} has no backend {provider.backend!r}; "
+                f"it has: {', '.join(sorted(BACKENDS))}"
+            )
+        backends[provider_name] = BACKENDS[provider.backend](provider, settings)
+    handler = InferenceService(bus, kind, catalog, backends)
+    subject = settings.subjects.infer_local_all if kind == "local" else settings.subjects.infer_cloud_all
+
+    @bus.broker.subscriber(subject, queue=service, max_workers=max_concurrency)
+    async def infer(msg: Message) -> bytes:
+        return await handler.handle(msg)
+
+    app = bus.app()
+    # After bus.app()'s hook, which connects the broker; subscribers start after both.
+    app.on_startup(handler.open_control)
+
+    @app.after_shutdown
+    async def close_backends() -> None:
+        await handler.close_control()
+        for backend in backends.values():
+            await backend.aclose()
+
+    if setup is not None:
+        setup(app, handler)
+    return app
