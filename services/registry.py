@@ -1,4 +1,4 @@
-"""The six services by name, for `frugalmesh run <service>`, `frugalmesh up` and the tests."""
+"""The seven services by name, for `frugalmesh run <service>`, `frugalmesh up` and the tests."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ SERVICES = {
     "cloud-inference": "services.cloud_inference.app",
     "artifact-store": "services.artifact_store.app",
     "accountant": "services.accountant.app",
+    "gateway": "services.gateway.app",
 }
 
 

@@ -32,12 +32,18 @@ def run(service: str, ready_file: Path | None) -> None:
     from services.registry import create_app
     from services.runtime.settings import MeshSettings
 
-    app = create_app(service, MeshSettings())
+    # The gateway says where it listens (its port may be picked at start): the ready file carries it.
+    urls: list[str] = []
+    options = {"listening": urls.append} if service == "gateway" else {}
+    app = create_app(service, MeshSettings(), **options)
     if ready_file:
 
         @app.after_startup
         async def announce_ready() -> None:
-            ready_file.touch()
+            # Written whole, then renamed: a reader never sees the file half written.
+            partial = ready_file.with_name(ready_file.name + ".partial")
+            partial.write_text("\n".join(urls))
+            partial.replace(ready_file)
 
     asyncio.run(app.run())
 
@@ -50,6 +56,11 @@ def run(service: str, ready_file: Path | None) -> None:
 )
 @click.option("--nats-port", default=4222, show_default=True, help="-1 picks a free port.")
 @click.option("--clickhouse-port", default=8123, show_default=True, help="0 picks a free port.")
+@click.option(
+    "--gateway-port",
+    type=int,
+    help="The OpenAI-compatible gateway's port [FRUGALMESH_GATEWAY_PORT or 4080]; 0 picks a free port.",
+)
 @click.option(
     "--local-engine",
     type=click.Choice(["cpu", "vllm", "none"]),
@@ -68,12 +79,13 @@ def up(
     data_dir: Path | None,
     nats_port: int,
     clickhouse_port: int,
+    gateway_port: int | None,
     local_engine: Literal["cpu", "vllm", "none"],  # click.Choice has checked it
     local_model: str,
 ) -> None:
-    """Start nats-server, ClickHouse, a local model engine and the six services on this machine; Ctrl-C stops all."""
+    """Start nats-server, ClickHouse, a local model engine and the seven services on this machine; Ctrl-C stops all."""
     from services.embedded.servers import EmbeddedError
-    from services.embedded.stack import Stack, running_stack
+    from services.embedded.stack import Stack, development_key, running_stack
     from services.runtime.settings import MeshSettings
 
     settings = MeshSettings()
@@ -84,6 +96,7 @@ def up(
         home=home,
         nats_port=nats_port,
         clickhouse_port=clickhouse_port,
+        gateway_port=settings.gateway_port if gateway_port is None else gateway_port,
         settings=settings,
         local_engine=None if local_engine == "none" else local_engine,
         local_model=local_model,
@@ -92,7 +105,7 @@ def up(
         stack.start()
     except EmbeddedError as exc:
         stack.stop()
-        _fail(f"{exc}\nIf a port is taken, pass --nats-port -1 / --clickhouse-port 0 for free ones.")
+        _fail(f"{exc}\nIf a port is taken, pass --nats-port -1 / --clickhouse-port 0 / --gateway-port 0 for free ones.")
     click.echo(f"NATS        {stack.settings.nats_url}" + ("" if stack.nats else "  (external)"))
     click.echo(f"ClickHouse  {_redact(stack.settings.clickhouse_url)}" + ("" if stack.clickhouse else "  (external)"))
     if stack.settings.local_engine_url:
@@ -104,6 +117,10 @@ def up(
         click.echo(f"Local model {stack.settings.local_engine_url}{served}")
     for name, process in stack.services.items():
         click.echo(f"{name:<16}pid {process.pid}  log {home / 'logs' / name}.log")
+    click.echo(f"Gateway     {stack.gateway_url}/v1  (OpenAI-compatible: base_url for any OpenAI client)")
+    secret = development_key(stack.settings)
+    if secret:
+        click.echo(f"Dev key     {secret}  (tenant default; shown once: `frugalmesh keys create` makes more)")
     click.echo("frugalmesh is up. Ctrl-C stops everything.")
     stopping = False
 
@@ -303,11 +320,12 @@ def _register_command_modules() -> None:
     """Commands that live beside the service they drive."""
     from services.cli.budget_commands import budget, clear, kill
     from services.cli.estimate_command import estimate
+    from services.cli.keys_commands import keys
     from services.cli.loadtest_commands import loadtest
     from services.cli.router_commands import eval_group, router
     from services.cli.schedule_commands import schedule
 
-    for command in (budget, kill, clear, estimate, schedule, loadtest, router, eval_group):
+    for command in (budget, kill, clear, estimate, schedule, loadtest, router, eval_group, keys):
         cli.add_command(command)
 
 

@@ -1,13 +1,16 @@
 """The one-machine stack behind `frugalmesh up` and `frugalmesh demo`.
 
 Starts nats-server and the embedded ClickHouse (unless NATS_URL / CLICKHOUSE_URL name running
-ones), the local model engine (unless FRUGALMESH_LOCAL_ENGINE_URL names one) and the six services
-as separate processes, each logging to ``<home>/logs/``. The URLs of a running stack are written
-to ``<home>/stack.json`` so other commands find it.
+ones), the local model engine (unless FRUGALMESH_LOCAL_ENGINE_URL names one) and the seven services
+as separate processes, each logging to ``<home>/logs/``. The URLs of a running stack (the
+gateway's included: its ready file says where it listens) are written to ``<home>/stack.json``
+so other commands find it. ``development_key`` gives `up` a gateway key when there is none.
 """
 
 from __future__ import annotations
 
+import asyncio
+import getpass
 import json
 import os
 import subprocess
@@ -73,6 +76,27 @@ def clickhouse_for_queries(settings: MeshSettings) -> Iterator[str]:
         server.stop()
 
 
+def development_key(settings: MeshSettings) -> str | None:
+    """When the stack's NATS holds no gateway key at all, create one for tenant ``default`` and
+    return its secret (shown once, so `up` prints it); None when keys exist."""
+    from services.gateway.keys import KeyStore
+    from services.runtime.bus import Bus
+
+    async def ensure() -> str | None:
+        bus = Bus(settings, "stack", reconnect_attempts=3)
+        await bus.connect()
+        try:
+            store = await KeyStore.open(bus)
+            if await store.list():
+                return None
+            secret, _ = await store.create("default", name="development", by=getpass.getuser())
+            return secret
+        finally:
+            await bus.close()
+
+    return asyncio.run(ensure())
+
+
 @dataclass
 class Stack:
     home: Path
@@ -83,6 +107,9 @@ class Stack:
     # what it serves ("": the embedded engine's SmolLM2; vllm needs a model id or path).
     local_engine: LocalEngineKind | None = "cpu"
     local_model: str = ""
+    # The gateway's HTTP port; 0 picks a free one (`up` passes the configured port).
+    gateway_port: int = 0
+    gateway_url: str = field(default="", init=False)
     nats: EmbeddedNats | None = field(default=None, init=False)
     clickhouse: EmbeddedClickHouse | None = field(default=None, init=False)
     engine: EmbeddedEngine | None = field(default=None, init=False)
@@ -104,7 +131,8 @@ class Stack:
             update["local_engine_url"] = self.engine.start()
         self.settings = self.settings.model_copy(update=update)
         self._start_services(timeout_s)
-        (self.home / STATE_FILE).write_text(json.dumps({"pid": os.getpid(), **update}))
+        state = {"pid": os.getpid(), **update, "gateway_url": self.gateway_url}
+        (self.home / STATE_FILE).write_text(json.dumps(state))
         return self.settings
 
     def _start_services(self, timeout_s: float) -> None:
@@ -118,6 +146,8 @@ class Stack:
             "CLICKHOUSE_URL": self.settings.clickhouse_url,
             "FRUGALMESH_SUBJECT_PREFIX": self.settings.subject_prefix,
             "FRUGALMESH_LOCAL_ENGINE_URL": self.settings.local_engine_url,
+            "FRUGALMESH_GATEWAY_HOST": self.settings.gateway_host,
+            "FRUGALMESH_GATEWAY_PORT": str(self.gateway_port),
         }
         if self.settings.data:
             env["FRUGALMESH_DATA"] = str(self.settings.data)
@@ -142,6 +172,8 @@ class Stack:
                 if time.monotonic() > deadline:
                     raise EmbeddedError(f"service {name} not ready after {timeout_s:.0f}s; see {logs / name}.log")
                 time.sleep(0.05)
+        if "gateway" in ready_files:
+            self.gateway_url = ready_files["gateway"].read_text().strip()
 
     def dead_services(self) -> list[str]:
         return [name for name, process in self.services.items() if process.poll() is not None]

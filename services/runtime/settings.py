@@ -46,6 +46,10 @@ class MeshSettings(BaseSettings):
     # The OpenAI-compatible local engine (base URL, ending /v1) that serves the providers marked
     # ``local_engine = true`` in models.toml; `frugalmesh up` sets it to the engine it starts.
     local_engine_url: str = ""
+    # The gateway's HTTP listener (`frugalmesh run gateway`; `frugalmesh up` passes --gateway-port).
+    # Loopback by default: set 0.0.0.0 to serve other machines. Port 0 picks a free port.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 4080
 
     @cached_property
     def subjects(self) -> Subjects:

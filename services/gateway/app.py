@@ -1,0 +1,133 @@
+"""gateway: the mesh's OpenAI-compatible HTTP door (``frugalmesh run gateway``).
+
+A FastStream app like every service, so ``run``, ``up`` and the tests start it the same way; its
+start-up reads every virtual key (then follows them: services/gateway/keys.py), binds the HTTP
+socket itself (a taken port fails the start with the address, and port 0 gets a free one, whose
+URL ``listening`` receives) and serves it with uvicorn (Starlette routes: routes.py) on the same
+event loop as the bus. Signals stay FastStream's: it stops the HTTP server on shutdown.
+
+Stateless: every request is one step through the router, so more replicas are more processes
+(on other ports, or behind any HTTP load balancer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable, Generator
+
+import uvicorn
+from faststream import FastStream
+
+from services.gateway.keys import KeyCache
+from services.gateway.routes import Gateway, create_http_app
+from services.runtime.bus import Bus
+from services.runtime.catalog import Catalog
+from services.runtime.settings import MeshSettings
+
+SERVICE = "gateway"
+STARTUP_TIMEOUT_S = 10.0
+SHUTDOWN_TIMEOUT_S = 5
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handlers: the FastStream app owns the process's signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"gateway cannot listen on {host}:{port}: {exc}; set FRUGALMESH_GATEWAY_PORT") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+class HttpServer:
+    """The replica's HTTP side: keys, routes and uvicorn, started once the bus is connected."""
+
+    def __init__(self, bus: Bus, catalog: Catalog, settings: MeshSettings, host: str, port: int) -> None:
+        self.bus = bus
+        self.catalog = catalog
+        self.settings = settings
+        self.host = host
+        self.port = port
+        self.keys: KeyCache | None = None
+        self.server: _Server | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> str:
+        """Serve; returns the base URL once requests are taken."""
+        self.keys = await KeyCache.open(self.bus)
+        gateway = Gateway(self.bus, self.catalog, self.keys, self.settings.request_timeout_s)
+        sock = bind(self.host, self.port)
+        config = uvicorn.Config(
+            create_http_app(gateway),
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            # Open streams get this long to end at shutdown; their calls are metered either way.
+            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
+        )
+        server = self.server = _Server(config)
+        task = self.task = asyncio.create_task(server.serve(sockets=[sock]))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STARTUP_TIMEOUT_S
+        while not server.started:
+            if task.done():
+                task.result()  # raises what stopped it
+                raise RuntimeError("the gateway's HTTP server stopped during start-up")
+            if loop.time() > deadline:
+                raise TimeoutError(f"the gateway's HTTP server did not start in {STARTUP_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.01)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{sock.getsockname()[1]}"
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.task, SHUTDOWN_TIMEOUT_S + 1)
+        if self.keys is not None:
+            await self.keys.close()
+
+
+def create_app(
+    settings: MeshSettings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    listening: Callable[[str], None] | None = None,
+) -> FastStream:
+    """The gateway on ``host``:``port`` (default: settings' ``gateway_host`` / ``gateway_port``;
+    port 0 picks a free one); ``listening`` is called with its base URL once it serves."""
+    bus = Bus(settings, SERVICE)
+    http = HttpServer(
+        bus,
+        Catalog.load(settings.deploy_dir),
+        settings,
+        host or settings.gateway_host,
+        settings.gateway_port if port is None else port,
+    )
+    app = bus.app()
+
+    # Registered after bus.app()'s hook, which connects the broker.
+    @app.on_startup
+    async def serve_http() -> None:
+        url = await http.start()
+        bus.log.info("gateway_listening", url=url)
+        if listening is not None:
+            listening(url)
+
+    app.on_shutdown(http.stop)
+    return app
