@@ -21,6 +21,9 @@ from nats.js.api import ConsumerConfig
 
 from schemas.messages import Artifact, ArtifactRef, DeadLetter, TaskEvent, Usage, UsageEvent
 from schemas.subjects import (
+    DURABLE_ARTIFACT_INGEST,
+    DURABLE_TASK_INGEST,
+    DURABLE_USAGE_INGEST,
     HEADER_MSG_ID,
     STREAM_ARTIFACT_EVENTS,
     STREAM_DLQ,
@@ -126,14 +129,14 @@ async def test_duplicates_make_exactly_one_row_each(start_service, settings, dat
     await publish_usage(js, settings, events[:40], suffix="-retry")
     # The same msg id again: JetStream's dedupe window drops these before the accountant.
     await publish_usage(js, settings, events[:50])
-    await drained(js, stream, "accountant")
+    await drained(js, stream, DURABLE_USAGE_INGEST)
     assert stored(ch, database) == (300, 300, total)
 
     # Second wave: already-stored ids under new msg ids, as a producer's retry after the stream's
     # dedupe window would be: a first delivery, not looked up, so a second copy may be stored;
     # the key's ReplacingMergeTree keeps it out of every read with FINAL, which is what views read.
     await publish_usage(js, settings, events[100:160], suffix="-late")
-    await drained(js, stream, "accountant")
+    await drained(js, stream, DURABLE_USAGE_INGEST)
 
     info = await js.stream_info(stream)
     assert info.state.messages == 300 + 40 + 60
@@ -161,7 +164,7 @@ async def test_bad_messages_go_to_the_dlq_and_ingest_goes_on(start_service, sett
         await publish(js, usage_subject, data, f"bad-{i}")
     good = [usage(i) for i in range(50)]
     await publish_usage(js, settings, good)
-    await drained(js, subjects.stream(STREAM_USAGE), "accountant")
+    await drained(js, subjects.stream(STREAM_USAGE), DURABLE_USAGE_INGEST)
 
     assert stored(ch, database) == (50, 50, sum(usd(e.cost_usd) for e in good))
     dlq = await js.pull_subscribe(subjects.dlq("accountant"), stream=subjects.stream(STREAM_DLQ))
@@ -189,7 +192,7 @@ async def test_stop_and_restart_mid_stream_loses_and_doubles_nothing(start_servi
     assert at_stop < len(events), "the stop came too late to test anything"
 
     await start_accountant(start_service, settings, database, batch_size=50)
-    await drained(js, stream, "accountant")
+    await drained(js, stream, DURABLE_USAGE_INGEST)
     assert stored(ch, database) == (3000, 3000, sum(usd(e.cost_usd) for e in events))
 
 
@@ -203,7 +206,7 @@ async def test_rows_inserted_but_never_acked_are_not_doubled(start_service, sett
     await publish_usage(js, settings, events)
     # A first accountant fetched 60 messages on the durable, stored their rows and died unacked.
     crashed = await js.pull_subscribe(
-        settings.subjects.usage_all, "accountant", stream=stream,
+        settings.subjects.usage_all, DURABLE_USAGE_INGEST, stream=stream,
         config=ConsumerConfig(ack_wait=FAST["ack_wait_s"], max_ack_pending=4000),
     )  # fmt: skip
     fetched = await crashed.fetch(60, timeout=5)
@@ -215,7 +218,7 @@ async def test_rows_inserted_but_never_acked_are_not_doubled(start_service, sett
     # The restarted accountant keeps the durable: the 40 never fetched come first, the 60 come
     # back as redeliveries once their ack wait ends, and those are looked up before the insert.
     await start_accountant(start_service, settings, database)
-    await drained(js, stream, "accountant")
+    await drained(js, stream, DURABLE_USAGE_INGEST)
     assert stored(ch, database) == (100, 100, sum(usd(e.cost_usd) for e in events))
 
 
@@ -229,14 +232,14 @@ async def test_failed_insert_is_redelivered(start_service, settings, database, c
     await publish_usage(js, settings, events)
     # The insert fails, the batch is naked and comes back again and again.
     await eventually(lambda: _redelivered(js, stream), timeout_s=20)
-    assert (await js.consumer_info(stream, "accountant")).num_ack_pending > 0
+    assert (await js.consumer_info(stream, DURABLE_USAGE_INGEST)).num_ack_pending > 0
     create_schema(ch, database)
-    await drained(js, stream, "accountant")
+    await drained(js, stream, DURABLE_USAGE_INGEST)
     assert stored(ch, database) == (200, 200, sum(usd(e.cost_usd) for e in events))
 
 
 async def _redelivered(js, stream: str) -> bool:
-    return (await js.consumer_info(stream, "accountant")).num_redelivered > 0
+    return (await js.consumer_info(stream, DURABLE_USAGE_INGEST)).num_redelivered > 0
 
 
 @pytest.mark.infra
@@ -287,9 +290,9 @@ async def test_task_outcomes_artifacts_and_views(start_service, settings, databa
     ]
     await publish_usage(js, settings, calls)
     for stream, durable in (
-        (STREAM_ARTIFACT_EVENTS, "accountant-artifacts"),
-        (STREAM_TASK_EVENTS, "accountant-tasks"),
-        (STREAM_USAGE, "accountant"),
+        (STREAM_ARTIFACT_EVENTS, DURABLE_ARTIFACT_INGEST),
+        (STREAM_TASK_EVENTS, DURABLE_TASK_INGEST),
+        (STREAM_USAGE, DURABLE_USAGE_INGEST),
     ):
         await drained(js, subjects.stream(stream), durable)
 
@@ -385,7 +388,7 @@ async def test_usage_rows_carry_the_virtual_key(start_service, settings, databas
     assert [e.key_id for e in events] == ["fmk_a", "fmk_a", "fmk_b", ""]
     await publish_usage(js, settings, events)
     await publish_usage(js, settings, events[:2], suffix="-again")  # redelivered: still one row each
-    await drained(js, settings.subjects.stream(STREAM_USAGE), "accountant")
+    await drained(js, settings.subjects.stream(STREAM_USAGE), DURABLE_USAGE_INGEST)
 
     assert ch.query(
         f"SELECT key_id, sum(cost_usd) FROM {database}.usage_events FINAL GROUP BY key_id ORDER BY key_id"

@@ -34,7 +34,7 @@ from schemas.messages import (
     ReservationDecision,
     UsageEvent,
 )
-from schemas.subjects import HEADER_MSG_ID, STREAM_USAGE
+from schemas.subjects import DURABLE_USAGE_INGEST, HEADER_MSG_ID, STREAM_USAGE
 from services.accountant.rows import usd
 from services.runtime.bus import encode, now_ms
 from services.runtime.control import control_bucket
@@ -136,7 +136,7 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, bus, c
     await js.add_consumer(
         subjects.stream(STREAM_USAGE),
         ConsumerConfig(
-            durable_name="accountant",
+            durable_name=DURABLE_USAGE_INGEST,
             filter_subject=subjects.usage_all,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=ACK_WAIT_S,

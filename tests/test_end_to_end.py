@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from schemas.messages import DeadLetter
-from schemas.subjects import STREAM_DLQ, STREAM_TASKS, STREAM_USAGE, Subjects
+from schemas.subjects import HEADER_MSG_ID, STREAM_DLQ, STREAM_TASKS, STREAM_USAGE, Subjects
 from services.runtime.data import load_recorded_outcomes
 
 # `frugalmesh up` starts the whole mesh as subprocesses, the real local model's engine among them
@@ -170,7 +170,7 @@ async def test_garbage_on_every_subject_goes_to_the_dlq_and_services_keep_servin
     for service, (kind, subject, stream) in targets.items():
         for n, payload in enumerate((GARBAGE, SCHEMA_INVALID)):
             if kind == "js":
-                await js.publish(subject, payload, stream=stream, headers={"Nats-Msg-Id": f"bad-{service}-{n}"})
+                await js.publish(subject, payload, stream=stream, headers={HEADER_MSG_ID: f"bad-{service}-{n}"})
             else:
                 reply = await nc.request(subject, payload, timeout=5)
                 assert msgspec.json.decode(reply.data)["error"]["kind"] == "invalid"
