@@ -321,6 +321,13 @@ class StepRequest(WireMessage, kw_only=True):
     key_id: Annotated[
         str, Meta(description="The virtual key the call came in with (the gateway's); its cap binds the call.")
     ] = ""
+    policy: Annotated[
+        str,
+        Meta(
+            description="The routing policy to pick the model with (rules, learned, cascade or fixed:<model>; the "
+            "gateway sends a virtual key's for its frugalmesh/auto calls); empty: the tenant's or workflow's."
+        ),
+    ] = ""
 
 
 class InferenceRequest(WireMessage, kw_only=True):

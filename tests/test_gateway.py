@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import openai
 import pytest
+from fakes.deploy import fake_providers_deploy
 from helpers import eventually, kill_switch
 from mesh_client import usage_events, usage_rows
 
@@ -157,6 +158,64 @@ async def test_a_client_that_drops_a_stream_stops_the_provider_and_the_call_is_o
     [row] = await rows(mesh, call_id)
     assert (row["tenant"], row["outcome"]) == ("acme", "cancelled")
     assert 0 < row["output_tokens"] < 60
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_leaves_before_any_output_stops_the_provider_and_is_one_cancelled_row(
+    mesh, fake_openai, stream
+):
+    """Non-streamed: the answer would come whole at the end; streamed: the first token comes after the
+    client's time-out. Either way the client's leaving cancels the call."""
+    fake_openai.behaviour.reply = "word " * 20
+    fake_openai.behaviour.token_delay_s = 1.5 if stream else 0.1  # the first word after 1.5 s / 0.1 s
+    task = f"leaves-{stream}"
+    client = mesh.client(timeout=0.8, default_headers={"X-Frugalmesh-Task": task})
+
+    with pytest.raises(openai.APITimeoutError):
+        await client.chat.completions.create(model=FRONTIER, messages=HELLO, stream=stream)
+
+    assert await asyncio.to_thread(fake_openai.disconnects.wait, 10), "the provider never saw the call cancelled"
+    [row] = await usage_rows(
+        mesh.settings.clickhouse_url,
+        mesh.settings.subject_prefix,
+        "task_id = %(t)s",
+        {"t": task},
+        columns="tenant, outcome, output_tokens",
+    )
+    assert (row["tenant"], row["outcome"]) == ("acme", "cancelled")
+    assert row["output_tokens"] < 20 and (row["output_tokens"] == 0) == stream
+
+
+async def test_a_keys_policy_routes_its_auto_calls_and_one_the_router_lacks_is_a_bad_request(
+    settings, fake_openai, tmp_path, monkeypatch, start_service, start_gateway, bus
+):
+    # Both paid providers on the fake, so whichever model a policy picks answers.
+    for variable in ("OPENAI_API_KEY", "TOGETHER_API_KEY"):
+        monkeypatch.setenv(variable, "sk-test")
+    deploy = fake_providers_deploy(tmp_path / "deploy", {"openai": fake_openai.url, "together": fake_openai.url})
+    settings = settings.model_copy(update={"deploy_dir": deploy})
+    await start_service("accountant", settings, database=settings.subject_prefix, ack_wait_s=2.0, retry_delay_s=0.2)
+    await start_service("cloud-inference", settings)
+    await start_service("router", settings)
+    mid_key, _ = await create_key(bus, policy=f"fixed:{MID}")
+    plain_key, _ = await create_key(bus)
+    odd_key, _ = await create_key(bus, policy="smart")  # `keys create` refuses it; the router must too
+    url = await start_gateway(settings)
+
+    def client(secret: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=url, api_key=secret, max_retries=0)
+
+    routed = await client(mid_key).chat.completions.create(model="frugalmesh/auto", messages=HELLO)
+    assert routed.model == MID and fake_openai.requests[-1].body["model"] == MID
+    # Without a policy the tenant's applies (the shipped rules: a chat step is frontier work) ...
+    assert (await client(plain_key).chat.completions.create(model="frugalmesh/auto", messages=HELLO)).model == FRONTIER
+    # ... and a pinned model is never re-routed by the key's policy.
+    assert (await client(mid_key).chat.completions.create(model=FRONTIER, messages=HELLO)).model == FRONTIER
+    sent = len(fake_openai.requests)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client(odd_key).chat.completions.create(model="frugalmesh/auto", messages=HELLO)
+    assert "unknown policy 'smart'" in refused.value.message
+    assert len(fake_openai.requests) == sent
 
 
 async def test_a_revoked_key_is_refused_by_every_replica_within_a_second(mesh, start_gateway, bus):

@@ -41,8 +41,10 @@ Script = Callable[[StepRequest], tuple[list[StreamChunk], InferenceResult | byte
 class StreamingRouter:
     """Answers ``step_request`` as the router would, publishing chunks to ``stream_to`` first."""
 
-    def __init__(self, nc, subject: str, script: Script) -> None:
+    def __init__(self, nc, subject: str, script: Script, listen: bool = True) -> None:
         self.nc, self.subject, self.script = nc, subject, script
+        # False: it never listens for a cancel (a call still at the router, before inference took it).
+        self.listen = listen
         self.steps: list[StepRequest] = []
         self.headers: list[dict[str, str]] = []
         self.cancels: list[str] = []
@@ -57,7 +59,7 @@ class StreamingRouter:
         self.steps.append(step)
         self.headers.append(dict(msg.headers or {}))
         chunks, reply = self.script(step)
-        if step.stream_to:
+        if step.stream_to and self.listen:
             await self.nc.subscribe(f"{step.stream_to}.cancel", cb=self._on_cancel)
             for chunk in chunks:
                 await self.nc.publish(step.stream_to, msgspec.json.encode(chunk))
@@ -77,8 +79,8 @@ def answer(step: StepRequest, output: str = "", **fields) -> InferenceResult:
 async def gateway(settings, start_service, bus, nc):
     """``await gateway(script)``: the stand-in router and a gateway; returns (client, router)."""
 
-    async def start(script: Script) -> tuple[openai.AsyncOpenAI, StreamingRouter]:
-        router = await StreamingRouter(nc, settings.subjects.step_request, script).start()
+    async def start(script: Script, listen: bool = True) -> tuple[openai.AsyncOpenAI, StreamingRouter]:
+        router = await StreamingRouter(nc, settings.subjects.step_request, script, listen).start()
         secret, _ = await (await KeyStore.open(bus)).create("acme", name="stream-tests")
         urls: list[str] = []
         await start_service("gateway", settings, port=0, listening=urls.append)
@@ -130,7 +132,9 @@ async def test_the_step_carries_the_keys_tenant_the_options_and_the_task_headers
     assert (options.json_object, options.user) == (True, "end-user-1")
     assert headers[HEADER_BUDGET] == "0.5"
     assert 11_000 < step.deadline_ms - now_ms() <= 12_000
-    assert step.stream_to == ""
+    assert step.policy == ""  # a pinned model: no policy is left to choose
+    # An inbox nobody reads, so that a client that leaves can cancel the call (gateway/disconnect.py).
+    assert step.stream_to.startswith("_INBOX.")
 
 
 async def test_content_chunks_are_relayed_and_the_result_fills_in_what_they_missed(gateway):
@@ -267,3 +271,34 @@ async def test_a_client_that_goes_away_mid_stream_cancels_the_call(gateway):
 
     await eventually(lambda: router.cancels, timeout_s=3)
     assert router.cancels == [f"{router.steps[0].stream_to}.cancel"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_leaves_before_any_output_cancels_the_call(gateway, stream):
+    client, router = await gateway(lambda step: ([], None))  # no chunk, no result: the call runs on
+
+    with pytest.raises(openai.APITimeoutError):
+        await client.with_options(timeout=0.5).chat.completions.create(model=MODEL, messages=HI, stream=stream)
+
+    await eventually(lambda: router.cancels, timeout_s=3)
+    assert router.cancels == [f"{router.steps[0].stream_to}.cancel"]
+
+
+async def test_a_cancel_sent_before_the_call_listened_is_sent_again_at_its_first_chunk(gateway, nc):
+    """The client leaves while the step is still at the router (nobody hears the first cancel); the
+    call then starts, and its first chunk gets the cancel again."""
+    client, router = await gateway(lambda step: ([], None), listen=False)
+
+    with pytest.raises(openai.APITimeoutError):
+        await client.with_options(timeout=0.5).chat.completions.create(model=MODEL, messages=HI)
+    [step] = router.steps
+    heard: list[str] = []
+
+    async def on_cancel(msg) -> None:
+        heard.append(msg.subject)
+
+    await nc.subscribe(f"{step.stream_to}.cancel", cb=on_cancel)
+    await nc.publish(step.stream_to, msgspec.json.encode(StreamChunk(call_id="late", seq=0, content="x")))
+
+    await eventually(lambda: heard, timeout_s=3)
+    assert heard == [f"{step.stream_to}.cancel"]

@@ -24,6 +24,7 @@ from schemas.messages import (
     ErrorInfo,
     FunctionCall,
     FunctionSpec,
+    Rejection,
     StepRequest,
     Tool,
     ToolCall,
@@ -31,6 +32,8 @@ from schemas.messages import (
 )
 from schemas.subjects import HEADER_DEADLINE, HEADER_TASK, HEADER_TENANT
 from services.router.cache import cache_key, cacheable
+from services.routing.policies import PolicySet, UnknownPolicy
+from services.routing.policies.fixed import FixedPolicy
 from services.routing.table import PinningError, RoutingTable, pick_model, prompt_chars
 from services.runtime.settings import REPO_DEPLOY_DIR
 from services.runtime.tokens import count_message_tokens
@@ -75,6 +78,23 @@ async def next_usage(sub) -> UsageEvent:
 
 
 # -- the decision alone, no NATS --
+
+
+@pytest.mark.unit
+def test_a_policy_the_step_names_wins_and_is_built_once(table, catalog):
+    raw = {"policies": {"tenants": {"acme": f"fixed:{FRONTIER}"}}}
+    policies = PolicySet.parse(raw, table, catalog, REPO_DEPLOY_DIR)
+
+    assert policies.for_step(make_step()) == FixedPolicy(FRONTIER)  # the tenant's
+    named = policies.for_step(make_step(policy=f"fixed:{MID}"))
+    assert named == FixedPolicy(MID) and policies.for_step(make_step(policy=f"fixed:{MID}")) is named
+    assert policies.for_step(make_step(policy="rules")) is table
+    for bad, why in [("smart", "unknown policy 'smart'"), ("fixed:gpt-9", "outside the catalogue")]:
+        with pytest.raises(UnknownPolicy, match=why):
+            policies.for_step(make_step(policy=bad))
+    assert "smart" not in policies.named.built  # a refused name is not kept
+    with pytest.raises(UnknownPolicy, match="no per-step policy"):
+        PolicySet(default=table, tenants={}, workflows={}).for_step(make_step(policy="rules"))
 
 
 @pytest.mark.unit
@@ -217,6 +237,22 @@ async def test_options_stream_to_and_key_reach_the_call_and_the_key_its_reservat
     assert (request.options, request.stream_to, request.key_id) == (options, "_INBOX.caller.1", "fmk_test")
     [reservation] = budget.reserved
     assert (reservation.id, reservation.key_id) == (result.call_id, "fmk_test")
+
+
+@pytest.mark.infra
+async def test_the_policy_a_step_names_routes_it_and_an_unknown_one_is_rejected(settings, start_router, nc):
+    peer = await InferencePeer(nc, settings.subjects).start()
+    dlq = await nc.subscribe(settings.subjects.dlq("router"))
+    await start_router()
+
+    routed = await ask(nc, settings, make_step(role="review", policy=f"fixed:{MID}"))  # the rules: frontier
+    reply = await nc.request(settings.subjects.step_request, msgspec.json.encode(make_step(policy="smart")), timeout=5)
+
+    assert routed.error is None and routed.model == MID and peer.models == [MID]
+    rejection = msgspec.json.decode(reply.data, type=Rejection)
+    assert rejection.error.kind == "invalid" and "unknown policy 'smart'" in rejection.error.message
+    letter = msgspec.json.decode((await dlq.next_msg(timeout=2)).data, type=DeadLetter)
+    assert "unknown policy 'smart'" in letter.error
 
 
 @pytest.mark.infra

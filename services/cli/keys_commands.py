@@ -7,8 +7,9 @@ are set *before* the key is stored, under the id the key will get. So a key crea
 never usable without them: when the accountant does not answer or refuses, no key is created
 (caps set for an id no key ever gets cost nothing).
 
-``--policy`` is stored with the key, but the router does not select a policy per key yet: a
-``frugalmesh/auto`` call is routed by its tenant's (or workflow's) policy in deploy/routing.toml.
+``--policy`` is stored with the key, and the gateway sends it with each ``frugalmesh/auto`` call of the
+key: the router picks the model with it instead of the tenant's (or workflow's) policy in
+deploy/routing.toml. A call that names a model is pinned to it, whatever the key's policy.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def keys() -> None:
 @click.option("--tenant", required=True, help="The tenant its calls belong to (caps, pacing, kill switch).")
 @click.option("--name", default="", help="A label for people, e.g. ci-bot.")
 @click.option("--allow-model", "allow_models", multiple=True, help="The only models it may use (repeatable).")
-@click.option("--policy", help="Routing policy for its frugalmesh/auto calls (stored; not applied yet, see docs).")
+@click.option(
+    "--policy", help="Routing policy for its frugalmesh/auto calls: rules, learned, cascade or fixed:<model>."
+)
 @click.option("--day", "day_usd", type=click.FloatRange(min=0), help="The key's own cap per UTC day, USD.")
 @click.option("--month", "month_usd", type=click.FloatRange(min=0), help="The key's own cap per UTC month, USD.")
 @click.option("--json", "as_json", is_flag=True, help="Print the key and its secret as JSON.")
@@ -102,7 +105,7 @@ def keys_create(
     if caps:
         click.echo(f"caps: {caps} (budget scope key {key.id})")
     if policy:
-        click.echo(f"policy {policy}: stored; frugalmesh/auto calls still follow the tenant's policy (routing.toml)")
+        click.echo(f"policy {policy}: routes its frugalmesh/auto calls (instead of the tenant's, routing.toml)")
     click.echo("secret (shown once, stored only as its sha256):")
     click.echo(secret)
 

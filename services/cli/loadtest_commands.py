@@ -2,25 +2,34 @@
 
 ``replay`` runs against the mesh of a running `frugalmesh up` when there is one. Otherwise it
 starts its own stack (embedded NATS and ClickHouse unless NATS_URL / CLICKHOUSE_URL name running
-ones, and the six services) on a temporary deploy directory whose providers use the synthetic
+ones, and the services) on a temporary deploy directory whose providers use the synthetic
 backend with a latency model (deploy/loadtest/models.toml, see loadtest/deploy.py), so recorded
 sizes can be served without spending anything.
+
+A gateway recording (``FRUGALMESH_GATEWAY_RECORD``) goes over HTTP to ``--gateway``, else to the
+running stack's gateway (both with ``--key``), else to that of a stack this command starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 import nats.errors
 
-from loadtest.replay import Live, ReplayOptions, Report
+from loadtest.gateway_replay import GatewayReplayOptions
+from loadtest.gateway_report import GatewayReport
+from loadtest.gateway_traffic import GatewayTraffic
+from loadtest.replay import ReplayOptions, Report
 from services.cli.options import NON_NEGATIVE, POSITIVE
 
 
@@ -41,9 +50,14 @@ def loadtest() -> None:
 @click.option("--tenant", default="loadtest", show_default=True, help="For rows that do not name one.")
 @click.option("--workflow", default="answer", show_default=True, help="For rows that do not name one.")
 @click.option(
-    "--deadline", "deadline_s", type=POSITIVE, default=300.0, show_default=True, help="Each task's deadline, seconds."
+    "--deadline",
+    "deadline_s",
+    type=POSITIVE,
+    default=300.0,
+    show_default=True,
+    help="Each task's deadline (gateway recordings: each request's time-out), seconds.",
 )
-@click.option("--salt", default="", help="Renames every prompt block, so a rerun does not hit the earlier run's cache.")
+@click.option("--salt", default="", help="Changes every prompt, so a rerun does not hit the earlier run's cache.")
 @click.option(
     "--data", type=click.Path(path_type=Path), help="Data directory holding traces/ [FRUGALMESH_DATA or the cache]."
 )
@@ -55,6 +69,11 @@ def loadtest() -> None:
         "Deploy directory for the stack this command starts "
         "[deploy/loadtest/models.toml + deploy/ routing and workflows]."
     ),
+)
+@click.option("--gateway", help="Gateway recordings: the gateway to replay against (http://host:port).")
+@click.option("--key", envvar="FRUGALMESH_KEY", help="Gateway recordings: that gateway's key [FRUGALMESH_KEY].")
+@click.option(
+    "--clickhouse", envvar="CLICKHOUSE_URL", help="Gateway recordings: where usage rows are checked [the stack's]."
 )
 def replay_command(
     trace: str,
@@ -69,20 +88,38 @@ def replay_command(
     salt: str,
     data: Path | None,
     deploy_dir: Path | None,
+    gateway: str | None,
+    key: str | None,
+    clickhouse: str | None,
 ) -> None:
-    """Publish TRACE's requests as tasks at their recorded times and report latency, spend and loss.
+    """Send TRACE's requests at their recorded times and report latency, spend and loss.
 
     TRACE: azure-conv, azure-code, mooncake-conversation, mooncake-synthetic, or a file (an Azure
-    CSV, a Mooncake JSONL, or a recording from `frugalmesh loadtest record`).
+    CSV, a Mooncake JSONL, a recording from `frugalmesh loadtest record`: published as tasks; or a
+    gateway recording, FRUGALMESH_GATEWAY_RECORD: sent to a gateway as chat completions).
     """
-    from loadtest.deploy import loadtest_deploy_dir
+    from loadtest.gateway_traffic import is_gateway_recording, read_gateway_recording
+    from loadtest.replay import replay
     from loadtest.traces import read_trace, resolve_trace
-    from services.embedded.servers import EmbeddedError
-    from services.embedded.stack import Stack, client_settings, running_stack
+    from services.embedded.stack import client_settings, running_stack
     from services.runtime.data import DataNotFound
 
+    report: Report | GatewayReport
     try:
-        rows = read_trace(resolve_trace(trace, data), limit=limit, duration_s=duration_s)
+        path = resolve_trace(trace, data)
+        if is_gateway_recording(path):
+            traffic = read_gateway_recording(path, limit=limit, duration_s=duration_s)
+            if not traffic.requests:
+                raise click.ClickException(f"{trace}: no requests to replay (skipped: {traffic.skipped or 'none'})")
+            gateway_options = GatewayReplayOptions(speed=speed, timeout_s=deadline_s, salt=salt)
+            report = _replay_gateway(traffic, gateway_options, gateway, key, clickhouse, deploy_dir, as_json)
+            _finish(report, trace, out, as_json)  # exits
+        if gateway:
+            raise click.ClickException(
+                f"--gateway replays gateway recordings (FRUGALMESH_GATEWAY_RECORD); {trace} is a trace of sizes, "
+                "replayed as tasks into the mesh: leave --gateway out"
+            )
+        rows = read_trace(path, limit=limit, duration_s=duration_s)
     except (FileNotFoundError, DataNotFound, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if not rows:
@@ -93,46 +130,100 @@ def replay_command(
         if deploy_dir:
             raise click.ClickException("--deploy applies to a stack this command starts; a mesh is already running")
         click.echo(f"replaying {len(rows)} rows into the running mesh at {settings.nats_url}", err=True)
-        report = _run(settings, rows, options, as_json)
+        report = _progress(lambda tick: replay(settings, rows, options, on_tick=tick), len(rows), as_json)
     else:
-        with tempfile.TemporaryDirectory(prefix="frugalmesh-loadtest-") as tmp:
-            deploy = deploy_dir or loadtest_deploy_dir(Path(tmp) / "deploy")
-            # The services are child processes: they read their deploy directory from the environment.
-            os.environ["FRUGALMESH_DEPLOY_DIR"] = str(deploy.resolve())
-            home = Path(tmp) / "home"
-            stack_settings = settings.model_copy(update={"deploy_dir": deploy, "home": home})
-            click.echo(f"starting a stack on {deploy} (state in {home})...", err=True)
-            try:
-                with Stack(
-                    home=home, nats_port=-1, clickhouse_port=0, settings=stack_settings, local_engine=None
-                ) as stack:
-                    report = _run(stack.settings, rows, options, as_json)
-            except EmbeddedError as exc:
-                raise click.ClickException(str(exc)) from None
-    out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    if as_json:
-        click.echo(json.dumps(report.to_json()))
-    else:
-        print_report(report, trace)
-        click.echo(f"report: {out}")
-    sys.exit(0 if report.zero_loss.ok else 1)
+        with _own_stack(settings, deploy_dir) as stack:
+            mesh = stack.settings
+            report = _progress(lambda tick: replay(mesh, rows, options, on_tick=tick), len(rows), as_json)
+    _finish(report, trace, out, as_json)
 
 
-def _run(settings, rows, options: ReplayOptions, as_json: bool) -> Report:
+@contextlib.contextmanager
+def _own_stack(settings, deploy_dir: Path | None) -> Iterator[Any]:
+    """A stack on the load-test deploy directory (or ``deploy_dir``), in a temporary home."""
+    from loadtest.deploy import loadtest_deploy_dir
+    from services.embedded.servers import EmbeddedError
+    from services.embedded.stack import Stack
+
+    with tempfile.TemporaryDirectory(prefix="frugalmesh-loadtest-") as tmp:
+        deploy = deploy_dir or loadtest_deploy_dir(Path(tmp) / "deploy")
+        # The services are child processes: they read their deploy directory from the environment.
+        os.environ["FRUGALMESH_DEPLOY_DIR"] = str(deploy.resolve())
+        home = Path(tmp) / "home"
+        stack_settings = settings.model_copy(update={"deploy_dir": deploy, "home": home})
+        click.echo(f"starting a stack on {deploy} (state in {home})...", err=True)
+        try:
+            with Stack(home=home, nats_port=-1, clickhouse_port=0, settings=stack_settings, local_engine=None) as stack:
+                yield stack
+        except EmbeddedError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _replay_gateway(
+    traffic: GatewayTraffic,
+    options: GatewayReplayOptions,
+    gateway: str | None,
+    key: str | None,
+    clickhouse_url: str | None,
+    deploy_dir: Path | None,
+    as_json: bool,
+) -> GatewayReport:
+    from loadtest.gateway_replay import replay_gateway
+    from services.embedded.stack import client_settings, development_key, running_stack
+
+    settings = client_settings()
+    state = running_stack(settings.home) or {}
+    if clickhouse_url is None and state and gateway in (None, state.get("gateway_url")):
+        clickhouse_url = settings.clickhouse_url
+    gateway = gateway or state.get("gateway_url")
+    n = len(traffic.requests)
+    if gateway:
+        if deploy_dir:
+            raise click.ClickException("--deploy applies to a stack this command starts; the gateway is running")
+        if not key:
+            raise click.ClickException(f"{gateway} needs a key: --key or FRUGALMESH_KEY (see `keys create`)")
+        click.echo(f"replaying {n} requests against {gateway}", err=True)
+        return _progress(lambda tick: replay_gateway(gateway, key, traffic, options, clickhouse_url, tick), n, as_json)
+    with _own_stack(settings, deploy_dir) as stack:
+        secret = development_key(stack.settings) or key
+        if not secret:
+            raise click.ClickException("the stack's NATS holds keys already: pass one with --key or FRUGALMESH_KEY")
+        url, clickhouse = stack.gateway_url, stack.settings.clickhouse_url
+        options.recorded_output = True  # the synthetic backend writes max_tokens of text: the recorded length
+        click.echo(f"replaying {n} requests against {url}", err=True)
+        return _progress(lambda tick: replay_gateway(url, secret, traffic, options, clickhouse, tick), n, as_json)
+
+
+def _progress(run: Callable[[Callable[[Any], None]], Coroutine[Any, Any, Any]], total: int, as_json: bool) -> Any:
+    """``run(tick)`` under a progress bar; ``tick`` takes the replay's live counts (``finished``, ``line()``)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from loadtest.replay import replay
 
     console = Console(stderr=as_json)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        bar = progress.add_task("", total=len(rows))
+        bar = progress.add_task("", total=total)
 
-        def tick(live: Live) -> None:
+        def tick(live: Any) -> None:
             progress.update(bar, completed=live.finished, description=live.line())
 
-        return asyncio.run(replay(settings, rows, options, on_tick=tick))
+        return asyncio.run(run(tick))
+
+
+def _finish(report: Report | GatewayReport, trace: str, out: Path, as_json: bool) -> NoReturn:
+    """Write and print the report; exit 1 unless the zero-loss check held."""
+    from loadtest.gateway_report import print_gateway_report
+
+    out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    elif isinstance(report, GatewayReport):
+        print_gateway_report(report, trace)
+    else:
+        print_report(report, trace)
+    if not as_json:
+        click.echo(f"report: {out}")
+    sys.exit(0 if report.zero_loss.ok else 1)
 
 
 def print_report(report: Report, trace: str) -> None:

@@ -20,11 +20,14 @@ from collections.abc import Callable, Generator
 import uvicorn
 from faststream import FastStream
 
+from services.gateway.antiloop import TaskCallCounter
 from services.gateway.keys import KeyCache
+from services.gateway.recording import GatewayRecorder
 from services.gateway.routes import Gateway, create_http_app
 from services.runtime.bus import Bus
 from services.runtime.catalog import Catalog
 from services.runtime.settings import MeshSettings
+from services.runtime.task_limits import TaskLimits
 
 SERVICE = "gateway"
 STARTUP_TIMEOUT_S = 10.0
@@ -55,23 +58,32 @@ def bind(host: str, port: int) -> socket.socket:
 class HttpServer:
     """The replica's HTTP side: keys, routes and uvicorn, started once the bus is connected."""
 
-    def __init__(self, bus: Bus, catalog: Catalog, settings: MeshSettings, host: str, port: int) -> None:
+    def __init__(
+        self, bus: Bus, catalog: Catalog, settings: MeshSettings, host: str, port: int, task_limits: TaskLimits
+    ) -> None:
         self.bus = bus
         self.catalog = catalog
         self.settings = settings
         self.host = host
         self.port = port
+        self.task_limits = task_limits
         self.keys: KeyCache | None = None
+        self.recorder: GatewayRecorder | None = None
         self.server: _Server | None = None
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
         """Serve; returns the base URL once requests are taken."""
         self.keys = await KeyCache.open(self.bus)
-        gateway = Gateway(self.bus, self.catalog, self.keys, self.settings.request_timeout_s)
+        tasks = await TaskCallCounter.open(self.bus, self.task_limits)
+        gateway = Gateway(self.bus, self.catalog, self.keys, self.settings.request_timeout_s, tasks)
+        http_app = create_http_app(gateway)
+        if self.settings.gateway_record:
+            # Off by default, and then not even wrapped (services/gateway/recording.py).
+            self.recorder = await GatewayRecorder.open(self.settings.gateway_record, self.keys.lookup, self.bus.log)
         sock = bind(self.host, self.port)
         config = uvicorn.Config(
-            create_http_app(gateway),
+            self.recorder.wrap(http_app) if self.recorder else http_app,
             lifespan="off",
             log_level="warning",
             access_log=False,
@@ -98,6 +110,8 @@ class HttpServer:
         if self.task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.task, SHUTDOWN_TIMEOUT_S + 1)
+        if self.recorder is not None:  # after the server: streams that ended at shutdown are recorded too
+            await self.recorder.close()
         if self.keys is not None:
             await self.keys.close()
 
@@ -108,9 +122,11 @@ def create_app(
     host: str | None = None,
     port: int | None = None,
     listening: Callable[[str], None] | None = None,
+    task_limits: TaskLimits | None = None,
 ) -> FastStream:
     """The gateway on ``host``:``port`` (default: settings' ``gateway_host`` / ``gateway_port``;
-    port 0 picks a free one); ``listening`` is called with its base URL once it serves."""
+    port 0 picks a free one); ``listening`` is called with its base URL once it serves.
+    ``task_limits``: layer 2 for its tasks (default: deploy/planner.toml)."""
     bus = Bus(settings, SERVICE)
     http = HttpServer(
         bus,
@@ -118,6 +134,7 @@ def create_app(
         settings,
         host or settings.gateway_host,
         settings.gateway_port if port is None else port,
+        task_limits or TaskLimits.load(settings.deploy_dir),
     )
     app = bus.app()
 

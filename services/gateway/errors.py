@@ -113,6 +113,12 @@ def from_mesh(error: ErrorInfo) -> GatewayError:
     return GatewayError(status, error.message, type=type_, code=code, retryable=retryable)
 
 
+def client_gone() -> GatewayError:
+    """What a request whose client left is logged and counted as (nobody reads it): nginx's 499."""
+    message = "the client closed the request before its answer; the call was cancelled"
+    return GatewayError(499, message, type="api_error", code="client_closed_request")
+
+
 def no_router(message: str) -> GatewayError:
     return GatewayError(503, message, type="api_error", code="no_router", retryable=True)
 

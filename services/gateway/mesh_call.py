@@ -5,16 +5,23 @@ killed, timed out or failed: already metered by then) or, for a step it could no
 ``Rejection``. Both become a ``GatewayError`` with the status an OpenAI SDK expects
 (services/gateway/errors.py); the headers of an error result still name the call and its cost (a
 call killed in flight was metered and paid for).
+
+``call_while_connected`` is the non-streamed request's trip: the call is cancelled when its client
+goes away first (services/gateway/disconnect.py), which is why it carries an inbox nobody reads.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import nats.errors
+from starlette.types import Receive
 
 from schemas.messages import InferenceResult, StepRequest
 from services.gateway import translate
-from services.gateway.errors import GatewayError, deadline, from_mesh, no_router
+from services.gateway.disconnect import left_first, stop_call
+from services.gateway.errors import GatewayError, client_gone, deadline, from_mesh, no_router
 from services.runtime.bus import Bus, Rejected, now_ms
 
 # The router answers at the step's deadline itself (a timeout result); past this much more, it is gone.
@@ -39,3 +46,21 @@ async def call_router(bus: Bus, step: StepRequest, headers: dict[str, str]) -> I
         error.headers = translate.headers(result, result.call_id, step.task_id)
         raise error
     return result
+
+
+async def call_while_connected(
+    bus: Bus, step: StepRequest, headers: dict[str, str], receive: Receive
+) -> InferenceResult:
+    """``call_router`` for a non-streamed request; when its client goes away first, the call is
+    cancelled (and metered ``cancelled`` by the inference service) and this raises ``client_gone``."""
+    inbox = bus.new_inbox()
+    answer = asyncio.ensure_future(call_router(bus, msgspec.structs.replace(step, stream_to=inbox), headers))
+    try:
+        gone = await left_first(answer, receive)
+    except asyncio.CancelledError:
+        answer.cancel()
+        raise
+    if gone:
+        await stop_call(bus, inbox, answer)
+        raise client_gone()
+    return answer.result()

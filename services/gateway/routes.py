@@ -3,8 +3,10 @@
 
 A chat request is authenticated by its virtual key (``Authorization: Bearer fm-...``, looked up
 in the replica's ``KeyCache``), decoded (services/gateway/openai_wire.py), made a step
-(translate.py) and sent to the router: answered in one body, or streamed (streaming.py). Nothing
-here keeps state between requests, so replicas are just more processes.
+(translate.py), counted by layer 2 when it names a task (antiloop.py) and sent to the router:
+answered in one body, or streamed (streaming.py); a client that leaves cancels its call
+(disconnect.py). Nothing here keeps state between requests (a task's counts live in KV, shared by
+every replica), so replicas are just more processes.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from starlette.routing import Route
 
 from schemas.messages import VirtualKey
 from services.gateway import translate
+from services.gateway.antiloop import TaskCallCounter
 from services.gateway.errors import GatewayError, invalid, unauthorized
 from services.gateway.keys import KeyCache
-from services.gateway.mesh_call import call_router
+from services.gateway.mesh_call import call_while_connected
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from services.gateway.openai_wire import AUTO_MODEL, RequestError, decode_request
 from services.gateway.streaming import CallStream
@@ -38,11 +41,20 @@ HEALTH_TIMEOUT_S = 1.0
 class Gateway:
     """The request handlers, over one replica's bus, catalogue and keys."""
 
-    def __init__(self, bus: Bus, catalog: Catalog, keys: KeyCache, default_deadline_s: float) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        catalog: Catalog,
+        keys: KeyCache,
+        default_deadline_s: float,
+        tasks: TaskCallCounter | None = None,
+    ) -> None:
         self.bus = bus
         self.catalog = catalog
         self.keys = keys
         self.default_deadline_s = default_deadline_s
+        # Layer 2 for requests that share a task header (services/gateway/antiloop.py); None: off.
+        self.tasks = tasks
         self.metrics = GatewayMetrics()
 
     def authenticate(self, request: Request) -> VirtualKey:
@@ -67,16 +79,18 @@ class Gateway:
                 raise invalid(str(exc), exc.param) from None
             stream = bool(body.stream)
             step, headers = translate.to_step(body, key, request.headers, self.catalog, self.default_deadline_s)
+            if self.tasks is not None:
+                await self.tasks.admit(step, body.model, request.headers)
             if stream:
                 include_usage = body.stream_options is not None and body.stream_options.include_usage
                 call = CallStream(self.bus, step, headers, include_usage)
-                await call.open()
+                await call.open(request.receive)
                 self.metrics.first_byte.observe(time.perf_counter() - started)
                 self.metrics.answered(200, True)
                 return StreamingResponse(
                     self._timed(call.events(), started), media_type="text/event-stream", headers=call.response_headers()
                 )
-            result = await call_router(self.bus, step, headers)
+            result = await call_while_connected(self.bus, step, headers, request.receive)
             response = Response(
                 msgspec.json.encode(translate.completion(result, step.task_id)),
                 media_type="application/json",

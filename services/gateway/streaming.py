@@ -13,9 +13,11 @@ output (core NATS, in order, numbered by ``seq``) and still answers the call wit
   ``choices`` follows; then ``data: [DONE]``;
 - a failure before anything was relayed is an ordinary HTTP error (``open`` raises it), so an SDK
   raises its usual exception type; after that it is an SSE event ``{"error": {...}}``;
-- a client that goes away mid-stream: a message on ``<inbox>.cancel`` asks the inference service
-  to stop the engine (it meters what was produced, once). Starlette cancels the generator at its
-  await, where any further await would be cancelled again, so the clean-up runs as its own task.
+- a client that goes away mid-stream, or before the first token: a message on ``<inbox>.cancel``
+  asks the inference service to stop the engine (it meters what was produced, once), repeated at
+  each chunk that still comes until the call's answer (services/gateway/disconnect.py). Starlette
+  cancels the generator at its await, where any further await would be cancelled again, so the
+  clean-up runs as its own task.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from collections.abc import AsyncIterator, Iterator
 import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from starlette.types import Receive
 
 from schemas.messages import InferenceResult, StepRequest, StreamChunk, ToolCallDelta
-from schemas.subjects import Subjects
 from services.gateway import translate
-from services.gateway.errors import GatewayError
+from services.gateway.disconnect import left_first, stop_call
+from services.gateway.errors import GatewayError, client_gone
 from services.gateway.mesh_call import call_router
 from services.gateway.openai_wire import (
     ChatCompletionChunk,
@@ -79,13 +82,19 @@ class CallStream:
         self.gap = False
         self.role_sent = False
 
-    async def open(self) -> None:
-        """Send the step and wait for its first chunk or its result; GatewayError if it failed first."""
+    async def open(self, receive: Receive | None = None) -> None:
+        """Send the step and wait for its first chunk or its result; GatewayError if it failed first,
+        ``client_gone`` when the client (``receive``: its ASGI receive) left before (the call is cancelled)."""
         self.inbox = self.bus.new_inbox()
         self.sub = await self.bus.subscribe_core(self.inbox, self._on_chunk)
         step = msgspec.structs.replace(self.step, stream_to=self.inbox)
         self.request = asyncio.create_task(self._call(step))
-        first = await self.queue.get()
+        waiting = asyncio.ensure_future(self.queue.get())
+        if receive is not None and await left_first(waiting, receive):
+            waiting.cancel()
+            self._close()
+            raise client_gone()
+        first = await waiting
         if isinstance(first, GatewayError):
             self.finished = True
             self._close()
@@ -223,10 +232,8 @@ class CallStream:
         task.add_done_callback(_background.discard)
 
     async def _clean_up(self, stop: bool) -> None:
-        if stop:
-            # The client went away: the engine should stop; the inference service meters the call.
-            await self.bus.publish_core(Subjects.stream_cancel(self.inbox), b"")
-            if self.request is not None:
-                self.request.cancel()
         if self.sub is not None:
             await self.sub.unsubscribe()
+        if stop:
+            # The client went away: the engine should stop; the inference service meters the call.
+            await stop_call(self.bus, self.inbox, self.request)

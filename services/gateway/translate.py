@@ -2,7 +2,8 @@
 
 ``to_step``: the tenant and key id come from the virtual key, never from the body. ``model`` is
 a catalogue model (pinned: ``allow_models = [model]``, which must be inside the key's allow-list)
-or ``frugalmesh/auto`` (``allow_models`` = the key's allow-list; the router's policy picks). The
+or ``frugalmesh/auto`` (``allow_models`` = the key's allow-list; the key's ``--policy`` picks when
+it has one, else the tenant's or workflow's policy in deploy/routing.toml). The
 headers ``X-Frugalmesh-Task`` (requests that share it form one task: one cap, one row set in
 ClickHouse), ``-Task-Budget`` (that task's cap, passed to the router in ``Mesh-Budget``),
 ``-Deadline`` (seconds from now; default ``request_timeout_s``) and ``-Workflow`` (a label
@@ -110,6 +111,8 @@ def to_step(
         deadline_ms=now_ms() + int(_deadline_s(headers, default_deadline_s) * 1000),
         options=_options(request),
         key_id=key.id,
+        # A routed call follows the key's policy; a pinned one has nothing left to choose.
+        policy=(key.policy or "") if request.model == AUTO_MODEL else "",
     )
     return step, nats_headers
 

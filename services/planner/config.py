@@ -7,6 +7,8 @@ from pathlib import Path
 
 import msgspec
 
+from services.runtime.task_limits import GatewayLimits
+
 PLANNER_FILE = "planner.toml"
 
 
@@ -39,6 +41,8 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     limits: Limits = Limits()
     models: dict[str, ModelProfile] = {}
+    # Not the planner's: the gateway's tasks (services/runtime/task_limits.py), checked here with the rest.
+    gateway: GatewayLimits = GatewayLimits()
 
     @classmethod
     def load(cls, deploy_dir: Path) -> PlannerConfig:

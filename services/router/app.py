@@ -3,9 +3,10 @@ routing policy picks; the reply is always an InferenceResult (an error one when 
 run), or ``Bus.rejection`` for a message that is not a step. This module is the wiring:
 
 - queue group ``router`` on ``mesh.step.request``: the step, routed (services/router/steps.py: the
-  policy and spillover), each call from the cache or sent (calls.py) after the cost defences that
-  act at the caller (cost_defence.py: kill switch, pacing's throttle, reservation, then settle);
-  a call the router ends itself is metered there too (metering.py);
+  policy, the step's own when it names one, and spillover), each call from the cache or sent
+  (calls.py) after the cost defences that act at the caller (cost_defence.py: kill switch,
+  pacing's throttle, reservation, then settle); a call the router ends itself is metered there
+  too (metering.py); a step naming a policy the router cannot build is refused (``Rejection``);
 - ``mesh.local.load.>`` (no queue group: every replica needs every report): the local models' load,
   which steers spillover (load.py);
 - start-up opens the response cache and reads the control state before any step is taken.
@@ -83,10 +84,12 @@ def create_app(
                 check_stream_to(step.stream_to, settings.subjects)
             # A task cap that cannot be read cannot be enforced: refuse the step rather than run it uncapped.
             task_budget_usd = parse_budget(msg.headers.get(HEADER_BUDGET))
+            # A policy the step names (a virtual key's) that this router cannot build: refused, never guessed.
+            policy = router.policies.for_step(step)
         except ValueError as exc:
             await bus.dead_letter(msg.raw_message.subject, msg.body, msg.headers, str(exc))
             return bus.rejection(str(exc))
-        return encode(await router.route(step, msg.headers.get(HEADER_TRACEPARENT), task_budget_usd))
+        return encode(await router.route(step, msg.headers.get(HEADER_TRACEPARENT), task_budget_usd, policy))
 
     # Every replica needs every report: no queue group.
     @bus.broker.subscriber(settings.subjects.local_load_all)

@@ -1,9 +1,9 @@
-"""A step, routed: the step's policy picks the model (deploy/routing.toml [policies]: rules, fixed,
-learned, cascade; services/routing/policies), and each call it makes runs through
-services/router/calls.py. A cascade whose validator rejects the weak answer makes a second call on
-the strong model; each call is enforced, metered and cached on its own. Every call carries the
-step's options, ``stream_to`` and virtual key, except that a streamed cascade streams only its
-escalation (services/router/cascade_stream.py).
+"""A step, routed: the step's policy picks the model (the one the step names, a virtual key's, else
+deploy/routing.toml [policies]: rules, fixed, learned, cascade; services/routing/policies), and
+each call it makes runs through services/router/calls.py. A cascade whose validator rejects the
+weak answer makes a second call on the strong model; each call is enforced, metered and cached on
+its own. Every call carries the step's options, ``stream_to`` and virtual key, except that a
+streamed cascade streams only its escalation (services/router/cascade_stream.py).
 
 Pacing steers the choice: a tenant whose pace says "downgrade" or "throttle" gets the model one tier
 down inside its allow-list.
@@ -32,7 +32,7 @@ from services.router.cost_defence import CostDefence
 from services.router.load import LoadBoard, spill_target
 from services.router.metering import CallMeter
 from services.router.throttle import Throttle
-from services.routing.policies import PolicySet, execute
+from services.routing.policies import Policy, PolicySet, execute
 from services.routing.policies.cascade import CascadePolicy
 from services.routing.table import PinningError
 from services.runtime.bus import Bus, now_ms
@@ -82,12 +82,17 @@ class StepRouter:
         self.load.update(load)
 
     async def route(
-        self, step: StepRequest, traceparent: str | None = None, task_budget_usd: float | None = None
+        self,
+        step: StepRequest,
+        traceparent: str | None = None,
+        task_budget_usd: float | None = None,
+        policy: Policy | None = None,
     ) -> InferenceResult:
+        """``policy``: the step's, when the caller looked it up already (``PolicySet.for_step``)."""
         calls, control = self.calls, self.control
         assert calls is not None and control is not None, "start runs at startup, before any subscriber"
         pace = control.pace(step.tenant)
-        policy = self.policies.for_step(step)
+        policy = policy or self.policies.for_step(step)
         cascade = CascadeStream(step) if step.stream_to and isinstance(policy, CascadePolicy) else None
 
         async def call(model: ModelSpec) -> InferenceResult:

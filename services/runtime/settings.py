@@ -50,6 +50,9 @@ class MeshSettings(BaseSettings):
     # Loopback by default: set 0.0.0.0 to serve other machines. Port 0 picks a free port.
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 4080
+    # A JSONL file each gateway replica appends one line per chat request to (arrival, request,
+    # usage, cost, latency; never a key): services/gateway/recording.py. "": no recording.
+    gateway_record: str = ""
 
     @cached_property
     def subjects(self) -> Subjects:

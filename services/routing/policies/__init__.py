@@ -7,7 +7,10 @@
 
 ``execute`` is the one place a policy turns into calls: the router service runs it with calls
 on the bus, ``frugalmesh eval routing`` with recorded answers, so what is evaluated is what runs.
-Selection lives in deploy/routing.toml::
+A step may name its policy (``StepRequest.policy``: the gateway sends a virtual key's
+``--policy`` for its ``frugalmesh/auto`` calls); that wins over the tenant's and the workflow's.
+An unknown name is ``UnknownPolicy``, and the router refuses the step. Selection lives in
+deploy/routing.toml::
 
     [policies]
     default = "rules"
@@ -67,13 +70,79 @@ CASCADE = "cascade"
 FIXED_PREFIX = "fixed:"
 
 
+class UnknownPolicy(ValueError):
+    """A policy name the router cannot build: not a policy, a model outside the catalogue, or learned
+    and cascade without a router file."""
+
+
+class PolicyBuilder:
+    """Builds each named policy once, on first use, so each router file is read and held once.
+    Learned and cascade read the router file named by ``[policies] router``; the rules are ``table``."""
+
+    def __init__(
+        self, table: RoutingTable, catalog: Catalog, deploy_dir: Path, router: str | None, source: str
+    ) -> None:
+        self.table = table
+        self.catalog = catalog
+        self.deploy_dir = deploy_dir
+        self.router = router
+        self.source = source
+        self.built: dict[str, Policy] = {}
+        self._router_file: RouterFile | None = None
+
+    def get(self, name: str, where: str) -> Policy:
+        """The policy ``name`` (``where`` says who named it, for the error); UnknownPolicy when there is none."""
+        policy = self.built.get(name)
+        if policy is None:
+            # Only a name that builds is kept: a step naming nonsense cannot grow the cache.
+            policy = self.built[name] = self._build(name, where)
+        return policy
+
+    def _build(self, name: str, where: str) -> Policy:
+        if name == RULES:
+            return self.table
+        if name.startswith(FIXED_PREFIX):
+            model = name.removeprefix(FIXED_PREFIX)
+            if model not in self.catalog.models:
+                raise UnknownPolicy(f"{self.source}: {where}: policy {name!r} names a model outside the catalogue")
+            return FixedPolicy(model)
+        if name not in (LEARNED, CASCADE):
+            raise UnknownPolicy(
+                f"{self.source}: {where}: unknown policy {name!r}; known: rules, fixed:<model>, learned, cascade"
+            )
+        if self.router is None:
+            raise UnknownPolicy(f"{self.source}: {where}: policy {name} needs [policies] router = <router file>")
+        if self._router_file is None:
+            try:
+                router_file = RouterFile.load(self.deploy_dir / self.router)
+                for model in (router_file.weak_model, router_file.strong_model):
+                    self.catalog.model(model)
+            except (OSError, KeyError, ValueError) as exc:
+                message = f"{self.source}: {where}: policy {name}: router file {self.router}: {exc}"
+                raise UnknownPolicy(message) from None
+            self._router_file = router_file
+        if name == LEARNED:
+            return LearnedPolicy.from_file(self._router_file)
+        return CascadePolicy.from_file(self._router_file)
+
+
 @dataclass(frozen=True)
 class PolicySet:
+    """Which policy routes a step: the step's own (``StepRequest.policy``: a virtual key's), else its
+    tenant's, else its workflow's, else the default."""
+
     default: Policy
     tenants: Mapping[str, Policy]
     workflows: Mapping[str, Policy]
+    # Builds the policies steps name; None (a set built in code): a step that names one is refused.
+    named: PolicyBuilder | None = None
 
     def for_step(self, step: StepRequest) -> Policy:
+        """The step's policy; UnknownPolicy when the step names one this router cannot build."""
+        if step.policy:
+            if self.named is None:
+                raise UnknownPolicy(f"this router takes no per-step policy, and the step names {step.policy!r}")
+            return self.named.get(step.policy, "the step's policy")
         return self.tenants.get(step.tenant) or self.workflows.get(step.workflow) or self.default
 
     @classmethod
@@ -91,38 +160,10 @@ class PolicySet:
         unknown = set(spec) - {"default", "router", "tenants", "workflows"}
         if unknown:
             raise ValueError(f"{source}: [policies]: unknown keys {sorted(unknown)}")
-        router_file: RouterFile | None = None
-
-        def build(name: str, where: str) -> Policy:
-            nonlocal router_file
-            if name == RULES:
-                return table
-            if name.startswith(FIXED_PREFIX):
-                model = name.removeprefix(FIXED_PREFIX)
-                catalog.model(model)
-                return FixedPolicy(model)
-            if name not in (LEARNED, CASCADE):
-                raise ValueError(
-                    f"{source}: {where}: unknown policy {name!r}; known: rules, fixed:<model>, learned, cascade"
-                )
-            if "router" not in spec:
-                raise ValueError(f"{source}: {where}: policy {name} needs [policies] router = <router file>")
-            if router_file is None:
-                router_file = RouterFile.load(deploy_dir / spec["router"])
-                for model in (router_file.weak_model, router_file.strong_model):
-                    catalog.model(model)
-            return LearnedPolicy.from_file(router_file) if name == LEARNED else CascadePolicy.from_file(router_file)
-
-        built: dict[str, Policy] = {}
-
-        def policy(name: str, where: str) -> Policy:
-            # One object per named policy, so each router file is read and held once.
-            if name not in built:
-                built[name] = build(name, where)
-            return built[name]
-
+        builder = PolicyBuilder(table, catalog, deploy_dir, spec.get("router"), source)
         return cls(
-            default=policy(spec.get("default", RULES), "default"),
-            tenants={k: policy(v, f"tenants.{k}") for k, v in spec.get("tenants", {}).items()},
-            workflows={k: policy(v, f"workflows.{k}") for k, v in spec.get("workflows", {}).items()},
+            default=builder.get(spec.get("default", RULES), "default"),
+            tenants={k: builder.get(v, f"tenants.{k}") for k, v in spec.get("tenants", {}).items()},
+            workflows={k: builder.get(v, f"workflows.{k}") for k, v in spec.get("workflows", {}).items()},
+            named=builder,
         )
