@@ -9,13 +9,18 @@ parses the responses (Content-Length, chunked and close-delimited bodies alike),
 status and the end time are kept.
 
 Connections are HTTP/1.1 keep-alive, one request in flight on each, opened on demand up to a cap
-and reused; a call that cannot get one within its time-out fails like any other time-out."""
+and reused; a call that cannot get one within its time-out fails like any other time-out.
+
+Per call it keeps the time to the first byte of the response body as well (for a server-sent event
+stream: the first event, i.e. the time to first token) and, for the run, how many calls were in
+flight. A ``Post`` may vary its body per call (a fixed-width counter in place of a marker), so a
+server's exact-match cache never answers in the upstream's place."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import h11
@@ -31,10 +36,16 @@ class Post:
     port: int
     request: h11.Request
     body: h11.Data
+    # Replaced in each call's body by that call's number, zero-padded to the marker's width (b"": none).
+    marker: bytes = b""
 
     @classmethod
-    def json(cls, url: str, body: bytes, headers: dict[str, str] | None = None) -> Post:
-        """A POST of the JSON document ``body`` to ``url`` (http only: the benchmarks run on loopback)."""
+    def json(cls, url: str, body: bytes, headers: dict[str, str] | None = None, marker: bytes = b"") -> Post:
+        """A POST of the JSON document ``body`` to ``url`` (http only: the benchmarks run on loopback).
+        With ``marker`` (which must occur in ``body``), call n sends ``body`` with the marker replaced by
+        n, zero-padded to the marker's width (so every body has the same length)."""
+        if marker and marker not in body:
+            raise ValueError(f"the marker {marker!r} is not in the body")
         parts = urlsplit(url)
         if parts.scheme != "http" or parts.hostname is None:
             raise ValueError(f"not a plain http:// URL: {url!r}")
@@ -46,7 +57,14 @@ class Post:
             **(headers or {}),
         }
         request = h11.Request(method="POST", target=parts.path or "/", headers=list(all_headers.items()))
-        return cls(parts.hostname, port, request, h11.Data(data=body))
+        return cls(parts.hostname, port, request, h11.Data(data=body), marker)
+
+    def body_for(self, n: int) -> h11.Data:
+        """The body of call ``n``."""
+        if not self.marker:
+            return self.body
+        number = str(n % 10 ** len(self.marker)).zfill(len(self.marker)).encode()
+        return h11.Data(data=bytes(self.body.data).replace(self.marker, number))
 
 
 class _Connection(asyncio.Protocol):
@@ -56,19 +74,22 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._http = h11.Connection(our_role=h11.CLIENT)
         self._status = 0
-        self._reply: asyncio.Future[int] | None = None
+        self._first_byte = 0.0
+        self._reply: asyncio.Future[tuple[int, float]] | None = None
         self.open = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
 
-    def exchange(self, post: Post) -> asyncio.Future[int]:
-        """Send ``post``; the future is the response's status once the whole body has arrived."""
+    def exchange(self, post: Post, body: h11.Data) -> asyncio.Future[tuple[int, float]]:
+        """Send ``post`` with ``body``; the future is the response's status and the perf_counter time
+        its first body byte arrived (0.0: an empty body), once the whole body has arrived."""
         assert self._transport is not None
         self._reply = asyncio.get_running_loop().create_future()
+        self._first_byte = 0.0
         self._transport.write(
-            self._http.send(post.request) + self._http.send(post.body) + self._http.send(h11.EndOfMessage())
+            self._http.send(post.request) + self._http.send(body) + self._http.send(h11.EndOfMessage())
         )
         return self._reply
 
@@ -103,6 +124,9 @@ class _Connection(asyncio.Protocol):
                 return
             if isinstance(event, h11.Response):
                 self._status = event.status_code
+            elif isinstance(event, h11.Data):
+                if not self._first_byte and event.data:
+                    self._first_byte = time.perf_counter()
             elif isinstance(event, h11.EndOfMessage):
                 self._end_exchange()
                 return
@@ -117,7 +141,7 @@ class _Connection(asyncio.Protocol):
         else:  # the server asked to close (Connection: close, HTTP/1.0)
             self.close()
         if self._reply is not None and not self._reply.done():
-            self._reply.set_result(self._status)
+            self._reply.set_result((self._status, self._first_byte))
 
     def _fail(self, exc: BaseException) -> None:
         if self._reply is not None and not self._reply.done():
@@ -133,19 +157,24 @@ class Client:
         # one at a time, no more than this many are ever open.
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
+        self._sent = 0
 
-    async def call(self) -> int:
-        """The response's status; raises OSError or h11's errors when the exchange fails."""
+    async def call(self) -> tuple[int, float]:
+        """The response's status and the perf_counter time of its first body byte (0.0: none);
+        raises OSError or h11's errors when the exchange fails. Calls are numbered in the order
+        they get a connection (the number a varying ``Post`` puts in the body)."""
         async with self._slots:
             connection = await self._connection()
+            body = self._post.body_for(self._sent)
+            self._sent += 1
             try:
-                status = await connection.exchange(self._post)
+                reply = await connection.exchange(self._post, body)
             except BaseException:  # a time-out too: the reply may still come, so the connection is spent
                 connection.close()
                 raise
             if connection.open:
                 self._idle.append(connection)
-            return status
+            return reply
 
     async def _connection(self) -> _Connection:
         while self._idle:
@@ -169,27 +198,52 @@ class Run:
     latencies_ms: list[float | None]
     span_s: float  # from the first send to the last one
     wall_s: float  # from the first send to the last answer
+    # Per call, from its start to the first byte of the response body (for a server-sent event
+    # stream: the first event); None where latencies_ms is None or the body was empty.
+    first_byte_ms: list[float | None] = field(default_factory=list)
+    # Calls started and not yet ended, seen by each call as it starts (itself included): mean, max.
+    in_flight_mean: float = 0.0
+    in_flight_max: int = 0
 
 
 async def drive(post: Post, rate_per_s: float, count: int, timeout_s: float, max_connections: int = 2000) -> Run:
     """Start call i at i / rate seconds whatever earlier calls do; each has ``timeout_s`` in all
     (waiting for a connection included)."""
     latencies: list[float | None] = [None] * count
+    first_bytes: list[float | None] = [None] * count
     client = Client(post, max_connections)
+    in_flight = 0
+    in_flight_seen = 0
+    in_flight_max = 0
 
     async def call(i: int) -> None:
+        nonlocal in_flight, in_flight_seen, in_flight_max
+        in_flight += 1
+        in_flight_seen += in_flight
+        in_flight_max = max(in_flight_max, in_flight)
         start = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
-                status = await client.call()
+                status, first_byte = await client.call()
         except (TimeoutError, OSError, h11.ProtocolError):
             return
+        finally:
+            in_flight -= 1
         if status == 200:
             latencies[i] = (time.perf_counter() - start) * 1000
+            if first_byte:
+                first_bytes[i] = (first_byte - start) * 1000
 
     started = time.monotonic()
     try:
         span = await open_loop(rate_per_s, count, call)
     finally:
         client.close()
-    return Run(latencies, span, time.monotonic() - started)
+    return Run(
+        latencies,
+        span,
+        time.monotonic() - started,
+        first_bytes,
+        in_flight_seen / count if count else 0.0,
+        in_flight_max,
+    )
