@@ -378,3 +378,19 @@ async def test_invalid_step_is_rejected_and_dead_lettered(settings, start_router
     assert "StepRequest" in letter.error
     # The service goes on: the next step still gets an answer.
     assert (await ask(nc, settings, make_step(allow_models=[]))).error.kind == "pinning"
+
+
+@pytest.mark.unit
+def test_the_worst_case_counts_tool_calls_and_the_tools_offered():
+    """Tools are sent in the prompt and billed: a reservation that left them out could be passed."""
+    from schemas.messages import ChatMessage, FunctionCall, FunctionSpec, Tool, ToolCall
+    from services.runtime.tokens import count_message_tokens, count_prompt_tokens
+
+    plain = [ChatMessage(role="user", content="What is the weather in Paris?")]
+    call = ToolCall(id="c1", function=FunctionCall(name="weather", arguments='{"city": "Paris"}'))
+    with_call = [*plain, ChatMessage(role="assistant", tool_calls=[call])]
+    tools = [Tool(function=FunctionSpec(name="weather", parameters={"type": "object", "properties": {}}))]
+    base = count_message_tokens("cl100k", plain)
+    assert count_message_tokens("cl100k", with_call) > base + 5  # the call's JSON, not just overhead
+    assert count_prompt_tokens("cl100k", plain, tools) > base + 5
+    assert count_prompt_tokens("cl100k", plain, None) == base

@@ -61,7 +61,8 @@ class OpenAIBackend:
             raise BackendError("provider", str(exc), retryable=exc.retryable, started=exc.started) from exc
         source: UsageSource
         if reply.usage is None:
-            usage, source = worst_case_usage(model, request.messages, request.max_tokens), "estimated"
+            usage = worst_case_usage(model, request.messages, request.max_tokens, request.options.tools)
+            source = "estimated"
         else:
             usage = Usage(
                 input_tokens=reply.usage.prompt_tokens,

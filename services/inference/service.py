@@ -78,7 +78,8 @@ class _RunningCall:
 
 def _unknown_usage(outcome: Outcome, model: ModelSpec, request: InferenceRequest, error: ErrorInfo) -> _CallEnd:
     """A call that may have run and whose real usage is unknown: metered as estimated, at its worst case."""
-    return _CallEnd(outcome, worst_case_usage(model, request.messages, request.max_tokens), "estimated", error=error)
+    worst_case = worst_case_usage(model, request.messages, request.max_tokens, request.options.tools)
+    return _CallEnd(outcome, worst_case, "estimated", error=error)
 
 
 class InferenceService:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -34,7 +33,7 @@ from schemas.subjects import Subjects
 from services.inference.backend import OutputDelta
 from services.runtime.bus import Bus, encode
 from services.runtime.catalog import ModelSpec
-from services.runtime.tokens import count_message_tokens, count_tokens
+from services.runtime.tokens import count_prompt_tokens, count_tokens
 
 
 def check_stream_to(stream_to: str, subjects: Subjects) -> None:
@@ -73,21 +72,9 @@ class StreamRelay:
     def counted_usage(self, model: ModelSpec) -> Usage:
         """The usage of a call stopped part-way: its prompt, and the output streamed until then."""
         return Usage(
-            input_tokens=counted_input_tokens(model.tokenizer, self.request),
+            input_tokens=count_prompt_tokens(model.tokenizer, self.request.messages, self.request.options.tools),
             output_tokens=count_tokens(model.tokenizer, "".join(self._streamed)),
         )
-
-
-def counted_input_tokens(tokenizer: str, request: InferenceRequest) -> int:
-    """The prompt's tokens: the messages with their chat-format overhead, plus the tool calls they
-    carry and the tools offered, as JSON (what a provider serialises them into)."""
-    tokens = count_message_tokens(tokenizer, request.messages)
-    calls = [m.tool_calls for m in request.messages if m.tool_calls]
-    if calls:
-        tokens += count_tokens(tokenizer, msgspec.json.encode(calls).decode())
-    if request.options.tools:
-        tokens += count_tokens(tokenizer, msgspec.json.encode(request.options.tools).decode())
-    return tokens
 
 
 async def listen_for_cancel(bus: Bus, stream_to: str, cancel: Callable[[], None]) -> Subscription:

@@ -25,7 +25,7 @@ from services.router.metering import CallMeter, ModelCall
 from services.router.throttle import Throttle
 from services.runtime.control import ControlState, killed_message
 from services.runtime.reservations import UNAVAILABLE, ReservationClient
-from services.runtime.tokens import count_message_tokens
+from services.runtime.tokens import count_prompt_tokens
 
 # Sends a call, with the id of its reservation (None for a free call).
 Send = Callable[[ModelCall, str | None], Awaitable[InferenceResult]]
@@ -46,7 +46,7 @@ class CostDefence:
         if refusal is not None:
             return refusal
         step, model = call.step, call.model
-        input_tokens = count_message_tokens(model.tokenizer, step.messages)
+        input_tokens = count_prompt_tokens(model.tokenizer, step.messages, step.options.tools)
         reservation = Reservation(
             id=call.call_id,
             tenant=step.tenant,

@@ -84,7 +84,7 @@ class CallMeter:
     async def failed(self, call: ModelCall, kind: ErrorKind, outcome: Outcome, message: str) -> InferenceResult:
         """A call sent that no inference service answered: an error result, metered at the worst case."""
         self.log.warning("call_failed", model=call.model.name, kind=kind, error=message)
-        worst_case = worst_case_usage(call.model, call.step.messages, call.step.max_tokens)
+        worst_case = worst_case_usage(call.model, call.step.messages, call.step.max_tokens, call.step.options.tools)
         # Another replica may be up by the time the planner retries; a timed-out step has no time left.
         error = ErrorInfo(kind=kind, message=message, retryable=kind == "unavailable")
         return await self._unanswered(call, outcome, error, worst_case)

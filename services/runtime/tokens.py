@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 
-from schemas.messages import ChatMessage
+import msgspec
+
+from schemas.messages import ChatMessage, Tool
 
 # Chat formats wrap every message in a few control tokens (OpenAI's cookbook counts 3 per
 # message for GPT-4, Mixtral's [INST] ... [/INST] is about as many) and prime the reply with
@@ -68,8 +70,22 @@ def count_tokens(tokenizer_name: str, text: str) -> int:
 
 
 def count_message_tokens(tokenizer_name: str, messages: Sequence[ChatMessage]) -> int:
-    """The input tokens of a chat request: every message's content plus the chat-format overhead."""
-    return chat_input_tokens(sum(count_tokens(tokenizer_name, m.content) for m in messages), len(messages))
+    """The input tokens of a chat request's messages: each message's content and the tool calls it
+    carries (as the JSON a provider serialises them into), plus the chat-format overhead."""
+    content = sum(count_tokens(tokenizer_name, m.content) for m in messages)
+    calls = [m.tool_calls for m in messages if m.tool_calls]
+    if calls:
+        content += count_tokens(tokenizer_name, msgspec.json.encode(calls).decode())
+    return chat_input_tokens(content, len(messages))
+
+
+def count_prompt_tokens(tokenizer_name: str, messages: Sequence[ChatMessage], tools: Sequence[Tool] | None) -> int:
+    """A call's whole prompt: its messages and the tools it offers (their JSON definitions are sent
+    as part of the prompt, and billed). What a reservation's worst case must cover."""
+    tokens = count_message_tokens(tokenizer_name, messages)
+    if tools:
+        tokens += count_tokens(tokenizer_name, msgspec.json.encode(tools).decode())
+    return tokens
 
 
 def chat_input_tokens(content_tokens: int, n_messages: int) -> int:

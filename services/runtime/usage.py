@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from schemas.messages import ChatMessage, Outcome, Tier, Usage, UsageEvent, UsageSource
+from schemas.messages import ChatMessage, Outcome, Tier, Tool, Usage, UsageEvent, UsageSource
 from services.runtime.bus import now_ms
 from services.runtime.catalog import ModelSpec
-from services.runtime.tokens import count_message_tokens
+from services.runtime.tokens import count_prompt_tokens
 
 
 class StepOfCall(Protocol):
@@ -84,7 +84,9 @@ def usage_event(
     )
 
 
-def worst_case_usage(model: ModelSpec, messages: Sequence[ChatMessage], max_tokens: int) -> Usage:
-    """The usage a call of unknown real usage is recorded as: its whole input (counted with the
-    model's tokenizer) and ``max_tokens`` out."""
-    return Usage(input_tokens=count_message_tokens(model.tokenizer, messages), output_tokens=max_tokens)
+def worst_case_usage(
+    model: ModelSpec, messages: Sequence[ChatMessage], max_tokens: int, tools: Sequence[Tool] | None = None
+) -> Usage:
+    """The usage a call of unknown real usage is recorded as: its whole input (messages and the tools
+    offered, counted with the model's tokenizer) and ``max_tokens`` out."""
+    return Usage(input_tokens=count_prompt_tokens(model.tokenizer, messages, tools), output_tokens=max_tokens)
