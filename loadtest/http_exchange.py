@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import h11
 
-from loadtest.httpload import Post
+from loadtest.httpload import H11Exchange, Post
 
 
 @dataclass(frozen=True)
@@ -27,84 +27,29 @@ class Answer:
     first_byte: float | None  # perf_counter time of the first body byte; None: an empty body
 
 
-class _Connection(asyncio.Protocol):
-    def __init__(self) -> None:
-        self._transport: asyncio.Transport | None = None
-        self._http = h11.Connection(our_role=h11.CLIENT)
-        self._reply: asyncio.Future[Answer] | None = None
+class _Connection(H11Exchange[Answer]):
+    """The replay's connection: keeps the whole answer."""
+
+    def _begin(self) -> None:
         self._status = 0
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._first_byte: float | None = None
-        self.open = True
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+    def _on_response(self, response: h11.Response) -> None:
+        self._status = response.status_code
+        self._headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in response.headers}
+
+    def _on_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._first_byte is None and data:
+            self._first_byte = time.perf_counter()
+        self._body.append(bytes(data))
+
+    def _result(self) -> Answer:
+        return Answer(self._status, self._headers, b"".join(self._body), self._first_byte)
 
     def exchange(self, post: Post) -> asyncio.Future[Answer]:
-        assert self._transport is not None
-        self._reply = asyncio.get_running_loop().create_future()
-        self._status, self._headers, self._body, self._first_byte = 0, {}, [], None
-        self._transport.write(
-            self._http.send(post.request) + self._http.send(post.body) + self._http.send(h11.EndOfMessage())
-        )
-        return self._reply
-
-    def data_received(self, data: bytes) -> None:
-        self._http.receive_data(data)
-        self._read_events()
-
-    def eof_received(self) -> bool:
-        self._http.receive_data(b"")
-        self._read_events()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.open = False
-        self._fail(exc or ConnectionResetError("connection closed before the response ended"))
-
-    def close(self) -> None:
-        self.open = False
-        if self._transport is not None:
-            self._transport.close()
-
-    def _read_events(self) -> None:
-        while True:
-            try:
-                event = self._http.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._fail(exc)
-                self.close()
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Response):
-                self._status = event.status_code
-                self._headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}
-            elif isinstance(event, h11.Data):
-                if self._first_byte is None and event.data:
-                    self._first_byte = time.perf_counter()
-                self._body.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                self._end_exchange()
-                return
-            elif isinstance(event, h11.ConnectionClosed):
-                self._fail(ConnectionResetError("connection closed before the response ended"))
-                self.close()
-                return
-
-    def _end_exchange(self) -> None:
-        if self._http.our_state is h11.DONE and self._http.their_state is h11.DONE:
-            self._http.start_next_cycle()
-        else:  # the server asked to close
-            self.close()
-        if self._reply is not None and not self._reply.done():
-            self._reply.set_result(Answer(self._status, self._headers, b"".join(self._body), self._first_byte))
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._reply is not None and not self._reply.done():
-            self._reply.set_exception(exc)
+        return self.send(post.request, post.body)
 
 
 class Pool:

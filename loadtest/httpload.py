@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 import h11
@@ -67,30 +68,33 @@ class Post:
         return h11.Data(data=bytes(self.body.data).replace(self.marker, number))
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection carrying one exchange at a time."""
+R = TypeVar("R")
+
+
+class H11Exchange(asyncio.Protocol, Generic[R]):
+    """One keep-alive HTTP/1.1 connection carrying one exchange at a time, h11 parsing the response.
+
+    A subclass keeps what it needs of each response through the hooks (``_begin``, ``_on_response``,
+    ``_on_data``, ``_result``): the benchmark's ``_Connection`` only the status and the first body
+    byte's time, the replay's (loadtest/http_exchange.py) the whole answer.
+    """
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
         self._http = h11.Connection(our_role=h11.CLIENT)
-        self._status = 0
-        self._first_byte = 0.0
-        self._reply: asyncio.Future[tuple[int, float]] | None = None
+        self._reply: asyncio.Future[R] | None = None
         self.open = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
 
-    def exchange(self, post: Post, body: h11.Data) -> asyncio.Future[tuple[int, float]]:
-        """Send ``post`` with ``body``; the future is the response's status and the perf_counter time
-        its first body byte arrived (0.0: an empty body), once the whole body has arrived."""
+    def send(self, request: h11.Request, body: h11.Data) -> asyncio.Future[R]:
+        """Send one request; the future is the subclass's ``_result`` once the whole response arrived."""
         assert self._transport is not None
         self._reply = asyncio.get_running_loop().create_future()
-        self._first_byte = 0.0
-        self._transport.write(
-            self._http.send(post.request) + self._http.send(body) + self._http.send(h11.EndOfMessage())
-        )
+        self._begin()
+        self._transport.write(self._http.send(request) + self._http.send(body) + self._http.send(h11.EndOfMessage()))
         return self._reply
 
     def data_received(self, data: bytes) -> None:
@@ -123,10 +127,9 @@ class _Connection(asyncio.Protocol):
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
             if isinstance(event, h11.Response):
-                self._status = event.status_code
+                self._on_response(event)
             elif isinstance(event, h11.Data):
-                if not self._first_byte and event.data:
-                    self._first_byte = time.perf_counter()
+                self._on_data(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 self._end_exchange()
                 return
@@ -141,11 +144,46 @@ class _Connection(asyncio.Protocol):
         else:  # the server asked to close (Connection: close, HTTP/1.0)
             self.close()
         if self._reply is not None and not self._reply.done():
-            self._reply.set_result((self._status, self._first_byte))
+            self._reply.set_result(self._result())
 
     def _fail(self, exc: BaseException) -> None:
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(exc)
+
+    def _begin(self) -> None:
+        """A new exchange starts: forget the last response."""
+
+    def _on_response(self, response: h11.Response) -> None:
+        """The status line and headers arrived."""
+
+    def _on_data(self, data: bytes | bytearray | memoryview) -> None:
+        """A piece of the body arrived."""
+
+    def _result(self) -> R:
+        raise NotImplementedError
+
+
+class _Connection(H11Exchange[tuple[int, float]]):
+    """The benchmark's connection: keeps only the status and the first body byte's time."""
+
+    def _begin(self) -> None:
+        self._status = 0
+        self._first_byte = 0.0
+
+    def _on_response(self, response: h11.Response) -> None:
+        self._status = response.status_code
+
+    def _on_data(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._first_byte and data:
+            self._first_byte = time.perf_counter()
+
+    def _result(self) -> tuple[int, float]:
+        return self._status, self._first_byte
+
+    def exchange(self, post: Post, body: h11.Data) -> asyncio.Future[tuple[int, float]]:
+        """Send ``post`` with ``body``; the future is the response's status and the perf_counter time
+        its first body byte arrived (0.0: an empty body), once the whole body has arrived."""
+        return self.send(post.request, body)
 
 
 class Client:
