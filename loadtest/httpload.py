@@ -18,6 +18,7 @@ server's exact-match cache never answers in the upstream's place."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import time
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class Post:
 R = TypeVar("R")
 
 
-class H11Exchange(asyncio.Protocol, Generic[R]):
+class H11Exchange(asyncio.Protocol, Generic[R], abc.ABC):
     """One keep-alive HTTP/1.1 connection carrying one exchange at a time, h11 parsing the response.
 
     A subclass keeps what it needs of each response through the hooks (``_begin``, ``_on_response``,
@@ -159,8 +160,9 @@ class H11Exchange(asyncio.Protocol, Generic[R]):
     def _on_data(self, data: bytes | bytearray | memoryview) -> None:
         """A piece of the body arrived."""
 
+    @abc.abstractmethod
     def _result(self) -> R:
-        raise NotImplementedError
+        """What the exchange's future resolves to, once the whole response arrived."""
 
 
 class _Connection(H11Exchange[tuple[int, float]]):
