@@ -268,6 +268,10 @@ class TaskEvent(WireMessage, kw_only=True):
     calls: Annotated[
         int, Meta(description="Model calls the task has sent so far, retries included (a running total).")
     ] = 0
+    agent: Annotated[
+        str,
+        Meta(description="The agent service that runs the step (an agent step's AgentRequest.agent); empty: none."),
+    ] = ""
 
 
 class StepRequest(WireMessage, kw_only=True):
@@ -328,6 +332,13 @@ class StepRequest(WireMessage, kw_only=True):
             "gateway sends a virtual key's for its frugalmesh/auto calls); empty: the tenant's or workflow's."
         ),
     ] = ""
+    agent: Annotated[
+        str,
+        Meta(
+            description="The agent service making the call (its name, AgentRequest.agent): its usage row is "
+            "metered with it, and layer 2 counts its calls per task; empty: the planner's or the gateway's call."
+        ),
+    ] = ""
 
 
 class InferenceRequest(WireMessage, kw_only=True):
@@ -385,6 +396,9 @@ class InferenceRequest(WireMessage, kw_only=True):
             "this call was meant for, so the usage row says the call spilled over; empty otherwise."
         ),
     ] = ""
+    agent: Annotated[
+        str, Meta(description="The agent service that made the call (StepRequest.agent); empty: none.")
+    ] = ""
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -398,7 +412,9 @@ class Usage(msgspec.Struct, kw_only=True):
     output_tokens: Annotated[int, Meta(description="Generated tokens.")] = 0
 
 
-ErrorKind = Literal["invalid", "timeout", "killed", "refused", "provider", "unavailable", "pinning", "cancelled"]
+ErrorKind = Literal[
+    "invalid", "timeout", "killed", "refused", "provider", "unavailable", "pinning", "cancelled", "agent"
+]
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):
@@ -409,7 +425,8 @@ class ErrorInfo(msgspec.Struct, kw_only=True):
         Meta(
             description="The class of failure: invalid (a bad request or reply), timeout (the deadline passed), "
             "killed (the kill switch), refused (a cap, pacing or throttling), provider (the model's provider "
-            "failed), unavailable (no service or provider answered), pinning (the model cannot run as asked)."
+            "failed), unavailable (no service or provider answered), pinning (the model cannot run as asked), "
+            "cancelled (the caller went away), agent (an agent service failed its step)."
         ),
     ]
     message: Annotated[str, Meta(description="What went wrong, in words, for people and logs.")]
@@ -569,6 +586,9 @@ class UsageEvent(WireMessage, kw_only=True):
     ] = ""
     key_id: Annotated[
         str, Meta(description="The virtual key the call came in with (VirtualKey.id); empty: not a gateway call.")
+    ] = ""
+    agent: Annotated[
+        str, Meta(description="The agent service that made the call (StepRequest.agent); empty: not an agent's call.")
     ] = ""
 
 
@@ -880,6 +900,105 @@ class VirtualKey(WireMessage, kw_only=True):
     by: Annotated[str, Meta(description="Who created it (the CLI sends the user's login name).")] = ""
 
 
+class AgentRequest(WireMessage, kw_only=True):
+    """The planner hands one step to an agent service (``mesh.agent.<name>``, request/reply, queue group
+    ``<name>``: replicas share the work). Every field is the planner's. The agent answers AgentResult,
+    or a Rejection for a request it cannot read. Its own model calls are StepRequests to the router with
+    this task, tenant, deadline and allow-list (and ``agent`` set), so the task's budget binds them."""
+
+    task_id: Annotated[str, Meta(description="The task the step belongs to (Task.id); also the Mesh-Task header.")]
+    step_id: Annotated[
+        str,
+        Meta(description="The step's id in the task (a workflow step id; <step>[<i>] for item i of a for_each)."),
+    ]
+    tenant: Annotated[
+        str, Meta(description="The task's tenant (also the Mesh-Tenant header); its caps bind the agent's calls.")
+    ] = "default"
+    workflow: Annotated[str, Meta(description="The task's workflow (Task.workflow).")] = ""
+    agent: Annotated[str, Meta(description="The agent asked (the step's agent name, the subject's last token).")]
+    goal: Annotated[str, Meta(description="The task's goal in words (Task.goal).")] = ""
+    inputs: Annotated[
+        list[ArtifactRef],
+        Meta(
+            description="What the step works on: for a for_each step, the one task input of this request; "
+            "otherwise the task's inputs (Task.inputs), often none. Read them on mesh.artifact.get."
+        ),
+    ] = []
+    needs: Annotated[
+        dict[str, ArtifactRef],
+        Meta(description="The artifacts of the steps this one needs, by step id (the workflow's needs)."),
+    ] = {}
+    params: Annotated[
+        dict[str, Any], Meta(description="The step's params table from the workflow file, as written.")
+    ] = {}
+    artifact: Annotated[
+        str,
+        Meta(
+            description="The artifact type the step must produce (schemas/artifacts.py): one of the returned "
+            "artifacts must be of it, valid for it, or the step is invalid."
+        ),
+    ]
+    budget_left_usd: Annotated[
+        float | None,
+        Meta(
+            description="What the task may still spend when the step starts, in USD (the task's cap less what "
+            "was spent and what other steps hold); null: no task cap. A call past it is refused."
+        ),
+    ] = None
+    task_budget_usd: Annotated[
+        float | None,
+        Meta(
+            description="The task's whole cap in USD (Task.budget_usd, the Mesh-Budget header): send it on as "
+            "Mesh-Budget with every model call, which the router reserves against; null: no task cap."
+        ),
+    ] = None
+    deadline_ms: Annotated[
+        int,
+        Meta(
+            description="When the step must be answered, ms since the Unix epoch (also the Mesh-Deadline header): "
+            "the task's deadline or the step's timeout_s, whichever is first. The planner stops waiting then."
+        ),
+    ]
+    allow_models: Annotated[
+        list[str] | None,
+        Meta(
+            description="The models the agent's calls may run on (the task's allow-list narrowed by the step's); "
+            "null: any. Send it as StepRequest.allow_models: the router never leaves it."
+        ),
+    ] = None
+    attempt: Annotated[
+        int, Meta(description="Which try of this step it is, from 1 (a retry goes to any live instance).")
+    ] = 1
+
+
+class AgentResult(WireMessage, kw_only=True):
+    """An agent's answer to an AgentRequest: the artifacts it stored, or why it could not finish (with
+    whatever it stored before that). The cost and calls are the agent's own account of its model calls,
+    for the task's running totals; the usage rows stay the bill."""
+
+    artifacts: Annotated[
+        list[ArtifactRef],
+        Meta(
+            description="The artifacts the agent stored for the step (mesh.artifact.put), best last; on "
+            "success, the last one of the requested type is the step's result."
+        ),
+    ] = []
+    error: Annotated[
+        ErrorInfo | None,
+        Meta(
+            description="Why the step could not finish; null on success. refused / killed / timeout when a "
+            "defence stopped the agent's calls, invalid for unusable input, agent for its own failure "
+            "(retryable: another try may succeed)."
+        ),
+    ] = None
+    cost_usd: Annotated[
+        float, Meta(description="What the agent's model calls for this request cost, in USD (their results' sum).")
+    ] = 0.0
+    calls: Annotated[
+        list[str], Meta(description="The ids of the agent's model calls for this request (InferenceResult.call_id).")
+    ] = []
+
+
 # Every message a non-Python agent may need a JSON Schema for, by name.
 WIRE_MESSAGES: tuple[type[WireMessage], ...] = (
     Rejection,
@@ -903,4 +1022,6 @@ WIRE_MESSAGES: tuple[type[WireMessage], ...] = (
     ArtifactGet,
     ArtifactReply,
     DeadLetter,
+    AgentRequest,
+    AgentResult,
 )

@@ -165,6 +165,10 @@ class Subjects:
     def dlq_all(self) -> str:
         return f"{self.prefix}.dlq.>"
 
+    # -- agent services (request/reply, queue group per agent name) --
+    def agent(self, name: str) -> str:
+        return f"{self.prefix}.agent.{token(name)}"
+
     # -- benchmarks' raw request/reply echo (loadtest/bench) --
     @property
     def bench_echo(self) -> str:
@@ -211,6 +215,27 @@ def control_pace_key(tenant: str) -> str:
     """The control bucket's key for ``tenant``'s latest PaceSignal."""
     return f"{CONTROL_PACE_KEYS}{tenant}"
 
+
+# NATS's service framework (ADR-32, nats.micro): every agent instance is a micro service named after its
+# agent, answering $SRV.PING|INFO|STATS[.<name>[.<id>]]; the `nats` CLI's `micro ls` lists agents too.
+SRV_API = "$SRV"
+SRV_PING = "PING"
+SRV_INFO = "INFO"
+SRV_STATS = "STATS"
+
+
+def service_subject(verb: str, name: str = "", instance: str = "") -> str:
+    """``$SRV.<verb>``, narrowed to one service name and one instance when given."""
+    return ".".join(part for part in (SRV_API, verb, name, instance) if part)
+
+
+# An agent's micro-service metadata (strings, as ADR-32 has them): what the registry and the pre-flight read.
+AGENT_META_PREFIX = "frugalmesh_prefix"  # the mesh it serves: agents of other meshes on the account are not its
+AGENT_META_CONSUMES = "consumes"  # artifact types it reads, comma-separated
+AGENT_META_PRODUCES = "produces"  # artifact types it writes, comma-separated
+AGENT_META_COST_USD = "cost_usd"  # declared: typical cost of one request, USD
+AGENT_META_LATENCY_S = "latency_s"  # declared: typical time of one request, seconds
+AGENT_META_SUCCESS = "success_rate"  # declared: share of requests answered with an artifact, 0 to 1
 
 # Durable consumers, each shared by its service's replicas (names are not prefixed: they live in a prefixed stream).
 DURABLE_PLANNER = "planner"  # STREAM_TASKS

@@ -10,7 +10,9 @@ nats-py connection underneath:
 - ``key_value`` / ``object_store``: one get-or-create declarer for every bucket;
 - ``pull``: a durable consumer fetched in real batches (``services.runtime.pull``);
 - ``subscribe_core``: a plain subscription for the two measured hot paths (reserve and settle),
-  where FastStream's per-message work cost several times the decision itself.
+  where FastStream's per-message work cost several times the decision itself;
+- ``add_service`` / ``gather``: NATS's own service framework (ADR-32, ``nats.micro``), on which
+  agent services register, and the many-replies request that discovers them.
 
 Handlers take the raw ``Message`` and decode with msgspec themselves (``Bus.decode``), so a
 malformed or schema-invalid message never reaches service code: it goes whole to
@@ -39,6 +41,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
+from nats.micro import Service, ServiceConfig, add_service
 
 from schemas.messages import DeadLetter, ErrorInfo, ErrorKind, Rejection, UsageEvent
 from schemas.subjects import HEADER_MSG_ID, STREAM_DLQ, STREAM_USAGE
@@ -283,6 +286,30 @@ class Bus:
 
     def new_inbox(self) -> str:
         return self._nc.new_inbox()
+
+    # -- NATS micro services (ADR-32) --
+
+    async def add_service(self, config: ServiceConfig) -> Service:
+        """Start a NATS micro service on this connection (``stop`` it before closing): it answers
+        ``$SRV.PING|INFO|STATS`` and serves the endpoints added to it."""
+        return await add_service(self._nc, config)
+
+    async def gather(self, subject: str, window_s: float) -> list[bytes]:
+        """Every reply to one request on ``subject`` that arrives within ``window_s``: a request many
+        answer (``$SRV.INFO``: every instance of every service describes itself)."""
+        inbox = self.new_inbox()
+        replies: list[bytes] = []
+
+        async def keep(msg: Msg) -> None:
+            replies.append(msg.data)
+
+        subscription = await self._nc.subscribe(inbox, cb=keep)
+        try:
+            await self._nc.publish(subject, b"", reply=inbox)
+            await asyncio.sleep(window_s)
+        finally:
+            await subscription.unsubscribe()
+        return replies
 
     def pull(
         self,
