@@ -39,10 +39,15 @@ class Prompt(ArtifactBody, kw_only=True):
 
 
 class Answer(ArtifactBody, kw_only=True):
-    """A model's answer to the task goal."""
+    """An answer to the task goal, by a model or an agent."""
 
     text: str
-    model: str
+    model: Annotated[
+        str,
+        msgspec.Meta(
+            description="The model that wrote it; empty when an agent composed it (its calls name the models)."
+        ),
+    ] = ""
     graded: Annotated[
         bool | None,
         msgspec.Meta(description="Replay backends only: whether the recorded answer was graded correct; else null."),

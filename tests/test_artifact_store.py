@@ -90,8 +90,8 @@ async def test_invalid_body_is_refused_with_reason_and_dead_lettered(settings, s
     js = nc.jetstream()
     dlq = await js.subscribe(settings.subjects.dlq("artifact-store"), stream=settings.subjects.stream(STREAM_DLQ))
 
-    missing = await put_artifact(nc, settings, Artifact(type="answer", body={"text": "no model"}))
-    assert missing.ref is None and "invalid 'answer' body" in missing.error and "model" in missing.error
+    missing = await put_artifact(nc, settings, Artifact(type="answer", body={"model": "m"}))
+    assert missing.ref is None and "invalid 'answer' body" in missing.error and "text" in missing.error
 
     maybe = Artifact(type="review", body={"text": "x", "model": "m", "verdict": "maybe"})
     bad_verdict = await put_artifact(nc, settings, maybe)
@@ -101,7 +101,7 @@ async def test_invalid_body_is_refused_with_reason_and_dead_lettered(settings, s
     assert extra.ref is None and "surprise" in extra.error
 
     letter = msgspec.json.decode((await dlq.next_msg(timeout=5)).data, type=DeadLetter)
-    assert letter.subject == settings.subjects.artifact_put and "model" in letter.error
+    assert letter.subject == settings.subjects.artifact_put and "text" in letter.error
     await dlq.unsubscribe()
 
     # The service goes on.

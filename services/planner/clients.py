@@ -1,9 +1,13 @@
-"""The planner's two request/reply clients: the router (one model call) and the artifact store.
+"""The planner's request/reply clients: the router (one model call), agent services (one agent step)
+and the artifact store.
 
-Both turn what goes wrong on the wire into ``StepFailed``, with the kind a task's outcome is
+Each turns what goes wrong on the wire into ``StepFailed``, with the kind a task's outcome is
 decided on. A router nobody answers is ``unavailable`` and retryable (it may be restarting); one
 that answers after the deadline is ``timeout``; a router's refusal keeps the router's kind and
-retryability. An artifact store that does not answer, or answers something else, fails the step.
+retryability. An agent nobody answers is ``unavailable``, one that does not answer in time is
+``timeout``: both retryable (another instance may take the next try); one that cannot read the
+request rejects it (``invalid``). An artifact store that does not answer, or answers something
+else, fails the step.
 """
 
 from __future__ import annotations
@@ -14,10 +18,19 @@ import msgspec
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from schemas.messages import Artifact, ArtifactGet, ArtifactRef, ArtifactReply, InferenceResult, StepRequest
+from schemas.messages import (
+    AgentRequest,
+    AgentResult,
+    Artifact,
+    ArtifactGet,
+    ArtifactRef,
+    ArtifactReply,
+    InferenceResult,
+    StepRequest,
+)
 from schemas.subjects import HEADER_BUDGET, HEADER_DEADLINE, HEADER_TASK, HEADER_TENANT
 from services.planner.state import StepFailed, TaskState
-from services.runtime.bus import Bus, Rejected
+from services.runtime.bus import Bus, Rejected, now_ms
 
 
 class RouterClient:
@@ -32,14 +45,10 @@ class RouterClient:
 
         The call is counted in ``state.calls`` when sent, and uncounted when no router took it or the
         router refused it: only a call that may have been metered counts."""
-        task = state.task
         timeout_s = state.left_s()
         if timeout_s <= 0:
             raise StepFailed("deadline exceeded before the call", kind="timeout")
-        headers = {HEADER_DEADLINE: str(state.deadline_ms), HEADER_TASK: task.id, HEADER_TENANT: task.tenant}
-        if task.budget_usd is not None:
-            # The router reserves against the task's cap; a decimal string, never "1e-05".
-            headers[HEADER_BUDGET] = format(Decimal(repr(task.budget_usd)), "f")
+        headers = task_headers(state, state.deadline_ms)
         # Counted when sent: a call the deadline cancels in flight is still metered by the services.
         state.calls += 1
         try:
@@ -61,6 +70,44 @@ class RouterClient:
         except msgspec.DecodeError as exc:
             state.calls -= 1  # whatever answered, it was no inference the router metered
             raise StepFailed(f"the router's reply is neither a result nor an error: {exc}", kind="invalid") from None
+
+
+class AgentClient:
+    """Sends an agent step's ``AgentRequest`` to ``mesh.agent.<name>`` and waits until its deadline."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def call(self, state: TaskState, request: AgentRequest) -> AgentResult:
+        """The agent's result; StepFailed when no instance answers in time or the agent rejects the request."""
+        name = request.agent
+        timeout_s = (request.deadline_ms - now_ms()) / 1000
+        if timeout_s <= 0:
+            raise StepFailed(f"deadline exceeded before agent {name!r} was asked", kind="timeout")
+        headers = task_headers(state, request.deadline_ms)
+        try:
+            subject = self.bus.subjects.agent(name)
+            return await self.bus.request(subject, request, AgentResult, timeout_s, headers=headers)
+        except NoRespondersError:
+            raise StepFailed(f"no instance of agent {name!r} is answering", "unavailable", retryable=True) from None
+        except NatsTimeoutError:
+            raise StepFailed(
+                f"agent {name!r} did not answer within {timeout_s:.1f} s", kind="timeout", retryable=True
+            ) from None
+        except Rejected as rejected:
+            raise StepFailed(f"agent {name!r} rejected the request: {rejected.error.message}", kind="invalid") from None
+        except msgspec.DecodeError as exc:
+            raise StepFailed(f"agent {name!r} answered no AgentResult and no Rejection: {exc}", "invalid") from None
+
+
+def task_headers(state: TaskState, deadline_ms: int) -> dict[str, str]:
+    """The headers every request of a task's step carries: its deadline, task, tenant and budget cap."""
+    task = state.task
+    headers = {HEADER_DEADLINE: str(deadline_ms), HEADER_TASK: task.id, HEADER_TENANT: task.tenant}
+    if task.budget_usd is not None:
+        # The router reserves against the task's cap; a decimal string, never "1e-05".
+        headers[HEADER_BUDGET] = format(Decimal(repr(task.budget_usd)), "f")
+    return headers
 
 
 class ArtifactClient:

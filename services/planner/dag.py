@@ -8,7 +8,8 @@ is spent, no new step starts and the ones in flight finish (their artifacts coun
 ``partial``). The deadline cancels whatever is still running, and the terminal event's detail
 says ``timeout``.
 
-Before any call the task must pass the pre-flight estimate and have attempts left today; a defence
+Before any call every agent the workflow names must have a live instance, and the task must pass the
+pre-flight estimate and have attempts left today; a defence
 that stops it (services/planner/guards.py, antiloop.py) is a ``refused`` event with its reason just
 before the terminal event. A refusal never overruns: the task ends ``partial`` with the best
 artifact so far, or ``failed`` when there is none. A reservation the router could not get (error
@@ -20,8 +21,9 @@ from __future__ import annotations
 import asyncio
 
 from schemas.messages import ArtifactRef, Task, TaskEventKind
+from services.planner.agent_steps import AgentSteps, live_agents
 from services.planner.antiloop import AttemptCounter
-from services.planner.clients import ArtifactClient, RouterClient
+from services.planner.clients import AgentClient, ArtifactClient, RouterClient
 from services.planner.config import Limits
 from services.planner.events import EventPublisher
 from services.planner.guards import CallGuard, over_budget, preflight_refusal
@@ -47,6 +49,7 @@ class Planner:
     ) -> None:
         if max_fanout < 1:
             raise ValueError(f"max_fanout must be at least 1, not {max_fanout}")
+        self.bus = bus
         self.workflows = workflows
         self.max_fanout = max_fanout
         self.preflight = preflight
@@ -56,7 +59,8 @@ class Planner:
         self.events = EventPublisher(bus, self.timeout_s)
         calls = CallGuard(RouterClient(bus), preflight, limits)
         structured = StructuredOutput(calls, self.events, preflight.catalog)
-        self.steps = StepRunner(calls, structured, self.artifacts, self.events, limits)
+        agents = AgentSteps(AgentClient(bus), self.artifacts)
+        self.steps = StepRunner(calls, structured, self.artifacts, self.events, limits, agents)
 
     async def run(self, task: Task, schedule_run: str = "") -> TaskEventKind:
         """Run ``task`` to its terminal event and return that event's kind.
@@ -86,8 +90,10 @@ class Planner:
         if problem is not None:
             await emit(task, "failed", detail=problem)
             return "failed"
-        # The estimate first: it costs nothing, while a claim uses up one of the day's attempts.
-        refusal = preflight_refusal(self.preflight, state, self.fanout(workflow))
+        # The agents and the estimate first: they cost nothing, while a claim uses up one of the day's attempts.
+        agents, refusal = await live_agents(self.bus, workflow)
+        if refusal is None:
+            refusal = preflight_refusal(self.preflight, state, self.fanout(workflow), agents)
         if refusal is None:
             refusal = await self.attempts.claim(task, schedule_run)
         if refusal is not None:

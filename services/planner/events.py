@@ -38,8 +38,10 @@ class EventPublisher:
         detail: str = "",
         artifact: ArtifactRef | None = None,
         state: TaskState | None = None,
+        agent: str = "",
     ) -> None:
-        """Publish one event of ``task``; its cost and calls so far come from ``state`` when given."""
+        """Publish one event of ``task``; its cost and calls so far come from ``state`` when given;
+        ``agent``: the agent service running the step."""
         event = TaskEvent(
             task_id=task.id,
             kind=kind,
@@ -51,6 +53,7 @@ class EventPublisher:
             artifact=artifact,
             cost_usd=state.cost_usd if state else 0.0,
             calls=state.calls if state else 0,
+            agent=agent,
         )
         subject, stream = self.subjects.task_event(task.id), self.subjects.stream(STREAM_TASK_EVENTS)
         if kind not in TERMINAL_EVENTS:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Mapping
 
 import msgspec
 
@@ -26,7 +27,7 @@ from schemas.messages import InferenceResult, StepRequest
 from services.planner.clients import RouterClient
 from services.planner.config import Limits
 from services.planner.estimate import fits
-from services.planner.preflight import Preflight, describe
+from services.planner.preflight import AgentFigures, Preflight, describe
 from services.planner.prompts import artifact_text, distinct
 from services.planner.state import StepFailed, TaskState
 from services.routing.table import PinningError
@@ -35,8 +36,11 @@ from services.routing.table import PinningError
 NO_RESPONDERS_PAUSE_S = 0.2
 
 
-def preflight_refusal(preflight: Preflight, state: TaskState, fanout: int) -> str | None:
-    """Why the plan cannot fit the task's budget or remaining time, or None when it can."""
+def preflight_refusal(
+    preflight: Preflight, state: TaskState, fanout: int, agents: Mapping[str, AgentFigures | None]
+) -> str | None:
+    """Why the plan cannot fit the task's budget or remaining time, or None when it can (``agents``:
+    the figures of the live agents its agent steps name)."""
     task = state.task
     try:
         steps = preflight.steps(
@@ -46,6 +50,7 @@ def preflight_refusal(preflight: Preflight, state: TaskState, fanout: int) -> st
             task.max_tokens,
             items=[artifact_text(a) for a in distinct(state.inputs)],
             fanout=fanout,
+            agents=agents,
         )
     except PinningError as exc:
         return f"pre-flight estimate: {exc}"

@@ -13,8 +13,13 @@ what one call of it costs, takes and achieves. ``estimate.py`` turns them into t
   neither (the data is not here, a new model) makes the plan's reliability unknown (NaN): cost and
   latency, which are what the planner refuses on, are still known.
 
-A select step makes no call: $0, no time, always succeeds. Cache hits are not foreseen (the plan is
-priced as if every call were paid), and a looping step (``retry_if``) is priced once, like a retry.
+An agent step is priced with the agent's own figures for one request (cost, latency, success):
+declared in its registration, else measured by its instances (services/runtime/agents.py), its
+retries lifting its success like a model step's. An agent with neither is priced at $0 and no
+time, and makes the plan's reliability unknown: each of its calls is still reserved against the
+task's budget before it runs. A select step makes no call: $0, no time, always succeeds. Cache hits
+are not foreseen (the plan is priced as if every call were paid), and a looping step (``retry_if``)
+is priced once, like a retry.
 
 A step run once per task input (``for_each``) is N calls, one per distinct input: its cost is
 the sum of their worst cases (each prompt with its own input), its latency ``ceil(N / fanout)``
@@ -37,7 +42,7 @@ import msgspec
 from schemas.messages import ChatMessage, StepRequest
 from services.planner.config import PlannerConfig
 from services.planner.estimate import CallProfile, PlanEstimate, Step, estimate, plan_from_dag
-from services.planner.workflow import GOAL, ITEM, Workflow, allowed_models, render
+from services.planner.workflow import GOAL, ITEM, StepSpec, Workflow, allowed_models, render
 from services.routing.table import RoutingTable, pick_model, prompt_chars
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.data import DataNotFound, load_recorded_outcomes, resolve_data_dir
@@ -47,6 +52,8 @@ from services.runtime.tokens import count_message_tokens
 # characters, about 4 to a token in English (4.25 on the recorded prompts, in GPT-4's tokenizer).
 CHARS_PER_TOKEN = 4
 FREE = CallProfile(cost_usd=0.0, latency_s=0.0, p_success=1.0)
+# One agent request's cost (USD), latency (s) and success share (services/runtime/agents.py AgentInstance.figures).
+AgentFigures = tuple[float, float, float]
 
 
 @cache
@@ -142,14 +149,22 @@ class Preflight:
         *,
         items: Sequence[str] = (),
         fanout: int = 9,
+        agents: Mapping[str, AgentFigures | None] | None = None,
     ) -> list[StepEstimate]:
         """Each step priced; raises PinningError when the allow-list permits no model for a step.
 
         ``items``: the texts of the task's distinct inputs, which a for_each step runs once each;
-        ``fanout``: how many of those calls run at once."""
+        ``fanout``: how many of those calls run at once; ``agents``: each agent's figures for one
+        request (cost USD, latency s, success share), None when it has none."""
         out_tokens: dict[str, int] = {}
         estimates = []
         for spec in workflow.steps:
+            if spec.kind == "agent":
+                calls = len(items) if spec.for_each is not None else 1
+                figures = (agents or {}).get(spec.agent)
+                out_tokens[spec.id] = spec.max_tokens * calls
+                estimates.append(_agent_estimate(spec, figures, calls, fanout))
+                continue
             if spec.kind == "select":
                 out_tokens[spec.id] = max(out_tokens[need] for need in spec.needs)
                 estimates.append(StepEstimate(spec.id, tuple(spec.needs), None, 0, 0, Step(profile=FREE)))
@@ -231,6 +246,16 @@ class Preflight:
         model = self.table.choose(request, self.catalog)
         worst_usd = model.worst_case_cost(count_message_tokens(model.tokenizer, request.messages), request.max_tokens)
         return worst_usd, self.profiles[model.name][0]
+
+
+def _agent_estimate(spec: StepSpec, figures: AgentFigures | None, calls: int, fanout: int) -> StepEstimate:
+    """An agent step of ``calls`` requests (one per input of a for_each step), ``fanout`` at once."""
+    cost_usd, latency_s, p_success = figures or (0.0, 0.0, 1.0)
+    profile = CallProfile(
+        cost_usd=cost_usd * calls, latency_s=latency_s * math.ceil(calls / max(fanout, 1)), p_success=p_success**calls
+    )
+    step = Step(profile=profile, retries=(spec.retries or 0) if calls == 1 else 0)
+    return StepEstimate(spec.id, tuple(spec.needs), None, 0, 0, step, figures is not None, calls)
 
 
 def _user(text: str) -> ChatMessage:

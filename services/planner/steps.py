@@ -1,11 +1,13 @@
-"""The three kinds of step a workflow has, each producing one stored artifact.
+"""The kinds of step a workflow has, each producing one stored artifact.
 
 - A model step makes one call (more while its output matches ``retry_if``, up to the step's and
   the planner's ``max_loops``; a structured type goes through services/planner/structured.py).
 - A ``select`` step makes no call: it keeps the candidate its review accepted, or takes the
   corrected answer the review wrote.
-- A step run once per task input (``for_each``) makes one call per distinct input, each holding
-  one of the task's fan-out slots, so a task never has more calls in flight than its fan-out cap;
+- An agent step asks the agent service it names (services/planner/agent_steps.py), holding one
+  fan-out slot while the agent works.
+- A step run once per task input (``for_each``) makes one call (or agent request) per distinct
+  input, each holding one of the task's fan-out slots, so a task never has more calls in flight than its fan-out cap;
   once an item fails, no new item starts. Its result is a ``batch`` artifact of the items in the
   task's input order (an input given twice gets the same item).
 
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 
 from schemas.artifacts import ARTIFACT_TYPES, is_structured
 from schemas.messages import Artifact, ArtifactRef, InferenceResult, StepRequest
+from services.planner.agent_steps import AgentSteps
 from services.planner.clients import ArtifactClient
 from services.planner.config import Limits
 from services.planner.events import EventPublisher
@@ -42,7 +46,9 @@ class StepRunner:
         artifacts: ArtifactClient,
         events: EventPublisher,
         limits: Limits,
+        agents: AgentSteps,
     ) -> None:
+        self.agents = agents
         self.calls = calls
         self.structured = structured
         self.artifacts = artifacts
@@ -51,16 +57,21 @@ class StepRunner:
 
     async def run(self, state: TaskState, step: StepSpec) -> ArtifactRef:
         """The artifact of ``step`` (whose needs have theirs); raises StepFailed when it has none."""
-        await self.events.emit(state.task, "step_started", step_id=step.id, state=state)
-        inputs = {need: await self.artifacts.get(state.refs[need].id) for need in step.needs}
+        await self.events.emit(state.task, "step_started", step_id=step.id, state=state, agent=step.agent)
+        # An agent reads its needs itself, by reference.
+        needs = [] if step.kind == "agent" else step.needs
+        inputs = {need: await self.artifacts.get(state.refs[need].id) for need in needs}
         if step.kind == "select":
             ref = await self._select(state, step, inputs)
         elif step.for_each is not None:
             ref = await self._map_step(state, step, inputs)
+        elif step.kind == "agent":
+            async with state.slots:
+                ref = await self.agents.run(state, step, step.id)
         else:
             ref = await self._model_step(state, step, inputs)
         state.keep(ref)
-        await self.events.emit(state.task, "step_done", step_id=step.id, artifact=ref, state=state)
+        await self.events.emit(state.task, "step_done", step_id=step.id, artifact=ref, state=state, agent=step.agent)
         return ref
 
     async def _model_step(self, state: TaskState, step: StepSpec, inputs: dict[str, Artifact]) -> ArtifactRef:
@@ -78,9 +89,20 @@ class StepRunner:
         )
 
     async def _map_step(self, state: TaskState, step: StepSpec, inputs: dict[str, Artifact]) -> ArtifactRef:
-        """One call per distinct task input (an identical input gets the same artifact), at most the
-        fan-out cap at once; the result is a ``batch`` of the items in the task's input order."""
-        values = await placeholder_values(self.artifacts, state, inputs)
+        """One call (agent request) per distinct task input (an identical input gets the same artifact), at
+        most the fan-out cap at once; the result is a ``batch`` of the items in the task's input order."""
+        produce: Callable[[int, Artifact], Awaitable[ArtifactRef]]
+        if step.kind == "agent":
+
+            async def produce(position: int, item: Artifact) -> ArtifactRef:
+                ref = ArtifactRef(id=item.id, type=item.type)
+                return await self.agents.run(state, step, f"{step.id}[{position}]", ref)
+        else:
+            values = await placeholder_values(self.artifacts, state, inputs)
+
+            async def produce(position: int, item: Artifact) -> ArtifactRef:
+                return await self._item(state, step, position, item, values)
+
         first_at: dict[str, int] = {}
         for position, artifact in enumerate(state.inputs):
             first_at.setdefault(artifact.id, position)
@@ -92,7 +114,7 @@ class StepRunner:
                 if stopped:
                     raise _Skipped()
                 try:
-                    return await self._item(state, step, first_at[input_id], by_id[input_id], values)
+                    return await produce(first_at[input_id], by_id[input_id])
                 except StepFailed as exc:
                     stopped.append(exc)
                     raise

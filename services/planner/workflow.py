@@ -1,10 +1,17 @@
 """Workflows are data: ``deploy/workflows/<name>.toml`` describes a DAG of steps.
 
-A step is either a model step (``kind = "model"``: one StepRequest to the router, its output
-stored as an artifact of the step's type) or a ``select`` step (no model call: it keeps the
-candidate its review accepted, or takes the review's corrected answer). Message templates may
-use ``{goal}`` (the task goal) and ``{<step id>}`` (the ``text`` of that step's artifact, which
-must then be one of the step's ``needs``).
+A step is a model step (``kind = "model"``: one StepRequest to the router, its output stored as
+an artifact of the step's type), a ``select`` step (no model call: it keeps the candidate its review
+accepted, or takes the review's corrected answer) or an agent step (``kind = "agent"``: one
+AgentRequest to the agent service ``agent`` on ``mesh.agent.<agent>``, with the step's ``params``,
+the artifacts of its ``needs`` and its deadline; the agent stores the artifact itself and its own
+model calls are calls of the task: docs/agents.md). Message templates may use ``{goal}`` (the task
+goal) and ``{<step id>}`` (the ``text`` of that step's artifact, which must then be one of the
+step's ``needs``).
+
+An agent step waits ``timeout_s`` at most (never past the task's deadline); one the agent does not
+answer in time, or answers with a retryable error, is sent again up to ``retries`` times (any live
+instance may take it).
 
 A model step may loop: with ``retry_if`` (a regular expression) it runs again, with the same
 request, while its output matches, at most ``max_loops`` more times (the planner caps that at its
@@ -37,12 +44,13 @@ import graphlib
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 from schemas.artifacts import ARTIFACT_TYPES, is_structured
 from schemas.messages import ChatMessage, Tier
+from schemas.subjects import token
 
 GOAL = "goal"
 # Replay backends find the recorded answer by the prompt, so the first user message of every
@@ -56,6 +64,8 @@ BATCH = "batch"
 ForEach = Literal["inputs"]
 # An output that fails its schema is asked again this many times unless the step says otherwise.
 DEFAULT_INVALID_RETRIES = 1
+# An agent step is sent again at most this many times: each try may run the agent's whole loop.
+MAX_AGENT_RETRIES = 5
 
 _STEP_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_-]*)\}")
@@ -70,7 +80,7 @@ class StepSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     id: str
     artifact: str
-    kind: Literal["model", "select"] = "model"
+    kind: Literal["model", "select", "agent"] = "model"
     # Model steps: the role the router routes on, and the prompt.
     role: str = ""
     messages: list[ChatMessage] = []
@@ -87,6 +97,12 @@ class StepSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # and the tier it then goes to once (None: the step fails instead).
     invalid_retries: int | None = None
     escalate_to: Tier | None = None
+    # Agent steps: the agent service, its parameters (handed over as written), how often a try that
+    # timed out or failed retryably is sent again, and how long one try may take (None: the task's deadline).
+    agent: str = ""
+    params: dict[str, Any] = {}
+    retries: int | None = None
+    timeout_s: float | None = None
 
     @property
     def retries_when_invalid(self) -> int:
@@ -189,13 +205,36 @@ def _step_problems(step: StepSpec, by_id: dict[str, StepSpec]) -> list[str]:
                 f"invalid_retries and escalate_to need a structured artifact type (one a model writes as JSON), "
                 f"not {step.artifact!r}"
             )
+    if step.kind != "agent" and (step.agent or step.params or step.retries is not None or step.timeout_s is not None):
+        problems.append("agent, params, retries and timeout_s are for agent steps (kind = \"agent\")")
     if step.kind == "model":
         problems.extend(_model_step_problems(step))
+    elif step.kind == "agent":
+        problems.extend(_agent_step_problems(step))
     else:
         if step.for_each is not None or step.allow_models is not None or step.escalate_to is not None:
             problems.append("a select step makes no model call: it takes no for_each, allow_models or escalate_to")
         if not unknown:
             problems.extend(_select_step_problems(step, by_id))
+    return problems
+
+
+def _agent_step_problems(step: StepSpec) -> list[str]:
+    problems: list[str] = []
+    try:
+        token(step.agent)
+    except ValueError:
+        problems.append(f"agent must name the agent service (letters, digits, '-', '_'), not {step.agent!r}")
+    if step.role or step.messages or step.retry_if is not None or step.escalate_to is not None:
+        problems.append("an agent step sends no prompt of its own: it takes no role, messages, retry_if or escalate_to")
+    if step.invalid_retries is not None:
+        problems.append("an agent step takes no invalid_retries: an invalid artifact fails it")
+    if step.retries is not None and not 0 <= step.retries <= MAX_AGENT_RETRIES:
+        problems.append(f"retries must be 0 to {MAX_AGENT_RETRIES}, not {step.retries}")
+    if step.timeout_s is not None and step.timeout_s <= 0:
+        problems.append(f"timeout_s must be above 0, not {step.timeout_s}")
+    if step.allow_models is not None and not step.allow_models:
+        problems.append("allow_models must name at least one model (leave it out to allow any)")
     return problems
 
 
