@@ -1,12 +1,18 @@
 """planner: takes tasks from the ``planner`` durable pull consumer and runs each as its own asyncio task.
 
 The consumer is shared by every replica (the TASKS stream is a work queue), so each task runs
-once. The handler only decodes the task and hands it to a background asyncio task: one slow task
-never holds up the others, and ``max_in_flight`` bounds how many run at once (the handler waits
-for a free slot, which stops further pulls). A task's message is acked only after its terminal
-event is published; while it runs, ``in_progress`` keeps JetStream from redelivering it, however
-long its deadline. If the planner dies mid-task the message comes back after ``ack_wait_s`` and
-another replica runs the task again (artifacts are content-addressed, so reruns store nothing twice).
+once. The handler only decodes the task and hands it to a background asyncio task: a task waiting
+on its models costs a coroutine, not a worker, and one slow task never holds up the others.
+``max_in_flight`` bounds how many run at once in this replica (thousands: what bounds it is memory
+and CPU). That is the back-pressure: a full replica's handler waits for a free slot, which stops
+its pulls, so the tasks stay in the stream for replicas with room instead of in its buffers (a pull
+consumer hands out only what is asked for). The consumer's ``max_ack_pending`` is set far above any
+replica's bound, so the server never caps the mesh's tasks in flight below what the replicas hold.
+
+A task's message is acked only after its terminal event is published; while it runs,
+``in_progress`` keeps JetStream from redelivering it, however long its deadline. If the planner
+dies mid-task the message comes back after ``ack_wait_s`` and another replica runs the task again
+(artifacts are content-addressed, so reruns store nothing twice).
 
 Every replica also runs the scheduler (services/planner/schedule.py); JetStream's dedupe makes each
 scheduled run fire once however many replicas submit it. Limits and estimate profiles come from
@@ -38,13 +44,18 @@ from services.runtime.settings import MeshSettings
 SERVICE = "planner"
 # A task that crashes the planner is not retried for ever: that is how runaway loops start.
 MAX_DELIVER = 3
+# Tasks one replica runs at once by default (each a coroutine and its state: a few KB).
+DEFAULT_MAX_IN_FLIGHT = 10_000
+# Tasks taken and not yet acked across all replicas; nats-server's default (1,000) would cap the
+# whole mesh below one replica's bound.
+MAX_ACK_PENDING = 1_000_000
 
 
 def create_app(
     settings: MeshSettings,
     *,
     max_fanout: int = 9,
-    max_in_flight: int = 256,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ack_wait_s: float = 60.0,
     pull_batch: int = 1,
     limits: Limits | None = None,
@@ -112,7 +123,12 @@ def create_app(
         # quiet spell waited for 31 more or a second (docs/benchmarks.md, "the planner's fetch").
         pull_sub=PullSub(batch_size=pull_batch, timeout=1.0),
         ack_policy=AckPolicy.MANUAL,
-        config=ConsumerConfig(ack_policy=JsAckPolicy.EXPLICIT, ack_wait=ack_wait_s, max_deliver=MAX_DELIVER),
+        config=ConsumerConfig(
+            ack_policy=JsAckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s,
+            max_deliver=MAX_DELIVER,
+            max_ack_pending=MAX_ACK_PENDING,
+        ),
     )
     async def submit(msg: Message) -> None:
         task = await bus.decode(msg, Task)

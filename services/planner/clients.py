@@ -6,8 +6,8 @@ decided on. A router nobody answers is ``unavailable`` and retryable (it may be 
 that answers after the deadline is ``timeout``; a router's refusal keeps the router's kind and
 retryability. An agent nobody answers is ``unavailable``, one that does not answer in time is
 ``timeout``: both retryable (another instance may take the next try); one that cannot read the
-request rejects it (``invalid``). An artifact store that does not answer, or answers something
-else, fails the step.
+request rejects it, which reads as an AgentResult with an ``invalid`` error. An artifact store that
+does not answer, or answers something else, fails the step.
 """
 
 from __future__ import annotations
@@ -94,10 +94,9 @@ class AgentClient:
             raise StepFailed(
                 f"agent {name!r} did not answer within {timeout_s:.1f} s", kind="timeout", retryable=True
             ) from None
-        except Rejected as rejected:
-            raise StepFailed(f"agent {name!r} rejected the request: {rejected.error.message}", kind="invalid") from None
         except msgspec.DecodeError as exc:
-            raise StepFailed(f"agent {name!r} answered no AgentResult and no Rejection: {exc}", "invalid") from None
+            # A Rejection reads as an AgentResult with an error (the same fields): only garbage lands here.
+            raise StepFailed(f"agent {name!r} answered no AgentResult: {exc}", "invalid") from None
 
 
 def task_headers(state: TaskState, deadline_ms: int) -> dict[str, str]:

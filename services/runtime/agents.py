@@ -140,7 +140,9 @@ def parse_instance(data: bytes, prefix: str) -> AgentInstance | None:
         cost_usd=_floats(metadata, AGENT_META_COST_USD),
         latency_s=_floats(metadata, AGENT_META_LATENCY_S),
         success_rate=_floats(metadata, AGENT_META_SUCCESS),
-        stats=endpoint.data or AgentStats(served=endpoint.num_requests),
+        # An agent that reports no stats of its own: NATS's count of requests, and of error replies.
+        stats=endpoint.data
+        or AgentStats(served=endpoint.num_requests, succeeded=endpoint.num_requests - endpoint.num_errors),
         started=reply.started,
     )
 

@@ -181,12 +181,14 @@ class Bus:
 
     # -- decoding, rejections and dead letters --
 
-    async def decode(self, msg: Message, message_type: type[T]) -> T | None:
-        """Decode ``msg`` as ``message_type``; on failure dead-letter it and return None."""
+    async def decode(self, msg: Message | Msg, message_type: type[T]) -> T | None:
+        """Decode ``msg`` (FastStream's, or nats-py's from a plain subscription) as ``message_type``; on
+        failure dead-letter it and return None."""
+        raw = msg if isinstance(msg, Msg) else msg.raw_message
         try:
-            return msgspec.json.decode(msg.body, type=message_type)
+            return msgspec.json.decode(raw.data, type=message_type)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self.dead_letter(msg.raw_message.subject, msg.body, msg.headers, f"{message_type.__name__}: {exc}")
+            await self.dead_letter(raw.subject, raw.data, raw.headers, f"{message_type.__name__}: {exc}")
             return None
 
     async def dead_letter(self, subject: str, data: bytes, headers: dict[str, str] | None, error: str) -> None:
@@ -293,6 +295,11 @@ class Bus:
         """Start a NATS micro service on this connection (``stop`` it before closing): it answers
         ``$SRV.PING|INFO|STATS`` and serves the endpoints added to it."""
         return await add_service(self._nc, config)
+
+    async def request_bytes(self, subject: str, timeout_s: float, data: bytes = b"") -> bytes:
+        """The first reply's bytes to a request on a subject outside the mesh's typed contract
+        (``$SRV.STATS.<name>``); raises nats-py's ``NoRespondersError`` / ``TimeoutError``."""
+        return (await self._nc.request(subject, data, timeout=timeout_s)).data
 
     async def gather(self, subject: str, window_s: float) -> list[bytes]:
         """Every reply to one request on ``subject`` that arrives within ``window_s``: a request many
