@@ -199,7 +199,7 @@ BUCKET_LEDGER = "ledger"  # accountant: Object Store holding the ledger snapshot
 BUCKET_SCHEDULES = "schedules"  # planner: cron schedules, one key per schedule id
 BUCKET_ATTEMPTS = "attempts"  # planner: anti-loop attempts per task fingerprint per UTC day (TTL)
 BUCKET_KEYS = "keys"  # gateway: VirtualKeys by the sha256 of their secret (`frugalmesh keys`)
-BUCKET_GATEWAY_TASKS = "gateway_tasks"  # gateway: layer-2 call counts per task (TTL, compare-and-set)
+BUCKET_TASK_CALLS = "task_calls"  # gateway and router: layer-2 call counts per task (TTL, compare-and-set)
 
 # Keys of BUCKET_CONTROL: kill.global, kill.<scope>.<key> (the latest KillSwitch) and pace.<tenant> (PaceSignal).
 CONTROL_KILL_KEYS = "kill."

@@ -33,7 +33,7 @@ from schemas.subjects import (
 )
 from services.accountant.clickhouse import create_schema
 from services.accountant.ingest import BatchConsumer, Ingest, Store, delivery_count
-from services.accountant.rows import USAGE, usage_row, usd
+from services.accountant.rows import TASKS, USAGE, usage_row, usd
 from services.runtime.bus import Bus
 from services.runtime.settings import MeshSettings
 from services.runtime.streams import ensure_streams
@@ -277,7 +277,7 @@ async def test_task_outcomes_artifacts_and_views(start_service, settings, databa
         task_event("task-1", "step_done", step_id="s1"),
         done,
         done,  # a replayed terminal event
-        task_event("task-2", "failed", detail="provider down", calls=1, cost_usd=0.0),
+        task_event("task-2", "failed", detail="provider down", calls=1, cost_usd=0.0, agent="critic"),
     ]
     for i, event in enumerate(task_events):
         await publish(js, subjects.task_event(event.task_id), msgspec.json.encode(event), f"te-{i}")
@@ -304,11 +304,11 @@ async def test_task_outcomes_artifacts_and_views(start_service, settings, databa
         (notes.id, "notes", 1, "task-1", "s1", [], [], Decimal("0.001"), DAY1_MS),
     ]
     assert ch.query(
-        f"SELECT task_id, kind, tenant, workflow, cost_usd, calls, detail, artifact_id, artifact_type "
+        f"SELECT task_id, kind, tenant, workflow, cost_usd, calls, detail, artifact_id, artifact_type, agent "
         f"FROM {database}.task_events ORDER BY task_id"
     ).result_rows == [
-        ("task-1", "done", "acme", "answer", Decimal("0.004"), 3, "ok", answer.id, "answer"),
-        ("task-2", "failed", "acme", "answer", Decimal(0), 1, "provider down", "", ""),
+        ("task-1", "done", "acme", "answer", Decimal("0.004"), 3, "ok", answer.id, "answer", ""),
+        ("task-2", "failed", "acme", "answer", Decimal(0), 1, "provider down", "", "", "critic"),
     ]
 
     day1, day2 = date(2025, 11, 20), date(2025, 11, 21)
@@ -358,15 +358,20 @@ async def test_schema_creation_is_idempotent(ch, database):
 
 
 @pytest.mark.infra
-def test_an_existing_usage_table_gains_key_id_in_place(ch, database):
-    # A table from before key_id and spilled_from: both come back, in a new table's column order.
+def test_existing_tables_gain_key_id_and_agent_in_place(ch, database):
+    # Tables from before spilled_from, key_id and agent: they come back, in a new table's column order.
     create_schema(ch, database)
-    ch.command(f"ALTER TABLE {database}.usage_events DROP COLUMN spilled_from, DROP COLUMN key_id")
+    ch.command(f"ALTER TABLE {database}.usage_events DROP COLUMN spilled_from, DROP COLUMN key_id, DROP COLUMN agent")
+    ch.command(f"ALTER TABLE {database}.task_events DROP COLUMN agent")
     ch.command(f"INSERT INTO {database}.usage_events (event_id, time) VALUES ('old', now())")
+    ch.command(f"INSERT INTO {database}.task_events (task_id, kind) VALUES ('old', 'done')")
     create_schema(ch, database)
     columns = [row[0] for row in ch.query(f"DESCRIBE TABLE {database}.usage_events").result_rows]
-    assert columns == list(USAGE.columns) and columns[-1] == "key_id"
-    assert ch.query(f"SELECT spilled_from, key_id FROM {database}.usage_events").result_rows == [("", "")]
+    assert columns == list(USAGE.columns) and columns[-2:] == ["key_id", "agent"]
+    assert ch.query(f"SELECT spilled_from, key_id, agent FROM {database}.usage_events").result_rows == [("", "", "")]
+    columns = [row[0] for row in ch.query(f"DESCRIBE TABLE {database}.task_events").result_rows]
+    assert columns == list(TASKS.columns) and columns[-1] == "agent"
+    assert ch.query(f"SELECT agent FROM {database}.task_events").result_rows == [("",)]
 
 
 @pytest.mark.infra

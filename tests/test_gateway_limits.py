@@ -16,10 +16,11 @@ import pytest
 from mesh_client import usage_events
 
 from schemas.messages import ChatMessage, ChatOptions, StepRequest
-from schemas.subjects import BUCKET_GATEWAY_TASKS
-from services.gateway.antiloop import TaskCalls, call_hash
+from schemas.subjects import BUCKET_TASK_CALLS
 from services.gateway.keys import KeyStore
+from services.planner.config import PlannerConfig
 from services.runtime.settings import REPO_DEPLOY_DIR, MeshSettings
+from services.runtime.task_calls import TaskCalls, call_hash
 from services.runtime.task_limits import GatewayLimits, TaskLimits
 
 FRONTIER = "gpt-4-1106-preview"
@@ -31,9 +32,12 @@ LIMITS = TaskLimits(identical_calls=2, gateway=GatewayLimits(max_calls_per_task=
 
 
 @pytest.mark.unit
-def test_the_shipped_limits_reuse_the_planners_identical_calls_and_add_a_gateway_table():
+def test_the_shipped_limits_reuse_the_planners_identical_calls_and_add_gateway_and_agents_tables():
     limits = TaskLimits.load(REPO_DEPLOY_DIR)
     assert (limits.identical_calls, limits.gateway.max_calls_per_task, limits.gateway.task_ttl_s) == (2, 200, 86400)
+    assert limits.agents.max_calls_per_task == 100
+    # The planner checks the whole file, these tables included.
+    assert PlannerConfig.load(REPO_DEPLOY_DIR).agents == limits.agents
 
 
 @pytest.mark.unit
@@ -43,6 +47,8 @@ def test_the_shipped_limits_reuse_the_planners_identical_calls_and_add_a_gateway
         ("[gateway]\nmax_calls = 3\n", "unknown field"),
         ("[gateway]\nmax_calls_per_task = 0\n", "max_calls_per_task must be 1 to 5000"),
         ("[gateway]\ntask_ttl_s = -1\n", "task_ttl_s must be above 0"),
+        ("[agents]\nmax_calls_per_task = 0\n", "agents.max_calls_per_task must be 1 to 5000"),
+        ("[agents]\ntask_ttl_s = 60\n", "unknown field"),
         ("[limits]\nidentical_calls = 0\n", "identical_calls must be at least 1"),
     ],
 )
@@ -163,7 +169,7 @@ async def test_the_counts_are_one_kv_value_per_tenant_and_task(openai_settings, 
     [url] = await start_mesh(openai_settings, start_service)
     await (await client(bus, url, "kv-1")).chat.completions.create(model=FRONTIER, messages=HELLO)
 
-    kv = await bus.key_value(bus.subjects.bucket(BUCKET_GATEWAY_TASKS))
-    counts = msgspec.json.decode((await kv.get("acme.kv-1")).value, type=TaskCalls)
+    kv = await bus.key_value(bus.subjects.bucket(BUCKET_TASK_CALLS))
+    counts = msgspec.json.decode((await kv.get("gateway.acme.kv-1")).value, type=TaskCalls)
     assert counts.calls == 1 and list(counts.same.values()) == [1]
     assert (await kv.status()).ttl == pytest.approx(LIMITS.gateway.task_ttl_s)

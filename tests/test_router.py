@@ -224,17 +224,24 @@ async def test_rules_route_to_the_tier_model(settings, start_router, nc, role, w
 
 
 @pytest.mark.infra
-async def test_options_stream_to_and_key_reach_the_call_and_the_key_its_reservation(settings, start_router, nc, budget):
+async def test_options_stream_to_key_and_agent_reach_the_call_and_the_key_its_reservation(
+    settings, start_router, nc, budget
+):
     peer = await InferencePeer(nc, settings.subjects).start()
     await start_router()
     options = ChatOptions(temperature=0.2, seed=5, stop=["END"], tools=[TOOL], tool_choice="auto", user="u-1")
-    step = make_step(role="review", options=options, stream_to="_INBOX.caller.1", key_id="fmk_test")
+    step = make_step(role="review", options=options, stream_to="_INBOX.caller.1", key_id="fmk_test", agent="critic")
 
     result = await ask(nc, settings, step)
 
     assert result.error is None and result.model == FRONTIER
     [(request, _)] = peer.requests
-    assert (request.options, request.stream_to, request.key_id) == (options, "_INBOX.caller.1", "fmk_test")
+    assert (request.options, request.stream_to, request.key_id, request.agent) == (
+        options,
+        "_INBOX.caller.1",
+        "fmk_test",
+        "critic",
+    )
     [reservation] = budget.reserved
     assert (reservation.id, reservation.key_id) == (result.call_id, "fmk_test")
 
@@ -296,8 +303,8 @@ async def test_a_repeat_is_served_from_the_cache_at_zero_cost(settings, start_ro
     usage = await nc.subscribe(settings.subjects.usage_all)
     await start_router()
 
-    first = await ask(nc, settings, make_step())
-    second = await ask(nc, settings, make_step())
+    first = await ask(nc, settings, make_step(agent="critic"))
+    second = await ask(nc, settings, make_step(agent="critic"))
 
     assert peer.models == [LOCAL]
     assert not first.cache_hit and second.cache_hit
@@ -311,7 +318,7 @@ async def test_a_repeat_is_served_from_the_cache_at_zero_cost(settings, start_ro
         0.0,
     )
     assert (event.service, event.model, event.task_id, event.step_id) == ("router", LOCAL, "task-1", "step-1")
-    assert (event.input_tokens, event.output_tokens) == (40, 7)
+    assert (event.input_tokens, event.output_tokens, event.agent) == (40, 7, "critic")
 
 
 @pytest.mark.infra
@@ -329,7 +336,7 @@ async def test_error_results_are_not_cached(settings, start_router, nc):
 async def test_no_responder_is_unavailable_and_metered_at_worst_case(settings, start_router, nc, catalog):
     usage = await nc.subscribe(settings.subjects.usage_all)
     await start_router()
-    step = make_step(role="review")
+    step = make_step(role="review", agent="critic")
 
     result = await ask(nc, settings, step)
 
@@ -338,7 +345,12 @@ async def test_no_responder_is_unavailable_and_metered_at_worst_case(settings, s
     input_tokens = count_message_tokens(frontier.tokenizer, step.messages)
     worst_case = frontier.worst_case_cost(input_tokens, step.max_tokens)
     event = await next_usage(usage)
-    assert (event.event_id, event.outcome, event.usage_source) == (result.call_id, "error", "estimated")
+    assert (event.event_id, event.outcome, event.usage_source, event.agent) == (
+        result.call_id,
+        "error",
+        "estimated",
+        "critic",
+    )
     assert event.cost_usd == pytest.approx(worst_case) and worst_case > 0
     assert (event.input_tokens, event.output_tokens) == (input_tokens, step.max_tokens)
     assert result.cost_usd == pytest.approx(worst_case)

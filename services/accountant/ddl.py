@@ -30,15 +30,27 @@ KEY_SPEND_DAILY = "key_spend_daily"
 TABLES = (USAGE_EVENTS, TASK_EVENTS, ARTIFACTS, KILL_EVENTS)
 VIEWS = (SPEND_DAILY, COMPLETED_ARTIFACT_COST, CACHE_HIT_DAILY, TASK_TOKENS, KEY_SPEND_DAILY)
 
-# Columns usage_events gained after its first release, in the order CREATE TABLE lists them, last.
-# Each is added AFTER the one before it, so an upgraded table and a new one have the same column
-# order (one insert column list serves both) whichever of them an old table already had.
-ADDED_USAGE_COLUMNS = ("hardware_profile", "spilled_from", "key_id")
+# Columns a table gained after its first release, in the order CREATE TABLE lists them, last; all
+# LowCardinality(String) DEFAULT ''. Each is added AFTER the one before it (the first after the
+# table's last original column), so an upgraded table and a new one have the same column order (one
+# insert column list serves both) whichever of them an old table already had.
+ADDED_USAGE_COLUMNS = ("hardware_profile", "spilled_from", "key_id", "agent")
 FIRST_ADDED_AFTER = "usage_source"
+ADDED_TASK_COLUMNS = ("agent",)
+FIRST_TASK_ADDED_AFTER = "artifact_type"
 
 
 def quote_identifier(name: str) -> str:
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def added_columns(table: str, first_after: str, columns: tuple[str, ...]) -> list[str]:
+    """ALTER statements giving ``table`` (a qualified name) created before ``columns`` existed each of
+    them in place (CREATE ... IF NOT EXISTS leaves an existing table as it is); its old rows read as ''."""
+    return [
+        f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} LowCardinality(String) DEFAULT '' AFTER {after}"
+        for after, column in zip((first_after, *columns), columns, strict=False)
+    ]
 
 
 def statements(database: str) -> list[str]:
@@ -68,20 +80,15 @@ def statements(database: str) -> list[str]:
             usage_source LowCardinality(String),
             hardware_profile LowCardinality(String) DEFAULT '',
             spilled_from LowCardinality(String) DEFAULT '',
-            key_id LowCardinality(String) DEFAULT ''
+            key_id LowCardinality(String) DEFAULT '',
+            agent LowCardinality(String) DEFAULT ''
         )
         ENGINE = ReplacingMergeTree
         -- an event's time never changes, so a duplicate always lands in the same partition
         PARTITION BY toYYYYMM(time)
         ORDER BY event_id
         """,
-        # A usage_events table created before these columns existed gets them here (CREATE ...
-        # IF NOT EXISTS leaves an existing table as it is); its old rows read as ''.
-        *(
-            f"ALTER TABLE {db}.{USAGE_EVENTS} ADD COLUMN IF NOT EXISTS {column} LowCardinality(String) DEFAULT ''"
-            f" AFTER {after}"
-            for after, column in zip((FIRST_ADDED_AFTER, *ADDED_USAGE_COLUMNS), ADDED_USAGE_COLUMNS, strict=False)
-        ),
+        *added_columns(f"{db}.{USAGE_EVENTS}", FIRST_ADDED_AFTER, ADDED_USAGE_COLUMNS),
         f"""
         CREATE TABLE IF NOT EXISTS {db}.{TASK_EVENTS} (
             task_id String,
@@ -93,11 +100,13 @@ def statements(database: str) -> list[str]:
             calls UInt32,
             detail String,
             artifact_id String,
-            artifact_type LowCardinality(String)
+            artifact_type LowCardinality(String),
+            agent LowCardinality(String) DEFAULT ''
         )
         ENGINE = ReplacingMergeTree
         ORDER BY (task_id, kind)
         """,
+        *added_columns(f"{db}.{TASK_EVENTS}", FIRST_TASK_ADDED_AFTER, ADDED_TASK_COLUMNS),
         f"""
         CREATE TABLE IF NOT EXISTS {db}.{ARTIFACTS} (
             id String,

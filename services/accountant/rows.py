@@ -95,6 +95,7 @@ def usage_row(e: UsageEvent) -> Row:
         e.hardware_profile,
         e.spilled_from,
         e.key_id,
+        e.agent,
     )
 
 
@@ -113,6 +114,7 @@ def task_row(e: TaskEvent) -> Row | None:
         e.detail,
         e.artifact.id if e.artifact else "",
         e.artifact.type if e.artifact else "",
+        e.agent,
     )
 
 
@@ -162,6 +164,7 @@ USAGE = Sink(
         "hardware_profile",
         "spilled_from",
         "key_id",
+        "agent",
     ),
     key=("event_id",),
     to_row=usage_row,
@@ -180,6 +183,7 @@ TASKS = Sink(
         "detail",
         "artifact_id",
         "artifact_type",
+        "agent",
     ),
     key=("task_id", "kind"),
     to_row=task_row,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator
 import uvicorn
 from faststream import FastStream
 
-from services.gateway.antiloop import TaskCallCounter
+from services.gateway.antiloop import GatewayTasks
 from services.gateway.keys import KeyCache
 from services.gateway.recording import GatewayRecorder
 from services.gateway.routes import Gateway, create_http_app
@@ -78,7 +78,7 @@ class HttpServer:
     async def start(self) -> str:
         """Serve; returns the base URL once requests are taken."""
         self.keys = await KeyCache.open(self.bus)
-        tasks = await TaskCallCounter.open(self.bus, self.task_limits)
+        tasks = await GatewayTasks.open(self.bus, self.task_limits)
         gateway = Gateway(self.bus, self.catalog, self.keys, self.settings.request_timeout_s, tasks)
         http_app = create_http_app(gateway)
         if self.settings.gateway_record:

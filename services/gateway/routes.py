@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from schemas.messages import VirtualKey
 from services.gateway import translate
-from services.gateway.antiloop import TaskCallCounter
+from services.gateway.antiloop import GatewayTasks
 from services.gateway.errors import GatewayError, invalid, unauthorized
 from services.gateway.keys import KeyCache
 from services.gateway.mesh_call import call_while_connected
@@ -47,7 +47,7 @@ class Gateway:
         catalog: Catalog,
         keys: KeyCache,
         default_deadline_s: float,
-        tasks: TaskCallCounter | None = None,
+        tasks: GatewayTasks | None = None,
     ) -> None:
         self.bus = bus
         self.catalog = catalog

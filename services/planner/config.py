@@ -7,7 +7,7 @@ from pathlib import Path
 
 import msgspec
 
-from services.runtime.task_limits import GatewayLimits
+from services.runtime.task_limits import AgentLimits, GatewayLimits
 
 PLANNER_FILE = "planner.toml"
 
@@ -41,8 +41,10 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     limits: Limits = Limits()
     models: dict[str, ModelProfile] = {}
-    # Not the planner's: the gateway's tasks (services/runtime/task_limits.py), checked here with the rest.
+    # Not the planner's: the gateway's tasks and the agents' calls, enforced by the gateway and the router
+    # (services/runtime/task_limits.py), checked here with the rest.
     gateway: GatewayLimits = GatewayLimits()
+    agents: AgentLimits = AgentLimits()
 
     @classmethod
     def load(cls, deploy_dir: Path) -> PlannerConfig:

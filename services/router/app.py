@@ -5,11 +5,14 @@ run), or ``Bus.rejection`` for a message that is not a step. This module is the 
 - queue group ``router`` on ``mesh.step.request``: the step, routed (services/router/steps.py: the
   policy, the step's own when it names one, and spillover), each call from the cache or sent
   (calls.py) after the cost defences that act at the caller (cost_defence.py: kill switch,
-  pacing's throttle, reservation, then settle); a call the router ends itself is metered there
-  too (metering.py); a step naming a policy the router cannot build is refused (``Rejection``);
+  pacing's throttle, reservation, then settle); an agent's step is counted by layer 2 before any
+  of that (agent_calls.py, limits from deploy/planner.toml); a call the router ends itself is
+  metered there too (metering.py); a step naming a policy the router cannot build is refused
+  (``Rejection``);
 - ``mesh.local.load.>`` (no queue group: every replica needs every report): the local models' load,
   which steers spillover (load.py);
-- start-up opens the response cache and reads the control state before any step is taken.
+- start-up opens the response cache and the task call counts and reads the control state before any
+  step is taken.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from services.runtime.bus import Bus, Message, encode
 from services.runtime.catalog import Catalog
 from services.runtime.reservations import parse_budget
 from services.runtime.settings import MeshSettings
+from services.runtime.task_limits import TaskLimits
 
 SERVICE = "router"
 QUEUE = "router"
@@ -50,11 +54,13 @@ def create_app(
     throttle_burst: int = DEFAULT_BURST,
     max_concurrency: int = DEFAULT_CONCURRENCY,
     load_stale_s: float = DEFAULT_STALE_S,
+    task_limits: TaskLimits | None = None,
 ) -> FastStream:
     """The router; ``table`` and ``catalog`` default to deploy/routing.toml and deploy/models.toml,
     ``policies`` to routing.toml's [policies] (the rules alone when it has none).
     ``throttle_*``: the paid calls per second (and burst) of a tenant whose pace says "throttle".
-    ``load_stale_s``: how old a local model's load report may be and still steer spillover."""
+    ``load_stale_s``: how old a local model's load report may be and still steer spillover.
+    ``task_limits``: layer 2 for the agents' calls (default: deploy/planner.toml)."""
     bus = Bus(settings, SERVICE)
     table = table or RoutingTable.load(settings.deploy_dir)
     catalog = catalog or Catalog.load(settings.deploy_dir)
@@ -65,6 +71,7 @@ def create_app(
         catalog,
         cache_ttl_s,
         Throttle(throttle_rate_per_s, throttle_burst),
+        task_limits or TaskLimits.load(settings.deploy_dir),
         LoadBoard(load_stale_s),
     )
     app = bus.app()
@@ -80,6 +87,9 @@ def create_app(
         try:
             # The tenant names the usage subject; a bad one must fail here, not after a paid call.
             token(step.tenant)
+            if step.agent:
+                # Layer 2 counts an agent's calls per task in KV, under a key made of the task id.
+                token(step.task_id)
             if step.stream_to:
                 check_stream_to(step.stream_to, settings.subjects)
             # A task cap that cannot be read cannot be enforced: refuse the step rather than run it uncapped.

@@ -6,7 +6,7 @@ finish is not sent), then a paid call goes through the cost defences (services/r
 and a free one straight out. Only a successful answer is cached.
 
 The request goes to ``mesh.infer.local.<model>`` or ``mesh.infer.cloud.<provider>``, carrying the
-step's options, virtual key and ``stream_to`` (the inference service streams the output there
+step's options, virtual key, agent and ``stream_to`` (the inference service streams the output there
 itself; a cache hit streams nothing, and its caller takes the whole answer from the result), with
 the step's deadline as its time-out, and the headers ``Mesh-Deadline``, ``Mesh-Task``,
 ``Mesh-Tenant`` (and the caller's ``traceparent``). No responder, no answer in time, or an
@@ -86,6 +86,7 @@ class CallRunner:
             options=step.options,
             stream_to=step.stream_to,
             key_id=step.key_id,
+            agent=step.agent,
             response_schema=step.response_schema,
             deadline_ms=step.deadline_ms,
             reservation_id=reservation_id,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from schemas.messages import InferenceResult, KillSwitch, PaceSignal, Reservation
+from schemas.messages import ErrorInfo, InferenceResult, KillSwitch, PaceSignal, Reservation
 from services.router.metering import CallMeter, ModelCall
 from services.router.throttle import Throttle
 from services.runtime.control import ControlState, killed_message
@@ -61,7 +61,9 @@ class CostDefence:
         decision = await self.reservations.reserve(reservation, call.time_left_s())
         if not decision.granted:
             retryable = decision.reason.startswith(UNAVAILABLE)
-            return await self.meter.not_started(call, "refused", decision.reason, retryable)
+            return await self.meter.not_started(
+                call, ErrorInfo(kind="refused", message=decision.reason, retryable=retryable)
+            )
         result = await send(call, reservation.id)
         await self.reservations.settle(reservation, result.cost_usd)
         return result
@@ -81,11 +83,10 @@ class CostDefence:
                     f"tenant {step.tenant} is throttled (month-to-date ${pace.spend_usd:.4f} is ahead of "
                     f"the curve's ${pace.curve_usd:.4f}) and its next call slot is past the step's deadline"
                 )
-                return await self.meter.not_started(call, "refused", message, False)
+                return await self.meter.not_started(call, ErrorInfo(kind="refused", message=message))
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
                 switch = self._blocked(call)
         if switch is not None:
-            message = killed_message(switch)
-            return await self.meter.not_started(call, "killed", message, False)
+            return await self.meter.not_started(call, ErrorInfo(kind="killed", message=killed_message(switch)))
         return None

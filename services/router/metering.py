@@ -2,11 +2,12 @@
 
 An inference service meters every call it answers. The router meters only what no inference service
 sees: a cache hit (at $0, with the original call's tokens, so analysts see what the hit saved), a
-paid call it stopped before sending (refused or killed: at $0, nothing was spent, but every refusal is
-counted) and a call no inference service answered (at its worst case: whether it ran, and what it
-cost, is unknown here, and unknown usage is never recorded as zero; if the inference service meters
-the same call too, both rows share event_id = call id and JetStream keeps one). A call whose deadline
-passed before it was sent has no row: nothing was sent, so nothing can have been spent.
+call it stopped before sending (refused by a cost defence or by layer 2 for an agent's call, or
+killed: at $0, nothing was spent, but every refusal is counted) and a call no inference service
+answered (at its worst case: whether it ran, and what it cost, is unknown here, and unknown usage is
+never recorded as zero; if the inference service meters the same call too, both rows share
+event_id = call id and JetStream keeps one). A call whose deadline passed before it was sent has no
+row: nothing was sent, so nothing can have been spent.
 """
 
 from __future__ import annotations
@@ -75,11 +76,12 @@ class CallMeter:
         self.log.debug("cache_hit", model=call.model.name)
         return result
 
-    async def not_started(self, call: ModelCall, outcome: Outcome, message: str, retryable: bool) -> InferenceResult:
-        """A paid call stopped before it was sent (``refused`` or ``killed``): a $0 row and an error result."""
-        self.log.warning("call_not_started", model=call.model.name, outcome=outcome, reason=message)
-        kind: ErrorKind = "killed" if outcome == "killed" else "refused"
-        return await self._unanswered(call, outcome, ErrorInfo(kind=kind, message=message, retryable=retryable), None)
+    async def not_started(self, call: ModelCall, error: ErrorInfo) -> InferenceResult:
+        """A call stopped before it was sent, by a cost defence or layer 2: a $0 row (outcome ``killed``
+        for a kill switch, else ``refused``) and an error result."""
+        outcome: Outcome = "killed" if error.kind == "killed" else "refused"
+        self.log.warning("call_not_started", model=call.model.name, outcome=outcome, reason=error.message)
+        return await self._unanswered(call, outcome, error, None)
 
     async def failed(self, call: ModelCall, kind: ErrorKind, outcome: Outcome, message: str) -> InferenceResult:
         """A call sent that no inference service answered: an error result, metered at the worst case."""

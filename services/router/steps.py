@@ -2,8 +2,11 @@
 deploy/routing.toml [policies]: rules, fixed, learned, cascade; services/routing/policies), and
 each call it makes runs through services/router/calls.py. A cascade whose validator rejects the
 weak answer makes a second call on the strong model; each call is enforced, metered and cached on
-its own. Every call carries the step's options, ``stream_to`` and virtual key, except that a
+its own. Every call carries the step's options, ``stream_to``, virtual key and agent, except that a
 streamed cascade streams only its escalation (services/router/cascade_stream.py).
+
+An agent's step (``agent`` set) is counted by layer 2 before its first call does anything, and may
+be refused there (services/router/agent_calls.py).
 
 Pacing steers the choice: a tenant whose pace says "downgrade" or "throttle" gets the model one tier
 down inside its allow-list.
@@ -25,6 +28,7 @@ import msgspec
 
 from schemas.messages import ErrorInfo, InferenceResult, LocalLoad, PaceSignal, StepRequest
 from schemas.subjects import BUCKET_RESPONSE_CACHE
+from services.router.agent_calls import AgentCallLimits
 from services.router.cache import ResponseCache, cache_key, cacheable
 from services.router.calls import CallRunner
 from services.router.cascade_stream import CascadeStream
@@ -39,6 +43,8 @@ from services.runtime.bus import Bus, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.control import ControlState
 from services.runtime.reservations import ReservationClient
+from services.runtime.task_calls import TaskCallCounter
+from services.runtime.task_limits import TaskLimits
 
 PACED = ("downgrade", "throttle")
 
@@ -51,6 +57,7 @@ class StepRouter:
         catalog: Catalog,
         cache_ttl_s: float,
         throttle: Throttle,
+        task_limits: TaskLimits,
         load: LoadBoard | None = None,
     ) -> None:
         self.bus = bus
@@ -58,21 +65,24 @@ class StepRouter:
         self.catalog = catalog
         self.cache_ttl_s = cache_ttl_s
         self.throttle = throttle
+        self.task_limits = task_limits
         self.load = load or LoadBoard()
         self.log = bus.log
         self.cache: ResponseCache | None = None
         self.control: ControlState | None = None
         self.calls: CallRunner | None = None
+        self.agent_calls: AgentCallLimits | None = None
 
     async def start(self) -> None:
-        """Open the cache and read the control state before any step is taken: a router started
-        after a trip refuses from its first step."""
+        """Open the cache and the task call counts and read the control state before any step is taken:
+        a router started after a trip refuses from its first step."""
         kv = await self.bus.key_value(self.bus.subjects.bucket(BUCKET_RESPONSE_CACHE), ttl_s=self.cache_ttl_s)
         self.cache = ResponseCache(kv, self.log)
         self.control = await ControlState.open(self.bus)
         meter = CallMeter(self.bus)
         defence = CostDefence(self.control, self.throttle, ReservationClient(self.bus), meter)
         self.calls = CallRunner(self.bus, self.cache, defence, meter)
+        self.agent_calls = AgentCallLimits(await TaskCallCounter.open(self.bus, self.task_limits, "agent"), meter)
 
     async def stop(self) -> None:
         if self.control is not None:
@@ -89,13 +99,13 @@ class StepRouter:
         policy: Policy | None = None,
     ) -> InferenceResult:
         """``policy``: the step's, when the caller looked it up already (``PolicySet.for_step``)."""
-        calls, control = self.calls, self.control
-        assert calls is not None and control is not None, "start runs at startup, before any subscriber"
+        calls, control, agent_calls = self.calls, self.control, self.agent_calls
+        assert calls is not None and control is not None and agent_calls is not None, "start runs before any step"
         pace = control.pace(step.tenant)
         policy = policy or self.policies.for_step(step)
         cascade = CascadeStream(step) if step.stream_to and isinstance(policy, CascadePolicy) else None
 
-        async def call(model: ModelSpec) -> InferenceResult:
+        async def model_call(model: ModelSpec) -> InferenceResult:
             sent = step
             if cascade is not None:
                 next_step = cascade.next_step()
@@ -128,6 +138,7 @@ class StepRouter:
             finally:
                 self.load.pending[model.name] -= 1
 
+        call = agent_calls.counted(step, model_call) if step.agent else model_call
         try:
             if cascade is not None:
                 await cascade.open(self.bus)

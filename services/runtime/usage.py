@@ -24,8 +24,9 @@ from services.runtime.tokens import count_prompt_tokens
 
 class StepOfCall(Protocol):
     """What a row says about the step a call belongs to (a ``StepRequest`` or an ``InferenceRequest``):
-    its tenant, task and step, and the virtual key it came in with ("" for a call not made through the
-    gateway), so spend can be summed per key whoever metered the call."""
+    its tenant, task and step, the virtual key it came in with ("" for a call not made through the
+    gateway) and the agent service that made it ("" for the planner's and the gateway's calls), so
+    spend can be summed per key and per agent whoever metered the call."""
 
     @property
     def tenant(self) -> str: ...
@@ -35,6 +36,8 @@ class StepOfCall(Protocol):
     def step_id(self) -> str: ...
     @property
     def key_id(self) -> str: ...
+    @property
+    def agent(self) -> str: ...
 
 
 def usage_event(
@@ -81,6 +84,7 @@ def usage_event(
         hardware_profile=hardware_profile,
         spilled_from=spilled_from,
         key_id=step.key_id,
+        agent=step.agent,
     )
 
 
