@@ -272,3 +272,20 @@ async def nc(nats_url):
     yield client
     with contextlib.suppress(nats.errors.DrainTimeoutError):
         await client.drain()
+
+
+@pytest.fixture
+async def start_agent() -> AsyncIterator[Callable]:
+    """Start agent instances in-process (``await start_agent(agent, settings)``); stopped after the test."""
+    started = []
+
+    async def start(agent, settings: MeshSettings):
+        app = agent.app(settings)
+        await app.start()
+        started.append(app)
+        return app
+
+    yield start
+    for app in reversed(started):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(app.stop(), 10)

@@ -83,7 +83,8 @@ def up(
     local_engine: Literal["cpu", "vllm", "none"],  # click.Choice has checked it
     local_model: str,
 ) -> None:
-    """Start nats-server, ClickHouse, a local model engine and the seven services on this machine; Ctrl-C stops all."""
+    """Start nats-server, ClickHouse, a local model engine, the seven services and the debate agent on this
+    machine; Ctrl-C stops all."""
     from services.embedded.servers import EmbeddedError
     from services.embedded.stack import Stack, development_key, running_stack
     from services.runtime.settings import MeshSettings
@@ -318,6 +319,7 @@ def data_fetch(dest: Path | None, mirror: str | None) -> None:
 
 def _register_command_modules() -> None:
     """Commands that live beside the service they drive."""
+    from services.cli.agent_commands import agent_group, agents
     from services.cli.budget_commands import budget, clear, kill
     from services.cli.estimate_command import estimate
     from services.cli.keys_commands import keys
@@ -325,7 +327,7 @@ def _register_command_modules() -> None:
     from services.cli.router_commands import eval_group, router
     from services.cli.schedule_commands import schedule
 
-    for command in (budget, kill, clear, estimate, schedule, loadtest, router, eval_group, keys):
+    for command in (budget, kill, clear, estimate, schedule, loadtest, router, eval_group, keys, agent_group, agents):
         cli.add_command(command)
 
 

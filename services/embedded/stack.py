@@ -1,10 +1,11 @@
 """The one-machine stack behind `frugalmesh up` and `frugalmesh demo`.
 
 Starts nats-server and the embedded ClickHouse (unless NATS_URL / CLICKHOUSE_URL name running
-ones), the local model engine (unless FRUGALMESH_LOCAL_ENGINE_URL names one) and the seven services
-as separate processes, each logging to ``<home>/logs/``. The URLs of a running stack (the
-gateway's included: its ready file says where it listens) are written to ``<home>/stack.json``
-so other commands find it. ``development_key`` gives `up` a gateway key when there is none.
+ones), the local model engine (unless FRUGALMESH_LOCAL_ENGINE_URL names one), the seven services
+and the shipped agents (one instance each, as `frugalmesh agent run` starts it) as separate
+processes, each logging to ``<home>/logs/``. The URLs of a running stack (the gateway's included:
+its ready file says where it listens) are written to ``<home>/stack.json`` so other commands
+find it. ``development_key`` gives `up` a gateway key when there is none.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from services.registry import SERVICES
 from services.runtime.settings import MeshSettings
 
 STATE_FILE = "stack.json"
+# The agents a stack runs, by the process name it lists them under: the shipped workflows use them.
+SHIPPED_AGENTS = {"agent-debate": "frugalmesh.agents.shipped.debate:agent"}
 
 
 def running_stack(home: Path) -> dict | None:
@@ -109,6 +112,8 @@ class Stack:
     local_model: str = ""
     # The gateway's HTTP port; 0 picks a free one (`up` passes the configured port).
     gateway_port: int = 0
+    # The agents to run beside the services, one instance each: process name -> module:attribute.
+    agents: dict[str, str] = field(default_factory=lambda: dict(SHIPPED_AGENTS))
     gateway_url: str = field(default="", init=False)
     nats: EmbeddedNats | None = field(default=None, init=False)
     clickhouse: EmbeddedClickHouse | None = field(default=None, init=False)
@@ -151,14 +156,16 @@ class Stack:
         }
         if self.settings.data:
             env["FRUGALMESH_DATA"] = str(self.settings.data)
+        commands = {name: ["run", name] for name in SERVICES}
+        commands.update({name: ["agent", "run", target] for name, target in self.agents.items()})
         ready_files = {}
-        for name in SERVICES:
+        for name, command in commands.items():
             ready = run_dir / f"{name}.ready"
             ready.unlink(missing_ok=True)
             ready_files[name] = ready
             with (logs / f"{name}.log").open("ab") as log:
                 self.services[name] = subprocess.Popen(
-                    [sys.executable, "-m", "services.cli.main", "run", name, "--ready-file", str(ready)],
+                    [sys.executable, "-m", "services.cli.main", *command, "--ready-file", str(ready)],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,

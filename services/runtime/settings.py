@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -54,6 +53,7 @@ class MeshSettings(BaseSettings):
     # usage, cost, latency; never a key): services/gateway/recording.py. "": no recording.
     gateway_record: str = ""
 
-    @cached_property
+    @property
     def subjects(self) -> Subjects:
+        # Not cached: a copy with another prefix (model_copy) must not keep the original's subjects.
         return Subjects(self.subject_prefix)
