@@ -12,8 +12,13 @@ import time
 
 import msgspec
 import pytest
+from fakes.deploy import openai_deploy
+from fakes.openai_server import Behaviour, FakeOpenAI
+from helpers import make_step
+from mesh_client import request
 from nats.errors import NoRespondersError
 
+from schemas.messages import InferenceResult
 from services.runtime.bus import Bus
 from services.runtime.serve import RequestServer
 
@@ -106,3 +111,56 @@ async def test_a_failing_handler_costs_one_request_and_its_caller_gets_the_reaso
     assert failed["error"]["kind"] == "unavailable" and "RuntimeError('boom')" in failed["error"]["message"]
     assert (await nc.request(settings.subjects.bench_echo, b"fine", timeout=5)).data == b"fine"
     await server.stop()
+
+
+FRONTIER = "gpt-4-1106-preview"  # on provider openai: the fake API in these tests
+
+
+async def slow_mesh(settings, start_service, **inference_options) -> None:
+    await start_service("accountant", settings, database=settings.subject_prefix, ack_wait_s=2.0, retry_delay_s=0.2)
+    await start_service("cloud-inference", settings, **inference_options)
+    await start_service("router", settings)
+
+
+async def step_results(nc, settings, count: int, spread_s: float = 0.0) -> list[InferenceResult]:
+    async def one(n: int) -> InferenceResult:
+        await asyncio.sleep(n * spread_s / count)
+        step = make_step(f"Question {n}?", task_id=f"task-{n}", allow_models=[FRONTIER], deadline_in_ms=30_000)
+        return await request(nc, settings.subjects.step_request, step, InferenceResult, timeout_s=30)
+
+    return await asyncio.gather(*(one(n) for n in range(count)))
+
+
+async def test_hundreds_of_slow_model_calls_overlap_through_one_router_and_one_inference_replica(
+    openai_settings, fake_openai, start_service, nc
+):
+    fake_openai.behaviour.delay_s = 3.0
+    await slow_mesh(openai_settings, start_service)
+    started = time.monotonic()
+
+    results = await step_results(nc, openai_settings, 300)
+
+    elapsed = time.monotonic() - started
+    assert [r.error for r in results] == [None] * 300 and len(fake_openai.requests) == 300
+    # Each call waits 3 s on the model: together they take about one call's time, not 300 / 64 of them.
+    assert elapsed < 7.0, f"300 calls of 3 s took {elapsed:.1f} s through the mesh: they queued"
+
+
+async def test_a_full_inference_replica_leaves_its_excess_to_the_other(
+    openai_settings, fake_openai, start_service, nc, tmp_path
+):
+    """Two cloud-inference replicas, each calling its own fake API: the one that holds 10 calls at
+    most takes a small share of 200 calls arriving over 2 s, the other the rest."""
+    fake_openai.behaviour.delay_s = 1.0
+    await slow_mesh(openai_settings, start_service, capacity=10)
+    with FakeOpenAI(Behaviour(api_key="sk-test", delay_s=1.0)) as other:
+        roomy = openai_settings.model_copy(update={"deploy_dir": openai_deploy(tmp_path / "other", other.url)})
+        await start_service("cloud-inference", roomy)
+
+        results = await step_results(nc, openai_settings, 200, spread_s=2.0)
+
+        assert [r.error for r in results] == [None] * 200
+        small, large = len(fake_openai.requests), len(other.requests)
+        assert small + large == 200
+        # An even split would be about 100 each: 10 at a time for 1 s each, over 2 s of arrivals.
+        assert small < 50 < large, (small, large)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from faststream import FastStream
 
-from services.inference.app import DEFAULT_CONCURRENCY, create_inference_app
+from services.inference.app import create_inference_app
+from services.runtime.serve import DEFAULT_CAPACITY
 from services.runtime.settings import MeshSettings
 
 
-def create_app(settings: MeshSettings, max_concurrency: int = DEFAULT_CONCURRENCY) -> FastStream:
-    return create_inference_app(settings, "cloud", max_concurrency)
+def create_app(settings: MeshSettings, capacity: int = DEFAULT_CAPACITY) -> FastStream:
+    return create_inference_app(settings, "cloud", capacity)

@@ -1,6 +1,10 @@
 """The FastStream app both inference services run (``local-inference``, ``cloud-inference``): one
 backend per provider of the service's models, the metered handler (services/inference/service.py)
-on the service's subjects in its queue group, the control state read before the first call."""
+on the service's subjects in its queue group, the control state read before the first call.
+
+Each call is its own asyncio task, ``capacity`` in flight at most, and a full replica leaves its
+queue group until it has room (services/runtime/serve.py): a call waiting seconds on a model costs a
+coroutine, not one of a few worker slots."""
 
 from __future__ import annotations
 
@@ -11,18 +15,16 @@ from faststream import FastStream
 from services.inference.backend import Backend
 from services.inference.backend_factories import BACKENDS
 from services.inference.service import InferenceService, ServiceKind
-from services.runtime.bus import Bus, Message
+from services.runtime.bus import Bus
 from services.runtime.catalog import Catalog
+from services.runtime.serve import DEFAULT_CAPACITY, RequestServer
 from services.runtime.settings import MeshSettings
-
-# Calls in flight per replica: inference is mostly waiting on a model, so one replica overlaps many.
-DEFAULT_CONCURRENCY = 64
 
 
 def create_inference_app(
     settings: MeshSettings,
     kind: ServiceKind,
-    max_concurrency: int = DEFAULT_CONCURRENCY,
+    capacity: int = DEFAULT_CAPACITY,
     setup: Callable[[FastStream, InferenceService], None] | None = None,
 ) -> FastStream:
     """The FastStream app of ``<kind>-inference``: one backend per provider of this service's models,
@@ -45,13 +47,12 @@ def create_inference_app(
     handler = InferenceService(bus, kind, catalog, backends)
     subject = settings.subjects.infer_local_all if kind == "local" else settings.subjects.infer_cloud_all
 
-    @bus.broker.subscriber(subject, queue=service, max_workers=max_concurrency)
-    async def infer(msg: Message) -> bytes:
-        return await handler.handle(msg)
-
+    calls = RequestServer(bus, subject, service, handler.handle, capacity=capacity)
     app = bus.app()
-    # After bus.app()'s hook, which connects the broker; subscribers start after both.
+    # After bus.app()'s hook, which connects the broker: the control state is read before any call is taken.
     app.on_startup(handler.open_control)
+    app.on_startup(calls.start)
+    app.on_shutdown(calls.stop)
 
     @app.after_shutdown
     async def close_backends() -> None:

@@ -22,6 +22,8 @@ from schemas.messages import FunctionCall, ToolCall, ToolCallDelta
 from services.inference.backend import OnDelta, OutputDelta
 
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+# Idle connections kept for reuse; beyond them a burst opens (and then closes) its own.
+CONNECTION_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
 ERROR_BODY_CHARS = 500
 
 
@@ -70,7 +72,9 @@ class OpenAIClient:
         http: httpx.AsyncClient | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = http or httpx.AsyncClient(timeout=timeout)
+        # No cap on connections: the calls in flight are bounded by the service's capacity
+        # (services/runtime/serve.py), and httpx's default of 100 would queue the rest unseen.
+        self.http = http or httpx.AsyncClient(timeout=timeout, limits=CONNECTION_LIMITS)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.headers = headers
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import structlog
+from nats.aio.msg import Msg
 
 from schemas.messages import (
     ErrorInfo,
@@ -36,7 +37,7 @@ from schemas.messages import (
 from schemas.subjects import token
 from services.inference.backend import Backend, BackendError, Completion
 from services.inference.streaming import StreamRelay, check_stream_to, listen_for_cancel
-from services.runtime.bus import Bus, Message, encode, now_ms
+from services.runtime.bus import Bus, encode, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.control import ControlState, covers, killed_message
 from services.runtime.reservations import is_paid
@@ -114,7 +115,7 @@ class InferenceService:
                 flight.killed_by = switch
                 flight.call.cancel()
 
-    async def handle(self, msg: Message) -> bytes:
+    async def handle(self, msg: Msg) -> bytes:
         kept = f"kept on {self.bus.subjects.dlq(self.bus.service)}"
         request = await self.bus.decode(msg, InferenceRequest)
         if request is None:
@@ -126,10 +127,10 @@ class InferenceService:
         except ValueError as exc:
             # The tenant names the usage subject; a call that cannot be metered is not run; nor is
             # one whose chunks would be published where they must not go.
-            await self.bus.dead_letter(msg.raw_message.subject, msg.body, msg.headers, str(exc))
+            await self.bus.dead_letter(msg.subject, msg.data, msg.headers, str(exc))
             return self.bus.rejection(f"{exc}; {kept}")
         with structlog.contextvars.bound_contextvars(call_id=request.call_id, task_id=request.task_id):
-            result = await self.run(request, msg.raw_message.subject)
+            result = await self.run(request, msg.subject)
         return encode(result)
 
     async def run(self, request: InferenceRequest, subject: str) -> InferenceResult:

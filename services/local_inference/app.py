@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from faststream import FastStream
 
-from services.inference.app import DEFAULT_CONCURRENCY, create_inference_app
+from services.inference.app import create_inference_app
 from services.local_inference.load import DEFAULT_LOAD_INTERVAL_S, publish_load
+from services.runtime.serve import DEFAULT_CAPACITY
 from services.runtime.settings import MeshSettings
 
 
 def create_app(
     settings: MeshSettings,
-    max_concurrency: int = DEFAULT_CONCURRENCY,
+    capacity: int = DEFAULT_CAPACITY,
     load_interval_s: float = DEFAULT_LOAD_INTERVAL_S,
 ) -> FastStream:
     """``load_interval_s``: how often the models' load is published; 0 publishes none."""
     setup = publish_load(load_interval_s) if load_interval_s > 0 else None
-    return create_inference_app(settings, "local", max_concurrency, setup=setup)
+    return create_inference_app(settings, "local", capacity, setup=setup)

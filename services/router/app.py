@@ -2,8 +2,10 @@
 routing policy picks; the reply is always an InferenceResult (an error one when the step cannot
 run), or ``Bus.rejection`` for a message that is not a step. This module is the wiring:
 
-- queue group ``router`` on ``mesh.step.request``: the step, routed (services/router/steps.py: the
-  policy, the step's own when it names one, and spillover), each call from the cache or sent
+- queue group ``router`` on ``mesh.step.request``, each step its own asyncio task, ``capacity`` in
+  flight at most, a full replica leaving the group (services/runtime/serve.py): the step, routed
+  (services/router/steps.py: the policy, the step's own when it names one, and spillover), each
+  call from the cache or sent
   (calls.py) after the cost defences that act at the caller (cost_defence.py: kill switch,
   pacing's throttle, reservation, then settle); an agent's step is counted by layer 2 before any
   of that (agent_calls.py, limits from deploy/planner.toml); a call the router ends itself is
@@ -18,6 +20,7 @@ run), or ``Bus.rejection`` for a message that is not a step. This module is the 
 from __future__ import annotations
 
 from faststream import FastStream
+from nats.aio.msg import Msg
 
 from schemas.messages import LocalLoad, StepRequest
 from schemas.subjects import HEADER_BUDGET, HEADER_TRACEPARENT, token
@@ -30,6 +33,7 @@ from services.routing.table import RoutingTable
 from services.runtime.bus import Bus, Message, encode
 from services.runtime.catalog import Catalog
 from services.runtime.reservations import parse_budget
+from services.runtime.serve import DEFAULT_CAPACITY, RequestServer
 from services.runtime.settings import MeshSettings
 from services.runtime.task_limits import TaskLimits
 
@@ -38,9 +42,6 @@ QUEUE = "router"
 # A cached answer is as good as the call that made it, but models and prompts drift: a day
 # bounds how stale a served answer can be while still catching a day's repeats.
 DEFAULT_CACHE_TTL_S = 24 * 3600.0
-# Steps handled at once per replica: a step mostly waits on the accountant and a model, and a
-# throttled tenant's queued steps must not hold up other tenants'.
-DEFAULT_CONCURRENCY = 64
 
 
 def create_app(
@@ -52,7 +53,7 @@ def create_app(
     cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
     throttle_rate_per_s: float = DEFAULT_RATE_PER_S,
     throttle_burst: int = DEFAULT_BURST,
-    max_concurrency: int = DEFAULT_CONCURRENCY,
+    capacity: int = DEFAULT_CAPACITY,
     load_stale_s: float = DEFAULT_STALE_S,
     task_limits: TaskLimits | None = None,
 ) -> FastStream:
@@ -60,6 +61,7 @@ def create_app(
     ``policies`` to routing.toml's [policies] (the rules alone when it has none).
     ``throttle_*``: the paid calls per second (and burst) of a tenant whose pace says "throttle".
     ``load_stale_s``: how old a local model's load report may be and still steer spillover.
+    ``capacity``: steps in flight in this replica at once (a step waiting on a model is a coroutine).
     ``task_limits``: layer 2 for the agents' calls (default: deploy/planner.toml)."""
     bus = Bus(settings, SERVICE)
     table = table or RoutingTable.load(settings.deploy_dir)
@@ -79,9 +81,9 @@ def create_app(
     app.on_startup(router.start)
     app.after_shutdown(router.stop)
 
-    @bus.broker.subscriber(settings.subjects.step_request, queue=QUEUE, max_workers=max_concurrency)
-    async def on_step(msg: Message) -> bytes:
+    async def on_step(msg: Msg) -> bytes:
         step = await bus.decode(msg, StepRequest)
+        headers = msg.headers or {}
         if step is None:
             return bus.rejection(f"not a valid StepRequest; kept on {settings.subjects.dlq(SERVICE)}")
         try:
@@ -93,13 +95,18 @@ def create_app(
             if step.stream_to:
                 check_stream_to(step.stream_to, settings.subjects)
             # A task cap that cannot be read cannot be enforced: refuse the step rather than run it uncapped.
-            task_budget_usd = parse_budget(msg.headers.get(HEADER_BUDGET))
+            task_budget_usd = parse_budget(headers.get(HEADER_BUDGET))
             # A policy the step names (a virtual key's) that this router cannot build: refused, never guessed.
             policy = router.policies.for_step(step)
         except ValueError as exc:
-            await bus.dead_letter(msg.raw_message.subject, msg.body, msg.headers, str(exc))
+            await bus.dead_letter(msg.subject, msg.data, headers, str(exc))
             return bus.rejection(str(exc))
-        return encode(await router.route(step, msg.headers.get(HEADER_TRACEPARENT), task_budget_usd, policy))
+        return encode(await router.route(step, headers.get(HEADER_TRACEPARENT), task_budget_usd, policy))
+
+    steps = RequestServer(bus, settings.subjects.step_request, QUEUE, on_step, capacity=capacity)
+    # After the router's own start (hooks run in order): the cache and control state are open first.
+    app.on_startup(steps.start)
+    app.on_shutdown(steps.stop)
 
     # Every replica needs every report: no queue group.
     @bus.broker.subscriber(settings.subjects.local_load_all)

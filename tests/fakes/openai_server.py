@@ -39,6 +39,8 @@ class Behaviour:
     prompt_tokens: int | None = None
     cached_tokens: int = 0
     token_delay_s: float = 0.0
+    # Seconds before the answer starts: a slow model (each request waits in its own thread).
+    delay_s: float = 0.0
     status: int = 200
     # False: ignore stream=true and answer one JSON body, as some compatible servers do.
     stream: bool = True
@@ -57,6 +59,12 @@ class Seen:
     headers: dict[str, str]
 
 
+class _Server(ThreadingHTTPServer):
+    # The listen backlog: hundreds of calls connect at once in the in-flight tests (the default, 5,
+    # would make most of them wait for the kernel's SYN retry, a second or more).
+    request_queue_size = 1024
+
+
 @dataclass
 class FakeOpenAI:
     behaviour: Behaviour = field(default_factory=Behaviour)
@@ -65,7 +73,7 @@ class FakeOpenAI:
     disconnects: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server = _Server(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         # A short poll interval makes shutdown (once per test) take milliseconds, not half a second.
         self.thread = threading.Thread(
@@ -98,6 +106,7 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             fake.requests.append(Seen(body=body, headers={k.lower(): v for k, v in self.headers.items()}))
             behaviour = fake.behaviour
+            time.sleep(behaviour.delay_s)
             if behaviour.api_key and self.headers.get("Authorization") != f"Bearer {behaviour.api_key}":
                 return self._json(
                     401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
