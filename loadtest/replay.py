@@ -25,6 +25,7 @@ import msgspec
 import nats
 from nats.aio.client import Client
 from nats.errors import MaxPayloadError
+from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from loadtest.prompts import prompt_text
@@ -264,20 +265,27 @@ class Replayer:
         """A core subscription can drop events under load (slow consumer); the stream keeps them."""
         js = nc.jetstream()
         stream = self.subjects.stream(STREAM_TASK_EVENTS)
-        for task_id, entry in self.sent.items():
+        for entry in self.sent.values():
             if entry.event is not None:
                 continue
+            event = await self._stored_ending(js, stream, entry.task)
+            if event is not None:
+                entry.event = event
+                # The stored terminal event carries the run's history: a refusal is in it.
+                entry.refused = any(earlier.kind == "refused" for earlier in event.history)
+                self.live.ended["refused" if entry.refused else event.kind] += 1
+
+    async def _stored_ending(self, js: JetStreamContext, stream: str, task: Task) -> TaskEvent | None:
+        """The terminal event the stream kept for ``task``, if any (one subject per terminal kind)."""
+        for kind in sorted(TERMINAL_EVENTS):
             try:
-                raw = await js.get_last_msg(stream, self.subjects.task_event(task_id))
+                raw = await js.get_last_msg(stream, self.subjects.task_event(task.tenant, task.id, kind))
             except NotFoundError:
                 continue
             if raw.data is None:
-                raise ValueError(f"{stream}: the last event of task {task_id} has no payload")
-            event = msgspec.json.decode(raw.data, type=TaskEvent)
-            if event.kind in ENDINGS:
-                entry.event = event
-                entry.refused = event.kind == "refused"
-                self.live.ended[event.kind] += 1
+                raise ValueError(f"{stream}: the {kind} event of task {task.id} has no payload")
+            return msgspec.json.decode(raw.data, type=TaskEvent)
+        return None
 
     # -- the report --
 

@@ -226,7 +226,9 @@ TERMINAL_EVENTS: frozenset[str] = frozenset({"partial", "done", "failed", "kille
 
 
 class TaskEvent(WireMessage, kw_only=True):
-    """A step in a task's life (``mesh.task.event.<task_id>``), published by the planner running the task."""
+    """A step in a task's life (``mesh.task.event.<tenant>.<task_id>.<kind>``), published by the planner
+    running the task. Progress events are core NATS, seen live by whoever follows the task; the one
+    terminal event is stored (JetStream) and carries every earlier event of the run in ``history``."""
 
     task_id: Annotated[str, Meta(description="The task (Task.id).")]
     kind: Annotated[
@@ -270,8 +272,18 @@ class TaskEvent(WireMessage, kw_only=True):
     ] = 0
     agent: Annotated[
         str,
-        Meta(description="The agent service that runs the step (an agent step's AgentRequest.agent); empty: none."),
+        Meta(
+            description="The agent service that runs the step (an agent step's AgentRequest.agent); on a terminal "
+            "event, the agent of the workflow's final step (the one that makes the answer); empty: none."
+        ),
     ] = ""
+    history: Annotated[
+        list[TaskEvent],
+        Meta(
+            description="On the terminal event only: every earlier event of this run of the task, in order "
+            "(the audit trail JetStream keeps); empty on progress events."
+        ),
+    ] = []
 
 
 class StepRequest(WireMessage, kw_only=True):

@@ -11,6 +11,7 @@ those must be subject-safe (no dots, spaces or wildcards): ``token()`` checks th
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "mesh"
@@ -60,12 +61,23 @@ class Subjects:
     def task_submit(self) -> str:
         return f"{self.prefix}.task.submit"
 
-    def task_event(self, task_id: str) -> str:
-        return f"{self.prefix}.task.event.{token(task_id)}"
+    # A task's events: <prefix>.task.event.<tenant>.<task>.<kind>. Progress events are core NATS (live
+    # followers see them); only the terminal ones are stored (STREAM_TASK_EVENTS), each carrying the
+    # task's whole history. The tenant token lets a subscription (and a permission) cover one tenant.
+    def task_event(self, tenant: str, task_id: str, kind: str) -> str:
+        return f"{self.prefix}.task.event.{token(tenant)}.{token(task_id)}.{token(kind)}"
+
+    def task_events_of(self, tenant: str, task_id: str) -> str:
+        """Every event of one task."""
+        return f"{self.prefix}.task.event.{token(tenant)}.{token(task_id)}.>"
 
     @property
     def task_events(self) -> str:
         return f"{self.prefix}.task.event.>"
+
+    def task_endings(self, kinds: Iterable[str]) -> list[str]:
+        """The subjects of every task's events of ``kinds`` (the terminal ones: what the stream keeps)."""
+        return [f"{self.prefix}.task.event.*.*.{token(kind)}" for kind in sorted(kinds)]
 
     # -- planner -> router (request/reply) --
     @property
@@ -183,7 +195,7 @@ class Subjects:
 
 
 STREAM_TASKS = "TASKS"  # task_submit, work queue
-STREAM_TASK_EVENTS = "TASK_EVENTS"  # task_events, limits
+STREAM_TASK_EVENTS = "TASK_EVENTS"  # task_endings: terminal task events (with their history), limits
 STREAM_USAGE = "USAGE"  # usage_all, dedupe window
 STREAM_CONTROL = "CONTROL"  # control kill + pace
 STREAM_ARTIFACT_EVENTS = "ARTIFACT_EVENTS"  # artifact_created_all

@@ -34,7 +34,7 @@ T = TypeVar("T")
 
 async def submit(nc, settings, task: Task, timeout_s: float = 10.0) -> list[TaskEvent]:
     """Publish ``task`` as a client would and collect its events up to the terminal one."""
-    sub = await nc.subscribe(settings.subjects.task_event(task.id))
+    sub = await nc.subscribe(settings.subjects.task_events_of(task.tenant, task.id))
     await nc.jetstream().publish(
         settings.subjects.task_submit, msgspec.json.encode(task), headers={HEADER_MSG_ID: task.id}
     )

@@ -268,19 +268,24 @@ async def test_task_outcomes_artifacts_and_views(start_service, settings, databa
     def task_event(task: str, kind: str, **fields) -> TaskEvent:
         return TaskEvent(task_id=task, kind=kind, time_ms=DAY1_MS + 10, tenant="acme", workflow="answer", **fields)
 
+    progress = [task_event("task-1", "accepted"), task_event("task-1", "planned"), task_event("task-1", "step_done")]
     done = task_event(
-        "task-1", "done", artifact=ArtifactRef(id=answer.id, type="answer"), cost_usd=0.004, calls=3, detail="ok"
+        "task-1",
+        "done",
+        artifact=ArtifactRef(id=answer.id, type="answer"),
+        cost_usd=0.004,
+        calls=3,
+        detail="ok",
+        history=progress,
     )
     task_events = [
-        task_event("task-1", "accepted"),
-        task_event("task-1", "planned"),
-        task_event("task-1", "step_done", step_id="s1"),
         done,
         done,  # a replayed terminal event
         task_event("task-2", "failed", detail="provider down", calls=1, cost_usd=0.0, agent="critic"),
     ]
     for i, event in enumerate(task_events):
-        await publish(js, subjects.task_event(event.task_id), msgspec.json.encode(event), f"te-{i}")
+        subject = subjects.task_event(event.tenant, event.task_id, event.kind)
+        await publish(js, subject, msgspec.json.encode(event), f"te-{i}")
 
     calls = [
         usage(0, cost=0.001),  # day 1

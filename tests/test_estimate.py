@@ -292,4 +292,5 @@ def test_estimate_command_prints_the_figures_and_fails_when_the_plan_cannot_fit(
     late = runner.invoke(estimate_command, ["draft-review", "--deadline", "1"])
     assert late.exit_code == 1 and "exceeds the deadline 1.00 s" in late.output
     unknown = runner.invoke(estimate_command, ["nope"])
-    assert unknown.exit_code == 2 and "unknown workflow 'nope'; known: answer, draft-review" in unknown.output
+    assert unknown.exit_code == 2
+    assert "unknown workflow 'nope'; known: answer, debate, draft-review, triage" in unknown.output

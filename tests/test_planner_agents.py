@@ -103,6 +103,8 @@ async def test_an_agent_step_gets_its_needs_params_budget_and_deadline_and_its_a
 
     assert kinds(events) == ["accepted", "planned", "step_started", "step_done", "step_started", "step_done", "done"]
     assert [e.agent for e in events[4:6]] == ["calc", "calc"] and events[2].agent == ""
+    # The terminal event names the agent that made the answer, and carries the run's history.
+    assert events[-1].agent == "calc" and [e.kind for e in events[-1].history] == kinds(events)[:-1]
     answer = await artifact(nc, used, events[-1].artifact.id)
     assert answer.type == "answer" and answer.body["text"] == "17" and answer.step_id == "compute"
     # The agent's own account of its calls joins the task's totals.

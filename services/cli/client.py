@@ -10,6 +10,7 @@ from types import TracebackType
 
 import msgspec
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from schemas.messages import TERMINAL_EVENTS, Artifact, ArtifactGet, ArtifactRef, ArtifactReply, Task, TaskEvent
 from schemas.subjects import HEADER_MSG_ID, STREAM_TASKS
@@ -60,22 +61,23 @@ class MeshClient:
             headers={HEADER_MSG_ID: task.idempotency_key or task.id},
         )
 
-    async def follow(self, task_id: str, timeout_s: float) -> AsyncIterator[TaskEvent]:
-        """Every event of one task from its first, ending after the terminal one."""
+    async def follow(self, task: Task, timeout_s: float) -> AsyncIterator[TaskEvent]:
+        """Subscribe to one task's events, before submitting it (progress events are live only), and
+        return them as they come, ending after the terminal one. The terminal event is also read from
+        the stream, which keeps it: a task that ended before this subscribed still ends here, with
+        its history in place of the live events."""
         queue: asyncio.Queue[TaskEvent] = asyncio.Queue()
 
         async def on_event(msg: Msg) -> None:
             queue.put_nowait(msgspec.json.decode(msg.data, type=TaskEvent))
 
-        sub = await self.bus.subscribe_history(self.subjects.task_event(task_id), on_event)
-        try:
-            while True:
-                event = await asyncio.wait_for(queue.get(), timeout_s)
-                yield event
-                if event.kind in TERMINAL_EVENTS:
-                    return
-        finally:
-            await sub.unsubscribe()
+        subject = self.subjects.task_events_of(task.tenant, task.id)
+        subscriptions = [
+            await self.bus.subscribe_core(subject, on_event),
+            await self.bus.subscribe_history(subject, on_event),
+        ]
+        await self.bus.flush()
+        return _until_terminal(queue, subscriptions, timeout_s)
 
     async def artifact(self, artifact_id: str) -> Artifact:
         reply = await self.bus.request(
@@ -91,3 +93,23 @@ class MeshClient:
         if reply.ref is None:
             raise ValueError(f"the artifact store refused the {artifact.type!r} artifact: {reply.error}")
         return reply.ref
+
+
+async def _until_terminal(
+    queue: asyncio.Queue[TaskEvent], subscriptions: list[Subscription], timeout_s: float
+) -> AsyncIterator[TaskEvent]:
+    seen_live = False
+    try:
+        while True:
+            event = await asyncio.wait_for(queue.get(), timeout_s)
+            if event.kind in TERMINAL_EVENTS:
+                if not seen_live:
+                    for earlier in event.history:
+                        yield earlier
+                yield event
+                return
+            seen_live = True
+            yield event
+    finally:
+        for subscription in subscriptions:
+            await subscription.unsubscribe()

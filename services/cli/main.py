@@ -202,7 +202,7 @@ def submit(
                     type="text", task_id=task.id, step_id="input", body={"text": text}, created_ms=now_ms()
                 )
                 task.inputs.append(await client.put_artifact(artifact))
-            follow = client.follow(task.id, timeout_s=deadline_s + 10)
+            follow = await client.follow(task, timeout_s=deadline_s + 10)
             await client.submit(task)
             click.echo(f"task {task.id}")
             final = None

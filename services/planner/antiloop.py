@@ -55,6 +55,12 @@ class AttemptCounter:
         """Count one attempt of ``task``; the refusal reason instead when today's attempts are used up."""
         day = self.clock().strftime("%Y%m%d")
         key = f"{fingerprint(task, schedule_run)}.{day}"
+        try:
+            # Most work is new today: try to count the first attempt without reading (one round trip).
+            await self.kv.create(key, b"1")
+            return None
+        except KeyWrongLastSequenceError:
+            pass
         while True:
             # Each lost compare-and-set means another replica counted an attempt: read again.
             try:

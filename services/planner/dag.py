@@ -56,7 +56,7 @@ class Planner:
         self.attempts = attempts
         self.timeout_s = bus.settings.request_timeout_s
         self.artifacts = ArtifactClient(bus, self.timeout_s)
-        self.events = EventPublisher(bus, self.timeout_s)
+        self.events = EventPublisher(bus)
         calls = CallGuard(RouterClient(bus), preflight, limits)
         structured = StructuredOutput(calls, self.events, preflight.catalog)
         agents = AgentSteps(AgentClient(bus), self.artifacts)
@@ -162,13 +162,15 @@ class Planner:
 
     async def _finish(self, state: TaskState, stop: StepFailed | None) -> TaskEventKind:
         task, emit = state.task, self.events.emit
+        # The agent whose step makes the answer, so task rows can be summed per agent.
+        agent = state.workflow.final.agent
         if stop is None:
-            await emit(task, "done", artifact=state.refs[state.workflow.final.id], state=state)
+            await emit(task, "done", artifact=state.refs[state.workflow.final.id], state=state, agent=agent)
             return "done"
         if stop.kind in REFUSALS:
             await emit(task, "refused", detail=stop.reason, state=state)
         kind: TaskEventKind = "killed" if stop.kind == "killed" else "partial" if state.produced else "failed"
-        await emit(task, kind, detail=stop.reason, artifact=best(state), state=state)
+        await emit(task, kind, detail=stop.reason, artifact=best(state), state=state, agent=agent)
         return kind
 
 

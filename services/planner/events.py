@@ -1,33 +1,32 @@
-"""A task's events on its JetStream subject: progress pipelined, the terminal event acknowledged.
+"""A task's events: progress live on core NATS, the terminal event stored with the whole history.
 
 A task publishes ``accepted``, ``planned``, ``step_started``/``step_done`` per step (and
-``refused``/``escalated`` where a defence acts) and then exactly one terminal event. Progress
-events are sent at once, in order, on the one connection, and their acknowledgements are only
-collected before the terminal event: a task's progress costs no JetStream round trip per event,
-yet nothing is lost, because the terminal event waits until every earlier one is stored.
+``refused``/``escalated`` where a defence acts) and then exactly one terminal event, each on
+``mesh.task.event.<tenant>.<task>.<kind>``. Progress events are core NATS messages: whoever follows
+the task sees them as they happen, and they cost the bus one message each, with no acknowledgement,
+no stored copy and no delivery to the accountant. The terminal event is the one JetStream stores
+(its stream takes only the terminal subjects), and it carries every earlier event of the run in
+``history``: the audit trail that the stream kept one message per event for before (four messages
+more per event: the publish acknowledgement, the accountant's delivery and its ack). The planner
+acks a task's message only after that terminal event is stored.
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 from schemas.messages import TERMINAL_EVENTS, ArtifactRef, Task, TaskEvent, TaskEventKind
 from schemas.subjects import STREAM_TASK_EVENTS
 from services.planner.state import TaskState
-from services.runtime.bus import Bus, now_ms
+from services.runtime.bus import Bus, encode, now_ms
 
 
 class EventPublisher:
     """Publishes the events of every task this planner runs; ``forget`` a task that ended without its terminal event."""
 
-    def __init__(self, bus: Bus, timeout_s: float) -> None:
+    def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.subjects = bus.subjects
-        # How long the terminal event waits for the progress events' acknowledgements.
-        self.timeout_s = timeout_s
-        # Per task id: the acknowledgements of its progress events, awaited before its terminal event.
-        self._unacked: dict[str, list[asyncio.Future[Any]]] = {}
+        # Per task id: its events so far, the history its terminal event carries.
+        self._history: dict[str, list[TaskEvent]] = {}
 
     async def emit(
         self,
@@ -55,22 +54,16 @@ class EventPublisher:
             calls=state.calls if state else 0,
             agent=agent,
         )
-        subject, stream = self.subjects.task_event(task.id), self.subjects.stream(STREAM_TASK_EVENTS)
+        subject = self.subjects.task_event(task.tenant, task.id, kind)
         if kind not in TERMINAL_EVENTS:
-            ack = await self.bus.publish_pipelined(subject, event, stream=stream)
-            self._unacked.setdefault(task.id, []).append(ack)
+            self._history.setdefault(task.id, []).append(event)
+            await self.bus.publish_core(subject, encode(event))
             return
-        # Every earlier event must be stored before the terminal one: the task's message is acked
-        # after it, and a failure here makes the task crash, so JetStream redelivers it.
-        unacked = self._unacked.pop(task.id, [])
-        if unacked:
-            async with asyncio.timeout(self.timeout_s):
-                await asyncio.gather(*unacked)
-        await self.bus.publish(subject, event, stream=stream)
+        event.history = self._history.pop(task.id, [])
+        # Stored before the task's message is acked: a failure here makes the task crash, so
+        # JetStream redelivers it.
+        await self.bus.publish(subject, event, stream=self.subjects.stream(STREAM_TASK_EVENTS))
 
     def forget(self, task: Task) -> None:
-        """Drop the acknowledgements still awaited for ``task``'s events (it ended without its terminal event)."""
-        for ack in self._unacked.pop(task.id, []):
-            if ack.done() and not ack.cancelled():
-                ack.exception()  # retrieved: the task already failed for its own reason
-            ack.cancel()
+        """Drop the history of ``task`` (it ended without its terminal event)."""
+        self._history.pop(task.id, None)

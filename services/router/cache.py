@@ -7,6 +7,10 @@ tool call ids and names), max_tokens, the response schema and every ChatOption b
 asks does not change the answer). A sampled call (temperature above 0) is cached only with a
 seed: without one, asking again is asking for another answer. A hit streams nothing; a streaming
 caller takes the whole answer from the result.
+
+A write is a core NATS publish on the bucket's subject, which JetStream stores without sending an
+acknowledgement back: one bus message instead of two, and the reply to the step no longer waits on
+it. A write lost on the way costs a later cache miss, never a wrong answer.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from nats.js.kv import KeyValue
 from structlog.stdlib import BoundLogger
 
 from schemas.messages import ChatOptions, InferenceResult, StepRequest
-from services.runtime.bus import encode
+from schemas.subjects import KV_API
+from services.runtime.bus import Bus, encode
 
 
 def cacheable(step: StepRequest) -> bool:
@@ -56,8 +61,10 @@ class ResponseCache:
     """Reads and writes never fail a step: the cache only ever saves a call, so on a KV error the
     call runs (or its result goes uncached) and the error is logged."""
 
-    def __init__(self, kv: KeyValue, log: BoundLogger) -> None:
+    def __init__(self, kv: KeyValue, bus: Bus, bucket: str, log: BoundLogger) -> None:
         self.kv = kv
+        self.bus = bus
+        self.bucket = bucket
         self.log = log
 
     async def get(self, key: str) -> InferenceResult | None:
@@ -79,6 +86,6 @@ class ResponseCache:
         if result.error is not None:
             raise ValueError("only successful results are cached")
         try:
-            await self.kv.put(key, encode(result))
+            await self.bus.publish_core(f"{KV_API}.{self.bucket}.{key}", encode(result))
         except nats.errors.Error as exc:
             self.log.warning("cache_write_failed", key=key, error=str(exc))

@@ -76,8 +76,9 @@ class StepRouter:
     async def start(self) -> None:
         """Open the cache and the task call counts and read the control state before any step is taken:
         a router started after a trip refuses from its first step."""
-        kv = await self.bus.key_value(self.bus.subjects.bucket(BUCKET_RESPONSE_CACHE), ttl_s=self.cache_ttl_s)
-        self.cache = ResponseCache(kv, self.log)
+        bucket = self.bus.subjects.bucket(BUCKET_RESPONSE_CACHE)
+        kv = await self.bus.key_value(bucket, ttl_s=self.cache_ttl_s)
+        self.cache = ResponseCache(kv, self.bus, bucket, self.log)
         self.control = await ControlState.open(self.bus)
         meter = CallMeter(self.bus)
         defence = CostDefence(self.control, self.throttle, ReservationClient(self.bus), meter)

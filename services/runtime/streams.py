@@ -8,6 +8,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from schemas.messages import TERMINAL_EVENTS
 from schemas.subjects import (
     STREAM_ARTIFACT_EVENTS,
     STREAM_CONTROL,
@@ -35,7 +36,8 @@ def stream_configs(subjects: Subjects) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=subjects.stream(STREAM_TASK_EVENTS),
-            subjects=[subjects.task_events],
+            # A task's end, with its history; its progress events are live only (core NATS).
+            subjects=subjects.task_endings(TERMINAL_EVENTS),
             max_age=7 * DAY_S,
             storage=StorageType.FILE,
         ),
