@@ -42,6 +42,8 @@ INFERENCE_SERVICES = ("local-inference", "cloud-inference")
 MAX_REASONS = 5
 # How long the accountant may take to store the last rows after the last task ended.
 INGEST_WAIT_S = 30.0
+# Task ids per usage query (12 hex digits each).
+IDS_PER_QUERY = 2_000
 
 
 @dataclass
@@ -376,15 +378,18 @@ def _usage_by_task(clickhouse_url: str, ended: dict[str, _Sent]) -> dict[str, Ta
     ids = sorted(ended)
     deadline = time.monotonic() + INGEST_WAIT_S
     while True:
-        result = ch.query(
-            "SELECT task_id, count(), countIf(outcome = 'cache_hit'), "
-            "sumIf(latency_ms, service IN {services:Array(String)}), toFloat64(sum(cost_usd)), "
-            "sumIf(input_tokens, service IN {services:Array(String)}), "
-            "sumIf(cached_input_tokens, service IN {services:Array(String)}) "
-            "FROM usage_events FINAL WHERE task_id IN {ids:Array(String)} GROUP BY task_id",
-            parameters={"ids": ids, "services": list(INFERENCE_SERVICES)},
-        ).result_rows
-        by_task = {row[0]: TaskUsage(*row[1:]) for row in result}
+        by_task: dict[str, TaskUsage] = {}
+        # In slices: the ids travel as one HTTP form field, which the server caps in length.
+        for start in range(0, len(ids), IDS_PER_QUERY):
+            result = ch.query(
+                "SELECT task_id, count(), countIf(outcome = 'cache_hit'), "
+                "sumIf(latency_ms, service IN {services:Array(String)}), toFloat64(sum(cost_usd)), "
+                "sumIf(input_tokens, service IN {services:Array(String)}), "
+                "sumIf(cached_input_tokens, service IN {services:Array(String)}) "
+                "FROM usage_events FINAL WHERE task_id IN {ids:Array(String)} GROUP BY task_id",
+                parameters={"ids": ids[start : start + IDS_PER_QUERY], "services": list(INFERENCE_SERVICES)},
+            ).result_rows
+            by_task.update((row[0], TaskUsage(*row[1:])) for row in result)
         if sum(u.rows for u in by_task.values()) >= expected or time.monotonic() > deadline:
             ch.close()
             return by_task
