@@ -215,7 +215,7 @@ class Replayer:
         entry = _Sent(task, sent_at=time.monotonic())
         self.sent[task.id] = entry
         try:
-            await js.publish(self.subjects.task_submit, data, stream=stream, headers={HEADER_MSG_ID: task.id})
+            await js.publish(self.subjects.task_submit, data, stream=stream, headers={HEADER_MSG_ID: task.dedupe_id()})
         except (MaxPayloadError, nats.errors.Error, TimeoutError):
             # Not in the stream, so no service will ever see it: not published, not lost.
             del self.sent[task.id]

@@ -9,6 +9,9 @@ A type a model writes itself as JSON (structured output) subclasses ``Structured
 fields are the model's, ``response_schema`` is the JSON Schema a call sends for them, and
 ``parse_structured`` validates a reply into a body (the store then validates it again, as it does
 every body).
+
+An artifact's id (``artifact_id``) is the content address of its tenant, type, schema version and
+body: the same body stored by two tenants is two artifacts, each readable by its own tenant only.
 """
 
 from __future__ import annotations
@@ -216,7 +219,11 @@ def canonical_json(value: Any) -> bytes:
     return msgspec.json.encode(value, order="sorted")
 
 
-def artifact_id(artifact_type: str, schema_version: int, body: dict[str, Any]) -> str:
-    """The content address: sha256 hex of the canonical JSON of type, schema version and body."""
-    document = {"type": artifact_type, "schema_version": schema_version, "body": body}
+def artifact_id(tenant: str, artifact_type: str, schema_version: int, body: dict[str, Any]) -> str:
+    """The content address: sha256 hex of the canonical JSON of tenant, type, schema version and body.
+
+    The tenant is hashed in so that two tenants storing the same body get two artifacts: with one
+    id, whether a tenant could read "its own" artifact (and whose lineage and task it showed) would
+    depend on which tenant stored that body first."""
+    document = {"tenant": tenant, "type": artifact_type, "schema_version": schema_version, "body": body}
     return hashlib.sha256(canonical_json(document)).hexdigest()

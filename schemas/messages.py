@@ -143,8 +143,9 @@ class Task(WireMessage, kw_only=True):
     id: Annotated[
         str,
         Meta(
-            description="The task's id, unique per task and one subject token (letters, digits, '-', '_'); "
-            "also the submission's de-duplication key (Nats-Msg-Id) unless idempotency_key is set."
+            description="The task's id, unique per task of its tenant and one subject token (letters, digits, "
+            "'-', '_'); also the submission's de-duplication key (Nats-Msg-Id <tenant>.<id>) unless "
+            "idempotency_key is set."
         ),
     ]
     tenant: Annotated[
@@ -190,8 +191,9 @@ class Task(WireMessage, kw_only=True):
     idempotency_key: Annotated[
         str | None,
         Meta(
-            description="The submission's de-duplication key (sent as Nats-Msg-Id): a resubmission with the same "
-            "key inside the stream's duplicate window is dropped. null: the id is the key."
+            description="The submission's de-duplication key (sent as Nats-Msg-Id <tenant>.<key>, so two tenants' "
+            "keys never collide): a resubmission of the tenant with the same key inside the stream's duplicate "
+            "window is dropped. null: the id is the key."
         ),
     ] = None
     submitted_ms: Annotated[
@@ -208,6 +210,11 @@ class Task(WireMessage, kw_only=True):
             "A load replay sets it to the recorded output length."
         ),
     ] = None
+
+    def dedupe_id(self) -> str:
+        """The submission's Nats-Msg-Id, ``<tenant>.<idempotency key or id>``: with the tenant in it, two
+        tenants' submissions never collide, so neither is dropped as the other's duplicate."""
+        return f"{self.tenant}.{self.idempotency_key or self.id}"
 
 
 TaskEventKind = Literal[
@@ -401,6 +408,15 @@ class InferenceRequest(WireMessage, kw_only=True):
         str | None,
         Meta(description="The budget reservation covering this paid call (Reservation.id); null for a free call."),
     ] = None
+    grant: Annotated[
+        str,
+        Meta(
+            description="The accountant's signed grant for this paid call (ReservationDecision.grant), copied by the "
+            "router: the inference service runs a paid call only if the grant verifies with the accountant's public "
+            "key and names this call id, tenant, task, model and virtual key, covers the call's worst case and has "
+            "not expired; empty for a free call."
+        ),
+    ] = ""
     spilled_from: Annotated[
         str,
         Meta(
@@ -659,6 +675,15 @@ class ReservationDecision(WireMessage, kw_only=True):
             "'already reserved' on a repeat; empty otherwise."
         ),
     ] = ""
+    grant: Annotated[
+        str,
+        Meta(
+            description="On a granted reserve: the accountant's Ed25519-signed grant (services/runtime/grants.py: "
+            "base64url claims '.' base64url signature; the claims name the call id, tenant, task, model, virtual key, "
+            "the worst case in picodollars and the expiry), which the caller puts in InferenceRequest.grant; empty "
+            "otherwise."
+        ),
+    ] = ""
 
 
 KillScope = Literal["global", "tenant", "task", "model", "key"]
@@ -825,19 +850,27 @@ class BudgetState(WireMessage, kw_only=True):
 
 
 class Artifact(WireMessage, kw_only=True):
-    """A typed, content-addressed output: ``id`` is the sha256 of its canonical type, version and body.
+    """A typed, content-addressed output of one tenant: ``id`` is the sha256 of its canonical tenant,
+    type, version and body.
 
     The planner (or an agent) puts it on ``mesh.artifact.put``; the artifact store validates the body,
-    sets ``id`` and announces it on ``mesh.artifact.created.<type>``.
+    sets ``id`` and announces it on ``mesh.artifact.created.<type>``. Only its tenant can get it back.
     """
 
     id: Annotated[
         str,
         Meta(
             description="The content address, set by the artifact store (a sender leaves it empty): sha256 hex of "
-            "the canonical JSON of type, schema_version and body."
+            "the canonical JSON of tenant, type, schema_version and body (two tenants' equal bodies differ)."
         ),
     ] = ""
+    tenant: Annotated[
+        str,
+        Meta(
+            description="The tenant it belongs to (a subject token): the producing task's tenant; a task input's "
+            "is its submitter's. Only a get naming this tenant reads it."
+        ),
+    ] = "default"
     type: Annotated[
         str, Meta(description="The artifact type (schemas/artifacts.py ARTIFACT_TYPES), which fixes the body.")
     ]
@@ -868,6 +901,13 @@ class ArtifactGet(WireMessage, kw_only=True):
     """Read an artifact (``mesh.artifact.get``); the artifact store replies ArtifactReply."""
 
     id: Annotated[str, Meta(description="The artifact's id (64 lowercase hex digits).")]
+    tenant: Annotated[
+        str,
+        Meta(
+            description="The tenant asking: the task's (AgentRequest.tenant for an agent). Another tenant's "
+            "artifact is refused exactly as a missing one is."
+        ),
+    ] = "default"
 
 
 class ArtifactReply(WireMessage, kw_only=True):
@@ -876,7 +916,11 @@ class ArtifactReply(WireMessage, kw_only=True):
     ref: Annotated[ArtifactRef | None, Meta(description="On put: the stored artifact's id and type.")] = None
     artifact: Annotated[Artifact | None, Meta(description="On get: the artifact, body included.")] = None
     error: Annotated[
-        str | None, Meta(description="Why the put or get was refused (e.g. not found, an invalid body).")
+        str | None,
+        Meta(
+            description="Why the put or get was refused (e.g. an invalid body); a get of another tenant's artifact "
+            "gets the same error as a get of a missing one."
+        ),
     ] = None
 
 

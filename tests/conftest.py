@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -36,6 +38,7 @@ from helpers import shipped_catalog
 
 from services.accountant.clickhouse import client as clickhouse_client
 from services.embedded.servers import EmbeddedClickHouse, EmbeddedEngine, EmbeddedNats
+from services.runtime import grants
 from services.runtime.bus import Bus
 from services.runtime.catalog import Catalog
 from services.runtime.settings import MeshSettings
@@ -43,6 +46,9 @@ from services.runtime.settings import MeshSettings
 REPO = Path(__file__).resolve().parents[1]
 # Absolute, so it stays right for subprocesses and symlinks made elsewhere (CI passes ../shared/data).
 os.environ["FRUGALMESH_DATA"] = str(Path(os.environ.get("FRUGALMESH_DATA", REPO.parent / "shared" / "data")).resolve())
+# One grant key for the session, in the environment: the in-process accountant signs with it, the
+# inference services verify with it, and no test touches ~/.frugalmesh/grant.seed.
+os.environ.setdefault(grants.SEED_ENV, grants.new_seed().decode())
 
 KINDS = ("unit", "infra", "engine")
 # What a test reaches through these fixtures (or any fixture built on them).
@@ -92,34 +98,51 @@ def data_dir() -> Path:
     return path
 
 
+class Infra(NamedTuple):
+    """The session's servers: ``infra[0]`` is NATS's URL, ``infra[1]`` ClickHouse's as the writer (the
+    accountant's user); then ClickHouse's as the read-only analyst, and the embedded ClickHouse's folder
+    (its password files; None on the docker backend)."""
+
+    nats_url: str
+    clickhouse_url: str
+    clickhouse_analyst_url: str
+    clickhouse_dir: Path | None = None
+
+
 def _docker_backend(tmp: Path):
+    """nats and clickhouse-server containers; ClickHouse with compose's users (deploy/clickhouse/users.d)."""
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.waiting_utils import wait_for_logs
 
+    passwords = {user: secrets.token_hex(16) for user in ("writer", "analyst")}
+    users_d = REPO / "deploy" / "clickhouse" / "users.d"
     nats = DockerContainer("nats:2.11").with_command("-js").with_exposed_ports(4222)
     ch = (
         DockerContainer("clickhouse/clickhouse-server:25.8")
-        .with_env("CLICKHOUSE_USER", "mesh")
-        .with_env("CLICKHOUSE_PASSWORD", "mesh")
-        .with_env("CLICKHOUSE_DB", "frugalmesh")
+        .with_env("CLICKHOUSE_SKIP_USER_SETUP", "1")
+        .with_env("CLICKHOUSE_WRITER_PASSWORD", passwords["writer"])
+        .with_env("CLICKHOUSE_ANALYST_PASSWORD", passwords["analyst"])
         .with_exposed_ports(8123)
     )
+    for name in ("frugalmesh.xml", "no-default.xml"):
+        ch = ch.with_volume_mapping(str(users_d / name), f"/etc/clickhouse-server/users.d/{name}", "ro")
     nats.start()
     ch.start()
     wait_for_logs(nats, "Server is ready")
     wait_for_logs(ch, "Ready for connections")
     nats_url = f"nats://{nats.get_container_host_ip()}:{nats.get_exposed_port(4222)}"
-    ch_url = f"http://mesh:mesh@{ch.get_container_host_ip()}:{ch.get_exposed_port(8123)}/frugalmesh"
-    return nats_url, ch_url, lambda: (nats.stop(), ch.stop())
+    host = f"{ch.get_container_host_ip()}:{ch.get_exposed_port(8123)}"
+    urls = {user: f"http://{user}:{password}@{host}/frugalmesh" for user, password in passwords.items()}
+    return Infra(nats_url, urls["writer"], urls["analyst"]), lambda: (nats.stop(), ch.stop())
 
 
 @pytest.fixture(scope="session")
-def infra(tmp_path_factory) -> tuple[str, str]:
-    """(nats_url, clickhouse_url) of real servers shared by the session."""
+def infra(tmp_path_factory) -> Iterator[Infra]:
+    """Real servers shared by the session (``Infra``: indexable as (nats_url, clickhouse_url, ...))."""
     tmp = tmp_path_factory.mktemp("infra")
     if os.environ.get("FRUGALMESH_TEST_BACKEND") == "docker":
-        nats_url, ch_url, stop = _docker_backend(tmp)
-        yield nats_url, ch_url
+        servers, stop = _docker_backend(tmp)
+        yield servers
         stop()
         return
     nats = EmbeddedNats(tmp / "nats", port=-1)
@@ -127,7 +150,7 @@ def infra(tmp_path_factory) -> tuple[str, str]:
     nats.start()
     try:
         clickhouse.start()
-        yield nats.url, clickhouse.url
+        yield Infra(nats.url, clickhouse.url, clickhouse.analyst_url, clickhouse.data_dir)
     finally:
         clickhouse.stop()
         nats.stop()
@@ -153,7 +176,14 @@ def nats_url(infra) -> str:
 
 @pytest.fixture
 def clickhouse_url(infra) -> str:
+    """The session's ClickHouse as the writer (the accountant's user)."""
     return infra[1]
+
+
+@pytest.fixture
+def clickhouse_analyst_url(infra) -> str:
+    """The session's ClickHouse as the read-only analyst (`frugalmesh sql`'s user)."""
+    return infra.clickhouse_analyst_url
 
 
 @pytest.fixture

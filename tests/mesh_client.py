@@ -1,7 +1,10 @@
 """What tests do as a client of a live mesh, over plain nats-py as an agent in any language would:
 submit a task and follow it, ask the router for a step or an inference service for a call, put and
 read artifacts, read what a stream stored, wait for the planner's ack and for the accountant's usage
-rows in ClickHouse, and read the local engine's load."""
+rows in ClickHouse, and read the local engine's load.
+
+Artifacts are read as a tenant's (``tenant``; "default" when left out, as for a Task): the tenant of
+the task that made them. A task is published with ``Nats-Msg-Id`` ``Task.dedupe_id()``, as every client does."""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ async def submit(nc, settings, task: Task, timeout_s: float = 10.0) -> list[Task
     """Publish ``task`` as a client would and collect its events up to the terminal one."""
     sub = await nc.subscribe(settings.subjects.task_events_of(task.tenant, task.id))
     await nc.jetstream().publish(
-        settings.subjects.task_submit, msgspec.json.encode(task), headers={HEADER_MSG_ID: task.id}
+        settings.subjects.task_submit, msgspec.json.encode(task), headers={HEADER_MSG_ID: task.dedupe_id()}
     )
     events: list[TaskEvent] = []
     try:
@@ -79,16 +82,19 @@ async def call(nc, subject: str, inference: InferenceRequest, timeout_s: float =
 
 
 async def put_artifact(nc, settings, artifact: Artifact) -> ArtifactReply:
+    """Store ``artifact`` as its ``tenant``'s."""
     return await request(nc, settings.subjects.artifact_put, artifact, ArtifactReply, timeout_s=5)
 
 
-async def get_artifact(nc, settings, artifact_id: str) -> ArtifactReply:
-    return await request(nc, settings.subjects.artifact_get, ArtifactGet(id=artifact_id), ArtifactReply, timeout_s=5)
+async def get_artifact(nc, settings, artifact_id: str, tenant: str = "default") -> ArtifactReply:
+    """The store's reply to ``tenant``'s get of ``artifact_id``."""
+    get = ArtifactGet(id=artifact_id, tenant=tenant)
+    return await request(nc, settings.subjects.artifact_get, get, ArtifactReply, timeout_s=5)
 
 
-async def artifact(nc, settings, artifact_id: str) -> Artifact:
-    """A stored artifact, which must exist."""
-    found = (await get_artifact(nc, settings, artifact_id)).artifact
+async def artifact(nc, settings, artifact_id: str, tenant: str = "default") -> Artifact:
+    """``tenant``'s stored artifact, which must exist."""
+    found = (await get_artifact(nc, settings, artifact_id, tenant)).artifact
     assert found is not None
     return found
 

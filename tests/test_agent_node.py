@@ -134,7 +134,7 @@ async def test_a_task_hands_the_models_arithmetic_to_the_node_agent(
     assert [e.kind for e in events] == ["accepted", "planned", *steps, "done"], events
     assert len(peer.requests) == 1 and peer.requests[0].messages[0].content == GOAL
     expression = events[3].artifact
-    final = await artifact(nc, used, events[-1].artifact.id)
+    final = await artifact(nc, used, events[-1].artifact.id, "acme")
     assert final.type == "answer" and final.body["text"] == "17" and final.body["model"] == NAME
     assert final.parents == [expression.id]
     assert (final.task_id, final.step_id) == (task.id, "answer")
@@ -194,21 +194,22 @@ async def test_garbage_gets_a_rejection_and_a_dead_letter_and_the_agent_serves_o
     made = await artifact(nc, settings, answer.artifacts[0].id)
     assert made.body["text"] == "27.5" and made.parents == [stored.ref.id]
 
-    # A step asking for a type it does not produce, with no input, or with an input that does not exist:
-    # invalid, and not retryable (the next try would get the same request).
+    # A step asking for a type it does not produce, with no input, with an input that does not exist
+    # or with another tenant's: invalid, and not retryable (the next try would get the same request).
     for wrong in (
         msgspec.structs.replace(request, artifact="review"),
         msgspec.structs.replace(request, needs={}),
         msgspec.structs.replace(request, needs={"x": ArtifactRef(id="0" * 64, type="text")}),
+        msgspec.structs.replace(request, tenant="globex"),
     ):
         reply = await nc.request(subject, msgspec.json.encode(wrong), timeout=5)
         failed = msgspec.json.decode(reply.data, type=AgentResult)
         assert failed.error is not None and failed.artifacts == [], failed
         assert (failed.error.kind, failed.error.retryable) == ("invalid", False), failed
 
-    # What it measured, as the mesh reads it: the four requests it served, one answered (rejections not counted).
+    # What it measured, as the mesh reads it: the five requests it served, one answered (rejections not counted).
     stats = (await live_agent(bus, NAME)).stats
-    assert (stats.served, stats.succeeded, stats.in_flight, stats.cost_usd) == (4, 1, 0, 0.0)
+    assert (stats.served, stats.succeeded, stats.in_flight, stats.cost_usd) == (5, 1, 0, 0.0)
     assert stats.busy_s > 0
 
 

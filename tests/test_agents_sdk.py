@@ -42,12 +42,16 @@ GARBAGE = b"\x00not json{"
 SCHEMA_INVALID = b'{"task_id": 5, "agent": ["not", "a", "string"]}'
 
 
+# The tenant of the requests below: the agent reads and stores artifacts as this tenant's.
+TENANT = "acme"
+
+
 def agent_request(agent: str, **fields) -> AgentRequest:
     """A request as the planner sends it: a fresh task, 30 s to the deadline (``fields`` override)."""
     defaults = {
         "task_id": uuid.uuid4().hex[:12],
         "step_id": "solve",
-        "tenant": "acme",
+        "tenant": TENANT,
         "workflow": "solve",
         "goal": SHORT,
         "artifact": "answer",
@@ -124,7 +128,7 @@ async def test_an_agent_answers_with_its_stored_artifact_its_calls_and_their_cos
 
     await router_peers(settings, respond)
     await start_agent(echo, settings)
-    source = (await put_artifact(nc, settings, Artifact(type="text", body={"text": SHORT}))).ref
+    source = (await put_artifact(nc, settings, Artifact(type="text", tenant=TENANT, body={"text": SHORT}))).ref
     assert source is not None
     message = agent_request("echo", inputs=[source])
 
@@ -134,7 +138,7 @@ async def test_an_agent_answers_with_its_stored_artifact_its_calls_and_their_cos
     assert reply.calls == [r.call_id for r in answered] and len(reply.calls) == 2
     assert reply.cost_usd == pytest.approx(0.004)
     [ref] = reply.artifacts
-    stored = await artifact(nc, settings, ref.id)
+    stored = await artifact(nc, settings, ref.id, TENANT)
     assert (stored.type, stored.task_id, stored.step_id) == ("answer", message.task_id, "solve")
     assert stored.body["text"] == "17 (call 2)" and stored.parents == [source.id]
     assert stored.calls == reply.calls and stored.cost_usd == pytest.approx(0.004)
@@ -180,13 +184,13 @@ async def test_a_refused_call_reaches_the_agent_and_an_uncaught_one_is_the_resul
     caught = await ask(nc, settings, agent_request("careful", params={"catch": True}))
     [note] = caught.artifacts  # what the handler returned, not all it stored
     assert caught.error is None
-    assert (await artifact(nc, settings, note.id)).body["text"] == "kept the draft: refused: task cap reached"
+    assert (await artifact(nc, settings, note.id, TENANT)).body["text"] == "kept the draft: refused: task cap reached"
     assert len(caught.calls) == 1  # the rejected call never reached a model
 
     uncaught = await ask(nc, settings, agent_request("careful", task_id="t-killed"))
     assert uncaught.error == ErrorInfo(kind="killed", message="kill switch (task)")
     [draft] = uncaught.artifacts  # what it stored before the refusal
-    assert (await artifact(nc, settings, draft.id)).body["text"] == "The answer is 17."
+    assert (await artifact(nc, settings, draft.id, TENANT)).body["text"] == "The answer is 17."
     assert len(uncaught.calls) == 2  # the killed call was answered, so it counts
 
     crashed = await ask(nc, settings, agent_request("careful", params={"crash": True}))
@@ -318,7 +322,7 @@ async def test_debate_makes_k_times_rounds_calls_k_at_once_and_keeps_the_majorit
     assert "Debater 2: It is 17" in seen[(1, 2)] and "Debater 3: 17 cows." in seen[(1, 2)]
     assert "Your previous answer: I get 18." in seen[(1, 2)] and "Debater 1: I get 18." in seen[(2, 2)]
     [ref] = reply.artifacts
-    answer = await artifact(nc, settings, ref.id)
+    answer = await artifact(nc, settings, ref.id, TENANT)
     assert answer.body["text"] == "I now agree: 17" and answer.calls == reply.calls
 
 
@@ -341,7 +345,7 @@ async def test_a_refused_debate_stores_the_last_rounds_majority_and_says_why(
 
     assert reply.error is not None and reply.error.kind == "refused"
     [best] = reply.artifacts
-    assert (await artifact(nc, settings, best.id)).body["text"] == "It is 17"  # round 1's majority
+    assert (await artifact(nc, settings, best.id, TENANT)).body["text"] == "It is 17"  # round 1's majority
     assert len(reply.calls) == 5
 
     invalid = await ask(nc, settings, agent_request("debate", params={"k": 12}))
@@ -356,13 +360,13 @@ async def test_the_debate_workflow_runs_the_debate_agent_through_the_planner(
     used = await planner_mesh()  # the shipped deploy/: deploy/workflows/debate.toml
     await router_peers(used, debating)
     await start_agent(debate.agent, used)
-    task = new_task(workflow="debate", goal=SHORT, tenant="acme", budget_usd=1.0, deadline_s=30)
+    task = new_task(workflow="debate", goal=SHORT, tenant=TENANT, budget_usd=1.0, deadline_s=30)
 
     events = await submit(nc, used, task)
 
     assert [e.kind for e in events] == ["accepted", "planned", "step_started", "step_done", "done"]
     assert events[2].agent == "debate" and events[-1].calls == 6 and events[-1].cost_usd == pytest.approx(0.006)
-    answer = await artifact(nc, used, events[-1].artifact.id)
+    answer = await artifact(nc, used, events[-1].artifact.id, TENANT)
     assert (answer.type, answer.step_id, answer.body["text"]) == ("answer", "debate", "I now agree: 17")
 
 
@@ -403,7 +407,7 @@ async def test_fixer_feeds_the_failure_back_until_a_candidate_passes(
     retry = peer.requests[1].messages
     assert retry[1].content == SHORT and retry[2] == ChatMessage(role="assistant", content="So 16 cows.")
     assert "failed the check" in retry[3].content and "'16'" in retry[3].content
-    assert (await artifact(nc, settings, reply.artifacts[0].id)).body["text"] == "So 18 cows."
+    assert (await artifact(nc, settings, reply.artifacts[0].id, TENANT)).body["text"] == "So 18 cows."
 
     stuck = await ask(nc, settings, agent_request("fixer", params={"must_contain": "sheep", "max_turns": 3}))
     assert stuck.error is not None and (stuck.error.kind, stuck.error.retryable) == ("agent", False)
@@ -469,7 +473,7 @@ async def test_a_runaway_agent_repeating_itself_is_stopped_by_layer_2_with_a_bou
     assert sorted(reply.calls) == sorted(e.event_id for e in events)
     assert reply.cost_usd == pytest.approx(sum(e.cost_usd for e in events)) and 0 < reply.cost_usd < 0.05
     [best] = reply.artifacts
-    assert (await artifact(nc, settings, best.id)).calls == reply.calls
+    assert (await artifact(nc, settings, best.id, TENANT)).calls == reply.calls
 
 
 @pytest.mark.infra

@@ -37,9 +37,10 @@ async def test_put_get_roundtrip_stores_body_index_and_announces(settings, start
     reply = await put_artifact(nc, settings, answer())
     assert reply.error is None and reply.ref is not None
     assert reply.ref.type == "answer"
-    # The id is the content address of the normalised body (the omitted `graded` defaults to null).
+    # The id is the content address of the tenant and the normalised body (the omitted `graded`
+    # defaults to null; the tenant left out is the default one).
     body = {"text": "42", "model": "mixtral-8x7b-local", "graded": None}
-    assert reply.ref.id == artifact_id("answer", 1, body)
+    assert reply.ref.id == artifact_id("default", "answer", 1, body)
 
     got = await get_artifact(nc, settings, reply.ref.id)
     assert got.error is None and got.artifact is not None
@@ -53,7 +54,7 @@ async def test_put_get_roundtrip_stores_body_index_and_announces(settings, start
     assert msgspec.json.decode((await bodies.get(reply.ref.id)).data) == body
     index = await js.key_value(settings.subjects.bucket(BUCKET_ARTIFACT_INDEX))
     metadata = msgspec.json.decode((await index.get(reply.ref.id)).value)
-    assert "body" not in metadata and metadata["task_id"] == "t1"
+    assert "body" not in metadata and (metadata["task_id"], metadata["tenant"]) == ("t1", "default")
 
     event = await created.next_msg(timeout=5)
     announced = msgspec.json.decode(event.data, type=Artifact)

@@ -1,6 +1,11 @@
 """The cost defences where calls are made, on live services and a real nats-server: reservations
-(the accountant is a test peer, ``BudgetPeer``), the kill switch in the router and in both
-inference services, pinning, strict pinning and pacing."""
+(the accountant is a test peer, ``BudgetPeer``, which signs grants as the accountant does), grants
+in both inference services, the kill switch in the router and in both inference services, pinning,
+strict pinning and pacing.
+
+A paid call sent straight to an inference service, as the probes below do, carries a grant signed
+as the accountant signs it (fakes/grants.py); without one it is refused (tests/test_grants.py has
+every other way a grant fails)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import msgspec
 import pytest
 from fakes.budget_peer import BudgetPeer
+from fakes.grants import granted
 from fakes.inference_peer import InferencePeer
 from helpers import eventually, make_request, make_step, shipped_catalog
 from helpers import kill_switch as switch
@@ -122,6 +128,7 @@ async def test_a_granted_call_carries_its_reservation_and_settles_the_actual_cos
     [reservation] = budget.reserved
     [settled] = budget.settled
     assert request.reservation_id == reservation.id == settled.id == result.call_id
+    assert request.grant == budget.signer.grant(reservation)  # the accountant's grant, carried as it came
     assert reservation.task_budget_usd is None and reservation.actual_usd is None
     assert settled.actual_usd == 0.001 and settled.amount_usd == reservation.amount_usd
 
@@ -158,12 +165,34 @@ def probes(nc, settings, prompts, tenant: str = "acme") -> dict[str, Callable[[]
     return {
         "router": lambda: ask(nc, settings, make_step(next(prompts), role="draft", tenant=tenant)),
         "local-inference": lambda: call(
-            nc, subjects.infer_local(LOCAL), make_request(LOCAL, next(prompts), tenant=tenant)
+            nc, subjects.infer_local(LOCAL), granted(make_request(LOCAL, next(prompts), tenant=tenant))
         ),
         "cloud-inference": lambda: call(
-            nc, subjects.infer_cloud("openai"), make_request(FRONTIER, next(prompts), tenant=tenant)
+            nc, subjects.infer_cloud("openai"), granted(make_request(FRONTIER, next(prompts), tenant=tenant))
         ),
     }
+
+
+async def test_a_paid_call_sent_straight_to_an_inference_service_without_a_grant_is_refused_and_metered_once(
+    settings, start_service, nc, prompts
+):
+    await start_mesh(settings, start_service, nc)
+    subjects = settings.subjects
+    straight = {
+        "local-inference": (subjects.infer_local(LOCAL), make_request(LOCAL, next(prompts))),
+        "cloud-inference": (subjects.infer_cloud("openai"), make_request(FRONTIER, next(prompts))),
+    }
+
+    results = {name: await call(nc, subject, request) for name, (subject, request) in straight.items()}
+
+    for result in results.values():
+        assert result.error is not None and result.error.kind == "refused"
+        assert result.error.message == "no valid grant: the call carries no grant"
+        assert (result.output, result.cost_usd) == ("", 0)
+    events = await usage_events(nc, settings)
+    assert sorted((e.event_id, e.service, e.outcome, e.cost_usd) for e in events) == sorted(
+        (request.call_id, name, "refused", 0) for name, (_, request) in straight.items()
+    )
 
 
 async def test_a_global_trip_stops_every_service_and_a_clear_restores_them(settings, start_service, nc, prompts, bus):
@@ -218,8 +247,8 @@ async def test_a_trip_cancels_covered_calls_in_flight_and_meters_them_killed(
     fake_openai.behaviour.token_delay_s = 0.02  # about 0.65 s a call
     await start_service("cloud-inference", settings)
     subject = settings.subjects.infer_cloud("openai")
-    doomed = make_request(FRONTIER, "Count slowly.", tenant="acme", max_tokens=300)
-    spared = make_request(FRONTIER, "Count slowly.", tenant="globex", max_tokens=300)
+    doomed = granted(make_request(FRONTIER, "Count slowly.", tenant="acme", max_tokens=300))
+    spared = granted(make_request(FRONTIER, "Count slowly.", tenant="globex", max_tokens=300))
     calls = [asyncio.create_task(call(nc, subject, r)) for r in (doomed, spared)]
     await eventually(lambda: len(fake_openai.requests) >= 2, interval_s=0.01)
 
@@ -262,7 +291,7 @@ async def test_strict_pinning_fails_a_call_the_provider_ran_on_another_model(
     settings = openai_settings.model_copy(update={"strict_pinning": True})
     fake_openai.behaviour.model = "gpt-4-0613"
     await start_service("cloud-inference", settings)
-    request = make_request(FRONTIER, QUESTION)
+    request = granted(make_request(FRONTIER, QUESTION))
 
     result = await call(nc, settings.subjects.infer_cloud("openai"), request)
 

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from fakes.grants import granted
 from helpers import eventually
 
 from schemas.messages import ChatMessage, InferenceRequest, Usage, UsageEvent
@@ -236,6 +237,7 @@ async def test_a_local_call_lands_a_row_priced_by_its_profile(settings, start_se
         tier="local", messages=[ChatMessage(role="user", content=record.prompt)], max_tokens=512,
         deadline_ms=now_ms() + 10_000,
     )  # fmt: skip
+    request = granted(request)  # a paid call: it runs on the accountant's grant
     await nc.request(settings.subjects.infer_local(model.name), encode(request), timeout=10)
 
     query = (

@@ -1,5 +1,8 @@
 """local-inference and cloud-inference as live services on a real nats-server: replay answers,
-pinning, deadlines, the openai backend against a loopback fake, and one usage row per call."""
+pinning, deadlines, the openai backend against a loopback fake, and one usage row per call.
+
+Every call here is paid, so it carries a grant signed as the accountant signs it (fakes/grants.py);
+what happens without one is tests/test_grants.py's."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from fakes.grants import granted
 from helpers import eventually, kill_switch, shipped_catalog
 from helpers import make_request as _make_request
 from mesh_client import call, stream_messages, usage_events
@@ -44,9 +48,14 @@ def mmlu(data_dir) -> Record:
     return next(r for r in records(data_dir) if r.dataset.startswith("mmlu/"))
 
 
-def make_request(model: str, prompt: str, **options) -> InferenceRequest:
+def unsigned_request(model: str, prompt: str, **options) -> InferenceRequest:
     """A call as the router sends it for an "answer" step: a system message, then the prompt."""
     return _make_request(model, prompt, system="Answer the question.", step_id="answer", **options)
+
+
+def make_request(model: str, prompt: str, **options) -> InferenceRequest:
+    """``unsigned_request`` with the grant the accountant would have signed for it."""
+    return granted(unsigned_request(model, prompt, **options))
 
 
 @pytest.mark.infra
@@ -192,7 +201,9 @@ def test_replay_clips_output_at_max_tokens(gsm8k):
 @pytest.mark.unit
 async def test_replay_backend_refuses_a_request_without_a_user_message(data_dir):
     backend = ReplayBackend(index_records(records(data_dir)))
-    request = msgspec.structs.replace(make_request(FRONTIER, "x"), messages=[ChatMessage(role="system", content="x")])
+    request = msgspec.structs.replace(
+        unsigned_request(FRONTIER, "x"), messages=[ChatMessage(role="system", content="x")]
+    )
 
     with pytest.raises(BackendError) as caught:
         await backend.complete(CATALOG.model(FRONTIER), request)
@@ -323,7 +334,7 @@ async def test_a_key_kill_switch_cancels_that_keys_calls_in_flight(
     await start_service("cloud-inference", settings)
     subject = settings.subjects.infer_cloud("openai")
     doomed, spared = (
-        msgspec.structs.replace(make_request(FRONTIER, "Count slowly.", max_tokens=300), key_id=key)
+        granted(msgspec.structs.replace(unsigned_request(FRONTIER, "Count slowly.", max_tokens=300), key_id=key))
         for key in ("fmk_doomed", "fmk_spared")
     )
 

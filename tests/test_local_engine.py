@@ -12,6 +12,7 @@ import uuid
 
 import httpx
 import pytest
+from fakes.grants import granted
 from helpers import eventually, kill_switch
 from mesh_client import call, engine_metrics, usage_events, usage_row, wait_engine_idle
 
@@ -42,8 +43,9 @@ def request(*, max_tokens: int, deadline_s: float = 30.0, tenant: str = "acme", 
 
 
 async def call_engine(nc, settings, req: InferenceRequest) -> InferenceResult:
-    """A call through local-inference to the model on the engine (a long one takes a while)."""
-    return await call(nc, settings.subjects.infer_local(MODEL), req, timeout_s=60)
+    """A call through local-inference to the model on the engine (a long one takes a while), with the
+    accountant's grant (the engine's model is priced by its hardware profile: a paid call)."""
+    return await call(nc, settings.subjects.infer_local(MODEL), granted(req), timeout_s=60)
 
 
 USAGE_COLUMNS = "outcome, usage_source, input_tokens, cached_input_tokens, output_tokens, cost_usd, hardware_profile"

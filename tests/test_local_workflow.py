@@ -92,10 +92,14 @@ async def mesh(mesh_settings, start_service):
     return s
 
 
+# The tenant of the triage tasks, and so of their inputs and of every artifact they make.
+TENANT = "acme"
+
+
 async def put_tickets(nc, settings, tickets: list[str]) -> list[ArtifactRef]:
     refs = []
     for text in tickets:
-        artifact = Artifact(type="text", step_id="input", body={"text": text}, created_ms=now_ms())
+        artifact = Artifact(type="text", tenant=TENANT, step_id="input", body={"text": text}, created_ms=now_ms())
         reply = await put_artifact(nc, settings, artifact)
         assert reply.ref is not None, reply.error
         refs.append(reply.ref)
@@ -105,7 +109,7 @@ async def put_tickets(nc, settings, tickets: list[str]) -> list[ArtifactRef]:
 def triage_task(refs: list[ArtifactRef], **fields) -> Task:
     return Task(
         id=uuid.uuid4().hex[:12],
-        tenant="acme",
+        tenant=TENANT,
         workflow="triage",
         goal=GOAL,
         inputs=refs,
@@ -155,13 +159,13 @@ async def test_triage_labels_every_ticket_locally_and_synthesises_once_on_the_fr
     assert events[-1].calls == distinct + 1
 
     # The batch: one validated label per ticket, in input order, the duplicate sharing its artifact.
-    batch = await artifact(nc, settings, events[3].artifact.id)
+    batch = await artifact(nc, settings, events[3].artifact.id, TENANT)
     assert batch.type == "batch" and batch.body["of"] == "ticket_label"
     assert batch.body["inputs"] == [r.id for r in refs]
     assert len(batch.body["items"]) == len(TICKETS) and batch.body["items"][0] == batch.body["items"][-1]
     labels = {}
     for position, item_id in enumerate(batch.body["items"][:distinct]):
-        item = await artifact(nc, settings, item_id)
+        item = await artifact(nc, settings, item_id, TENANT)
         assert item.type == "ticket_label" and validate_body("ticket_label", 1, item.body) == item.body
         assert item.body["label"] in get_args(TicketCategory) and isinstance(item.body["urgent"], bool)
         assert (item.body["model"], item.body["input"]) == (LOCAL, refs[position].id)
@@ -170,7 +174,7 @@ async def test_triage_labels_every_ticket_locally_and_synthesises_once_on_the_fr
         labels[refs[position].id] = item.body
 
     # One frontier call saw every ticket with its label, and wrote the answer.
-    note = await artifact(nc, settings, events[-1].artifact.id)
+    note = await artifact(nc, settings, events[-1].artifact.id, TENANT)
     assert note.type == "answer" and note.body["text"] == NOTE and note.body["model"] == FRONTIER
     assert note.parents == [batch.id]
     assert len(frontier.requests) == 1 and mid.requests == []
@@ -223,9 +227,9 @@ async def test_an_invalid_local_output_is_retried_then_escalated_to_the_mid_tier
         assert escalated.detail.startswith(f"to tier mid ({MID}): the output of {LOCAL} is invalid after 1 retries")
 
     label_done = next(e for e in events if e.kind == "step_done" and e.step_id == "label")
-    batch = await artifact(nc, settings, label_done.artifact.id)
+    batch = await artifact(nc, settings, label_done.artifact.id, TENANT)
     for position, item_id in enumerate(batch.body["items"]):
-        item = await artifact(nc, settings, item_id)
+        item = await artifact(nc, settings, item_id, TENANT)
         assert item.body == {"input": refs[position].id, "model": MID, "label": "bug", "urgent": True}
         assert len(item.calls) == 3  # the first answer, the retry and the escalation
 
@@ -272,7 +276,8 @@ async def test_frugalmesh_submit_items_pinned_to_the_local_model_runs_everything
     mesh, nc, frontier, mid, clickhouse_url, tmp_path, monkeypatch
 ):
     """The README's local-only run: `frugalmesh submit --item ... --allow-model smollm2-135m`; the
-    note runs on the local model too (the task's pin leaves the frontier no model)."""
+    note runs on the local model too (the task's pin leaves the frontier no model). As a tenant of
+    its own: the items are stored, and the answer read back, as that tenant's."""
     from services.cli.main import cli
 
     settings = mesh
@@ -280,7 +285,7 @@ async def test_frugalmesh_submit_items_pinned_to_the_local_model_runs_everything
     monkeypatch.setenv("FRUGALMESH_SUBJECT_PREFIX", settings.subject_prefix)
     monkeypatch.setenv("FRUGALMESH_HOME", str(tmp_path / "home"))
     tickets = TICKETS[1:3]
-    args = ["submit", "--workflow", "triage", "--allow-model", LOCAL, "--deadline", "120", GOAL]
+    args = ["submit", "--workflow", "triage", "--tenant", TENANT, "--allow-model", LOCAL, "--deadline", "120", GOAL]
     for ticket in tickets:
         args[1:1] = ["--item", ticket]
     # The command runs its own event loop: in a thread, beside the services in this one.

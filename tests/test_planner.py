@@ -50,7 +50,7 @@ async def test_answer_task_events_from_accepted_to_done(settings, nc, planner_me
     assert done.artifact == events[3].artifact and done.artifact.type == "answer"
     assert (done.calls, done.cost_usd) == (1, 0.002)
 
-    stored = await artifact(nc, settings, done.artifact.id)
+    stored = await artifact(nc, settings, done.artifact.id, "acme")
     assert stored.body == {"text": "The answer is 4.", "model": "mixtral-8x7b-local", "graded": True}
     assert stored.task_id == task.id and stored.step_id == "answer"
     assert len(stored.calls) == 1 and stored.calls[0].startswith("answer-1-")

@@ -63,7 +63,7 @@ def kinds(events) -> list[str]:
 
 async def compute(peer: AgentTestPeer, request: AgentRequest) -> AgentResult:
     """A calculator: the answer to the expression its need holds."""
-    expression = await artifact(peer.nc, _Settings(peer), request.needs["expression"].id)
+    expression = await artifact(peer.nc, _Settings(peer), request.needs["expression"].id, request.tenant)
     left, right = expression.body["text"].split("+")
     ref = await peer.put(request, "answer", {"text": str(int(left) + int(right))}, parents=[expression.id])
     return AgentResult(artifacts=[ref], cost_usd=0.003, calls=["c1", "c2"])
@@ -105,7 +105,7 @@ async def test_an_agent_step_gets_its_needs_params_budget_and_deadline_and_its_a
     assert [e.agent for e in events[4:6]] == ["calc", "calc"] and events[2].agent == ""
     # The terminal event names the agent that made the answer, and carries the run's history.
     assert events[-1].agent == "calc" and [e.kind for e in events[-1].history] == kinds(events)[:-1]
-    answer = await artifact(nc, used, events[-1].artifact.id)
+    answer = await artifact(nc, used, events[-1].artifact.id, "acme")
     assert answer.type == "answer" and answer.body["text"] == "17" and answer.step_id == "compute"
     # The agent's own account of its calls joins the task's totals.
     assert events[-1].calls == 3 and events[-1].cost_usd == pytest.approx(0.004)

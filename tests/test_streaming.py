@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import msgspec
 import pytest
 from fakes.budget_peer import BudgetPeer
+from fakes.grants import granted
 from fakes.inference_peer import InferencePeer
 from helpers import SHORT, eventually, make_step, shipped_catalog
 from mesh_client import ask, call, engine_metrics, usage_events, usage_rows, wait_engine_idle
@@ -145,7 +146,7 @@ async def test_a_cancel_closes_the_provider_stream_and_meters_what_was_streamed(
     fake_openai.behaviour.token_delay_s = 0.02
     await start_service("cloud-inference", openai_settings)
     stream = await Stream(nc).open()
-    request = InferenceRequest(
+    unsigned = InferenceRequest(
         call_id=uuid.uuid4().hex,
         task_id="task-1",
         step_id="step-1",
@@ -157,6 +158,7 @@ async def test_a_cancel_closes_the_provider_stream_and_meters_what_was_streamed(
         deadline_ms=now_ms() + 20_000,
         stream_to=stream.inbox,
     )
+    request = granted(unsigned)  # the accountant's grant, as the router would carry it
 
     running = asyncio.create_task(call(nc, openai_settings.subjects.infer_cloud("openai"), request))
     await eventually(lambda: len(stream.chunks) >= 3)

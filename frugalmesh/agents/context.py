@@ -11,6 +11,9 @@ Whatever stops a call arrives as ``CallRefused`` with the mesh's ``ErrorInfo``, 
 what to do (return its best artifact so far) rather than parse errors. The context keeps the account
 the ``AgentResult`` reports (every call id and cost, including calls that failed: they may have been
 metered) and hands the calls made since the last ``put`` to the next artifact as its lineage.
+
+Artifacts are the request's tenant's: ``put`` stores them as that tenant's and ``get`` asks as that
+tenant, so a ref to another tenant's artifact reads as missing (the store refuses it).
 """
 
 from __future__ import annotations
@@ -181,9 +184,11 @@ class Context:
     # -- artifacts --
 
     async def get(self, ref: ArtifactRef | str) -> Artifact:
-        """The artifact ``ref`` points at (a reference or an id), body included; LookupError when unreadable."""
+        """The artifact ``ref`` points at (a reference or an id), body included; LookupError when
+        unreadable, or when it is not the request's tenant's."""
         artifact_id = ref if isinstance(ref, str) else ref.id
-        reply = await self._store_request(self._bus.subjects.artifact_get, ArtifactGet(id=artifact_id))
+        request = ArtifactGet(id=artifact_id, tenant=self.tenant)
+        reply = await self._store_request(self._bus.subjects.artifact_get, request)
         if reply.artifact is None:
             raise LookupError(f"artifact {artifact_id} could not be read: {reply.error}")
         return reply.artifact
@@ -191,10 +196,11 @@ class Context:
     async def put(
         self, artifact_type: str, body: dict[str, Any], parents: list[ArtifactRef | str] | None = None
     ) -> ArtifactRef:
-        """Store an artifact of this step, made by the calls since the last put (their ids and cost);
-        ValueError when the store refuses the body."""
+        """Store an artifact of this step, as the request's tenant's, made by the calls since the last put
+        (their ids and cost); ValueError when the store refuses the body."""
         artifact = Artifact(
             type=artifact_type,
+            tenant=self.tenant,
             task_id=self.task_id,
             step_id=self.step_id,
             calls=list(self._unstored_calls),

@@ -35,6 +35,8 @@ from services.embedded.engine import SMOLLM2_NAME
 from services.embedded.stack import Stack
 from services.inference.openai_client import OpenAIClient
 from services.runtime.bus import encode, now_ms
+from services.runtime.catalog import Catalog
+from services.runtime.grants import load_signer, reservation_for
 from services.runtime.settings import MeshSettings
 
 MODEL = SMOLLM2_NAME
@@ -61,6 +63,10 @@ async def through_mesh(nc: nats.NATS, settings: MeshSettings) -> dict:
         max_tokens=TOKENS,
         deadline_ms=now_ms() + 600_000,
     )
+    # The local model is priced by its hardware profile, so the call is paid: sign the grant the
+    # accountant would (this process stands in for router and accountant, with the stack's seed).
+    model = Catalog.load(settings.deploy_dir).model(MODEL)
+    request.grant = load_signer(settings.home).grant(reservation_for(request, model))
     started = time.perf_counter()
     reply = await nc.request(settings.subjects.infer_local(MODEL), encode(request), timeout=600)
     total_s = time.perf_counter() - started

@@ -3,6 +3,9 @@
 Budgets (``reservations.py``): reserve and settle requests against the caps of
 ``deploy/budgets.toml`` and their run-time changes (``mesh.budget.set`` / ``mesh.budget.show``);
 a cap crossed trips the kill switch of its scope; tenants are paced against their month curve.
+A granted reservation is answered with its grant, signed with the accountant's grant key
+(services/runtime/grants.py: ``FRUGALMESH_GRANT_SEED``, ``FRUGALMESH_GRANT_SEED_FILE`` or
+``<home>/grant.seed``), which the inference services verify before a paid call.
 Reserve and settle are served by ``ReservationServer`` on plain subscriptions; the rest by
 FastStream handlers.
 
@@ -42,6 +45,7 @@ from services.accountant.journal import Commit
 from services.accountant.reservations import Accounts, MsClock
 from services.accountant.rows import ARTIFACTS, KILLS, TASKS, USAGE, Sink
 from services.runtime.bus import Bus, Message, encode, now_ms
+from services.runtime.grants import GrantSigner, load_signer
 from services.runtime.settings import MeshSettings
 
 SERVICE = "accountant"
@@ -138,6 +142,7 @@ def create_app(
     sweep_interval_s: float = 0.1,
     snapshot_interval_s: float = 30.0,
     pace_interval_s: float | None = None,
+    grant_signer: GrantSigner | None = None,
 ) -> FastStream:
     """The accountant's app.
 
@@ -151,6 +156,8 @@ def create_app(
     deadline (a settle sent right at the deadline still finds its hold, so the room is not
     handed out twice); holds are swept every ``sweep_interval_s``. The ledger is snapshotted
     every ``snapshot_interval_s``; pacing runs every ``pace_interval_s`` (default: the file's).
+    ``grant_signer``: the key grants are signed with (default: ``load_signer``, from the environment
+    or ``<home>/grant.seed``).
     """
     bus = Bus(settings, SERVICE)
     app = bus.app()
@@ -158,10 +165,12 @@ def create_app(
     subjects = settings.subjects
     if not isinstance(budgets, BudgetConfig):
         budgets = BudgetConfig.load(budgets or settings.deploy_dir / BUDGETS_FILE)
+    signer = grant_signer or load_signer(settings.home)
     accounts = Accounts(
         bus,
         budgets,
         clock,
+        signer=signer,
         expiry_grace_ms=int(expiry_grace_s * 1000),
         sweep_interval_s=sweep_interval_s,
         snapshot_interval_s=snapshot_interval_s,
@@ -171,6 +180,8 @@ def create_app(
     @app.on_startup
     async def open_store() -> None:
         await store.open()
+        # Not a secret: what an operator compares with the inference services' FRUGALMESH_GRANT_PUBLIC_KEY.
+        bus.log.info("grant_key", public_key=signer.public_key)
 
     reservations = ReservationServer(bus, accounts)
 

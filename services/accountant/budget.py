@@ -5,7 +5,9 @@ which belongs to one tenant: a call made with it counts against both caps); each
 day cap and month cap (UTC calendar day and month). A task's cap is not configured here: it travels on each Reservation
 (``task_budget_usd``, the Task's ``budget_usd``). ``frugalmesh budget set`` sends a
 BudgetUpdate to the accountant, which writes the new caps of that scope to KV before it uses
-them, so they survive a restart and win over the file from then on.
+them, so they survive a restart and win over the file from then on. A stored value that is not a
+valid BudgetCap is dead-lettered with the reason and skipped (the scope keeps the file's caps), so
+it cannot stop the accountant from starting.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import msgspec
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from schemas.messages import BudgetCap, BudgetScope, BudgetUpdate
-from schemas.subjects import BUCKET_BUDGETS, token
+from schemas.subjects import BUCKET_BUDGETS, KV_API, token
 from services.accountant.ledger import dollars, pico
 
 if TYPE_CHECKING:
@@ -134,10 +136,14 @@ class BudgetBook:
         while (entry := await watcher.updates(timeout=10)) is not None:
             if entry.operation in (KV_DEL, KV_PURGE):
                 continue
-            stored = msgspec.json.decode(entry.value, type=BudgetCap)
-            self.caps[(stored.scope, stored.key)] = Caps(
-                _amount(stored.day_usd, entry.key), _amount(stored.month_usd, entry.key)
-            )
+            try:
+                stored = msgspec.json.decode(entry.value, type=BudgetCap)
+                caps = Caps(_amount(stored.day_usd, entry.key), _amount(stored.month_usd, entry.key))
+            except ValueError as exc:  # msgspec's DecodeError is a ValueError too
+                subject = f"{KV_API}.{entry.bucket}.{entry.key}"
+                await bus.dead_letter(subject, entry.value or b"", None, f"budget value {entry.key}: {exc}")
+                continue
+            self.caps[(stored.scope, stored.key)] = caps
         await watcher.stop()
 
     def cap(self, scope: str, key: str, window: str) -> int | None:

@@ -9,32 +9,29 @@ checks are exact whatever the order of calls; amounts are rounded up, never down
 
 A bucket is one cap's counter: ``(scope, key, window, period)``, e.g.
 ``("tenant", "acme", "day", "2025-11-20")``, ``("global", "*", "month", "2025-11")``,
-``("key", "fmk_ab12", "day", "2025-11-20")`` (a gateway's virtual key) or ``("task", "t-1", "task", "")``
-(a task's cap lasts as long as the task).
+``("key", "fmk_ab12", "day", "2025-11-20")`` (a gateway's virtual key) or ``("task", "t-1", "task", "acme")``
+(a task's cap lasts as long as the task; in place of a period it names the task's tenant, since a task
+id is unique only within its tenant: two tenants' tasks of one id each have their own cap). A ledger
+written before tasks were keyed by tenant has task buckets with the period "" (and no tenant); they
+bind no new call and are forgotten when idle.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, Decimal
 from functools import lru_cache
 
 import msgspec
 
 from schemas.messages import Reservation
 
-PICO = 10**12
+# One rounding for the ledger and the grants it signs (services/runtime/grants.py).
+from services.runtime.grants import PICO as PICO
+from services.runtime.grants import pico as pico
 
 Bucket = tuple[str, str, str, str]  # scope, key, window, period
-
-
-def pico(usd: float) -> int:
-    """USD as picodollars, rounded up (a reservation or a cost is never booked below its value)."""
-    if not math.isfinite(usd) or usd < 0:
-        raise ValueError(f"amount {usd!r} is not a non-negative finite number")
-    return int((Decimal(repr(usd)) * PICO).to_integral_value(ROUND_CEILING))
+TaskKey = tuple[str, str]  # tenant, task id: a task's cap and spend belong to both
 
 
 def dollars(amount: int) -> float:
@@ -74,8 +71,12 @@ def buckets_for(r: Reservation, time_ms: int, *, task_capped: bool) -> list[Buck
         out.append(("key", r.key_id, "day", day))
         out.append(("key", r.key_id, "month", month))
     if task_capped:
-        out.append(("task", r.task_id, "task", ""))
+        out.append(("task", r.task_id, "task", r.tenant))
     return out
+
+
+def task_key(r: Reservation) -> TaskKey:
+    return (r.tenant, r.task_id)
 
 
 # -- operations (the journal's records) --
@@ -92,7 +93,8 @@ class Grant(msgspec.Struct, tag="grant", omit_defaults=True):
     time_ms: int
     # Whether the hold counts against its task's cap too.
     task_capped: bool = False
-    # The task's cap as the caller sent it (Reservation.task_budget_usd), in picodollars.
+    # The task's cap as the caller sent it (Reservation.task_budget_usd), in picodollars; it is the
+    # cap of the reservation's (tenant, task).
     task_cap: int | None = None
 
     def buckets(self) -> list[Bucket]:
@@ -127,14 +129,24 @@ class HoldRecord(msgspec.Struct):
 
 
 class Snapshot(msgspec.Struct):
-    """The whole ledger (the journal stores it with the sequence of the last op it includes)."""
+    """The whole ledger (the journal stores it with the sequence of the last op it includes).
+
+    ``task_caps`` and ``task_touched`` are (tenant, task, value) triples; a snapshot written before
+    tasks were keyed by tenant has them as task -> value objects, which are read as tenant "".
+    """
 
     settled: list[tuple[Bucket, int]]
     holds: list[HoldRecord]
     settled_ids: dict[str, int]
-    task_caps: dict[str, int]
-    task_touched: dict[str, int]
+    task_caps: list[tuple[str, str, int]] | dict[str, int]
+    task_touched: list[tuple[str, str, int]] | dict[str, int]
     tripped: list[Bucket]
+
+
+def _by_task(stored: list[tuple[str, str, int]] | dict[str, int]) -> dict[TaskKey, int]:
+    if isinstance(stored, dict):  # before tasks were keyed by tenant
+        return {("", task): value for task, value in stored.items()}
+    return {(tenant, task): value for tenant, task, value in stored}
 
 
 @dataclass
@@ -154,11 +166,12 @@ class Ledger:
     holds: dict[str, Hold] = field(default_factory=dict)
     # Reservation id -> settle time: a repeated settle is recognised and not counted twice.
     settled_ids: dict[str, int] = field(default_factory=dict)
-    task_caps: dict[str, int] = field(default_factory=dict)
+    # (tenant, task) -> the task's cap, the latest one its calls sent.
+    task_caps: dict[TaskKey, int] = field(default_factory=dict)
     # Buckets whose cap crossing already tripped the kill switch (once per bucket).
     tripped: set[Bucket] = field(default_factory=set)
-    # Task -> the latest time (ms) a grant or settle named it, so idle tasks can be forgotten.
-    task_touched: dict[str, int] = field(default_factory=dict)
+    # (tenant, task) -> the latest time (ms) a grant or settle named it, so idle tasks can be forgotten.
+    task_touched: dict[TaskKey, int] = field(default_factory=dict)
 
     def used(self, bucket: Bucket) -> int:
         return self.settled.get(bucket, 0) + self.reserved.get(bucket, 0)
@@ -167,7 +180,7 @@ class Ledger:
         if isinstance(op, Grant):
             self._hold(op.reservation, op.buckets(), op.amount)
             if op.task_cap is not None:
-                self.task_caps[op.reservation.task_id] = op.task_cap
+                self.task_caps[task_key(op.reservation)] = op.task_cap
         elif isinstance(op, Settle):
             hold = self._release(op.id)
             buckets = op.buckets if op.buckets is not None else hold.buckets if hold is not None else []
@@ -190,8 +203,9 @@ class Ledger:
         self._touch(buckets, r.expires_ms)
 
     def _touch(self, buckets: list[Bucket], time_ms: int) -> None:
-        for scope, key, _, _ in buckets:
+        for scope, task, _, tenant in buckets:
             if scope == "task":
+                key = (tenant, task)
                 self.task_touched[key] = max(self.task_touched.get(key, 0), time_ms)
 
     def _release(self, reservation_id: str) -> Hold | None:
@@ -213,7 +227,7 @@ class Ledger:
         days = {day_period(now_ms), day_period(now_ms - 86_400_000)}
         months = {month_period(now_ms), month_period(now_ms - 31 * 86_400_000)}
         idle = {t for t, last in self.task_touched.items() if now_ms - last >= keep_tasks_ms}
-        idle -= {h.reservation.task_id for h in self.holds.values()}
+        idle -= {(b[3], b[1]) for h in self.holds.values() for b in h.buckets if b[0] == "task"}
 
         def stale(b: Bucket) -> bool:
             scope, key, window, period = b
@@ -221,7 +235,7 @@ class Ledger:
                 return period not in days
             if window == "month":
                 return period not in months
-            return key in idle
+            return (period, key) in idle
 
         for b in [b for b in self.settled if stale(b)]:
             del self.settled[b]
@@ -238,8 +252,8 @@ class Ledger:
                 settled=list(self.settled.items()),
                 holds=[HoldRecord(h.reservation, h.buckets, h.amount) for h in self.holds.values()],
                 settled_ids=self.settled_ids,
-                task_caps=self.task_caps,
-                task_touched=self.task_touched,
+                task_caps=[(tenant, task, cap) for (tenant, task), cap in self.task_caps.items()],
+                task_touched=[(tenant, task, time) for (tenant, task), time in self.task_touched.items()],
                 tripped=sorted(self.tripped),
             )
         )
@@ -250,8 +264,8 @@ class Ledger:
         ledger = cls(
             settled=dict(snap.settled),  # msgspec decodes each bucket as its tuple
             settled_ids=dict(snap.settled_ids),
-            task_caps=dict(snap.task_caps),
-            task_touched=dict(snap.task_touched),
+            task_caps=_by_task(snap.task_caps),
+            task_touched=_by_task(snap.task_touched),
             tripped=set(snap.tripped),
         )
         for h in snap.holds:

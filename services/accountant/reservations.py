@@ -3,7 +3,9 @@
 Decisions are exact under any concurrency because a decision and its effect on the ledger are
 one synchronous step (``decide_reserve`` never awaits between the cap check and the update);
 a grant's reply then waits for the journal (``journal.py``), so a grant that was answered
-survives a crash. One accountant owns the budgets: the reserve and settle subjects are served
+survives a crash. A grant's reply carries the accountant's signature of it
+(``ReservationDecision.grant``, services/runtime/grants.py), without which an inference service
+runs no paid call. One accountant owns the budgets: the reserve and settle subjects are served
 by a single replica (see docs/architecture.md on partitioning tenants across instances).
 """
 
@@ -42,11 +44,13 @@ from services.accountant.ledger import (
     dollars,
     month_period,
     pico,
+    task_key,
 )
 from services.accountant.pacing import curve, pace_action
 from services.accountant.statement import budget_state
 from services.runtime.bus import Bus
 from services.runtime.control import ControlState, set_kill, set_pace
+from services.runtime.grants import GrantSigner
 
 MsClock = Callable[[], int]  # the time in ms since the epoch (tests move it)
 
@@ -74,6 +78,7 @@ class Accounts:
         config: BudgetConfig,
         clock: MsClock,
         *,
+        signer: GrantSigner,
         expiry_grace_ms: int,
         sweep_interval_s: float,
         snapshot_interval_s: float,
@@ -82,6 +87,7 @@ class Accounts:
         self.bus = bus
         self.config = config
         self.clock = clock
+        self.signer = signer
         self.expiry_grace_ms = expiry_grace_ms
         self.sweep_interval_s = sweep_interval_s
         self.snapshot_interval_s = snapshot_interval_s
@@ -144,8 +150,12 @@ class Accounts:
         def refuse(reason: str) -> tuple[ReservationDecision, None]:
             return ReservationDecision(id=r.id, granted=False, reason=reason), None
 
-        if r.id in self.ledger.holds:  # a retried request: same answer, once it is stored
-            return ReservationDecision(id=r.id, granted=True, reason="already reserved"), self.journal.barrier()
+        held = self.ledger.holds.get(r.id)
+        if held is not None:  # a retried request: same answer (the grant of what is held), once it is stored
+            repeat = ReservationDecision(
+                id=r.id, granted=True, reason="already reserved", grant=self.signer.grant(held.reservation)
+            )
+            return repeat, self.journal.barrier()
         if r.id in self.ledger.settled_ids:
             return refuse("already settled")
         now = self.clock()
@@ -154,7 +164,10 @@ class Accounts:
         try:
             amount = pico(r.amount_usd)
             task_cap = None if r.task_budget_usd is None else pico(r.task_budget_usd)
-            if r.key_id:  # it names a kill switch if its cap is crossed, so it must be a KV key token
+            # The tenant and key name kill switches if their caps are crossed, so they must be KV key
+            # tokens; a tenant token also keeps (tenant, task) keys unambiguous.
+            token(r.tenant)
+            if r.key_id:
                 token(r.key_id)
         except ValueError as exc:
             return refuse(str(exc))
@@ -163,7 +176,7 @@ class Accounts:
             key = "" if switch.scope == "global" else f" {switch.key}"
             return refuse(f"kill switch tripped ({switch.scope}{key}): {switch.reason}")
         if task_cap is None:
-            task_cap = self.ledger.task_caps.get(r.task_id)
+            task_cap = self.ledger.task_caps.get(task_key(r))
         buckets = buckets_for(r, now, task_capped=task_cap is not None)
         for bucket in buckets:
             cap = task_cap if bucket[0] == "task" else self.book.cap(bucket[0], bucket[1], bucket[2])
@@ -180,7 +193,7 @@ class Accounts:
         )
         stored = self._record(grant)
         heapq.heappush(self._expiries, (r.expires_ms + self.expiry_grace_ms, r.id))
-        return ReservationDecision(id=r.id, granted=True), stored
+        return ReservationDecision(id=r.id, granted=True, grant=self.signer.grant(r)), stored
 
     def reserve_reply(
         self, r: Reservation, decision: ReservationDecision, error: BaseException | None
@@ -218,7 +231,7 @@ class Accounts:
         if hold is not None:
             buckets, settle = hold.buckets, Settle(r.id, actual, now)
         else:
-            buckets = buckets_for(r, now, task_capped=r.task_id in self.ledger.task_caps)
+            buckets = buckets_for(r, now, task_capped=task_key(r) in self.ledger.task_caps)
             settle = Settle(r.id, actual, now, buckets)
         stored = self._record(settle)
         self._check_crossings(buckets)
@@ -242,9 +255,9 @@ class Accounts:
         return self.journal.append(op)
 
     def cap_of(self, bucket: Bucket) -> int | None:
-        scope, key, window, _ = bucket
-        if scope == "task":
-            return self.ledger.task_caps.get(key)
+        scope, key, window, period = bucket
+        if scope == "task":  # its period is its tenant
+            return self.ledger.task_caps.get((period, key))
         return self.book.cap(scope, key, window)
 
     def _check_crossings(self, buckets: list[Bucket]) -> None:

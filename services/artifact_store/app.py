@@ -1,10 +1,16 @@
-"""artifact-store: validates, content-addresses, stores and announces artifacts.
+"""artifact-store: validates, content-addresses, stores and announces artifacts, each for its tenant.
 
 Bodies live in the JetStream Object Store ``<prefix>_artifacts`` under the artifact id; the rest
-of the artifact (type, task, step, producing calls, parents, cost) lives in the KV bucket
+of the artifact (tenant, type, task, step, producing calls, parents, cost) lives in the KV bucket
 ``<prefix>_artifact_index`` under the same id. The KV entry is written last and with ``create``,
 so it is the commit point: an id in the index always has its body stored, and when two puts of
 the same body race, the first one's metadata stays (an artifact never changes once stored).
+
+An artifact belongs to the tenant it was put for (``Artifact.tenant``, a subject token), and that
+tenant is hashed into its id (schemas/artifacts.py ``artifact_id``): the same body put by two
+tenants is two artifacts. A get (``ArtifactGet.tenant``) of another tenant's artifact is refused
+with the very reply a missing one gets, so a refusal tells nothing about the artifact, not even
+that it exists; the store logs it (``artifact_get_other_tenant``) for the operator.
 """
 
 from __future__ import annotations
@@ -21,7 +27,13 @@ from nats.js.object_store import ObjectStore
 
 from schemas.artifacts import ArtifactError, artifact_id, canonical_json, validate_body
 from schemas.messages import Artifact, ArtifactGet, ArtifactRef, ArtifactReply
-from schemas.subjects import BUCKET_ARTIFACT_BODIES, BUCKET_ARTIFACT_INDEX, HEADER_MSG_ID, STREAM_ARTIFACT_EVENTS
+from schemas.subjects import (
+    BUCKET_ARTIFACT_BODIES,
+    BUCKET_ARTIFACT_INDEX,
+    HEADER_MSG_ID,
+    STREAM_ARTIFACT_EVENTS,
+    token,
+)
 from services.runtime.bus import Bus, Message, encode, now_ms
 from services.runtime.settings import MeshSettings
 
@@ -31,6 +43,8 @@ QUEUE = "artifact-store"
 MAX_WORKERS = 16
 
 _ARTIFACT_ID = re.compile(r"^[0-9a-f]{64}$")
+# The one reply to a get of an id the tenant has no artifact under, missing or another tenant's.
+NOT_FOUND = "not found"
 
 
 class ArtifactStore:
@@ -50,10 +64,16 @@ class ArtifactStore:
 
     async def put(self, artifact: Artifact) -> ArtifactReply:
         try:
+            token(artifact.tenant)
+        except ValueError as exc:
+            return ArtifactReply(error=f"invalid tenant: {exc}")
+        try:
             body = validate_body(artifact.type, artifact.schema_version, artifact.body)
         except ArtifactError as exc:
             return ArtifactReply(error=str(exc))
-        ref = ArtifactRef(id=artifact_id(artifact.type, artifact.schema_version, body), type=artifact.type)
+        ref = ArtifactRef(
+            id=artifact_id(artifact.tenant, artifact.type, artifact.schema_version, body), type=artifact.type
+        )
         # Concurrent puts of one body in this replica share one write (an Object Store put of
         # the same name twice at once would leave the loser's chunks orphaned).
         storing = self._storing.get(ref.id)
@@ -89,12 +109,22 @@ class ArtifactStore:
             return ArtifactReply(error=f"invalid artifact id {request.id!r}: expected 64 lowercase hex digits")
         try:
             entry = await self._index.get(request.id)
-            stored = await self._bodies.get(request.id)
-        except (KeyNotFoundError, ObjectNotFoundError):
-            return ArtifactReply(error="not found")
-        if entry.value is None or stored.data is None:  # deleted or purged by hand
-            return ArtifactReply(error="not found")
+        except KeyNotFoundError:
+            return ArtifactReply(error=NOT_FOUND)
+        if entry.value is None:  # deleted or purged by hand
+            return ArtifactReply(error=NOT_FOUND)
         metadata: dict[str, Any] = msgspec.json.decode(entry.value)
+        if metadata.get("tenant") != request.tenant:
+            # Refused after the one lookup a missing id also takes: neither the reply nor its timing
+            # tells another tenant's artifact from no artifact.
+            self.bus.log.warning("artifact_get_other_tenant", artifact_id=request.id, tenant=request.tenant)
+            return ArtifactReply(error=NOT_FOUND)
+        try:
+            stored = await self._bodies.get(request.id)
+        except ObjectNotFoundError:
+            return ArtifactReply(error=NOT_FOUND)
+        if stored.data is None:  # purged by hand
+            return ArtifactReply(error=NOT_FOUND)
         body = msgspec.json.decode(stored.data)
         return ArtifactReply(artifact=msgspec.convert({**metadata, "body": body}, type=Artifact))
 

@@ -1,4 +1,8 @@
-"""The CLI's mesh client: submit a task, follow its events, put and get artifacts, over the ``Bus``."""
+"""The CLI's mesh client: submit a task, follow its events, put and get artifacts, over the ``Bus``.
+
+A submission's ``Nats-Msg-Id`` is ``<tenant>.<idempotency key or id>`` (``Task.dedupe_id``), so two
+tenants' task ids never collide; artifacts are put and read as a tenant's (the task's), and the
+store refuses another tenant's as missing."""
 
 from __future__ import annotations
 
@@ -51,14 +55,14 @@ class MeshClient:
         await self.bus.close()
 
     async def submit(self, task: Task) -> None:
-        """Publish a task; JetStream drops a second submission with the same idempotency key."""
+        """Publish a task; JetStream drops a second submission of its tenant with the same idempotency key."""
         if not task.submitted_ms:
             task.submitted_ms = now_ms()
         await self.bus.publish(
             self.subjects.task_submit,
             task,
             stream=self.subjects.stream(STREAM_TASKS),
-            headers={HEADER_MSG_ID: task.idempotency_key or task.id},
+            headers={HEADER_MSG_ID: task.dedupe_id()},
         )
 
     async def follow(self, task: Task, timeout_s: float) -> AsyncIterator[TaskEvent]:
@@ -79,16 +83,18 @@ class MeshClient:
         await self.bus.flush()
         return _until_terminal(queue, subscriptions, timeout_s)
 
-    async def artifact(self, artifact_id: str) -> Artifact:
-        reply = await self.bus.request(
-            self.subjects.artifact_get, ArtifactGet(id=artifact_id), ArtifactReply, REQUEST_TIMEOUT_S
-        )
+    async def artifact(self, artifact_id: str, tenant: str) -> Artifact:
+        """``tenant``'s artifact ``artifact_id`` (the tenant of the task that made it); LookupError when
+        there is none (another tenant's reads as none)."""
+        request = ArtifactGet(id=artifact_id, tenant=tenant)
+        reply = await self.bus.request(self.subjects.artifact_get, request, ArtifactReply, REQUEST_TIMEOUT_S)
         if reply.artifact is None:
             raise LookupError(f"artifact {artifact_id}: {reply.error}")
         return reply.artifact
 
     async def put_artifact(self, artifact: Artifact) -> ArtifactRef:
-        """Store an artifact (a task input, say); raises ValueError with the store's reason if refused."""
+        """Store an artifact as its ``tenant``'s (a task input: the submitting task's tenant); raises
+        ValueError with the store's reason if refused."""
         reply = await self.bus.request(self.subjects.artifact_put, artifact, ArtifactReply, REQUEST_TIMEOUT_S)
         if reply.ref is None:
             raise ValueError(f"the artifact store refused the {artifact.type!r} artifact: {reply.error}")

@@ -73,7 +73,7 @@ async def push_tasks(settings: MeshSettings, prompts: list[Record], concurrency:
                     await asyncio.wait_for(finished[task.id].wait(), 180)
                     event = result.events[task.id]
                     if event.kind == "done" and event.artifact:
-                        artifact = await client.artifact(event.artifact.id)
+                        artifact = await client.artifact(event.artifact.id, task.tenant)
                         result.graded[task.id] = artifact.body.get("graded")
                     progress.advance(bar)
 

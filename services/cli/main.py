@@ -199,7 +199,12 @@ def submit(
         async with MeshClient(client_settings()) as client:
             for text in texts:
                 artifact = Artifact(
-                    type="text", task_id=task.id, step_id="input", body={"text": text}, created_ms=now_ms()
+                    type="text",
+                    tenant=task.tenant,
+                    task_id=task.id,
+                    step_id="input",
+                    body={"text": text},
+                    created_ms=now_ms(),
                 )
                 task.inputs.append(await client.put_artifact(artifact))
             follow = await client.follow(task, timeout_s=deadline_s + 10)
@@ -214,7 +219,7 @@ def submit(
             if final is None:  # follow yields until the terminal event or raises TimeoutError
                 raise TimeoutError(f"no events for task {task.id}")
             if final.artifact:
-                artifact = await client.artifact(final.artifact.id)
+                artifact = await client.artifact(final.artifact.id, task.tenant)
                 click.echo(f"\n{artifact.body.get('text', artifact.body)}")
             return final.kind
 
@@ -230,23 +235,34 @@ def submit(
 @cli.command()
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "tsv"]), default="table", show_default=True)
-def sql(query: str, fmt: str) -> None:
+@click.option(
+    "--write",
+    is_flag=True,
+    help="Run as the writer (the accountant's user, CLICKHOUSE_URL), for INSERT, ALTER, DROP and other "
+    "changes. Without it the query runs as the read-only analyst, and ClickHouse refuses any change.",
+)
+def sql(query: str, fmt: str, write: bool) -> None:
     """Query ClickHouse, e.g. frugalmesh sql "SELECT model, sum(cost_usd) FROM usage_events GROUP BY model"."""
     import clickhouse_connect
     from clickhouse_connect.driver.exceptions import ClickHouseError
     from rich.console import Console
     from rich.table import Table
 
+    from services.embedded.servers import EmbeddedError
     from services.embedded.stack import clickhouse_for_queries, client_settings
 
     settings = client_settings()
-    with clickhouse_for_queries(settings) as url:
-        try:
-            result = clickhouse_connect.get_client(dsn=url).query(query)
-        except ClickHouseError as exc:
-            _fail(f"{exc}".strip().splitlines()[0])
-        except Exception as exc:  # connection refused and friends
-            _fail(f"cannot query ClickHouse at {_redact(url)}: {exc}. Is the mesh up (`frugalmesh up`)?")
+    try:
+        with clickhouse_for_queries(settings, write=write) as target:
+            try:
+                client = clickhouse_connect.get_client(dsn=target.url)
+                result = client.query(query, settings={"readonly": 1} if target.readonly else None)
+            except ClickHouseError as exc:
+                _fail(_sql_error(exc, write))
+            except Exception as exc:  # connection refused and friends
+                _fail(f"cannot query ClickHouse at {_redact(target.url)}: {exc}. Is the mesh up (`frugalmesh up`)?")
+    except EmbeddedError as exc:  # no writer's credentials for --write; a stopped stack's server did not start
+        _fail(str(exc))
     if fmt == "tsv":
         click.echo("\t".join(result.column_names))
         for row in result.result_rows:
@@ -256,6 +272,21 @@ def sql(query: str, fmt: str) -> None:
     for row in result.result_rows:
         table.add_row(*(str(v) for v in row))
     Console().print(table)
+
+
+def _sql_error(exc: Exception, write: bool) -> str:
+    """ClickHouse's own message (``Code: N. DB::Exception: ...``) rather than the driver's wrapping; a
+    change refused to the read-only user says how to make it."""
+    text = str(exc)
+    message = text[text.find("Code: "):] if "Code: " in text else text
+    message = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+    refused = any(code in message for code in ("(READONLY)", "(ACCESS_DENIED)"))
+    if refused and not write:
+        message += (
+            "\nfrugalmesh sql runs as the read-only analyst user; to change data, pass --write "
+            "(runs as the writer, the accountant's user)"
+        )
+    return message
 
 
 @cli.command()

@@ -7,6 +7,7 @@ with its data or log in a folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -110,58 +111,134 @@ class EmbeddedNats:
         stop_process(self.process)
 
 
+# `default_session_user` empty: a request that names no user is refused, not run as `default`.
 CLICKHOUSE_CONFIG = """<clickhouse>
   <listen_host>{host}</listen_host>
   <http_port>{port}</http_port>
+  <default_session_user></default_session_user>
   <users_config>users.xml</users_config>
   <logger><level>warning</level><console>1</console></logger>
 </clickhouse>
 """
 
-# The default user must stay passwordless for chdb's own in-process use; services connect as
-# `mesh`, with a password generated once per data folder.
+DATABASE = "frugalmesh"
+WRITER = "writer"
+ANALYST = "analyst"
+# What each user may do: GRANT queries without the grantee. deploy/clickhouse/users.d/frugalmesh.xml
+# (compose) grants the same (tests/test_clickhouse_users.py keeps them equal). On every database, since
+# the tests and benchmarks keep one database each. Nothing else: no DROP DATABASE, no users or grants
+# (no access_management), no SYSTEM, no KILL, no files or URLs (file(), url(), the File, URL and S3
+# engines, the file tables of chdb's `default` database); tables only as (Replacing)MergeTree.
+WRITER_GRANTS = (
+    "GRANT SELECT, INSERT, ALTER TABLE, ALTER VIEW, CREATE DATABASE, CREATE TABLE, CREATE VIEW, "
+    "DROP TABLE, DROP VIEW, TRUNCATE, OPTIMIZE, SHOW ON *.*",
+    "GRANT TABLE ENGINE ON MergeTree",
+    "GRANT TABLE ENGINE ON ReplacingMergeTree",
+)
+ANALYST_GRANTS = ("GRANT SELECT, SHOW ON *.*",)
+
+# `default` is chdb's own: its in-process session, which opens the HTTP listener, logs in as
+# `default` with an empty password (hard-coded in chdb-core's client), and chdb loads users once and
+# never reloads them. So `default` keeps no password, but may do nothing except open the listener:
+# no database, table, file or URL; and a request that names no user is refused (CLICKHOUSE_CONFIG).
+# The mesh connects as `writer` (the accountant; `frugalmesh sql --write`) or `analyst` (readonly=1:
+# `frugalmesh sql`), with random passwords made once per data folder, stored as sha256 here.
 CLICKHOUSE_USERS = """<clickhouse>
-  <profiles><default/></profiles>
+  <profiles>
+    <default/>
+    <analyst><readonly>1</readonly></analyst>
+  </profiles>
   <quotas><default/></quotas>
   <users>
     <default>
       <password></password>
       <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
       <profile>default</profile><quota>default</quota>
-      <access_management>1</access_management>
+      <grants><query>GRANT SYSTEM LISTEN ON *.*</query></grants>
     </default>
-    <mesh>
-      <password>{password}</password>
+    <writer>
+      <password_sha256_hex>{writer_sha256}</password_sha256_hex>
       <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
       <profile>default</profile><quota>default</quota>
-    </mesh>
+      <grants>{writer_grants}</grants>
+    </writer>
+    <analyst>
+      <password_sha256_hex>{analyst_sha256}</password_sha256_hex>
+      <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+      <profile>analyst</profile><quota>default</quota>
+      <grants>{analyst_grants}</grants>
+    </analyst>
   </users>
 </clickhouse>
 """
 
-DATABASE = "frugalmesh"
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable and writable by the owner only (0600), whole or not at all:
+    a temporary file made 0600 from the start, then renamed over ``path``."""
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    partial.replace(path)
+
+
+def password(path: Path) -> str:
+    """The password stored in ``path``; a new random one (stored 0600) when there is none. An older
+    file is made owner-only too."""
+    if path.is_file():
+        path.chmod(0o600)
+        stored = path.read_text().strip()
+        if stored:
+            return stored
+    secret = secrets.token_urlsafe(24)  # URL-safe: it goes into the ClickHouse URL as it is
+    write_private(path, secret)
+    return secret
 
 
 @dataclass
 class EmbeddedClickHouse:
-    """A ClickHouse HTTP server run by chdb in a child process (``python -m services.embedded.chserver``)."""
+    """A ClickHouse HTTP server run by chdb in a child process (``python -m services.embedded.chserver``).
+
+    Its users: ``writer`` (``url``: the accountant; SELECT, INSERT, CREATE, ALTER and DROP TABLE,
+    never DROP DATABASE, users, SYSTEM or files) and ``analyst`` (``analyst_url``: SELECT only,
+    readonly=1), whose passwords live in ``writer.password`` and ``analyst.password`` in
+    ``data_dir`` (0600; ``data_dir`` itself 0700), made once per folder."""
 
     data_dir: Path
     port: int = 8123
     host: str = "127.0.0.1"
     process: subprocess.Popen | None = field(default=None, init=False)
     url: str = field(default="", init=False)
+    analyst_url: str = field(default="", init=False)
+
+    @property
+    def password_files(self) -> dict[str, Path]:
+        return {user: self.data_dir / f"{user}.password" for user in (WRITER, ANALYST)}
+
+    def _write_config(self) -> dict[str, str]:
+        """config.xml and users.xml (0600) in ``data_dir/conf``; returns each user's password."""
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.data_dir.chmod(0o700)  # the data itself: billing rows
+        (self.data_dir / "mesh.password").unlink(missing_ok=True)  # the single all-rights user of old
+        conf = self.data_dir / "conf"
+        conf.mkdir(exist_ok=True)
+        passwords = {user: password(path) for user, path in self.password_files.items()}
+        (conf / "config.xml").write_text(CLICKHOUSE_CONFIG.format(host=self.host, port=self.port))
+        users = CLICKHOUSE_USERS.format(
+            writer_sha256=hashlib.sha256(passwords[WRITER].encode()).hexdigest(),
+            analyst_sha256=hashlib.sha256(passwords[ANALYST].encode()).hexdigest(),
+            writer_grants="".join(f"<query>{grant}</query>" for grant in WRITER_GRANTS),
+            analyst_grants="".join(f"<query>{grant}</query>" for grant in ANALYST_GRANTS),
+        )
+        write_private(conf / "users.xml", users)
+        return passwords
 
     def start(self, timeout_s: float = 60.0) -> str:
-        conf = self.data_dir / "conf"
-        conf.mkdir(parents=True, exist_ok=True)
-        password_file = self.data_dir / "mesh.password"
-        if not password_file.exists():
-            password_file.write_text(secrets.token_urlsafe(16))
-            password_file.chmod(0o600)
-        password = password_file.read_text().strip()
-        (conf / "config.xml").write_text(CLICKHOUSE_CONFIG.format(host=self.host, port=self.port))
-        (conf / "users.xml").write_text(CLICKHOUSE_USERS.format(password=password))
+        """Start the server and wait until the writer can create the mesh's database; returns the
+        writer's URL (``analyst_url`` is the analyst's)."""
+        passwords = self._write_config()
         port_file = self.data_dir / "http_port"
         port_file.unlink(missing_ok=True)
         log = self.data_dir / "clickhouse.log"
@@ -182,13 +259,16 @@ class EmbeddedClickHouse:
 
         def healthy() -> bool:
             try:
-                reply = httpx.post(base, params={"query": f"CREATE DATABASE IF NOT EXISTS {DATABASE}"}, timeout=2)
+                query = {"query": f"CREATE DATABASE IF NOT EXISTS {DATABASE}"}
+                reply = httpx.post(base, params=query, auth=(WRITER, passwords[WRITER]), timeout=2)
                 return reply.status_code == 200
             except httpx.HTTPError:
                 return False
 
         _wait_for(healthy, timeout_s, "embedded ClickHouse health check", self.process, log)
-        self.url = f"http://mesh:{quote(password, safe='')}@{self.host}:{http_port}/{DATABASE}"
+        host = f"{self.host}:{http_port}"
+        self.url = f"http://{WRITER}:{quote(passwords[WRITER], safe='')}@{host}/{DATABASE}"
+        self.analyst_url = f"http://{ANALYST}:{quote(passwords[ANALYST], safe='')}@{host}/{DATABASE}"
         return self.url
 
     def stop(self) -> None:

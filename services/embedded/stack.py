@@ -4,8 +4,9 @@ Starts nats-server and the embedded ClickHouse (unless NATS_URL / CLICKHOUSE_URL
 ones), the local model engine (unless FRUGALMESH_LOCAL_ENGINE_URL names one), the seven services
 and the shipped agents (one instance each, as `frugalmesh agent run` starts it) as separate
 processes, each logging to ``<home>/logs/``. The URLs of a running stack (the gateway's included:
-its ready file says where it listens) are written to ``<home>/stack.json`` so other commands
-find it. ``development_key`` gives `up` a gateway key when there is none.
+its ready file says where it listens) are written to ``<home>/stack.json`` (0600: it holds the
+ClickHouse passwords) so other commands find it. ``development_key`` gives `up` a gateway key when
+there is none. Only the accountant's process gets the ClickHouse writer's URL.
 """
 
 from __future__ import annotations
@@ -29,11 +30,29 @@ from services.embedded.servers import (
     EmbeddedNats,
     LocalEngineKind,
     stop_process,
+    write_private,
 )
 from services.registry import SERVICES
+from services.runtime.catalog import Catalog
+from services.runtime.grants import key_environments
 from services.runtime.settings import MeshSettings
 
 STATE_FILE = "stack.json"
+WRITER_ENV = ("CLICKHOUSE_URL", "FRUGALMESH_CLICKHOUSE_URL")
+ANALYST_ENV = ("CLICKHOUSE_ANALYST_URL", "FRUGALMESH_CLICKHOUSE_ANALYST_URL")
+# The only service that talks to ClickHouse (as the writer).
+CLICKHOUSE_CLIENTS = ("accountant",)
+def provider_key_names(catalog: Catalog) -> dict[str, set[str]]:
+    """Per inference service (``local-inference``, ``cloud-inference``), the environment variables
+    holding the API keys of the providers its models are served by."""
+    keys: dict[str, set[str]] = {"local-inference": set(), "cloud-inference": set()}
+    for model in catalog.models.values():
+        provider = catalog.providers[model.provider]
+        if provider.api_key_env:
+            keys[f"{model.service}-inference"].add(provider.api_key_env)
+    return keys
+
+
 # The agents a stack runs, by the process name it lists them under: the shipped workflows use them.
 SHIPPED_AGENTS = {"agent-debate": "frugalmesh.agents.shipped.debate:agent"}
 
@@ -49,32 +68,74 @@ def running_stack(home: Path) -> dict | None:
     return state
 
 
+def _in_env(names: tuple[str, ...]) -> bool:
+    return any(os.environ.get(name) for name in names)
+
+
+def write_state(home: Path, state: dict) -> None:
+    """``<home>/stack.json``, readable by the owner only (it holds the ClickHouse passwords)."""
+    write_private(home / STATE_FILE, json.dumps(state))
+
+
 def client_settings(home: Path | None = None) -> MeshSettings:
-    """Settings for a client command: the environment wins, then a running `up` stack."""
+    """Settings for a client command: the environment wins, then a running `up` stack. The stack's
+    analyst goes with the stack's writer: not when CLICKHOUSE_URL names another server."""
     settings = MeshSettings()
     state = running_stack(home or settings.home)
     update = {}
     if state and not os.environ.get("NATS_URL") and not os.environ.get("FRUGALMESH_NATS_URL"):
         update["nats_url"] = state["nats_url"]
-    if state and not os.environ.get("CLICKHOUSE_URL") and not os.environ.get("FRUGALMESH_CLICKHOUSE_URL"):
+    if state and not _in_env(WRITER_ENV):
         update["clickhouse_url"] = state["clickhouse_url"]
+        if state.get("clickhouse_analyst_url") and not _in_env(ANALYST_ENV):
+            update["clickhouse_analyst_url"] = state["clickhouse_analyst_url"]
     if state and state.get("local_engine_url") and not os.environ.get("FRUGALMESH_LOCAL_ENGINE_URL"):
         update["local_engine_url"] = state["local_engine_url"]
     return settings.model_copy(update=update) if update else settings
 
 
+class NoWriter(EmbeddedError):
+    """A write was asked for where the writer's credentials are not known."""
+
+
+@dataclass(frozen=True)
+class QueryTarget:
+    """Where `frugalmesh sql` sends a query (``url``, with the analyst's or the writer's credentials);
+    ``readonly``: the query must run with readonly=1 (the writer's credentials standing in for an
+    analyst that is not configured: ClickHouse then refuses any change)."""
+
+    url: str
+    readonly: bool = False
+
+
+def _target(writer_url: str, analyst_url: str, write: bool) -> QueryTarget:
+    if write:
+        return QueryTarget(writer_url)
+    if analyst_url:
+        return QueryTarget(analyst_url)
+    return QueryTarget(writer_url, readonly=True)
+
+
 @contextmanager
-def clickhouse_for_queries(settings: MeshSettings) -> Iterator[str]:
-    """The ClickHouse URL to query: the configured or running one; with neither, the embedded
-    server is started on the data a stopped stack left in ``home`` (so rows stay queryable)."""
-    configured = os.environ.get("CLICKHOUSE_URL") or os.environ.get("FRUGALMESH_CLICKHOUSE_URL")
+def clickhouse_for_queries(settings: MeshSettings, write: bool = False) -> Iterator[QueryTarget]:
+    """Where to query ClickHouse: as the read-only analyst, or as the writer when ``write``. The
+    configured or running servers; with neither, the embedded server is started on the data a stopped
+    stack left in ``home`` (so rows stay queryable). Raises NoWriter when ``write`` and the writer's
+    credentials are not known (no CLICKHOUSE_URL, no stack)."""
+    configured = _in_env(WRITER_ENV) or _in_env(ANALYST_ENV) or running_stack(settings.home)
     stored = settings.home / "clickhouse"
-    if configured or running_stack(settings.home) or not (stored / "data").is_dir():
-        yield settings.clickhouse_url
+    if configured or not (stored / "data").is_dir():
+        if write and not (_in_env(WRITER_ENV) or running_stack(settings.home)):
+            raise NoWriter(
+                "writing needs the writer's credentials: set CLICKHOUSE_URL "
+                "(http://writer:PASSWORD@HOST:8123/frugalmesh), or run this where `frugalmesh up` runs"
+            )
+        yield _target(settings.clickhouse_url, settings.clickhouse_analyst_url, write)
         return
     server = EmbeddedClickHouse(stored, port=0)
     try:
-        yield server.start()
+        writer_url = server.start()
+        yield _target(writer_url, server.analyst_url, write)
     finally:
         server.stop()
 
@@ -121,23 +182,24 @@ class Stack:
     services: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
 
     def start(self, timeout_s: float = 60.0) -> MeshSettings:
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         nats_url = os.environ.get("NATS_URL")
         if not nats_url:
             self.nats = EmbeddedNats(self.home / "nats", port=self.nats_port)
             nats_url = self.nats.start()
         clickhouse_url = os.environ.get("CLICKHOUSE_URL")
+        analyst_url = self.settings.clickhouse_analyst_url
         if not clickhouse_url:
             self.clickhouse = EmbeddedClickHouse(self.home / "clickhouse", port=self.clickhouse_port)
             clickhouse_url = self.clickhouse.start()
-        update = {"nats_url": nats_url, "clickhouse_url": clickhouse_url}
+            analyst_url = self.clickhouse.analyst_url
+        update = {"nats_url": nats_url, "clickhouse_url": clickhouse_url, "clickhouse_analyst_url": analyst_url}
         if self.local_engine and not self.settings.local_engine_url:
             self.engine = EmbeddedEngine(self.home / "logs", kind=self.local_engine, model=self.local_model)
             update["local_engine_url"] = self.engine.start()
         self.settings = self.settings.model_copy(update=update)
         self._start_services(timeout_s)
-        state = {"pid": os.getpid(), **update, "gateway_url": self.gateway_url}
-        (self.home / STATE_FILE).write_text(json.dumps(state))
+        write_state(self.home, {"pid": os.getpid(), **update, "gateway_url": self.gateway_url})
         return self.settings
 
     def _start_services(self, timeout_s: float) -> None:
@@ -146,9 +208,8 @@ class Stack:
         logs.mkdir(exist_ok=True)
         run_dir.mkdir(exist_ok=True)
         env = {
-            **os.environ,
+            **{name: value for name, value in os.environ.items() if name not in WRITER_ENV + ANALYST_ENV},
             "NATS_URL": self.settings.nats_url,
-            "CLICKHOUSE_URL": self.settings.clickhouse_url,
             "FRUGALMESH_SUBJECT_PREFIX": self.settings.subject_prefix,
             "FRUGALMESH_LOCAL_ENGINE_URL": self.settings.local_engine_url,
             "FRUGALMESH_GATEWAY_HOST": self.settings.gateway_host,
@@ -156,6 +217,11 @@ class Stack:
         }
         if self.settings.data:
             env["FRUGALMESH_DATA"] = str(self.settings.data)
+        # Grants: every process may verify with the accountant's public key; only the accountant
+        # learns where its seed is (services/runtime/grants.py).
+        every, accountant_only = key_environments(self.home)
+        env.update(every)
+        provider_keys = provider_key_names(Catalog.load(self.settings.deploy_dir))
         commands = {name: ["run", name] for name in SERVICES}
         commands.update({name: ["agent", "run", target] for name, target in self.agents.items()})
         ready_files = {}
@@ -163,12 +229,19 @@ class Stack:
             ready = run_dir / f"{name}.ready"
             ready.unlink(missing_ok=True)
             ready_files[name] = ready
+            # The writer's URL only where it is used; no process gets the analyst's.
+            own_env = {**env, "CLICKHOUSE_URL": self.settings.clickhouse_url} if name in CLICKHOUSE_CLIENTS else env
+            if name == "accountant":
+                own_env = {**own_env, **accountant_only}
+            # A provider's API key only in the inference service that calls that provider.
+            withheld = set().union(*provider_keys.values()) - provider_keys.get(name, set())
+            own_env = {key: value for key, value in own_env.items() if key not in withheld}
             with (logs / f"{name}.log").open("ab") as log:
                 self.services[name] = subprocess.Popen(
                     [sys.executable, "-m", "services.cli.main", *command, "--ready-file", str(ready)],
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=env,
+                    env=own_env,
                 )
         deadline = time.monotonic() + timeout_s
         for name, ready in ready_files.items():

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from schemas.messages import ErrorKind, InferenceRequest, ToolCall, ToolCallDelta, Usage, UsageSource
 from services.runtime.catalog import ModelSpec, ProviderSpec
+from services.runtime.scrub import scrub
 from services.runtime.settings import MeshSettings
 
 
@@ -49,9 +50,13 @@ OnDelta = Callable[[OutputDelta], Awaitable[None]]
 
 
 class BackendError(Exception):
-    """A call that failed. ``started`` means the provider had accepted it, so it may bill for it."""
+    """A call that failed. ``started`` means the provider had accepted it, so it may bill for it.
+
+    ``message`` becomes the call's ``ErrorInfo`` message, so it is scrubbed of secrets here, whichever
+    backend raised it."""
 
     def __init__(self, kind: ErrorKind, message: str, *, retryable: bool = False, started: bool = False) -> None:
+        message = scrub(message)
         super().__init__(message)
         self.kind: ErrorKind = kind
         self.message = message

@@ -6,6 +6,11 @@ server-sent events itself. Each chunk's text and tool-call pieces go to ``on_del
 arrive (when given); the tool calls are assembled by their ``index`` (the first piece carries the
 id and name, the rest add to the arguments). It knows nothing of the mesh's routing or metering:
 it returns what the provider said, with ``usage=None`` when the provider did not report usage.
+
+An error's text (the URL, the provider's answer, the transport's complaint) is scrubbed of secrets
+(services/runtime/scrub.py) before it is an ``OpenAIError``: a provider may echo the key or the
+URL's user info back, and the message goes on into results, task events, usage rows and logs. The
+client's own key is registered with the scrubber, so it is caught whatever its shape.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import httpx
 
 from schemas.messages import FunctionCall, ToolCall, ToolCallDelta
 from services.inference.backend import OnDelta, OutputDelta
+from services.runtime.scrub import add_known_secret, scrub
 
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 # Idle connections kept for reuse; beyond them a burst opens (and then closes) its own.
@@ -48,10 +54,11 @@ class ChatCompletion:
 
 
 class OpenAIError(Exception):
-    """A failed call. ``started``: the provider had accepted the call (HTTP 200), so it may bill."""
+    """A failed call. ``started``: the provider had accepted the call (HTTP 200), so it may bill.
+    The message is kept scrubbed of secrets."""
 
     def __init__(self, message: str, *, status: int | None, retryable: bool, started: bool) -> None:
-        super().__init__(message)
+        super().__init__(scrub(message))
         self.status = status
         self.retryable = retryable
         self.started = started
@@ -72,6 +79,8 @@ class OpenAIClient:
         http: httpx.AsyncClient | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if api_key:
+            add_known_secret(api_key)
         # No cap on connections: the calls in flight are bounded by the service's capacity
         # (services/runtime/serve.py), and httpx's default of 100 would queue the rest unseen.
         self.http = http or httpx.AsyncClient(timeout=timeout, limits=CONNECTION_LIMITS)

@@ -5,10 +5,20 @@ A call whose real usage is unknown (cut off at its deadline or by the kill switc
 provider took it, or failed mid-stream) is metered as estimated, at its worst case: unknown
 usage is never zero.
 
+A paid call runs only with a grant the accountant signed for it (``InferenceRequest.grant``,
+services/runtime/grants.py), checked here with the accountant's public key and no round trip: it
+must name this call, tenant, task, model and virtual key, cover the call's worst case (recomputed
+as the router reserved it) and not have expired. Without one the call is refused before it starts
+and metered once, at $0 (outcome ``refused``); a grant presented again for a call this replica
+already ran is refused and not metered again (the call has its row). Free calls need no grant.
+
 The kill switch is obeyed twice: a call is not started while a switch covering it is tripped
 (the state is read before the service takes work, so a service started after a trip refuses
 too), and a trip cancels every call in flight that it covers; cancelling closes the backend's
 stream, which stops the engine generating.
+
+A failed call's error message is scrubbed of secrets (services/runtime/scrub.py) before it is an
+``ErrorInfo``: a ``BackendError`` scrubs its own message, and this handler an unexpected exception's.
 
 A call with ``stream_to`` also relays its output as it comes and stops when its caller cancels
 (services/inference/streaming.py): such a call is metered ``cancelled``, counted from what was streamed.
@@ -40,7 +50,9 @@ from services.inference.streaming import StreamRelay, check_stream_to, listen_fo
 from services.runtime.bus import Bus, encode, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.control import ControlState, covers, killed_message
+from services.runtime.grants import NO_GRANT, GrantError, GrantReused, GrantVerifier, pico
 from services.runtime.reservations import is_paid
+from services.runtime.scrub import scrub
 from services.runtime.usage import usage_event, worst_case_usage
 
 ServiceKind = Literal["local", "cloud"]
@@ -57,6 +69,8 @@ class _CallEnd:
     error: ErrorInfo | None = None
     # The model the provider reported, kept when strict pinning withholds the completion.
     provider_model: str = ""
+    # False only for a reused grant's refusal: its call was metered when it ran.
+    metered: bool = True
 
 
 # eq=False: hashed by identity, so two calls that share a call id are still two entries.
@@ -84,8 +98,16 @@ def _unknown_usage(outcome: Outcome, model: ModelSpec, request: InferenceRequest
 
 
 class InferenceService:
-    def __init__(self, bus: Bus, kind: ServiceKind, catalog: Catalog, backends: Mapping[str, Backend]) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        kind: ServiceKind,
+        catalog: Catalog,
+        backends: Mapping[str, Backend],
+        verifier: GrantVerifier,
+    ) -> None:
         self.bus = bus
+        self.verifier = verifier
         self.kind = kind
         self.catalog = catalog
         self.backends = backends
@@ -155,8 +177,33 @@ class InferenceService:
             # Not started, so nothing was spent: metered once, at $0.
             error = ErrorInfo(kind="killed", message=killed_message(switch))
             return await self._finish(request, model, _CallEnd("killed", Usage(), error=error), started)
+        if is_paid(model):
+            refusal = self._check_grant(request, model)
+            if refusal is not None:
+                return await self._finish(request, model, refusal, started)
         ended = await self._call(self.backends[model.provider], model, request, remaining_s)
         return await self._finish(request, model, ended, started)
+
+    def _check_grant(self, request: InferenceRequest, model: ModelSpec) -> _CallEnd | None:
+        """None if the request's grant allows this paid call; else the refusal (not started, $0)."""
+        worst_case = worst_case_usage(model, request.messages, request.max_tokens, request.options.tools)
+        try:
+            self.verifier.check(
+                request.grant,
+                call_id=request.call_id,
+                tenant=request.tenant,
+                task_id=request.task_id,
+                model=model.name,
+                key_id=request.key_id,
+                deadline_ms=request.deadline_ms,
+                worst_case_pico=pico(model.worst_case_cost(worst_case.input_tokens, worst_case.output_tokens)),
+                now_ms=now_ms(),
+            )
+        except GrantError as exc:
+            self.bus.log.warning("grant_refused", reason=str(exc))
+            error = ErrorInfo(kind="refused", message=f"{NO_GRANT}: {exc}")
+            return _CallEnd("refused", Usage(), error=error, metered=not isinstance(exc, GrantReused))
+        return None
 
     async def _call(self, backend: Backend, model: ModelSpec, request: InferenceRequest, timeout_s: float) -> _CallEnd:
         relay = StreamRelay(self.bus, request, strict_pinning=self.strict_pinning) if request.stream_to else None
@@ -191,7 +238,7 @@ class InferenceService:
         except Exception as exc:
             # A backend bug must still leave its one usage row; whether it billed is unknown.
             self.bus.log.exception("backend_failed", model=model.name)
-            error = ErrorInfo(kind="provider", message=f"{type(exc).__name__}: {exc}")
+            error = ErrorInfo(kind="provider", message=scrub(f"{type(exc).__name__}: {exc}"))
             return _unknown_usage("error", model, request, error)
         finally:
             self.in_flight.discard(flight)
@@ -235,7 +282,8 @@ class InferenceService:
             hardware_profile=model.hardware if model else "",
             spilled_from=request.spilled_from,
         )
-        await self.bus.publish_usage(event)
+        if ended.metered:
+            await self.bus.publish_usage(event)
         if ended.error:
             self.bus.log.info("call_failed", kind=ended.error.kind, error=ended.error.message)
         return InferenceResult(

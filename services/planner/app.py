@@ -12,7 +12,9 @@ replica's bound, so the server never caps the mesh's tasks in flight below what 
 A task's message is acked only after its terminal event is published; while it runs,
 ``in_progress`` keeps JetStream from redelivering it, however long its deadline. If the planner
 dies mid-task the message comes back after ``ack_wait_s`` and another replica runs the task again
-(artifacts are content-addressed, so reruns store nothing twice).
+(artifacts are content-addressed, so reruns store nothing twice). A run that raises is nacked and
+delivered again, at most ``MAX_DELIVER`` times in all; a task still not ended after its last delivery
+gets a terminal ``failed`` event saying so (services/planner/delivery_limit.py).
 
 Every replica also runs the scheduler (services/planner/schedule.py); JetStream's dedupe makes each
 scheduled run fire once however many replicas submit it. Limits and estimate profiles come from
@@ -35,6 +37,7 @@ from schemas.subjects import DURABLE_PLANNER, HEADER_SCHEDULE_RUN, STREAM_TASKS,
 from services.planner.antiloop import AttemptCounter
 from services.planner.config import Limits, PlannerConfig
 from services.planner.dag import Planner
+from services.planner.delivery_limit import DeliveryLimit
 from services.planner.preflight import Preflight
 from services.planner.schedule import Scheduler, WallClock, utc_now
 from services.planner.workflow import load_workflows
@@ -81,6 +84,7 @@ def create_app(
         bus.log.warning("workflow_cannot_run", problem=problem)
     attempts = AttemptCounter(limits.attempts_per_day, clock)
     planner = Planner(bus, workflows, max_fanout, limits, preflight, attempts)
+    delivery_limit = DeliveryLimit(bus, MAX_DELIVER)
     slots = asyncio.Semaphore(max_in_flight)
     running: set[asyncio.Task[None]] = set()
     scheduling: list[asyncio.Task[None]] = []
@@ -89,6 +93,10 @@ def create_app(
     async def open_attempts() -> None:
         # After Bus.app's start-up hook (hooks run in order): connected, before any task is pulled.
         await attempts.open(bus)
+
+    @app.on_startup
+    async def follow_delivery_limit() -> None:
+        await delivery_limit.start()
 
     @app.after_startup
     async def start_scheduler() -> None:
@@ -106,10 +114,10 @@ def create_app(
             kind = await planner.run(task, (msg.headers or {}).get(HEADER_SCHEDULE_RUN, ""))
             await msg.ack()
             bus.log.info("task_finished", task_id=task.id, kind=kind)
-        except Exception:
-            # Infrastructure trouble (e.g. events could not be published): let JetStream redeliver.
+        except Exception as exc:
+            # Infrastructure trouble (e.g. events could not be published): delivered again, up to the limit.
             bus.log.exception("task_crashed", task_id=task.id)
-            await msg.nack(delay=1.0)
+            await delivery_limit.crashed(msg, task, exc)
         finally:
             heartbeat.cancel()
             slots.release()
@@ -150,6 +158,7 @@ def create_app(
 
     @app.on_shutdown
     async def abandon_running() -> None:
+        await delivery_limit.stop()
         for scheduler in scheduling:
             scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

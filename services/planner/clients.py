@@ -8,10 +8,19 @@ retryability. An agent nobody answers is ``unavailable``, one that does not answ
 ``timeout``: both retryable (another instance may take the next try); one that cannot read the
 request rejects it, which reads as an AgentResult with an ``invalid`` error. An artifact store that
 does not answer, or answers something else, fails the step.
+
+The artifact client works for one tenant at a time: the tenant of the task being run, which
+``Planner.run`` binds with ``artifacts_of`` around the whole run (every asyncio task a step starts
+inherits it). Every put is stored as that tenant's and every get asks as that tenant, so no step,
+prompt or agent-step code passes a tenant it could get wrong, and a ref to another tenant's
+artifact (an agent's answer, say) reads as missing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from decimal import Decimal
 
 import msgspec
@@ -109,16 +118,40 @@ def task_headers(state: TaskState, deadline_ms: int) -> dict[str, str]:
     return headers
 
 
+# The tenant of the task the running asyncio task works for (see ``artifacts_of``).
+_task_tenant: ContextVar[str] = ContextVar("task_tenant")
+
+
+@contextmanager
+def artifacts_of(tenant: str) -> Iterator[None]:
+    """Inside this block, and in every asyncio task started in it, ``ArtifactClient`` puts and gets
+    artifacts as ``tenant``'s."""
+    bound = _task_tenant.set(tenant)
+    try:
+        yield
+    finally:
+        _task_tenant.reset(bound)
+
+
+def _tenant() -> str:
+    try:
+        return _task_tenant.get()
+    except LookupError:
+        raise RuntimeError("ArtifactClient used outside artifacts_of(tenant): whose artifacts are these?") from None
+
+
 class ArtifactClient:
-    """Stores and reads artifacts in the artifact store (content-addressed: a rerun stores nothing twice)."""
+    """Stores and reads artifacts in the artifact store (content-addressed: a rerun stores nothing twice),
+    as the tenant ``artifacts_of`` binds."""
 
     def __init__(self, bus: Bus, timeout_s: float) -> None:
         self.bus = bus
         self.timeout_s = timeout_s
 
     async def put(self, artifact: Artifact) -> ArtifactRef:
-        """Store ``artifact`` and return its reference; StepFailed when the store refuses it."""
-        reply = await self._request(self.bus.subjects.artifact_put, artifact)
+        """Store ``artifact`` as the task's tenant's and return its reference; StepFailed when the store refuses it."""
+        owned = msgspec.structs.replace(artifact, tenant=_tenant())
+        reply = await self._request(self.bus.subjects.artifact_put, owned)
         if reply.ref is None:
             raise StepFailed(
                 f"the artifact store refused the {artifact.type!r} artifact: {reply.error}", kind="invalid"
@@ -126,8 +159,8 @@ class ArtifactClient:
         return reply.ref
 
     async def get(self, artifact_id: str) -> Artifact:
-        """The artifact with that id; StepFailed (``unavailable``) when it cannot be read."""
-        reply = await self._request(self.bus.subjects.artifact_get, ArtifactGet(id=artifact_id))
+        """The task's tenant's artifact with that id; StepFailed (``unavailable``) when it cannot be read."""
+        reply = await self._request(self.bus.subjects.artifact_get, ArtifactGet(id=artifact_id, tenant=_tenant()))
         if reply.artifact is None:
             raise StepFailed(f"artifact {artifact_id} could not be read: {reply.error}", kind="unavailable")
         return reply.artifact

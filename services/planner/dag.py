@@ -23,7 +23,7 @@ import asyncio
 from schemas.messages import ArtifactRef, Task, TaskEventKind
 from services.planner.agent_steps import AgentSteps, live_agents
 from services.planner.antiloop import AttemptCounter
-from services.planner.clients import AgentClient, ArtifactClient, RouterClient
+from services.planner.clients import AgentClient, ArtifactClient, RouterClient, artifacts_of
 from services.planner.config import Limits
 from services.planner.events import EventPublisher
 from services.planner.guards import CallGuard, over_budget, preflight_refusal
@@ -65,9 +65,11 @@ class Planner:
     async def run(self, task: Task, schedule_run: str = "") -> TaskEventKind:
         """Run ``task`` to its terminal event and return that event's kind.
 
-        ``schedule_run``: the ``Mesh-Schedule-Run`` header of a scheduled run (its own attempts count)."""
+        ``schedule_run``: the ``Mesh-Schedule-Run`` header of a scheduled run (its own attempts count).
+        Every artifact the run puts or gets is its tenant's."""
         try:
-            return await self._run(task, schedule_run)
+            with artifacts_of(task.tenant):
+                return await self._run(task, schedule_run)
         finally:
             self.events.forget(task)
 

@@ -25,8 +25,9 @@ class EventPublisher:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.subjects = bus.subjects
-        # Per task id: its events so far, the history its terminal event carries.
-        self._history: dict[str, list[TaskEvent]] = {}
+        # Per task, by (tenant, task id) since ids are unique per tenant only: its events so far, the
+        # history its terminal event carries.
+        self._history: dict[tuple[str, str], list[TaskEvent]] = {}
 
     async def emit(
         self,
@@ -56,14 +57,14 @@ class EventPublisher:
         )
         subject = self.subjects.task_event(task.tenant, task.id, kind)
         if kind not in TERMINAL_EVENTS:
-            self._history.setdefault(task.id, []).append(event)
+            self._history.setdefault((task.tenant, task.id), []).append(event)
             await self.bus.publish_core(subject, encode(event))
             return
-        event.history = self._history.pop(task.id, [])
+        event.history = self._history.pop((task.tenant, task.id), [])
         # Stored before the task's message is acked: a failure here makes the task crash, so
         # JetStream redelivers it.
         await self.bus.publish(subject, event, stream=self.subjects.stream(STREAM_TASK_EVENTS))
 
     def forget(self, task: Task) -> None:
         """Drop the history of ``task`` (it ended without its terminal event)."""
-        self._history.pop(task.id, None)
+        self._history.pop((task.tenant, task.id), None)

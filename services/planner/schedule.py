@@ -3,9 +3,10 @@
 Schedules live in the KV bucket ``<prefix>_schedules`` (key = schedule id), written by
 ``frugalmesh schedule add|remove``. Every planner replica runs a ``Scheduler``: each tick it reads
 the schedules and, for every cron fire time since its previous tick, submits the schedule's Task
-with ``deadline_s`` = the schedule's timeout. The task id and ``Nats-Msg-Id`` are
-``<schedule id>-<fire time in epoch seconds>``, so JetStream drops the copies other replicas submit
-of the same run (the TASKS stream's duplicate window is 600 s): each run fires exactly once.
+with ``deadline_s`` = the schedule's timeout. The task id is ``<schedule id>-<fire time in epoch
+seconds>`` and its ``Nats-Msg-Id`` ``<tenant>.<task id>`` (``Task.dedupe_id``, as every submitter
+sends), so JetStream drops the copies other replicas submit of the same run (the TASKS stream's
+duplicate window is 600 s): each run fires exactly once.
 
 Cron expressions are read in UTC. A fire time more than ``CATCH_UP_S`` old (a planner that was
 down, a tick that failed) is skipped rather than caught up: a burst of late runs is how a bill runs
@@ -156,6 +157,6 @@ class Scheduler:
                     self.subjects.task_submit,
                     task,
                     stream=self.subjects.stream(STREAM_TASKS),
-                    headers={HEADER_MSG_ID: task.id, HEADER_SCHEDULE_RUN: task.id},
+                    headers={HEADER_MSG_ID: task.dedupe_id(), HEADER_SCHEDULE_RUN: task.id},
                 )
                 self.log.info("schedule_fired", schedule=schedule.id, task_id=task.id)

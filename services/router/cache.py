@@ -1,10 +1,18 @@
-"""The exact-match response cache: a successful InferenceResult per (model, prompt, options), in NATS KV.
+"""The exact-match response cache: a successful InferenceResult per tenant and (model, prompt, options),
+in NATS KV.
 
 Every router replica shares the one bucket, so a repeat is a hit whichever replica gets it.
 
-The key covers everything that changes the answer: the model, the messages (with their tool calls,
-tool call ids and names), max_tokens, the response schema and every ChatOption but ``user`` (who
-asks does not change the answer). A sampled call (temperature above 0) is cached only with a
+The cache is per tenant: an entry is kept under ``<tenant>.<digest>``, so a tenant is only ever
+served its own answers, and a hit (instant, $0) never tells one tenant what another asked. Sharing
+answers across tenants is an explicit setting, ``[cache] share_across_tenants = true`` in
+deploy/routing.toml (``CacheConfig``; false when left out, any other key or type refused): then
+an entry is kept under ``<digest>`` alone and any tenant's repeat is a hit. Entries of the other
+setting are never read, so switching it only costs misses until they expire.
+
+The digest covers everything that changes the answer: the model, the messages (with their tool
+calls, tool call ids and names), max_tokens, the response schema and every ChatOption but ``user``
+(which of a tenant's users asks does not change the answer). A sampled call (temperature above 0) is cached only with a
 seed: without one, asking again is asking for another answer. A hit streams nothing; a streaming
 caller takes the whole answer from the result.
 
@@ -16,6 +24,10 @@ it. A write lost on the way costs a later cache miss, never a wrong answer.
 from __future__ import annotations
 
 import hashlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -25,7 +37,43 @@ from structlog.stdlib import BoundLogger
 
 from schemas.messages import ChatOptions, InferenceResult, StepRequest
 from schemas.subjects import KV_API
+from services.routing.table import ROUTING_FILE
 from services.runtime.bus import Bus, encode
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """routing.toml's ``[cache]``: ``share_across_tenants`` (default false) serves one tenant's cached
+    answers to every tenant."""
+
+    share_across_tenants: bool = False
+
+    @classmethod
+    def load(cls, deploy_dir: Path) -> CacheConfig:
+        path = deploy_dir / ROUTING_FILE
+        return cls.parse(tomllib.loads(path.read_text()), str(path))
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], source: str = ROUTING_FILE) -> CacheConfig:
+        section = raw.get("cache", {})
+        if not isinstance(section, dict):
+            raise ValueError(f"{source}: [cache] must be a table")
+        unknown = set(section) - {"share_across_tenants"}
+        if unknown:
+            raise ValueError(f"{source}: [cache]: unknown keys {sorted(unknown)}; known: ['share_across_tenants']")
+        shared = section.get("share_across_tenants", False)
+        if not isinstance(shared, bool):
+            raise ValueError(f"{source}: [cache] share_across_tenants must be true or false, not {shared!r}")
+        return cls(share_across_tenants=shared)
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Which cached answer a call may be served: the tenant asking (a subject token: the router refuses
+    any other), and the digest of what decides the answer."""
+
+    tenant: str
+    digest: str
 
 
 def cacheable(step: StepRequest) -> bool:
@@ -34,8 +82,8 @@ def cacheable(step: StepRequest) -> bool:
     return not options.temperature or options.seed is not None
 
 
-def cache_key(model: str, step: StepRequest) -> str:
-    """sha256 hex of the canonical JSON of everything that decides a model's answer.
+def cache_key(model: str, step: StepRequest) -> CacheKey:
+    """The step's tenant, and the sha256 hex of the canonical JSON of everything that decides a model's answer.
 
     Temperature is in the key (0 when unset: the mesh's default), so a sampled call is never served
     a greedy answer. The other options enter only when one is set, so a workflow step's key (every
@@ -54,38 +102,46 @@ def cache_key(model: str, step: StepRequest) -> str:
         },
         order="sorted",
     )
-    return hashlib.sha256(canonical).hexdigest()
+    return CacheKey(tenant=step.tenant, digest=hashlib.sha256(canonical).hexdigest())
 
 
 class ResponseCache:
     """Reads and writes never fail a step: the cache only ever saves a call, so on a KV error the
-    call runs (or its result goes uncached) and the error is logged."""
+    call runs (or its result goes uncached) and the error is logged. ``share_across_tenants``: keep
+    entries under the digest alone (``CacheConfig``)."""
 
-    def __init__(self, kv: KeyValue, bus: Bus, bucket: str, log: BoundLogger) -> None:
+    def __init__(self, kv: KeyValue, bus: Bus, bucket: str, log: BoundLogger, *, share_across_tenants: bool) -> None:
         self.kv = kv
         self.bus = bus
         self.bucket = bucket
         self.log = log
+        self.share_across_tenants = share_across_tenants
 
-    async def get(self, key: str) -> InferenceResult | None:
+    def entry(self, key: CacheKey) -> str:
+        """The KV key the answer for ``key`` is kept under (a tenant token and a digest: both KV-safe)."""
+        return key.digest if self.share_across_tenants else f"{key.tenant}.{key.digest}"
+
+    async def get(self, key: CacheKey) -> InferenceResult | None:
+        entry_key = self.entry(key)
         try:
-            entry = await self.kv.get(key)
+            entry = await self.kv.get(entry_key)
         except KeyNotFoundError:
             return None
         except nats.errors.Error as exc:
-            self.log.warning("cache_read_failed", key=key, error=str(exc))
+            self.log.warning("cache_read_failed", key=entry_key, error=str(exc))
             return None
         try:
             return msgspec.json.decode(entry.value or b"", type=InferenceResult)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             # An entry written by an incompatible schema version: run the call and overwrite it.
-            self.log.warning("cache_entry_unreadable", key=key, error=str(exc))
+            self.log.warning("cache_entry_unreadable", key=entry_key, error=str(exc))
             return None
 
-    async def put(self, key: str, result: InferenceResult) -> None:
+    async def put(self, key: CacheKey, result: InferenceResult) -> None:
         if result.error is not None:
             raise ValueError("only successful results are cached")
+        entry_key = self.entry(key)
         try:
-            await self.bus.publish_core(f"{KV_API}.{self.bucket}.{key}", encode(result))
+            await self.bus.publish_core(f"{KV_API}.{self.bucket}.{entry_key}", encode(result))
         except nats.errors.Error as exc:
-            self.log.warning("cache_write_failed", key=key, error=str(exc))
+            self.log.warning("cache_write_failed", key=entry_key, error=str(exc))

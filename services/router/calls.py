@@ -6,11 +6,12 @@ finish is not sent), then a paid call goes through the cost defences (services/r
 and a free one straight out. Only a successful answer is cached.
 
 The request goes to ``mesh.infer.local.<model>`` or ``mesh.infer.cloud.<provider>``, carrying the
-step's options, virtual key, agent and ``stream_to`` (the inference service streams the output there
-itself; a cache hit streams nothing, and its caller takes the whole answer from the result), with
-the step's deadline as its time-out, and the headers ``Mesh-Deadline``, ``Mesh-Task``,
-``Mesh-Tenant`` (and the caller's ``traceparent``). No responder, no answer in time, or an
-unreadable one: the router meters the call itself, at its worst case (services/router/metering.py).
+accountant's grant of a paid call, the step's options, virtual key, agent and ``stream_to`` (the
+inference service streams the output there itself; a cache hit streams nothing, and its caller
+takes the whole answer from the result), with the step's deadline as its time-out, and the headers
+``Mesh-Deadline``, ``Mesh-Task``, ``Mesh-Tenant`` (and the caller's ``traceparent``). No responder,
+no answer in time, or an unreadable one: the router meters the call itself, at its worst case
+(services/router/metering.py).
 """
 
 from __future__ import annotations
@@ -56,18 +57,20 @@ class CallRunner:
             if step.deadline_ms <= now_ms():
                 return expired(call)
 
-            async def send(call: ModelCall, reservation_id: str | None) -> InferenceResult:
-                return await self._send(call, traceparent, reservation_id)
+            async def send(call: ModelCall, reservation_id: str | None, grant: str) -> InferenceResult:
+                return await self._send(call, traceparent, reservation_id, grant)
 
             if is_paid(model):
                 result = await self.defence.paid_call(call, pace, task_budget_usd, send)
             else:
-                result = await send(call, None)
+                result = await send(call, None, "")
             if result.error is None and key is not None:
                 await self.cache.put(key, result)
             return result
 
-    async def _send(self, call: ModelCall, traceparent: str | None, reservation_id: str | None) -> InferenceResult:
+    async def _send(
+        self, call: ModelCall, traceparent: str | None, reservation_id: str | None, grant: str
+    ) -> InferenceResult:
         step, model = call.step, call.model
         timeout_s = call.time_left_s()
         if timeout_s <= 0:
@@ -90,6 +93,7 @@ class CallRunner:
             response_schema=step.response_schema,
             deadline_ms=step.deadline_ms,
             reservation_id=reservation_id,
+            grant=grant,
             spilled_from=call.spilled_from,
         )
         headers = {HEADER_DEADLINE: str(step.deadline_ms), HEADER_TASK: step.task_id, HEADER_TENANT: step.tenant}

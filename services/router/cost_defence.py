@@ -11,7 +11,9 @@
    (services/runtime/reservations.py fails closed), refuses the call. Only "no answer" is retryable:
    the accountant may be back for the planner's retry, a cap will not move.
 
-Then the call is sent, and its reservation settled at the metered cost, errors and timeouts included,
+Then the call is sent with the grant the accountant signed for it (``ReservationDecision.grant``,
+services/runtime/grants.py), without which the inference service refuses a paid call, and its
+reservation settled at the metered cost, errors and timeouts included,
 so the books and the budget agree. A call stopped here is metered once, at $0 (services/router/metering.py).
 """
 
@@ -27,8 +29,8 @@ from services.runtime.control import ControlState, killed_message
 from services.runtime.reservations import UNAVAILABLE, ReservationClient
 from services.runtime.tokens import count_prompt_tokens
 
-# Sends a call, with the id of its reservation (None for a free call).
-Send = Callable[[ModelCall, str | None], Awaitable[InferenceResult]]
+# Sends a call, with the id of its reservation and the accountant's grant (None and "" for a free call).
+Send = Callable[[ModelCall, str | None, str], Awaitable[InferenceResult]]
 
 
 class CostDefence:
@@ -64,7 +66,7 @@ class CostDefence:
             return await self.meter.not_started(
                 call, ErrorInfo(kind="refused", message=decision.reason, retryable=retryable)
             )
-        result = await send(call, reservation.id)
+        result = await send(call, reservation.id, decision.grant)
         await self.reservations.settle(reservation, result.cost_usd)
         return result
 

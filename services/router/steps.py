@@ -29,7 +29,7 @@ import msgspec
 from schemas.messages import ErrorInfo, InferenceResult, LocalLoad, PaceSignal, StepRequest
 from schemas.subjects import BUCKET_RESPONSE_CACHE
 from services.router.agent_calls import AgentCallLimits
-from services.router.cache import ResponseCache, cache_key, cacheable
+from services.router.cache import CacheConfig, ResponseCache, cache_key, cacheable
 from services.router.calls import CallRunner
 from services.router.cascade_stream import CascadeStream
 from services.router.cost_defence import CostDefence
@@ -64,6 +64,8 @@ class StepRouter:
         self.policies = policies
         self.catalog = catalog
         self.cache_ttl_s = cache_ttl_s
+        # Read here, when the router is made, so a bad [cache] section stops it before it starts.
+        self.cache_config = CacheConfig.load(bus.settings.deploy_dir)
         self.throttle = throttle
         self.task_limits = task_limits
         self.load = load or LoadBoard()
@@ -78,7 +80,9 @@ class StepRouter:
         a router started after a trip refuses from its first step."""
         bucket = self.bus.subjects.bucket(BUCKET_RESPONSE_CACHE)
         kv = await self.bus.key_value(bucket, ttl_s=self.cache_ttl_s)
-        self.cache = ResponseCache(kv, self.bus, bucket, self.log)
+        self.cache = ResponseCache(
+            kv, self.bus, bucket, self.log, share_across_tenants=self.cache_config.share_across_tenants
+        )
         self.control = await ControlState.open(self.bus)
         meter = CallMeter(self.bus)
         defence = CostDefence(self.control, self.throttle, ReservationClient(self.bus), meter)

@@ -47,8 +47,8 @@ class Rule:
 
 
 _RULE_KEYS = frozenset(f.name for f in fields(Rule))
-# [policies] is read by services.routing.policies.PolicySet.
-_TABLE_KEYS = frozenset({"rules", "default_tier", "policies"})
+# [policies] is read by services.routing.policies.PolicySet, [cache] by services.router.cache.CacheConfig.
+_TABLE_KEYS = frozenset({"rules", "default_tier", "policies", "cache"})
 
 
 def pick_model(tier: Tier, allow_models: Sequence[str] | None, catalog: Catalog) -> ModelSpec:

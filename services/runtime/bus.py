@@ -192,6 +192,11 @@ class Bus:
             return None
 
     async def dead_letter(self, subject: str, data: bytes, headers: dict[str, str] | None, error: str) -> None:
+        """Keep a refused message on ``mesh.dlq.<service>`` with the reason. Never raises: bad input must
+        not stop a service, so a letter that cannot be stored is logged instead.
+
+        A letter is one NATS message and carries the bytes as base64, a third larger: one that would not
+        fit keeps the message's first bytes, and its error says so, with the message's size."""
         letter = DeadLetter(
             service=self.service,
             subject=subject,
@@ -200,10 +205,25 @@ class Bus:
             headers={k: str(v) for k, v in (headers or {}).items()},
             time_ms=now_ms(),
         )
-        self.log.warning("dead_letter", subject=subject, error=error)
-        await self.broker.publish(
-            encode(letter), self.subjects.dlq(self.service), stream=self.subjects.stream(STREAM_DLQ)
-        )
+        try:
+            # Room is left for the publish's own headers (the stream it expects, FastStream's ids).
+            room = self._nc.max_payload - 1024
+            encoded = encode(letter)
+            if len(encoded) > room:
+                # An error that quotes the message is cut too: the note and the first bytes matter more.
+                letter.data, letter.error, dropped = b"", letter.error[:2000], ""
+                if len(encode(letter)) > room // 2:
+                    # Headers that fill a letter on their own go too (NATS counts them in its limit).
+                    letter.headers, dropped = {}, ", its headers dropped"
+                # 4 base64 characters per 3 bytes, after about 100 characters of note.
+                kept = max(0, (room - len(encode(letter)) - 200) * 3 // 4)
+                letter.data = data[:kept]
+                letter.error += f" (dead letter truncated: the first {kept} of {len(data)} bytes kept{dropped})"
+                encoded = encode(letter)
+            self.log.warning("dead_letter", subject=subject, error=letter.error)
+            await self.broker.publish(encoded, self.subjects.dlq(self.service), stream=self.subjects.stream(STREAM_DLQ))
+        except Exception:
+            self.log.exception("dead_letter_lost", subject=subject, size=len(data))
 
     @staticmethod
     def rejection(reason: str, kind: ErrorKind = "invalid", *, retryable: bool = False) -> bytes:

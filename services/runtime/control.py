@@ -8,6 +8,11 @@ accountant stores in ClickHouse. Writers put the KV value first, so a trip takes
 when the accountant is down. Services hold a ``ControlState``: it reads every current value
 before the service takes work (a restarted service sees a switch tripped while it was away),
 then follows changes through a KV watch, which pushes them within milliseconds.
+
+A value that is not a valid switch or signal (anyone who can write the bucket can write garbage)
+is dead-lettered with the reason and skipped, at start as in the watch: it never stops a service
+from starting, and the watch goes on, so a later valid trip still takes effect. Garbage written over
+a tripped switch leaves it tripped.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from schemas.subjects import (
     BUCKET_CONTROL,
     CONTROL_KILL_KEYS,
     CONTROL_PACE_KEYS,
+    KV_API,
     STREAM_CONTROL,
     control_kill_key,
     control_pace_key,
@@ -68,7 +74,8 @@ def covers(switch: KillSwitch, *, tenant: str, task_id: str, model: str, key_id:
 class ControlState:
     """The current kill switches and pace signals, kept up to date by a KV watch."""
 
-    def __init__(self) -> None:
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
         self.kills: dict[str, KillSwitch] = {}
         self.paces: dict[str, PaceSignal] = {}
         self._listeners: list[Callable[[KillSwitch], None]] = []
@@ -78,19 +85,30 @@ class ControlState:
     @classmethod
     async def open(cls, bus: Bus) -> ControlState:
         """Read every current value, then follow changes in the background."""
-        state = cls()
+        state = cls(bus)
         kv = await control_bucket(bus)
         watcher = state._watcher = await kv.watchall()
         # The watcher delivers the last value of every key, then None once it has caught up.
         while (entry := await watcher.updates(timeout=10)) is not None:  # type: ignore[no-untyped-call]
-            state._apply(entry)
+            await state._take(entry)
         state._follow = asyncio.create_task(state._follow_updates(watcher))
         return state
 
     async def _follow_updates(self, watcher: KeyValue.KeyWatcher) -> None:
         async for entry in watcher:
             if entry is not None:
-                self._apply(entry)
+                await self._take(entry)
+
+    async def _take(self, entry: KeyValue.Entry) -> None:
+        """Apply one entry; whatever is wrong with it ends here, never the watch."""
+        try:
+            self._apply(entry)
+        except msgspec.DecodeError as exc:  # a ValidationError is a DecodeError too
+            subject = f"{KV_API}.{entry.bucket}.{entry.key}"
+            await self.bus.dead_letter(subject, entry.value or b"", None, f"control value {entry.key}: {exc}")
+        except Exception:
+            # A listener that failed (cancelling calls in flight) must not stop later switches either.
+            self.bus.log.exception("control_entry_failed", key=entry.key)
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         deleted = entry.operation in (KV_DEL, KV_PURGE)

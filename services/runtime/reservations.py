@@ -3,6 +3,10 @@
 
 The client fails closed: an accountant that does not answer is a refusal, because a call started
 without a reservation could be the one that crosses a cap nobody was checking.
+
+A granted decision carries the accountant's signed grant (``ReservationDecision.grant``,
+services/runtime/grants.py); the caller passes it on, unread, in ``InferenceRequest.grant``, and the
+inference service runs the paid call only if it verifies.
 """
 
 from __future__ import annotations

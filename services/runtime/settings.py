@@ -15,8 +15,8 @@ REPO_DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 class MeshSettings(BaseSettings):
     """Everything a service needs to find the bus, the database and its configuration.
 
-    Each field reads ``FRUGALMESH_<NAME>``; the two connection URLs also read the
-    conventional ``NATS_URL`` and ``CLICKHOUSE_URL``.
+    Each field reads ``FRUGALMESH_<NAME>``; the connection URLs also read the conventional
+    ``NATS_URL``, ``CLICKHOUSE_URL`` and ``CLICKHOUSE_ANALYST_URL``.
     """
 
     model_config = SettingsConfigDict(env_prefix="FRUGALMESH_", extra="ignore")
@@ -24,9 +24,16 @@ class MeshSettings(BaseSettings):
     nats_url: str = Field(
         "nats://127.0.0.1:4222", validation_alias=AliasChoices("NATS_URL", "FRUGALMESH_NATS_URL")
     )
+    # The writer: the accountant's user (INSERT, CREATE, ALTER; `frugalmesh sql --write`). No
+    # password here: `frugalmesh up` makes random ones (services/embedded/servers.py) and passes this URL.
     clickhouse_url: str = Field(
-        "http://mesh:mesh@127.0.0.1:8123/frugalmesh",
+        "http://writer@127.0.0.1:8123/frugalmesh",
         validation_alias=AliasChoices("CLICKHOUSE_URL", "FRUGALMESH_CLICKHOUSE_URL"),
+    )
+    # The read-only analyst (SELECT only), which `frugalmesh sql` uses; "": the one of a running `up`
+    # stack, else the writer's URL in a readonly=1 session.
+    clickhouse_analyst_url: str = Field(
+        "", validation_alias=AliasChoices("CLICKHOUSE_ANALYST_URL", "FRUGALMESH_CLICKHOUSE_ANALYST_URL")
     )
     subject_prefix: str = DEFAULT_PREFIX
     # Where the recorded data sets live (routing outcomes, traces); see services.runtime.data.

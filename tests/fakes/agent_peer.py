@@ -70,8 +70,15 @@ class AgentTestPeer:
             await request.respond(reply if isinstance(reply, bytes) else msgspec.json.encode(reply))
 
     async def put(self, request: AgentRequest, artifact_type: str, body: dict, **fields) -> ArtifactRef:
-        """Store an artifact of the request's task and step; the stored ref."""
-        artifact = Artifact(type=artifact_type, task_id=request.task_id, step_id=request.step_id, body=body, **fields)
+        """Store an artifact of the request's tenant, task and step; the stored ref."""
+        artifact = Artifact(
+            type=artifact_type,
+            tenant=request.tenant,
+            task_id=request.task_id,
+            step_id=request.step_id,
+            body=body,
+            **fields,
+        )
         reply = await self.nc.request(self.subjects.artifact_put, msgspec.json.encode(artifact), timeout=5)
         stored = msgspec.json.decode(reply.data, type=ArtifactReply)
         assert stored.ref is not None, stored.error

@@ -42,6 +42,9 @@ class Behaviour:
     # Seconds before the answer starts: a slow model (each request waits in its own thread).
     delay_s: float = 0.0
     status: int = 200
+    # The error message of a non-200 answer; None: "fake status <status>". A real provider may echo
+    # what it was sent (a key, a URL) in it.
+    error_message: str | None = None
     # False: ignore stream=true and answer one JSON body, as some compatible servers do.
     stream: bool = True
     # When set, a request without ``Authorization: Bearer <api_key>`` gets 401.
@@ -112,9 +115,8 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
                 )
             if behaviour.status != 200:
-                return self._json(
-                    behaviour.status, {"error": {"message": f"fake status {behaviour.status}", "type": "fake"}}
-                )
+                message = behaviour.error_message or f"fake status {behaviour.status}"
+                return self._json(behaviour.status, {"error": {"message": message, "type": "fake"}})
             model = behaviour.model or body["model"]
             prompt_tokens = (
                 behaviour.prompt_tokens

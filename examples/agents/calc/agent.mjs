@@ -70,7 +70,9 @@ async function run(nc, request) {
   if (request.artifact !== "answer") throw new Invalid(`${NAME} produces answer, not ${request.artifact}`);
   const input = Object.values(request.needs ?? {})[0] ?? (request.inputs ?? [])[0];
   if (!input) throw new Invalid("no input artifact: give the step a need or the task an input");
-  const { artifact } = await call(nc, "get", { v: 1, id: input.id }, request.deadline_ms, Invalid);
+  // Artifacts are the task's tenant's: the store refuses a get or put as any other tenant.
+  const tenant = request.tenant;
+  const { artifact } = await call(nc, "get", { v: 1, id: input.id, tenant }, request.deadline_ms, Invalid);
   if (typeof artifact?.body?.text !== "string") throw new Invalid(`input ${input.type} ${input.id} has no text`);
   let result;
   try {
@@ -80,7 +82,7 @@ async function run(nc, request) {
   }
   const answer = {
     v: 1, type: "answer", body: { text: result, model: NAME }, // an answer names its maker: here, the tool
-    parents: [input.id], task_id: request.task_id, step_id: request.step_id,
+    parents: [input.id], tenant, task_id: request.task_id, step_id: request.step_id,
   };
   const { ref } = await call(nc, "put", answer, request.deadline_ms);
   return { v: 1, artifacts: [ref], cost_usd: 0, calls: [] };
