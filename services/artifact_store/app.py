@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 from faststream import FastStream
+from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -34,13 +35,14 @@ from schemas.subjects import (
     STREAM_ARTIFACT_EVENTS,
     token,
 )
-from services.runtime.bus import Bus, Message, encode, now_ms
+from services.runtime.bus import Bus, encode, now_ms
+from services.runtime.serve import RequestServer
 from services.runtime.settings import MeshSettings
 
 SERVICE = "artifact-store"
 QUEUE = "artifact-store"
-# Requests of each kind one replica serves at once (one at a time tops out at a few hundred puts/s).
-MAX_WORKERS = 16
+# Requests of each kind one replica holds at once, each its own asyncio task (services/runtime/serve.py).
+CAPACITY = 2_000
 
 _ARTIFACT_ID = re.compile(r"^[0-9a-f]{64}$")
 # The one reply to a get of an id the tenant has no artifact under, missing or another tenant's.
@@ -147,22 +149,29 @@ def create_app(settings: MeshSettings) -> FastStream:
 
     # An undecodable request gets the mesh-wide rejection (``{"error": ErrorInfo}``); a decoded
     # one always gets an ArtifactReply, whose ``error`` says why a put or get was refused.
-    @bus.broker.subscriber(subjects.artifact_put, queue=QUEUE, max_workers=MAX_WORKERS)
-    async def put(msg: Message) -> bytes:
+    async def put(msg: Msg) -> bytes:
         artifact = await bus.decode(msg, Artifact)
         if artifact is None:
             return bus.rejection("not an Artifact (dead-lettered with the decode error)")
         reply = await store.put(artifact)
         if reply.error:
             # Bad input is kept with its reason like any other (the sender also gets the reason).
-            await bus.dead_letter(msg.raw_message.subject, msg.body, msg.headers, reply.error)
+            await bus.dead_letter(msg.subject, msg.data, msg.headers, reply.error)
         return encode(reply)
 
-    @bus.broker.subscriber(subjects.artifact_get, queue=QUEUE, max_workers=MAX_WORKERS)
-    async def get(msg: Message) -> bytes:
+    async def get(msg: Msg) -> bytes:
         request = await bus.decode(msg, ArtifactGet)
         if request is None:
             return bus.rejection("not an ArtifactGet (dead-lettered with the decode error)")
         return encode(await store.get(request))
 
+    # Plain subscriptions, each request its own task: a put is several JetStream round trips, and a
+    # burst of tasks must not queue behind a few worker slots.
+    servers = [
+        RequestServer(bus, subjects.artifact_put, QUEUE, put, capacity=CAPACITY),
+        RequestServer(bus, subjects.artifact_get, QUEUE, get, capacity=CAPACITY),
+    ]
+    for server in servers:
+        app.on_startup(server.start)
+        app.on_shutdown(server.stop)
     return app

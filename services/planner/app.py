@@ -1,4 +1,5 @@
-"""planner: takes tasks from the ``planner`` durable pull consumer and runs each as its own asyncio task.
+"""planner: takes tasks from the ``planner`` durable pull consumer as they arrive (``Bus.consume``) and
+runs each as its own asyncio task.
 
 The consumer is shared by every replica (the TASKS stream is a work queue), so each task runs
 once. The handler only decodes the task and hands it to a background asyncio task: a task waiting
@@ -6,8 +7,9 @@ on its models costs a coroutine, not a worker, and one slow task never holds up 
 ``max_in_flight`` bounds how many run at once in this replica (thousands: what bounds it is memory
 and CPU). That is the back-pressure: a full replica's handler waits for a free slot, which stops
 its pulls, so the tasks stay in the stream for replicas with room instead of in its buffers (a pull
-consumer hands out only what is asked for). The consumer's ``max_ack_pending`` is set far above any
-replica's bound, so the server never caps the mesh's tasks in flight below what the replicas hold.
+consumer hands out only what is asked for: ``pull_window`` at most). The consumer's
+``max_ack_pending`` is set far above any replica's bound, so the server never caps the mesh's
+tasks in flight below what the replicas hold.
 
 A task's message is acked only after its terminal event is published; while it runs,
 ``in_progress`` keeps JetStream from redelivering it, however long its deadline. If the planner
@@ -27,10 +29,8 @@ import asyncio
 import contextlib
 
 from faststream import FastStream
-from faststream.middlewares import AckPolicy
-from faststream.nats import PullSub
-from nats.js.api import AckPolicy as JsAckPolicy
-from nats.js.api import ConsumerConfig
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from schemas.messages import Task
 from schemas.subjects import DURABLE_PLANNER, HEADER_SCHEDULE_RUN, STREAM_TASKS, token
@@ -41,12 +41,15 @@ from services.planner.delivery_limit import DeliveryLimit
 from services.planner.preflight import Preflight
 from services.planner.schedule import Scheduler, WallClock, utc_now
 from services.planner.workflow import load_workflows
-from services.runtime.bus import Bus, Message
+from services.runtime.bus import Bus
 from services.runtime.settings import MeshSettings
 
 SERVICE = "planner"
 # A task that crashes the planner is not retried for ever: that is how runaway loops start.
 MAX_DELIVER = 3
+# Tasks asked of the stream at a time: handed over as they arrive (services/runtime/pull.py
+# PullConsumer), so a burst is taken without a round trip per task and a lone task without waiting.
+DEFAULT_PULL_WINDOW = 64
 # Tasks one replica runs at once by default (each a coroutine and its state: a few KB).
 DEFAULT_MAX_IN_FLIGHT = 10_000
 # Tasks taken and not yet acked across all replicas; nats-server's default (1,000) would cap the
@@ -60,7 +63,7 @@ def create_app(
     max_fanout: int = 9,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ack_wait_s: float = 60.0,
-    pull_batch: int = 1,
+    pull_window: int = DEFAULT_PULL_WINDOW,
     limits: Limits | None = None,
     clock: WallClock = utc_now,
     schedule_tick_s: float = 1.0,
@@ -70,6 +73,7 @@ def create_app(
 
     ``max_fanout``: parallel steps per task (a workflow may ask for fewer). ``max_in_flight``:
     tasks running at once in this replica. ``ack_wait_s``: how long a silent replica keeps a task.
+    ``pull_window``: tasks asked of the stream at a time.
     ``limits``: layer-2 limits instead of planner.toml's. ``clock`` (UTC) and ``schedule_tick_s``:
     the scheduler's time and how often it looks at it; the clock also dates the attempt counts.
     """
@@ -103,12 +107,12 @@ def create_app(
         scheduler = Scheduler(bus, clock, schedule_tick_s)
         scheduling.append(asyncio.create_task(scheduler.run()))
 
-    async def keep_alive(msg: Message) -> None:
+    async def keep_alive(msg: Msg) -> None:
         while True:
             await asyncio.sleep(ack_wait_s / 3)
             await msg.in_progress()
 
-    async def run(msg: Message, task: Task) -> None:
+    async def run(msg: Msg, task: Task) -> None:
         heartbeat = asyncio.create_task(keep_alive(msg))
         try:
             kind = await planner.run(task, (msg.headers or {}).get(HEADER_SCHEDULE_RUN, ""))
@@ -122,42 +126,46 @@ def create_app(
             heartbeat.cancel()
             slots.release()
 
-    @bus.broker.subscriber(
-        settings.subjects.task_submit,
-        stream=bus.stream(STREAM_TASKS),
-        durable=DURABLE_PLANNER,
-        # One task per fetch by default: once nothing was waiting, nats-py's fetch holds its pull
-        # open until the whole batch arrived or the timeout passed, so with 32 the first task of a
-        # quiet spell waited for 31 more or a second (docs/benchmarks.md, "the planner's fetch").
-        pull_sub=PullSub(batch_size=pull_batch, timeout=1.0),
-        ack_policy=AckPolicy.MANUAL,
-        config=ConsumerConfig(
-            ack_policy=JsAckPolicy.EXPLICIT,
-            ack_wait=ack_wait_s,
-            max_deliver=MAX_DELIVER,
-            max_ack_pending=MAX_ACK_PENDING,
-        ),
-    )
-    async def submit(msg: Message) -> None:
+    async def submit(msg: Msg) -> None:
         task = await bus.decode(msg, Task)
         if task is not None:
             try:
                 token(task.id)
                 token(task.tenant)
             except ValueError as exc:
-                await bus.dead_letter(msg.raw_message.subject, msg.body, msg.headers, f"Task: {exc}")
+                await bus.dead_letter(msg.subject, msg.data, msg.headers, f"Task: {exc}")
                 task = None
         if task is None:
             # Dead-lettered with the reason; acked so it is not redelivered.
             await msg.ack()
             return
+        # A full replica waits here, on the consumer's callback: it asks for no more tasks meanwhile.
         await slots.acquire()
         background = asyncio.create_task(run(msg, task))
         running.add(background)
         background.add_done_callback(running.discard)
 
+    tasks = bus.consume(
+        stream=settings.subjects.stream(STREAM_TASKS),
+        subject=settings.subjects.task_submit,
+        durable=DURABLE_PLANNER,
+        window=pull_window,
+        config=ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s,
+            max_deliver=MAX_DELIVER,
+            max_ack_pending=MAX_ACK_PENDING,
+        ),
+        handle=submit,
+    )
+
+    @app.after_startup
+    async def take_tasks() -> None:
+        await tasks.start()
+
     @app.on_shutdown
     async def abandon_running() -> None:
+        await tasks.stop()
         await delivery_limit.stop()
         for scheduler in scheduling:
             scheduler.cancel()

@@ -22,7 +22,7 @@ from nats.aio.subscription import Subscription
 from schemas.messages import Task
 from schemas.subjects import DURABLE_PLANNER, JS_EVENT, STREAM_TASKS
 from services.planner.events import EventPublisher
-from services.runtime.bus import Bus, Message
+from services.runtime.bus import Bus
 from services.runtime.scrub import scrub
 
 # A crashed run is delivered again after this pause, not at once.
@@ -60,20 +60,19 @@ class DeliveryLimit:
         if self._subscription is not None:
             await self._subscription.unsubscribe()
 
-    async def crashed(self, msg: Message, task: Task, error: Exception) -> None:
+    async def crashed(self, msg: Msg, task: Task, error: Exception) -> None:
         """After a run of ``task`` raised: nack its message for another delivery, or on the last one end it."""
-        raw = msg.raw_message
-        deliveries = raw.metadata.num_delivered
+        deliveries = msg.metadata.num_delivered
         if deliveries < self.max_deliver:
-            await msg.nack(delay=REDELIVERY_DELAY_S)
+            await msg.nak(delay=REDELIVERY_DELAY_S)
             return
         reason = f"delivery limit: the planner failed this task {deliveries} times, the last with {error!r}"
         try:
-            await self._give_up(task, raw.subject, raw.data, raw.headers, reason)
+            await self._give_up(task, msg.subject, msg.data, msg.headers, reason)
         except Exception:
             # JetStream gives up on the message after this nack, and its advisory tries once more.
             self.bus.log.exception("task_not_ended", task_id=task.id)
-            await msg.nack()
+            await msg.nak()
             return
         await msg.ack()
 

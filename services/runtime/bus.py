@@ -8,7 +8,8 @@ nats-py connection underneath:
 - ``publish`` (JetStream, acknowledged), ``publish_pipelined`` (acknowledgement awaited later),
   ``publish_core`` (core NATS: load reports, a parked reply);
 - ``key_value`` / ``object_store``: one get-or-create declarer for every bucket;
-- ``pull``: a durable consumer fetched in real batches (``services.runtime.pull``);
+- ``pull``: a durable consumer fetched in real batches; ``consume``: one whose messages are handled
+  as they arrive (both ``services.runtime.pull``);
 - ``subscribe_core``: a plain subscription for the two measured hot paths (reserve and settle),
   where FastStream's per-message work cost several times the decision itself;
 - ``add_service`` / ``gather``: NATS's own service framework (ADR-32, ``nats.micro``), on which
@@ -45,8 +46,9 @@ from nats.micro import Service, ServiceConfig, add_service
 
 from schemas.messages import DeadLetter, ErrorInfo, ErrorKind, Rejection, UsageEvent
 from schemas.subjects import HEADER_MSG_ID, STREAM_DLQ, STREAM_USAGE
+from services.runtime.dead_letters import fit
 from services.runtime.log import configure as configure_logging
-from services.runtime.pull import BatchPull
+from services.runtime.pull import BatchPull, PullConsumer
 from services.runtime.settings import MeshSettings
 from services.runtime.streams import ensure_streams
 
@@ -195,8 +197,7 @@ class Bus:
         """Keep a refused message on ``mesh.dlq.<service>`` with the reason. Never raises: bad input must
         not stop a service, so a letter that cannot be stored is logged instead.
 
-        A letter is one NATS message and carries the bytes as base64, a third larger: one that would not
-        fit keeps the message's first bytes, and its error says so, with the message's size."""
+        A letter too large for one NATS message keeps the message's first bytes (``dead_letters.fit``)."""
         letter = DeadLetter(
             service=self.service,
             subject=subject,
@@ -207,19 +208,7 @@ class Bus:
         )
         try:
             # Room is left for the publish's own headers (the stream it expects, FastStream's ids).
-            room = self._nc.max_payload - 1024
-            encoded = encode(letter)
-            if len(encoded) > room:
-                # An error that quotes the message is cut too: the note and the first bytes matter more.
-                letter.data, letter.error, dropped = b"", letter.error[:2000], ""
-                if len(encode(letter)) > room // 2:
-                    # Headers that fill a letter on their own go too (NATS counts them in its limit).
-                    letter.headers, dropped = {}, ", its headers dropped"
-                # 4 base64 characters per 3 bytes, after about 100 characters of note.
-                kept = max(0, (room - len(encode(letter)) - 200) * 3 // 4)
-                letter.data = data[:kept]
-                letter.error += f" (dead letter truncated: the first {kept} of {len(data)} bytes kept{dropped})"
-                encoded = encode(letter)
+            encoded = fit(letter, self._nc.max_payload - 1024)
             self.log.warning("dead_letter", subject=subject, error=letter.error)
             await self.broker.publish(encoded, self.subjects.dlq(self.service), stream=self.subjects.stream(STREAM_DLQ))
         except Exception:
@@ -357,6 +346,28 @@ class Bus:
             batch_size=batch_size,
             batch_timeout_s=batch_timeout_s,
             config=config,
+        )
+
+    def consume(
+        self,
+        *,
+        stream: str,
+        subject: str,
+        durable: str,
+        window: int,
+        config: ConsumerConfig,
+        handle: Callable[[Msg], Awaitable[None]],
+    ) -> PullConsumer:
+        """A durable consumer of ``subject`` on ``stream`` whose messages ``handle`` gets as they come,
+        ``window`` asked for at a time (call ``start`` once connected, ``stop`` before closing)."""
+        return PullConsumer(
+            lambda: self._nc,
+            stream=stream,
+            subject=subject,
+            durable=durable,
+            window=window,
+            config=config,
+            handle=handle,
         )
 
     # -- buckets --

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.aio.client import Client
@@ -109,3 +110,106 @@ def durable_config(config: ConsumerConfig, durable: str, subject: str) -> Consum
         filter_subject=subject,
         ack_policy=config.ack_policy or AckPolicy.EXPLICIT,
     )
+
+
+# How long one pull request of a PullConsumer stays open at the server before it is renewed.
+PULL_EXPIRES_S = 30.0
+# JetStream's header on a pull request's end: how many messages of it were never delivered.
+HEADER_PENDING_MESSAGES = "Nats-Pending-Messages"
+
+
+class PullConsumer:
+    """A durable pull consumer whose messages are handed over one by one as they arrive, with at most
+    ``window`` asked for at a time (what nats.go calls ``Consume``).
+
+    A fetch loop (``BatchPull``; FastStream's pull subscriber) pays a round trip per fetch and, with
+    batches, makes the first message of a quiet spell wait for the batch to fill or the request to
+    expire. Here pull requests stay open (``PULL_EXPIRES_S``) and each message is handled the moment
+    it comes; once half the window has been used, one request asks for that half again. ``handle``
+    runs on the subscription's callback, so a handler that waits (a full replica waiting for a free
+    slot) stops the refills: the consumer then holds at most ``window`` messages it has not started,
+    and the rest stay in the stream for other replicas.
+    """
+
+    def __init__(
+        self,
+        connection: Callable[[], Client],
+        *,
+        stream: str,
+        subject: str,
+        durable: str,
+        window: int,
+        config: ConsumerConfig,
+        handle: Callable[[Msg], Awaitable[None]],
+    ) -> None:
+        if window < 2:
+            raise ValueError(f"window must be at least 2, not {window}")
+        self._connection = connection
+        self.nc: Client | None = None
+        self.stream = stream
+        self.subject = subject
+        self.durable = durable
+        self.window = window
+        self.config = config
+        self.handle = handle
+        self._sub: Subscription | None = None
+        self._inbox = ""
+        # Messages asked for and not yet delivered (or given back by an ended request).
+        self._asked = 0
+        # When the server last said anything on the inbox (a message or a request's end).
+        self._heard = time.monotonic()
+        self._renewing: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        nc = self.nc = self._connection()
+        js = nc.jetstream()
+        try:
+            await js.consumer_info(self.stream, self.durable)
+        except NotFoundError:
+            await js.add_consumer(self.stream, config=durable_config(self.config, self.durable, self.subject))
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(self._inbox, cb=self._on_message)
+        await self._ask()
+        self._renewing = asyncio.create_task(self._renew())
+
+    async def stop(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._heard = time.monotonic()
+        status = msg.headers.get(HEADER_STATUS) if msg.headers else None
+        if status is not None:
+            if status != STATUS_HEARTBEAT:
+                # A request ended (expired, or the consumer changed): what it did not deliver is asked again.
+                self._asked -= int(msg.headers.get(HEADER_PENDING_MESSAGES, 0) if msg.headers else 0)
+                await self._ask()
+            return
+        self._asked -= 1
+        await self.handle(msg)
+        await self._ask()
+
+    async def _ask(self) -> None:
+        """Ask for what the window lacks, once it lacks at least half of it."""
+        missing = self.window - max(self._asked, 0)
+        if missing < self.window // 2:
+            return
+        assert self.nc is not None, "PullConsumer before start"
+        request = {"batch": missing, "expires": int(PULL_EXPIRES_S * 1e9)}
+        await self.nc.publish(pull_request(self.stream, self.durable), msgspec.json.encode(request), reply=self._inbox)
+        self._asked = max(self._asked, 0) + missing
+
+    async def _renew(self) -> None:
+        """Start over when the server has said nothing for longer than a request lives (each open
+        request ends with a status at its expiry): requests lost with a reconnection would otherwise
+        leave the window counted as asked for, and nothing would come."""
+        while True:
+            await asyncio.sleep(PULL_EXPIRES_S)
+            if time.monotonic() - self._heard > PULL_EXPIRES_S * 1.5:
+                self._asked = 0
+                await self._ask()

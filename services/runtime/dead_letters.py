@@ -1,0 +1,34 @@
+"""A dead letter that fits in one NATS message, whatever it holds.
+
+A ``DeadLetter`` carries the refused message's bytes as base64, a third larger, so a message near
+the server's max payload cannot be kept whole. ``fit`` keeps its first bytes instead, and its
+error says so, with the message's size.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from schemas.messages import DeadLetter
+
+# An error that quotes the message is cut too: the note and the first bytes matter more.
+MAX_ERROR_CHARS = 2000
+# Room for the note "(dead letter truncated: ...)" and JSON framing.
+NOTE_CHARS = 200
+
+
+def fit(letter: DeadLetter, room: int) -> bytes:
+    """``letter`` encoded in at most ``room`` bytes, its data and error cut down when it would not fit."""
+    encoded = msgspec.json.encode(letter)
+    if len(encoded) <= room:
+        return encoded
+    data = letter.data
+    letter.data, letter.error, dropped = b"", letter.error[:MAX_ERROR_CHARS], ""
+    if len(msgspec.json.encode(letter)) > room // 2:
+        # Headers that fill a letter on their own go too (NATS counts them in its limit).
+        letter.headers, dropped = {}, ", its headers dropped"
+    # 4 base64 characters per 3 bytes.
+    kept = max(0, (room - len(msgspec.json.encode(letter)) - NOTE_CHARS) * 3 // 4)
+    letter.data = data[:kept]
+    letter.error += f" (dead letter truncated: the first {kept} of {len(data)} bytes kept{dropped})"
+    return msgspec.json.encode(letter)
