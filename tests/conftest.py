@@ -34,6 +34,7 @@ from clickhouse_connect.driver.client import Client
 from fakes.deploy import openai_deploy
 from fakes.openai_server import Behaviour, FakeOpenAI
 from fakes.router_peer import Responder, RouterTestPeer
+from faststream import FastStream
 from helpers import shipped_catalog
 
 from services.accountant.clickhouse import client as clickhouse_client
@@ -204,18 +205,8 @@ async def start_service() -> AsyncIterator[Callable]:
     """Start services in-process (``await start_service("router", settings)``); stopped after the test."""
     from services.registry import create_app
 
-    started = []
-
-    async def start(name: str, settings: MeshSettings, **options):
-        app = create_app(name, settings, **options)
-        await app.start()
-        started.append(app)
-        return app
-
-    yield start
-    for app in reversed(started):
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(app.stop(), 10)
+    async with _starting(create_app) as start:
+        yield start
 
 
 @pytest.fixture
@@ -307,10 +298,17 @@ async def nc(nats_url):
 @pytest.fixture
 async def start_agent() -> AsyncIterator[Callable]:
     """Start agent instances in-process (``await start_agent(agent, settings)``); stopped after the test."""
-    started = []
+    async with _starting(lambda agent, settings: agent.app(settings)) as start:
+        yield start
 
-    async def start(agent, settings: MeshSettings):
-        app = agent.app(settings)
+
+@contextlib.asynccontextmanager
+async def _starting(build: Callable[..., FastStream]) -> AsyncIterator[Callable]:
+    """``start(*args)``: build an app with ``build(*args)`` and start it; every one started is stopped on exit."""
+    started: list[FastStream] = []
+
+    async def start(*args, **options) -> FastStream:
+        app = build(*args, **options)
         await app.start()
         started.append(app)
         return app

@@ -59,11 +59,7 @@ class BatchPull:
         """Declare the durable consumer unless it exists (an existing one is kept as it is, as
         nats-py's pull_subscribe does) and subscribe the inbox its batches arrive on."""
         nc = self.nc = self._connection()
-        js = nc.jetstream()
-        try:
-            await js.consumer_info(self.stream, self.durable)
-        except NotFoundError:
-            await js.add_consumer(self.stream, config=durable_config(self.config, self.durable, self.subject))
+        await ensure_durable(nc, self.stream, self.durable, self.subject, self.config)
         self._inbox = nc.new_inbox()
         self._sub = await nc.subscribe(self._inbox, cb=self._on_message)
 
@@ -99,6 +95,16 @@ class BatchPull:
                         await self._arrived.wait()
         batch, self._received = self._received, []
         return batch
+
+
+async def ensure_durable(nc: Client, stream: str, durable: str, subject: str, config: ConsumerConfig) -> None:
+    """Declare the durable consumer unless it exists (an existing one is kept as it is, as nats-py's
+    pull_subscribe does)."""
+    js = nc.jetstream()
+    try:
+        await js.consumer_info(stream, durable)
+    except NotFoundError:
+        await js.add_consumer(stream, config=durable_config(config, durable, subject))
 
 
 def durable_config(config: ConsumerConfig, durable: str, subject: str) -> ConsumerConfig:
@@ -162,11 +168,7 @@ class PullConsumer:
 
     async def start(self) -> None:
         nc = self.nc = self._connection()
-        js = nc.jetstream()
-        try:
-            await js.consumer_info(self.stream, self.durable)
-        except NotFoundError:
-            await js.add_consumer(self.stream, config=durable_config(self.config, self.durable, self.subject))
+        await ensure_durable(nc, self.stream, self.durable, self.subject, self.config)
         self._inbox = nc.new_inbox()
         self._sub = await nc.subscribe(self._inbox, cb=self._on_message)
         await self._ask()
