@@ -37,6 +37,7 @@ from faststream.nats.message import NatsMessage
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import BucketNotFoundError
@@ -53,6 +54,8 @@ from services.runtime.settings import MeshSettings
 from services.runtime.streams import ensure_streams
 
 T = TypeVar("T")
+# How long a usage row is sent again while JetStream does not acknowledge it (each try waits nats-py's 5 s).
+USAGE_RETRY_S = 60.0
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -272,13 +275,18 @@ class Bus:
         await self._nc.publish(subject, data, reply=reply, headers=headers)
 
     async def publish_usage(self, event: UsageEvent) -> None:
-        """Meter one call. Dedupe on the event id makes a retried publish harmless."""
-        await self.broker.publish(
-            encode(event),
-            self.subjects.usage(event.tenant),
-            headers={HEADER_MSG_ID: event.event_id},
-            stream=self.subjects.stream(STREAM_USAGE),
-        )
+        """Meter one call: sent again while its acknowledgement is late (a burst of thousands of calls
+        ending at once), for up to ``USAGE_RETRY_S``; dedupe on the event id makes a resend harmless."""
+        subject, data, stream = self.subjects.usage(event.tenant), encode(event), self.subjects.stream(STREAM_USAGE)
+        give_up = time.monotonic() + USAGE_RETRY_S
+        while True:
+            try:
+                await self.jetstream.publish(subject, data, stream=stream, headers={HEADER_MSG_ID: event.event_id})
+                return
+            except NatsTimeoutError:
+                if time.monotonic() > give_up:
+                    raise
+                self.log.warning("usage_publish_late", event_id=event.event_id)
 
     # -- subscriptions --
 
@@ -348,27 +356,10 @@ class Bus:
             config=config,
         )
 
-    def consume(
-        self,
-        *,
-        stream: str,
-        subject: str,
-        durable: str,
-        window: int,
-        config: ConsumerConfig,
-        handle: Callable[[Msg], Awaitable[None]],
-    ) -> PullConsumer:
-        """A durable consumer of ``subject`` on ``stream`` whose messages ``handle`` gets as they come,
-        ``window`` asked for at a time (call ``start`` once connected, ``stop`` before closing)."""
-        return PullConsumer(
-            lambda: self._nc,
-            stream=stream,
-            subject=subject,
-            durable=durable,
-            window=window,
-            config=config,
-            handle=handle,
-        )
+    def consume(self, *, handle: Callable[[Msg], Awaitable[None]], **consumer: Any) -> PullConsumer:
+        """A durable consumer whose messages ``handle`` gets as they come (``consumer``: PullConsumer's
+        stream, subject, durable, window and config; ``start`` it once connected, ``stop`` it before closing)."""
+        return PullConsumer(lambda: self._nc, handle=handle, **consumer)
 
     # -- buckets --
 
