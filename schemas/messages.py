@@ -698,7 +698,11 @@ class KillSwitch(WireMessage, kw_only=True):
         Meta(description="What it stops: every paid call (global), or one tenant's, task's, model's or key's."),
     ]
     key: Annotated[
-        str, Meta(description="The tenant, task id, model or key id the scope names; '*' for global.")
+        str,
+        Meta(
+            description="The tenant, <tenant>.<task id>, model or key id the scope names; '*' for global "
+            "(task ids are unique only within their tenant)."
+        ),
     ] = "*"
     tripped: Annotated[
         bool,

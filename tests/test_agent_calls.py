@@ -158,7 +158,7 @@ async def test_an_agent_step_whose_task_id_cannot_be_a_key_is_rejected(settings,
 async def test_a_killed_task_refuses_its_agents_calls(settings, start_service, nc, bus, prompts):
     # Tripped before the mesh starts: a router reads the switch before it takes a step.
     await ensure_streams(nc.jetstream(), settings.subjects)
-    await set_kill(bus, kill_switch("task", "killed-1"))
+    await set_kill(bus, kill_switch("task", "acme.killed-1"))
     await start_mesh(settings, start_service, nc)
 
     killed = await ask(nc, settings, agent_step(next(prompts), "killed-1"))
@@ -166,3 +166,6 @@ async def test_a_killed_task_refuses_its_agents_calls(settings, start_service, n
     assert killed.error is not None and killed.error.kind == "killed"
     assert await outcomes(nc, settings, "killed-1") == [("killed", "critic", 0)]
     assert (await ask(nc, settings, agent_step(next(prompts), "alive-1"))).error is None
+    # Task ids are unique only within a tenant: the switch of acme's killed-1 is not globex's.
+    other_tenant = msgspec.structs.replace(agent_step(next(prompts), "killed-1"), tenant="globex")
+    assert (await ask(nc, settings, other_tenant)).error is None

@@ -21,10 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 import pytest
 from fakes.grants import granted
-from helpers import make_request, make_step, shipped_catalog
+from helpers import eventually, make_request, make_step, shipped_catalog
 from mesh_client import ask, call, request, usage_events
+from nats.js.errors import KeyNotFoundError
 
 from schemas.messages import InferenceRequest, Reservation, ReservationDecision
+from schemas.subjects import BUCKET_CONTROL, control_kill_key
 from services.accountant.ledger import Grant, Ledger, Settle, buckets_for, pico
 from services.runtime.bus import now_ms
 from services.runtime.data import load_recorded_outcomes
@@ -433,3 +435,22 @@ async def test_two_tenants_tasks_of_one_id_each_have_their_own_cap(signer, start
     assert not (await reserve(5, "globex", 0.03, None)).granted
     assert (await reserve(6, "initech", 0.5, None)).granted  # a third tenant's task-1 has no cap at all
 
+
+    # acme's task-1 reaching its cap trips acme's task switch, keyed by tenant and task, and no other.
+    crossed = Reservation(
+        id="call-1", tenant="acme", task_id="task-1", model=FRONTIER, amount_usd=0.06, expires_ms=now_ms() + 60_000,
+        actual_usd=0.1,
+    )  # fmt: skip
+    assert (await request(nc, settings.subjects.budget_settle, crossed, ReservationDecision)).granted
+    control = await nc.jetstream().key_value(settings.subjects.bucket(BUCKET_CONTROL))
+
+    async def acme_switch():
+        try:
+            return msgspec.json.decode((await control.get(control_kill_key("task", "acme.task-1"))).value)
+        except KeyNotFoundError:
+            return None
+
+    switch = await eventually(acme_switch)
+    assert switch["tripped"] and switch["key"] == "acme.task-1"
+    keys = await control.keys()
+    assert [k for k in keys if k.startswith("kill.task.")] == ["kill.task.acme.task-1"]

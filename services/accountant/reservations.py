@@ -49,7 +49,7 @@ from services.accountant.ledger import (
 from services.accountant.pacing import curve, pace_action
 from services.accountant.statement import budget_state
 from services.runtime.bus import Bus
-from services.runtime.control import ControlState, set_kill, set_pace
+from services.runtime.control import ControlState, set_kill, set_pace, task_switch_key
 from services.runtime.grants import GrantSigner
 
 MsClock = Callable[[], int]  # the time in ms since the epoch (tests move it)
@@ -271,7 +271,8 @@ class Accounts:
             if bucket[2] in ("day", "month") and bucket[3] not in (day_period(now), month_period(now)):
                 continue  # a past period's cap no longer stops anything
             self._record(Trip(bucket))
-            scope, key = bucket[0], bucket[1]
+            # A task's bucket holds its tenant as its period: its switch names both.
+            scope, key = bucket[0], task_switch_key(bucket[3], bucket[1]) if bucket[0] == "task" else bucket[1]
             reason = f"{describe(bucket)} ${dollars(cap):.6f} reached: settled ${dollars(spent):.6f}"
             self.bus.log.warning("cap_crossed", scope=scope, key=key, reason=reason)
             self._control_writes.put_nowait(

@@ -155,7 +155,7 @@ def _switch(scope: KillScope, key: str | None, tripped: bool, reason: str) -> No
 
 
 SCOPE = click.Choice(["global", "tenant", "task", "model", "key"])
-KEY_HELP = "The tenant, task or model, or the virtual key's id (fmk_...); not for global."
+KEY_HELP = "The tenant, <tenant>.<task id>, the model, or the virtual key's id (fmk_...); not for global."
 
 
 @click.command()

@@ -60,12 +60,17 @@ def killed_message(switch: KillSwitch) -> str:
     return f"kill switch tripped ({switch.scope} {switch.key}): {switch.reason}"
 
 
+def task_switch_key(tenant: str, task_id: str) -> str:
+    """A task switch's key: ``<tenant>.<task id>``, since task ids are unique only within a tenant."""
+    return f"{tenant}.{task_id}"
+
+
 def covers(switch: KillSwitch, *, tenant: str, task_id: str, model: str, key_id: str = "") -> bool:
     """Whether ``switch`` applies to a call of this tenant, task, model and virtual key ("": none)."""
     return (
         switch.scope == "global"
         or (switch.scope == "tenant" and switch.key == tenant)
-        or (switch.scope == "task" and switch.key == task_id)
+        or (switch.scope == "task" and switch.key == task_switch_key(tenant, task_id))
         or (switch.scope == "model" and switch.key == model)
         or (switch.scope == "key" and bool(key_id) and switch.key == key_id)
     )
@@ -141,7 +146,7 @@ class ControlState:
         for key in (
             control_kill_key("global", ""),
             control_kill_key("tenant", tenant),
-            control_kill_key("task", task_id),
+            control_kill_key("task", task_switch_key(tenant, task_id)),
             control_kill_key("model", model),
         ):
             if key in self.kills:
