@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from fakes.router_peer import Responder, result
+from fakes.router_peer import Responder, RouterTestPeer, result
 from helpers import deploy_with, new_task
 from mesh_client import artifact, submit, wait_for_ack
 
@@ -389,3 +389,38 @@ async def test_no_router_fails_the_task_after_one_retry(settings, nc, planner_me
     events = await submit(nc, settings, new_task(goal="q"))
     assert events[-1].kind == "failed" and "no router is answering" in events[-1].detail
     assert events[-1].calls == 0  # no router got either attempt
+
+
+@pytest.mark.infra
+@pytest.mark.slow
+async def test_the_planner_takes_tasks_again_after_its_nats_server_restarts(settings, start_service, tmp_path):
+    """The planner's open pull requests die with the server; its consumer asks again once the server
+    has been silent for three heartbeats, so a task submitted after the restart still runs."""
+    import socket
+
+    import nats as nats_client
+
+    from services.embedded.servers import EmbeddedNats
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = EmbeddedNats(tmp_path / "nats", port=port)
+    server.start()
+    own = settings.model_copy(update={"nats_url": server.url})
+    try:
+        await start_service("artifact-store", own)
+        await start_service("planner", own)
+        client = await nats_client.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        await RouterTestPeer(client, own.subjects.step_request, lambda r: result(r, "4")).start()
+        assert (await submit(client, own, new_task(goal="before")))[-1].kind == "done"
+
+        server.stop()
+        server.start()
+        await asyncio.sleep(1.0)  # the clients reconnect and resubscribe
+
+        events = await submit(client, own, new_task(goal="after"), timeout_s=40)
+        assert events[-1].kind == "done"
+        await client.close()
+    finally:
+        server.stop()

@@ -120,6 +120,9 @@ def durable_config(config: ConsumerConfig, durable: str, subject: str) -> Consum
 
 # How long one pull request of a PullConsumer stays open at the server before it is renewed.
 PULL_EXPIRES_S = 30.0
+# While a request is open and idle, the server says so this often; three beats of silence mean the
+# requests were lost (a restarted server, a reconnection) and are asked again.
+PULL_HEARTBEAT_S = 5.0
 # JetStream's header on a pull request's end: how many messages of it were never delivered.
 HEADER_PENDING_MESSAGES = "Nats-Pending-Messages"
 
@@ -164,6 +167,8 @@ class PullConsumer:
         self._asked = 0
         # When the server last said anything on the inbox (a message or a request's end).
         self._heard = time.monotonic()
+        # True while ``handle`` runs: a full replica's handler waits, and its silence is not a loss.
+        self._handling = False
         self._renewing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -193,7 +198,11 @@ class PullConsumer:
                 await self._ask()
             return
         self._asked -= 1
-        await self.handle(msg)
+        self._handling = True
+        try:
+            await self.handle(msg)
+        finally:
+            self._handling = False
         await self._ask()
 
     async def _ask(self) -> None:
@@ -202,16 +211,20 @@ class PullConsumer:
         if missing < self.window // 2:
             return
         assert self.nc is not None, "PullConsumer before start"
-        request = {"batch": missing, "expires": int(PULL_EXPIRES_S * 1e9)}
+        request = {
+            "batch": missing,
+            "expires": int(PULL_EXPIRES_S * 1e9),
+            "idle_heartbeat": int(PULL_HEARTBEAT_S * 1e9),
+        }
         await self.nc.publish(pull_request(self.stream, self.durable), msgspec.json.encode(request), reply=self._inbox)
         self._asked = max(self._asked, 0) + missing
 
     async def _renew(self) -> None:
-        """Start over when the server has said nothing for longer than a request lives (each open
-        request ends with a status at its expiry): requests lost with a reconnection would otherwise
-        leave the window counted as asked for, and nothing would come."""
+        """Ask again when the server has been silent for three heartbeats while nothing was being
+        handled: the open requests were lost (a restarted server, a reconnection), and the window
+        would otherwise stay counted as asked for with nothing coming."""
         while True:
-            await asyncio.sleep(PULL_EXPIRES_S)
-            if time.monotonic() - self._heard > PULL_EXPIRES_S * 1.5:
+            await asyncio.sleep(PULL_HEARTBEAT_S)
+            if not self._handling and time.monotonic() - self._heard > 3 * PULL_HEARTBEAT_S:
                 self._asked = 0
                 await self._ask()
