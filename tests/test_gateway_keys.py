@@ -12,12 +12,14 @@ import json
 import msgspec
 import pytest
 from click.testing import CliRunner
+from helpers import eventually
+from mesh_client import stream_messages
 
-from schemas.messages import BudgetQuery, BudgetState, ErrorInfo, VirtualKey
-from schemas.subjects import BUCKET_KEYS
+from schemas.messages import BudgetQuery, BudgetState, DeadLetter, ErrorInfo, VirtualKey
+from schemas.subjects import BUCKET_KEYS, STREAM_DLQ
 from services.cli.keys_commands import keys
 from services.gateway.errors import from_mesh
-from services.gateway.keys import KeyStore, new_secret, secret_hash
+from services.gateway.keys import KeyCache, KeyStore, new_secret, secret_hash
 from services.gateway.openai_wire import RequestError, decode_request
 
 # -- unit: secrets, decoding, error mapping --
@@ -168,3 +170,29 @@ async def test_caps_are_set_before_the_key_exists_and_no_accountant_means_no_key
     )
     state = msgspec.json.decode(reply.data, type=BudgetState)
     assert [(c.scope, c.key, c.day_usd, c.month_usd) for c in state.caps] == [("key", created["id"], 5.0, 100.0)]
+
+
+@pytest.mark.infra
+async def test_a_garbled_key_record_is_dead_lettered_and_revocations_still_arrive(bus, nc, settings):
+    await bus.declare_streams()  # the dead-letter stream, as a running mesh has it
+    store = await KeyStore.open(bus)
+    good, good_key = await store.create("acme", name="good")
+    other, _ = await store.create("acme", name="other")
+    kv = await bus.key_value(bus.subjects.bucket(BUCKET_KEYS))
+    await kv.put(secret_hash(other), b"{not a key")  # before the replica starts: it must start anyway
+    cache = await KeyCache.open(bus)
+    assert cache.lookup(good) == good_key and cache.lookup(other) is None  # unreadable: fails closed
+
+    await kv.put(secret_hash(good), b"[garbage]")
+    await eventually(lambda: cache.lookup(good) is None)
+    again, again_key = await store.create("acme", name="again")
+    await eventually(lambda: cache.lookup(again) == again_key)  # the watch went on
+    await store.revoke(again_key.id)
+    await eventually(lambda: (found := cache.lookup(again)) is not None and found.revoked_ms is not None)
+
+    letters = [msgspec.json.decode(d, type=DeadLetter) for d in await stream_messages(nc, settings, STREAM_DLQ)]
+    assert {letter.error.split(":")[0] for letter in letters} == {
+        f"virtual key {secret_hash(other)}",
+        f"virtual key {secret_hash(good)}",
+    }
+    await cache.close()

@@ -25,7 +25,7 @@ import msgspec
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from schemas.messages import VirtualKey
-from schemas.subjects import BUCKET_KEYS, token
+from schemas.subjects import BUCKET_KEYS, KV_API, token
 from services.runtime.bus import Bus, now_ms
 
 SECRET_PREFIX = "fm-"
@@ -48,14 +48,16 @@ async def keys_bucket(bus: Bus) -> KeyValue:
 
 
 async def _read_all(kv: KeyValue) -> dict[str, VirtualKey]:
-    """Every stored key by its bucket key (the secret's hash)."""
+    """Every readable stored key by its bucket key (the secret's hash); a record that is not a
+    VirtualKey is no usable key, and gateway replicas dead-letter it (``KeyCache``)."""
     watcher = await kv.watchall()
     found: dict[str, VirtualKey] = {}
     try:
         # The watcher delivers the last value of every key, then None once it has caught up.
         while (entry := await watcher.updates(timeout=WATCH_TIMEOUT_S)) is not None:
             if entry.operation not in (KV_DEL, KV_PURGE) and entry.value:
-                found[entry.key] = msgspec.json.decode(entry.value, type=VirtualKey)
+                with contextlib.suppress(msgspec.DecodeError):
+                    found[entry.key] = msgspec.json.decode(entry.value, type=VirtualKey)
     finally:
         await watcher.stop()
     return found
@@ -117,9 +119,14 @@ def new_key_id() -> str:
 
 
 class KeyCache:
-    """A replica's view of every key, kept current by a KV watch."""
+    """A replica's view of every key, kept current by a KV watch.
 
-    def __init__(self) -> None:
+    A value that is not a VirtualKey (written by hand, or by anything else than ``KeyStore``) is
+    dead-lettered with the reason and its key dropped: it fails closed (a key whose record cannot be
+    read authenticates nothing), and the watch goes on, so a later revocation still arrives."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
         self.by_hash: dict[str, VirtualKey] = {}
         self._watcher: KeyValue.KeyWatcher | None = None
         self._follow: asyncio.Task[None] | None = None
@@ -127,24 +134,29 @@ class KeyCache:
     @classmethod
     async def open(cls, bus: Bus) -> KeyCache:
         """Read every key, then follow changes in the background."""
-        cache = cls()
+        cache = cls(bus)
         kv = await keys_bucket(bus)
         watcher = cache._watcher = await kv.watchall()
         while (entry := await watcher.updates(timeout=WATCH_TIMEOUT_S)) is not None:
-            cache._apply(entry)
+            await cache._take(entry)
         cache._follow = asyncio.create_task(cache._follow_updates(watcher))
         return cache
 
     async def _follow_updates(self, watcher: KeyValue.KeyWatcher) -> None:
         async for entry in watcher:
             if entry is not None:
-                self._apply(entry)
+                await self._take(entry)
 
-    def _apply(self, entry: KeyValue.Entry) -> None:
+    async def _take(self, entry: KeyValue.Entry) -> None:
         if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
             self.by_hash.pop(entry.key, None)
-        else:
+            return
+        try:
             self.by_hash[entry.key] = msgspec.json.decode(entry.value, type=VirtualKey)
+        except msgspec.DecodeError as exc:  # a ValidationError is a DecodeError too
+            self.by_hash.pop(entry.key, None)
+            subject = f"{KV_API}.{entry.bucket}.{entry.key}"
+            await self.bus.dead_letter(subject, entry.value, None, f"virtual key {entry.key}: {exc}")
 
     def lookup(self, secret: str) -> VirtualKey | None:
         """The key of ``secret``, revoked or not; None when there is none."""
