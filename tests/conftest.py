@@ -101,13 +101,11 @@ def data_dir() -> Path:
 
 class Infra(NamedTuple):
     """The session's servers: ``infra[0]`` is NATS's URL, ``infra[1]`` ClickHouse's as the writer (the
-    accountant's user); then ClickHouse's as the read-only analyst, and the embedded ClickHouse's folder
-    (its password files; None on the docker backend)."""
+    accountant's user); then ClickHouse's as the read-only analyst."""
 
     nats_url: str
     clickhouse_url: str
     clickhouse_analyst_url: str
-    clickhouse_dir: Path | None = None
 
 
 def _docker_backend(tmp: Path):
@@ -151,7 +149,7 @@ def infra(tmp_path_factory) -> Iterator[Infra]:
     nats.start()
     try:
         clickhouse.start()
-        yield Infra(nats.url, clickhouse.url, clickhouse.analyst_url, clickhouse.data_dir)
+        yield Infra(nats.url, clickhouse.url, clickhouse.analyst_url)
     finally:
         clickhouse.stop()
         nats.stop()

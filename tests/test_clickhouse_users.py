@@ -27,7 +27,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 
 from services.accountant.clickhouse import create_schema
 from services.cli.main import cli
-from services.embedded.servers import ANALYST_GRANTS, WRITER_GRANTS, password
+from services.embedded.servers import ANALYST_GRANTS, WRITER_GRANTS, EmbeddedClickHouse, password
 from services.embedded.stack import STATE_FILE, running_stack, write_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,19 +208,23 @@ def test_sql_write_without_the_writers_credentials_says_so(tmp_path):
 
 
 @pytest.mark.infra
-def test_the_password_files_are_the_owners_alone(infra):
-    folder = infra.clickhouse_dir
-    if folder is None:
-        pytest.skip("the docker backend's passwords live in the container's environment")
-    assert mode(folder) == 0o700
-    for user, url in (("writer", infra.clickhouse_url), ("analyst", infra.clickhouse_analyst_url)):
-        path = folder / f"{user}.password"
-        assert mode(path) == 0o600, path
-        assert urlsplit(url).password == path.read_text().strip()
-    assert mode(folder / "conf" / "users.xml") == 0o600
-    assert not (folder / "mesh.password").exists()
-    assert not any(urlsplit(url).password in (folder / "conf" / "users.xml").read_text()
-                   for url in (infra.clickhouse_url, infra.clickhouse_analyst_url))  # fmt: skip
+def test_the_password_files_are_the_owners_alone(tmp_path):
+    """The embedded server's own folder, whichever backend the session's servers come from."""
+    server = EmbeddedClickHouse(tmp_path / "clickhouse", port=0)
+    server.start()
+    try:
+        folder = server.data_dir
+        assert mode(folder) == 0o700
+        for user, url in (("writer", server.url), ("analyst", server.analyst_url)):
+            path = folder / f"{user}.password"
+            assert mode(path) == 0o600, path
+            assert urlsplit(url).password == path.read_text().strip()
+        assert mode(folder / "conf" / "users.xml") == 0o600
+        assert not (folder / "mesh.password").exists()
+        assert not any(urlsplit(url).password in (folder / "conf" / "users.xml").read_text()
+                       for url in (server.url, server.analyst_url))  # fmt: skip
+    finally:
+        server.stop()
 
 
 @pytest.mark.unit
