@@ -45,10 +45,10 @@ from services.runtime.grants import (
     load_signer,
     load_verifier,
     new_seed,
+    reservation_for,
     seed_file,
 )
 from services.runtime.settings import REPO_DEPLOY_DIR
-from services.runtime.usage import worst_case_usage
 
 LOCAL = "mixtral-8x7b-local"
 MID = "mixtral-8x7b"
@@ -74,23 +74,11 @@ def prompts(data_dir) -> Iterator[str]:
 
 
 def worst_pico(r: InferenceRequest) -> int:
-    model = CATALOG.model(r.model)
-    usage = worst_case_usage(model, r.messages, r.max_tokens, r.options.tools)
-    return pico(model.worst_case_cost(usage.input_tokens, usage.output_tokens))
+    return pico(reservation_for(r, CATALOG.model(r.model)).amount_usd)
 
 
 def check(verifier: GrantVerifier, r: InferenceRequest, now: int | None = None) -> GrantClaims:
-    return verifier.check(
-        r.grant,
-        call_id=r.call_id,
-        tenant=r.tenant,
-        task_id=r.task_id,
-        model=r.model,
-        key_id=r.key_id,
-        deadline_ms=r.deadline_ms,
-        worst_case_pico=worst_pico(r),
-        now_ms=now_ms() if now is None else now,
-    )
+    return verifier.check(r, CATALOG.model(r.model), now_ms() if now is None else now)
 
 
 def reforged(grant: str, **claims) -> str:

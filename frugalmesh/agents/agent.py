@@ -21,15 +21,8 @@ from nats.micro.service import ServiceConfig
 from frugalmesh.agents.context import Context
 from frugalmesh.agents.service import AgentService
 from schemas.messages import ArtifactRef
-from schemas.subjects import (
-    AGENT_META_CONSUMES,
-    AGENT_META_COST_USD,
-    AGENT_META_LATENCY_S,
-    AGENT_META_PREFIX,
-    AGENT_META_PRODUCES,
-    AGENT_META_SUCCESS,
-    token,
-)
+from schemas.subjects import token
+from services.runtime.agents import agent_metadata
 from services.runtime.bus import Bus
 from services.runtime.settings import MeshSettings
 
@@ -100,18 +93,14 @@ class Agent:
 
     def metadata(self, prefix: str) -> dict[str, str]:
         """The micro service's metadata: the mesh it serves, its artifact types, its declared figures."""
-        metadata = {
-            AGENT_META_PREFIX: prefix,
-            AGENT_META_CONSUMES: ",".join(self.consumes),
-            AGENT_META_PRODUCES: ",".join(self.produces),
-        }
-        declared = (
-            (AGENT_META_COST_USD, self.cost_usd),
-            (AGENT_META_LATENCY_S, self.latency_s),
-            (AGENT_META_SUCCESS, self.success_rate),
+        return agent_metadata(
+            prefix,
+            self.consumes,
+            self.produces,
+            cost_usd=self.cost_usd,
+            latency_s=self.latency_s,
+            success_rate=self.success_rate,
         )
-        metadata.update({key: repr(float(value)) for key, value in declared if value is not None})
-        return metadata
 
     def app(self, settings: MeshSettings) -> FastStream:
         """One instance of the agent on the mesh ``settings`` name: ``await app.run()``, or start and stop it."""

@@ -61,17 +61,30 @@ async def open_loop(rate_per_s: float, count: int, call: Callable[[int], Corouti
 def cpu_seconds_by_process() -> dict[str, float]:
     """CPU seconds (user + system) used so far by this process (the load generator) and each of
     its child processes, the stack's servers and services, by name."""
+    return _by_process(_cpu_seconds)
+
+
+def rss_kb_by_process() -> dict[str, float]:
+    """Resident memory (KB) of this process and each of the stack's, by name."""
+    return _by_process(lambda process: process.memory_info().rss / 1024)
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _by_process(measure: Callable[[psutil.Process], float]) -> dict[str, float]:
+    """``measure`` of this process and each of its children, summed by process name."""
     me = psutil.Process()
-    processes = [me, *me.children(recursive=True)]
-    seconds: dict[str, float] = {}
-    for process in processes:
+    totals: dict[str, float] = {}
+    for process in [me, *me.children(recursive=True)]:
         try:
             name = _process_name(process, me)
-            times = process.cpu_times()
+            totals[name] = totals.get(name, 0.0) + measure(process)
         except psutil.NoSuchProcess:
             continue
-        seconds[name] = seconds.get(name, 0.0) + times.user + times.system
-    return seconds
+    return totals
 
 
 def _process_name(process: psutil.Process, me: psutil.Process) -> str:

@@ -29,9 +29,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-import psutil
-
-from loadtest.bench.common import bench_stack, cpu_seconds_by_process
+from loadtest.bench.common import bench_stack, cpu_seconds_by_process, rss_kb_by_process
 from loadtest.bench.overhead import nats_round_trip, rows
 from loadtest.deploy import LOADTEST_MODELS
 from loadtest.replay import Live, ReplayOptions, replay
@@ -47,21 +45,6 @@ def fixed_latency_models(call_s: float) -> str:
     keys = "prefill_tokens_per_s|output_tokens_per_s|prompt_cache_block_tokens"
     text = re.sub(rf"(?m)^({keys}) = .*\n", "", LOADTEST_MODELS.read_text())
     return re.sub(r"(?m)^ttft_ms = .*$", f"ttft_ms = {call_s * 1000:g}", text)
-
-
-def rss_kb_by_process() -> dict[str, float]:
-    """Resident memory (KB) of this process and each of the stack's, by name."""
-    from loadtest.bench.common import _process_name
-
-    me = psutil.Process()
-    sizes: dict[str, float] = {}
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            name = _process_name(process, me)
-            sizes[name] = sizes.get(name, 0.0) + process.memory_info().rss / 1024
-        except psutil.NoSuchProcess:
-            continue
-    return sizes
 
 
 @dataclass

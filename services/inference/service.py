@@ -50,7 +50,7 @@ from services.inference.streaming import StreamRelay, check_stream_to, listen_fo
 from services.runtime.bus import Bus, encode, now_ms
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.control import ControlState, covers, killed_message
-from services.runtime.grants import NO_GRANT, GrantError, GrantReused, GrantVerifier, pico
+from services.runtime.grants import NO_GRANT, GrantError, GrantReused, GrantVerifier
 from services.runtime.reservations import is_paid
 from services.runtime.scrub import scrub
 from services.runtime.usage import usage_event, worst_case_usage
@@ -186,19 +186,8 @@ class InferenceService:
 
     def _check_grant(self, request: InferenceRequest, model: ModelSpec) -> _CallEnd | None:
         """None if the request's grant allows this paid call; else the refusal (not started, $0)."""
-        worst_case = worst_case_usage(model, request.messages, request.max_tokens, request.options.tools)
         try:
-            self.verifier.check(
-                request.grant,
-                call_id=request.call_id,
-                tenant=request.tenant,
-                task_id=request.task_id,
-                model=model.name,
-                key_id=request.key_id,
-                deadline_ms=request.deadline_ms,
-                worst_case_pico=pico(model.worst_case_cost(worst_case.input_tokens, worst_case.output_tokens)),
-                now_ms=now_ms(),
-            )
+            self.verifier.check(request, model, now_ms())
         except GrantError as exc:
             self.bus.log.warning("grant_refused", reason=str(exc))
             error = ErrorInfo(kind="refused", message=f"{NO_GRANT}: {exc}")

@@ -116,6 +116,27 @@ def _names(metadata: dict[str, str], key: str) -> list[str]:
     return [name.strip() for name in metadata.get(key, "").split(",") if name.strip()]
 
 
+def agent_metadata(
+    prefix: str,
+    consumes: list[str],
+    produces: list[str],
+    *,
+    cost_usd: float | None = None,
+    latency_s: float | None = None,
+    success_rate: float | None = None,
+) -> dict[str, str]:
+    """An agent instance's micro-service metadata, as ``parse_instance`` reads it back: the mesh it
+    serves, its artifact types, its declared figures (those given)."""
+    metadata = {
+        AGENT_META_PREFIX: prefix,
+        AGENT_META_CONSUMES: ",".join(consumes),
+        AGENT_META_PRODUCES: ",".join(produces),
+    }
+    declared = ((AGENT_META_COST_USD, cost_usd), (AGENT_META_LATENCY_S, latency_s), (AGENT_META_SUCCESS, success_rate))
+    metadata.update({key: repr(float(value)) for key, value in declared if value is not None})
+    return metadata
+
+
 def parse_instance(data: bytes, prefix: str) -> AgentInstance | None:
     """The agent instance a ``$SRV.STATS`` reply describes; None when it is not an agent of this mesh
     (another mesh's, or another kind of micro service) or the reply is unreadable."""

@@ -191,29 +191,20 @@ class GrantVerifier:
             raise GrantError(f"grant version {claims.v} is not {VERSION}")
         return claims
 
-    def check(
-        self,
-        grant: str,
-        *,
-        call_id: str,
-        tenant: str,
-        task_id: str,
-        model: str,
-        key_id: str,
-        deadline_ms: int,
-        worst_case_pico: int,
-        now_ms: int,
-    ) -> GrantClaims:
-        """Whether ``grant`` allows this call now; GrantError (the reason) if not. A call let through
-        is remembered, so its grant allows no second call here before it expires."""
+    def check(self, request: InferenceRequest, model: ModelSpec, now_ms: int) -> GrantClaims:
+        """Whether ``request``'s grant allows it (on ``model``) now; GrantError (the reason) if not. A
+        call let through is remembered, so its grant allows no second call here before it expires."""
         self._forget_expired(now_ms)
-        claims = self.claims(grant)
+        claims = self.claims(request.grant)
+        call_id, deadline_ms = request.call_id, request.deadline_ms
+        # What the router reserved for exactly this request: its worst case at the catalogue's prices.
+        worst_case_pico = pico(reservation_for(request, model).amount_usd)
         for name, granted, asked in (
             ("call", claims.call_id, call_id),
-            ("tenant", claims.tenant, tenant),
-            ("task", claims.task_id, task_id),
-            ("model", claims.model, model),
-            ("virtual key", claims.key_id, key_id),
+            ("tenant", claims.tenant, request.tenant),
+            ("task", claims.task_id, request.task_id),
+            ("model", claims.model, model.name),
+            ("virtual key", claims.key_id, request.key_id),
         ):
             if granted != asked:
                 raise GrantError(f"the grant is for {name} {granted!r}, not {asked!r}")

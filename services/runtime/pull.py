@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -28,7 +29,46 @@ from nats.js.errors import NotFoundError
 from schemas.subjects import HEADER_STATUS, STATUS_HEARTBEAT, pull_request
 
 
-class BatchPull:
+class _InboxPull(ABC):
+    """What both pull kinds share: a durable consumer of ``subject`` on ``stream``, declared at start
+    unless it exists (an existing one is kept as it is, as nats-py's pull_subscribe does), and the
+    inbox its messages arrive on, each handed to ``_on_message``."""
+
+    def __init__(
+        self, connection: Callable[[], Client], *, stream: str, subject: str, durable: str, config: ConsumerConfig
+    ) -> None:
+        # Resolved at start: a pull may be built before its process has connected.
+        self._connection = connection
+        self.nc: Client | None = None
+        self.stream = stream
+        self.subject = subject
+        self.durable = durable
+        self.config = config
+        self._sub: Subscription | None = None
+        self._inbox = ""
+
+    async def start(self) -> None:
+        nc = self.nc = self._connection()
+        await ensure_durable(nc, self.stream, self.durable, self.subject, self.config)
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(self._inbox, cb=self._on_message)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    @abstractmethod
+    async def _on_message(self, msg: Msg) -> None:
+        """One message or status on the inbox."""
+
+    async def _ask_server(self, request: dict[str, int]) -> None:
+        """Send one pull request for this consumer; its messages arrive on the inbox."""
+        assert self.nc is not None, f"{type(self).__name__} before start"
+        await self.nc.publish(pull_request(self.stream, self.durable), msgspec.json.encode(request), reply=self._inbox)
+
+
+class BatchPull(_InboxPull):
     def __init__(
         self,
         connection: Callable[[], Client],
@@ -40,33 +80,12 @@ class BatchPull:
         batch_timeout_s: float,
         config: ConsumerConfig,
     ) -> None:
-        # Resolved at start: a pull may be built before its process has connected.
-        self._connection = connection
-        self.nc: Client | None = None
-        self.stream = stream
-        self.subject = subject
-        self.durable = durable
+        super().__init__(connection, stream=stream, subject=subject, durable=durable, config=config)
         self.batch_size = batch_size
         self.batch_timeout_s = batch_timeout_s
-        self.config = config
-        self._sub: Subscription | None = None
-        self._inbox = ""
         self._received: list[Msg] = []
         self._ended = 0  # status messages seen (each ends one pull request)
         self._arrived = asyncio.Event()
-
-    async def start(self) -> None:
-        """Declare the durable consumer unless it exists (an existing one is kept as it is, as
-        nats-py's pull_subscribe does) and subscribe the inbox its batches arrive on."""
-        nc = self.nc = self._connection()
-        await ensure_durable(nc, self.stream, self.durable, self.subject, self.config)
-        self._inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(self._inbox, cb=self._on_message)
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
 
     async def _on_message(self, msg: Msg) -> None:
         if msg.headers and msg.headers.get(HEADER_STATUS):
@@ -81,10 +100,7 @@ class BatchPull:
         ended = self._ended
         request = {"batch": self.batch_size - len(self._received), "expires": int(self.batch_timeout_s * 1e9)}
         if request["batch"] > 0:
-            assert self.nc is not None, "BatchPull.fetch before start"
-            await self.nc.publish(
-                pull_request(self.stream, self.durable), msgspec.json.encode(request), reply=self._inbox
-            )
+            await self._ask_server(request)
             # The server ends the request at its expiry; the client's own limit only covers a lost reply.
             # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that lands
             # as the wait ends, and a stop then waited on a fetch loop that went on fetching.
@@ -127,7 +143,7 @@ PULL_HEARTBEAT_S = 5.0
 HEADER_PENDING_MESSAGES = "Nats-Pending-Messages"
 
 
-class PullConsumer:
+class PullConsumer(_InboxPull):
     """A durable pull consumer whose messages are handed over one by one as they arrive, with at most
     ``window`` asked for at a time (what nats.go calls ``Consume``).
 
@@ -153,16 +169,9 @@ class PullConsumer:
     ) -> None:
         if window < 2:
             raise ValueError(f"window must be at least 2, not {window}")
-        self._connection = connection
-        self.nc: Client | None = None
-        self.stream = stream
-        self.subject = subject
-        self.durable = durable
+        super().__init__(connection, stream=stream, subject=subject, durable=durable, config=config)
         self.window = window
-        self.config = config
         self.handle = handle
-        self._sub: Subscription | None = None
-        self._inbox = ""
         # Messages asked for and not yet delivered (or given back by an ended request).
         self._asked = 0
         # When the server last said anything on the inbox (a message or a request's end).
@@ -172,10 +181,7 @@ class PullConsumer:
         self._renewing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        nc = self.nc = self._connection()
-        await ensure_durable(nc, self.stream, self.durable, self.subject, self.config)
-        self._inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(self._inbox, cb=self._on_message)
+        await super().start()
         await self._ask()
         self._renewing = asyncio.create_task(self._renew())
 
@@ -184,9 +190,7 @@ class PullConsumer:
             self._renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewing
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        await super().stop()
 
     async def _on_message(self, msg: Msg) -> None:
         self._heard = time.monotonic()
@@ -210,13 +214,12 @@ class PullConsumer:
         missing = self.window - max(self._asked, 0)
         if missing < self.window // 2:
             return
-        assert self.nc is not None, "PullConsumer before start"
         request = {
             "batch": missing,
             "expires": int(PULL_EXPIRES_S * 1e9),
             "idle_heartbeat": int(PULL_HEARTBEAT_S * 1e9),
         }
-        await self.nc.publish(pull_request(self.stream, self.durable), msgspec.json.encode(request), reply=self._inbox)
+        await self._ask_server(request)
         self._asked = max(self._asked, 0) + missing
 
     async def _renew(self) -> None:
