@@ -57,7 +57,7 @@ class Recorder:
         """Listen until ``duration_s`` passes or ``stop`` is set, then up to ``grace_s`` more for
         the recorded tasks to end (their usage is not complete before)."""
         subjects = self.settings.subjects
-        nc = await nats.connect(self.settings.nats_url, connect_timeout=3, max_reconnect_attempts=3)
+        nc = await nats.connect(self.settings.nats_servers, connect_timeout=3, max_reconnect_attempts=3)
         try:
             submits = await nc.subscribe(subjects.task_submit, cb=self._on_task)
             await nc.subscribe(subjects.usage_all, cb=self._on_usage)

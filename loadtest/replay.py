@@ -26,7 +26,7 @@ import nats
 from nats.aio.client import Client
 from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from loadtest.prompts import prompt_text
 from loadtest.stats import Percentiles, percentiles
@@ -42,6 +42,10 @@ INFERENCE_SERVICES = ("local-inference", "cloud-inference")
 MAX_REASONS = 5
 # How long the accountant may take to store the last rows after the last task ended.
 INGEST_WAIT_S = 30.0
+# How long a task's publish is sent again while its stream elects a leader (a nats-server of a cluster lost).
+PUBLISH_RETRY_S = 15.0
+# Tries per server to reconnect: a cluster's lost server is one of several seeds.
+RECONNECTS = 10
 # Task ids per usage query (12 hex digits each).
 IDS_PER_QUERY = 2_000
 
@@ -158,7 +162,7 @@ class Replayer:
         self._publishing: set[asyncio.Task[None]] = set()
 
     async def run(self, on_tick: Callable[[Live], None] | None = None) -> Report:
-        nc = await nats.connect(self.settings.nats_url, connect_timeout=3, max_reconnect_attempts=3)
+        nc = await nats.connect(self.settings.nats_servers, connect_timeout=3, max_reconnect_attempts=RECONNECTS)
         try:
             events = await nc.subscribe(self.subjects.task_events, cb=self._on_event)
             usage = await nc.subscribe(self.subjects.usage_all, cb=self._on_usage)
@@ -188,6 +192,9 @@ class Replayer:
         first = self.rows[0].arrival_s if self.rows else 0.0
         run_id = uuid.uuid4().hex[:8]
         for index, row in enumerate(self.rows):
+            # Built before the wait, not after it: a long prompt takes a millisecond or more to make,
+            # which would otherwise delay this send and the handling of every event meanwhile.
+            goal = prompt_text(row, row_key=f"{run_id}:{index}", salt=self.options.salt)
             delay = started + (row.arrival_s - first) / self.options.speed - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -195,11 +202,13 @@ class Replayer:
                 id=f"lt{run_id}{index:07d}",
                 tenant=row.tenant or self.options.tenant,
                 workflow=row.workflow or self.options.workflow,
-                goal=prompt_text(row, row_key=f"{run_id}:{index}", salt=self.options.salt),
+                goal=goal,
                 deadline_s=self.options.deadline_s,
                 # A recorded output length of 0 still asks for one token: max_tokens must be positive.
                 max_tokens=max(1, row.output_tokens) if row.output_tokens is not None else None,
                 submitted_ms=now_ms(),
+                # The replay waits only for each task's terminal event (its history times the steps).
+                live_progress=False,
             )
             data = msgspec.json.encode(task)
             if len(data) > nc.max_payload:
@@ -215,7 +224,7 @@ class Replayer:
         entry = _Sent(task, sent_at=time.monotonic())
         self.sent[task.id] = entry
         try:
-            await js.publish(self.subjects.task_submit, data, stream=stream, headers={HEADER_MSG_ID: task.dedupe_id()})
+            await self._publish_through_elections(js, stream, task, data)
         except (MaxPayloadError, nats.errors.Error, TimeoutError):
             # Not in the stream, so no service will ever see it: not published, not lost.
             del self.sent[task.id]
@@ -223,6 +232,22 @@ class Replayer:
             self._check_all_ended()
             return
         self.live.sent += 1
+
+    async def _publish_through_elections(self, js, stream: str, task: Task, data: bytes) -> None:
+        """Publish, again while the stream has no leader (a server lost: JetStream elects another within
+        seconds) or the acknowledgement is late, for up to ``PUBLISH_RETRY_S``; the task's Nats-Msg-Id
+        makes a repeat of a stored one harmless, as for any client."""
+        give_up = time.monotonic() + PUBLISH_RETRY_S
+        while True:
+            try:
+                await js.publish(
+                    self.subjects.task_submit, data, stream=stream, headers={HEADER_MSG_ID: task.dedupe_id()}
+                )
+                return
+            except (NoStreamResponseError, TimeoutError):
+                if time.monotonic() > give_up:
+                    raise
+                await asyncio.sleep(0.25)
 
     # -- what comes back --
 
@@ -233,8 +258,9 @@ class Replayer:
             return
         if entry.event is None:
             entry.ended_at = time.monotonic()
-            entry.refused = event.kind == "refused"
-            self.live.ended[event.kind] += 1
+            # Live progress is off (live_progress): a refusal shows in the terminal event's history.
+            entry.refused = event.kind == "refused" or any(earlier.kind == "refused" for earlier in event.history)
+            self.live.ended["refused" if entry.refused else event.kind] += 1
         # A terminal event after a refusal carries the task's final totals; the task stays refused.
         entry.event = event
         self._check_all_ended()

@@ -197,7 +197,7 @@ def parse_structured(artifact_type: str, output: str, **provenance: str) -> dict
         text = fenced.group(1)
     try:
         decoded = msgspec.json.decode(text)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # nesting past Python's stack raises the latter
         raise ArtifactError(f"not valid JSON ({exc}): {_clip(output)}") from None
     if not isinstance(decoded, dict):
         raise ArtifactError(f"expected a JSON object, got {type(decoded).__name__}: {_clip(output)}")

@@ -24,6 +24,8 @@ HEADER_SCHEDULE_RUN = "Mesh-Schedule-Run"  # a scheduled run's task id: anti-loo
 HEADER_TRACEPARENT = "traceparent"
 HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplication key
 HEADER_EXPECTED_STREAM = "Nats-Expected-Stream"  # JetStream refuses a publish that would land in another stream
+# JetStream refuses a publish unless the stream's last sequence is this one (the ledger journal's fence).
+HEADER_EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
 
 # NATS's own names (fixed by the server, never prefixed).
 HEADER_STATUS = "Status"  # nats-py's header for the status code of a message without payload
@@ -38,10 +40,15 @@ OBJECT_STORE_API = "$O"  # object store subjects
 INBOX = "_INBOX"  # reply subjects of requests
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
+# A token's length bound: schemas/messages.py's MAX_ID, so a subject or KV key made of a few tokens stays
+# far inside NATS's 4 KiB protocol line (a longer one makes the server close the connection).
+MAX_TOKEN = 256
 
 
 def token(value: str) -> str:
     """Return ``value`` if it can be one subject token, else raise ValueError."""
+    if len(value) > MAX_TOKEN:
+        raise ValueError(f"{value[:40]!r}... cannot be a subject token: it is longer than {MAX_TOKEN} characters")
     if not _TOKEN.match(value):
         raise ValueError(f"{value!r} cannot be a subject token: use letters, digits, '-' and '_'")
     return value
@@ -181,6 +188,23 @@ class Subjects:
     def agent(self, name: str) -> str:
         return f"{self.prefix}.agent.{token(name)}"
 
+    # -- spend alerts (JetStream, dedupe on Nats-Msg-Id = alert id), from the accountant --
+    def alert(self, tenant: str) -> str:
+        """Where the alerts about ``tenant``'s spend go (``ALERT_MESH_WIDE`` for spend of several tenants)."""
+        return f"{self.prefix}.alert.{token(tenant)}"
+
+    @property
+    def alert_all(self) -> str:
+        return f"{self.prefix}.alert.>"
+
+    # -- verdicts on calls' answers (JetStream, dedupe on Nats-Msg-Id = feedback id), to ClickHouse --
+    def feedback(self, tenant: str) -> str:
+        return f"{self.prefix}.feedback.{token(tenant)}"
+
+    @property
+    def feedback_all(self) -> str:
+        return f"{self.prefix}.feedback.>"
+
     # -- benchmarks' raw request/reply echo (loadtest/bench) --
     @property
     def bench_echo(self) -> str:
@@ -201,6 +225,8 @@ STREAM_CONTROL = "CONTROL"  # control kill + pace
 STREAM_ARTIFACT_EVENTS = "ARTIFACT_EVENTS"  # artifact_created_all
 STREAM_DLQ = "DLQ"  # dlq_all
 STREAM_LEDGER = "LEDGER"  # ledger: the accountant's reservation journal (declared by the accountant)
+STREAM_ALERTS = "ALERTS"  # alert_all: spend alerts (deploy/alerts.toml), dedupe window
+STREAM_FEEDBACK = "FEEDBACK"  # feedback_all: verdicts on answers, dedupe window
 
 BUCKET_RESPONSE_CACHE = "response_cache"  # router: exact-match cache
 BUCKET_ARTIFACT_INDEX = "artifact_index"  # artifact-store: id -> metadata
@@ -208,10 +234,16 @@ BUCKET_ARTIFACT_BODIES = "artifacts"  # artifact-store: Object Store of bodies
 BUCKET_CONTROL = "control"  # kill switch and pace, last value per key
 BUCKET_BUDGETS = "budgets"  # accountant: caps changed at run time, per scope
 BUCKET_LEDGER = "ledger"  # accountant: Object Store holding the ledger snapshot
+BUCKET_ACCOUNTANT_LEASE = "accountant_lease"  # accountant: the leader's lease (key LEASE_KEY, compare-and-set)
+LEASE_KEY = "leader"
 BUCKET_SCHEDULES = "schedules"  # planner: cron schedules, one key per schedule id
 BUCKET_ATTEMPTS = "attempts"  # planner: anti-loop attempts per task fingerprint per UTC day (TTL)
 BUCKET_KEYS = "keys"  # gateway: VirtualKeys by the sha256 of their secret (`frugalmesh keys`)
 BUCKET_TASK_CALLS = "task_calls"  # gateway and router: layer-2 call counts per task (TTL, compare-and-set)
+BUCKET_ALERTS_FIRED = "alerts_fired"  # accountant: one key per alert sent, claimed with create (TTL)
+
+# The tenant token of alerts about spend of several tenants (a model, agent or global scope): mesh.alert._mesh.
+ALERT_MESH_WIDE = "_mesh"
 
 # Keys of BUCKET_CONTROL: kill.global, kill.<scope>.<key> (the latest KillSwitch) and pace.<tenant> (PaceSignal).
 CONTROL_KILL_KEYS = "kill."
@@ -255,3 +287,4 @@ DURABLE_USAGE_INGEST = "accountant"  # STREAM_USAGE -> ClickHouse usage_events
 DURABLE_TASK_INGEST = "accountant-tasks"  # STREAM_TASK_EVENTS -> task_events
 DURABLE_ARTIFACT_INGEST = "accountant-artifacts"  # STREAM_ARTIFACT_EVENTS -> artifacts
 DURABLE_KILL_INGEST = "accountant-kills"  # STREAM_CONTROL (kill subject) -> kill_events
+DURABLE_FEEDBACK_INGEST = "accountant-feedback"  # STREAM_FEEDBACK -> feedback

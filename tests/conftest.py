@@ -38,6 +38,7 @@ from faststream import FastStream
 from helpers import shipped_catalog
 
 from services.accountant.clickhouse import client as clickhouse_client
+from services.embedded.cluster import EmbeddedNatsCluster
 from services.embedded.servers import EmbeddedClickHouse, EmbeddedEngine, EmbeddedNats
 from services.runtime import grants
 from services.runtime.bus import Bus
@@ -53,7 +54,7 @@ os.environ.setdefault(grants.SEED_ENV, grants.new_seed().decode())
 
 KINDS = ("unit", "infra", "engine")
 # What a test reaches through these fixtures (or any fixture built on them).
-NEEDS = {"infra": "infra", "local_engine": "engine"}
+NEEDS = {"infra": "infra", "nats_cluster": "infra", "local_engine": "engine"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -153,6 +154,18 @@ def infra(tmp_path_factory) -> Iterator[Infra]:
     finally:
         clickhouse.stop()
         nats.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(tmp_path_factory) -> Iterator[EmbeddedNatsCluster]:
+    """A real three-node JetStream cluster (``url``: its seeds, comma-separated), shared by the session;
+    a test that kills a node starts it again before it ends."""
+    cluster = EmbeddedNatsCluster(tmp_path_factory.mktemp("nats-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from functools import cache
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from schemas.messages import ChatMessage, InferenceRequest, KillSwitch, PaceSignal, StepRequest, Task
 from services.runtime.bus import now_ms
@@ -132,3 +133,8 @@ def deploy_with(tmp_path: Path, **workflows: str) -> Path:
     for name, text in workflows.items():
         (deploy / "workflows" / f"{name}.toml").write_text(text)
     return deploy
+
+
+def database_url(url: str, database: str) -> str:
+    """``url`` (a ClickHouse URL) with ``database`` as the database its queries' unqualified tables are in."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))

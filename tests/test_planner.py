@@ -66,6 +66,20 @@ async def test_answer_task_events_from_accepted_to_done(settings, nc, planner_me
     await wait_for_ack(nc, settings)
 
 
+async def test_without_live_progress_only_the_terminal_event_is_sent_with_every_event_in_its_history(
+    settings, nc, planner_mesh, router_peers
+):
+    await planner_mesh()
+    await router_peers(settings, lambda r: result(r, "4", cost_usd=0.002, graded=True))
+    task = msgspec.structs.replace(new_task(workflow="answer", goal="What is 2+2?", deadline_s=5), live_progress=False)
+
+    events = await submit(nc, settings, task)
+
+    assert [e.kind for e in events] == ["done"]
+    assert [e.kind for e in events[0].history] == ["accepted", "planned", "step_started", "step_done"]
+    assert events[0].history[-1].artifact == events[0].artifact
+
+
 def reviewer(verdict_text: str) -> Responder:
     def respond(request: StepRequest) -> InferenceResult:
         if request.step_id == "draft":

@@ -32,6 +32,7 @@ from frugalmesh.agents.errors import AgentError
 from schemas.messages import AgentRequest, AgentResult, ArtifactRef, ErrorInfo
 from services.runtime.agents import AgentStats
 from services.runtime.bus import Bus, encode
+from services.runtime.dead_letters import UNREADABLE
 
 if TYPE_CHECKING:
     from frugalmesh.agents.agent import Agent, Handler, HandlerResult
@@ -101,7 +102,7 @@ class AgentService:
     async def _serve(self, request: Request) -> None:
         try:
             message = msgspec.json.decode(request.data, type=AgentRequest)
-        except msgspec.DecodeError as exc:  # a ValidationError is a DecodeError too
+        except UNREADABLE as exc:
             reason = f"AgentRequest: {exc}"
             await self.bus.dead_letter(request.subject, request.data, request.headers, reason)
             await self._reply(request, Bus.rejection(reason))

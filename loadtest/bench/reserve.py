@@ -8,6 +8,11 @@ settle of that reservation, as the router does), in alternating halves. Both pha
 Reservation), with the same concurrency and the same two requests per round, so the ratio
 isolates what the accountant adds: decoding, the cap checks, and the group-committed journal
 write a granted reservation waits for before its reply.
+
+``--nats`` picks where the journal is stored, to measure what durability costs: ``single`` (one
+nats-server, JetStream's default fsync every two minutes), ``single-fsync`` (one server fsyncing
+every write: ``sync_interval: always``) or ``cluster`` (the three-node cluster of `frugalmesh up
+--cluster 3`: three copies of every stream, each node fsyncing every write).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import nats
 
 from schemas.messages import Reservation, ReservationDecision
 from schemas.subjects import Subjects
+from services.embedded.cluster import EmbeddedNatsCluster
 from services.embedded.servers import EmbeddedClickHouse, EmbeddedNats, stop_process
 from services.runtime.bus import encode, now_ms
 
@@ -44,7 +50,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def echo_responder(url: str, subject: str) -> None:
     """The raw baseline: reply with the request's own bytes."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url.split(","))
 
     async def echo(msg) -> None:
         await msg.respond(msg.data)
@@ -73,7 +79,7 @@ def start_process(args: list[str], env: dict[str, str], ready: Path | None, log:
 
 
 async def measure(url: str, callers: int, rounds: int, raw_subject: str, prefix: str) -> dict[str, list[float]]:
-    nc = await nats.connect(url)
+    nc = await nats.connect(url.split(","))
     reserve_subject, settle_subject = Subjects(prefix).budget_reserve, Subjects(prefix).budget_settle
     out: dict[str, list[float]] = {"raw": [], "reserve": [], "settle": []}
     refused: list[str] = []
@@ -130,10 +136,18 @@ async def measure(url: str, callers: int, rounds: int, raw_subject: str, prefix:
     return out
 
 
-def run(callers: int, rounds: int) -> dict[str, float | int]:
+NATS_SETUPS = ("single", "single-fsync", "cluster")
+
+
+def run(callers: int, rounds: int, nats_setup: str = "single") -> dict[str, float | int | str]:
     with tempfile.TemporaryDirectory(prefix="bench-reserve-") as tmp_dir:
         tmp = Path(tmp_dir)
-        nats_server = EmbeddedNats(tmp / "nats", port=-1)
+        nats_server: EmbeddedNats | EmbeddedNatsCluster
+        if nats_setup == "cluster":
+            nats_server = EmbeddedNatsCluster(tmp / "nats", sync_interval="always")
+        else:
+            fsync = "jetstream { sync_interval: always }\n" if nats_setup == "single-fsync" else ""
+            nats_server = EmbeddedNats(tmp / "nats", port=-1, config=fsync)
         clickhouse = EmbeddedClickHouse(tmp / "clickhouse", port=0)
         processes: list[subprocess.Popen] = []
         try:
@@ -146,6 +160,7 @@ def run(callers: int, rounds: int) -> dict[str, float | int]:
                 "NATS_URL": url,
                 "CLICKHOUSE_URL": ch_url,
                 "FRUGALMESH_SUBJECT_PREFIX": prefix,
+                "FRUGALMESH_REPLICAS": "3" if nats_setup == "cluster" else "1",
                 "FRUGALMESH_LOG_LEVEL": "WARNING",
             }
             accountant = ["-m", "services.cli.main", "run", "accountant", "--ready-file", str(tmp / "ready")]
@@ -171,10 +186,11 @@ def run(callers: int, rounds: int) -> dict[str, float | int]:
     }
     figures["reserve_to_raw_p50_ratio"] = figures["reserve_rtt_p50_ms"] / figures["raw_nats_rtt_p50_ms"]
     figures["reserve_to_raw_p99_ratio"] = figures["reserve_rtt_p99_ms"] / figures["raw_nats_rtt_p99_ms"]
-    figures = {k: round(v, 3) for k, v in figures.items()}
-    figures["callers"] = callers
-    figures["requests"] = len(times["reserve"])
-    return figures
+    rounded: dict[str, float | int | str] = {k: round(v, 3) for k, v in figures.items()}
+    rounded["callers"] = callers
+    rounded["requests"] = len(times["reserve"])
+    rounded["nats"] = nats_setup
+    return rounded
 
 
 def main() -> None:
@@ -182,16 +198,18 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     parser.add_argument("--callers", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=20, help="Measured reserve+settle rounds per caller.")
+    parser.add_argument("--nats", choices=NATS_SETUPS, default="single", help="Where the journal is stored.")
     parser.add_argument("--echo-responder", nargs=2, metavar=("URL", "SUBJECT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_responder:
         asyncio.run(echo_responder(*args.echo_responder))
         return
-    figures = run(args.callers, args.rounds)
+    figures = run(args.callers, args.rounds, args.nats)
     if args.json:
         print(json.dumps(figures))
         return
     print(f"{figures['callers']} concurrent callers, {figures['requests']} reservations (each followed by its settle)")
+    print(f"  journal on: {figures['nats']}")
     print(f"  reserve   p50 {figures['reserve_rtt_p50_ms']:8.3f} ms   p99 {figures['reserve_rtt_p99_ms']:8.3f} ms")
     print(f"  settle    p50 {figures['settle_rtt_p50_ms']:8.3f} ms   p99 {figures['settle_rtt_p99_ms']:8.3f} ms")
     print(f"  raw NATS  p50 {figures['raw_nats_rtt_p50_ms']:8.3f} ms   p99 {figures['raw_nats_rtt_p99_ms']:8.3f} ms")

@@ -2,7 +2,8 @@
 
 One decision is ``policy.choose(step, catalog)``, what the router calls per step, including
 feature extraction (prompt size in characters for the rules, the prompt's embedding for the learned policy) and,
-for the cascade, the validator's check of the weak answer. Prompts are the recorded GSM8K and
+for the cascade, the validator's check of the weak answer; for the online policy, each step tagged
+with its recorded file's name, its replan every 100 calls included. Prompts are the recorded GSM8K and
 MMLU prompts, cycled; the router file is the shipped one (deploy/routers/).
 """
 
@@ -14,12 +15,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from schemas.messages import ChatMessage, StepRequest
 from services.router_training.dataset import load_outcomes
 from services.routing.policies import CascadePolicy, LearnedPolicy
 from services.routing.policies.fixed import FixedPolicy
+from services.routing.policies.online import OnlinePolicy, OnlineSettings
 from services.routing.policies.routerfile import RouterFile
 from services.routing.table import RoutingTable
 from services.runtime.bus import freeze_startup_objects
@@ -60,6 +63,10 @@ def run(n: int, router_path: Path, data: Path | None) -> dict[str, dict[str, flo
     ]
     answers = [r.responses[WEAK_COLUMN] for r in records if r.responses.get(WEAK_COLUMN)]
     learned, cascade = LearnedPolicy.from_file(router), CascadePolicy.from_file(router)
+    online = OnlinePolicy.from_file(router, OnlineSettings())
+    tagged = [
+        msgspec.structs.replace(step, workflow=Path(r.dataset).name) for step, r in zip(steps, records, strict=True)
+    ]
     fixed = FixedPolicy(router.strong_model)
     freeze_startup_objects()  # as the router service does once it has started
     warmup = min(200, n)
@@ -67,6 +74,7 @@ def run(n: int, router_path: Path, data: Path | None) -> dict[str, dict[str, flo
         "fixed": _time_us(lambda i: fixed.choose(steps[i % len(steps)], catalog), n, warmup),
         "rules": _time_us(lambda i: table.choose(steps[i % len(steps)], catalog), n, warmup),
         "learned": _time_us(lambda i: learned.choose(steps[i % len(steps)], catalog), n, warmup),
+        "online": _time_us(lambda i: online.choose(tagged[i % len(tagged)], catalog), n, warmup),
         # The cascade's decision before its first call is fixed; its cost is the validator's check.
         "cascade_validator": _time_us(lambda i: cascade.validator.score(answers[i % len(answers)]), n, warmup),
     }

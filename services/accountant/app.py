@@ -6,8 +6,9 @@ a cap crossed trips the kill switch of its scope; tenants are paced against thei
 A granted reservation is answered with its grant, signed with the accountant's grant key
 (services/runtime/grants.py: ``FRUGALMESH_GRANT_SEED``, ``FRUGALMESH_GRANT_SEED_FILE`` or
 ``<home>/grant.seed``), which the inference services verify before a paid call.
-Reserve and settle are served by ``ReservationServer`` on plain subscriptions; the rest by
-FastStream handlers.
+Reserve, settle and the budget changes and queries are served by ``ReservationServer`` on plain
+subscriptions, by one replica at a time: the one holding the lease (``lease.py``), which
+subscribes when its term starts (the ledger rebuilt) and unsubscribes when it ends.
 
 Ingest (``ingest.py``): usage events, terminal task events, artifacts and kill-switch events each
 have their own durable pull consumer (shared by every accountant replica), fetched in real
@@ -31,20 +32,26 @@ from nats.js.api import ConsumerConfig
 from schemas.messages import BudgetQuery, BudgetUpdate, Reservation, ReservationDecision
 from schemas.subjects import (
     DURABLE_ARTIFACT_INGEST,
+    DURABLE_FEEDBACK_INGEST,
     DURABLE_KILL_INGEST,
     DURABLE_TASK_INGEST,
     DURABLE_USAGE_INGEST,
     STREAM_ARTIFACT_EVENTS,
     STREAM_CONTROL,
+    STREAM_FEEDBACK,
     STREAM_TASK_EVENTS,
     STREAM_USAGE,
 )
+from services.accountant.alert_rules import ALERTS_FILE, AlertConfig
+from services.accountant.alerts import Alerts
 from services.accountant.budget import BUDGETS_FILE, BudgetConfig
 from services.accountant.ingest import BatchConsumer, Ingest, Store
 from services.accountant.journal import Commit
+from services.accountant.lease import LEASE_S, Leadership
 from services.accountant.reservations import Accounts, MsClock
-from services.accountant.rows import ARTIFACTS, KILLS, TASKS, USAGE, Sink
-from services.runtime.bus import Bus, Message, encode, now_ms
+from services.accountant.rows import ARTIFACTS, FEEDBACK, KILLS, TASKS, USAGE, Sink
+from services.runtime.bus import Bus, encode, now_ms
+from services.runtime.dead_letters import UNREADABLE
 from services.runtime.grants import GrantSigner, load_signer
 from services.runtime.settings import MeshSettings
 
@@ -75,6 +82,8 @@ class ReservationServer:
         self._subs = [
             await self.bus.subscribe_core(subjects.budget_reserve, self._reserve, queue=QUEUE),
             await self.bus.subscribe_core(subjects.budget_settle, self._settle, queue=QUEUE),
+            await self.bus.subscribe_core(subjects.budget_set, self._set_budget, queue=QUEUE),
+            await self.bus.subscribe_core(subjects.budget_show, self._show_budget, queue=QUEUE),
         ]
 
     async def unsubscribe(self) -> None:
@@ -94,10 +103,24 @@ class ReservationServer:
             decision, stored = self.accounts.decide_settle(r)
             await self._reply(msg, r, decision, stored, self.accounts.settle_reply)
 
+    async def _set_budget(self, msg: Msg) -> None:
+        update = await self.bus.decode(msg, BudgetUpdate)
+        if update is None:
+            await msg.respond(self.bus.rejection("not a BudgetUpdate (dead-lettered with the decode error)"))
+        else:
+            await msg.respond(encode(await self.accounts.update(update)))
+
+    async def _show_budget(self, msg: Msg) -> None:
+        query = await self.bus.decode(msg, BudgetQuery)
+        if query is None:
+            await msg.respond(self.bus.rejection("not a BudgetQuery (dead-lettered with the decode error)"))
+        else:
+            await msg.respond(encode(self.accounts.show(query)))
+
     async def _decode(self, msg: Msg) -> Reservation | None:
         try:
             return _decode_reservation(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except UNREADABLE as exc:
             await self.bus.dead_letter(msg.subject, msg.data, msg.headers, f"Reservation: {exc}")
             await msg.respond(self.bus.rejection("not a Reservation (dead-lettered with the decode error)"))
             return None
@@ -143,6 +166,8 @@ def create_app(
     snapshot_interval_s: float = 30.0,
     pace_interval_s: float | None = None,
     grant_signer: GrantSigner | None = None,
+    lease_s: float = LEASE_S,
+    alerts: AlertConfig | Path | None = None,
 ) -> FastStream:
     """The accountant's app.
 
@@ -157,7 +182,9 @@ def create_app(
     handed out twice); holds are swept every ``sweep_interval_s``. The ledger is snapshotted
     every ``snapshot_interval_s``; pacing runs every ``pace_interval_s`` (default: the file's).
     ``grant_signer``: the key grants are signed with (default: ``load_signer``, from the environment
-    or ``<home>/grant.seed``).
+    or ``<home>/grant.seed``). ``lease_s``: how long a leader's lease outlives its last renewal, so
+    how soon a standby takes over (``lease.py``).
+    ``alerts``: the spend alert rules (default ``<deploy_dir>/alerts.toml``; ``alerts.py``).
     """
     bus = Bus(settings, SERVICE)
     app = bus.app()
@@ -184,40 +211,38 @@ def create_app(
         bus.log.info("grant_key", public_key=signer.public_key)
 
     reservations = ReservationServer(bus, accounts)
+    if not isinstance(alerts, AlertConfig):
+        alerts = AlertConfig.load(alerts or settings.deploy_dir / ALERTS_FILE)
+    alerting = Alerts(bus, store, accounts.book, alerts, clock)
 
-    # Registered after bus.app()'s hook, which connects the broker; before any subscriber starts,
-    # so no reservation is decided before the ledger is rebuilt and the switches are read.
-    app.on_startup(accounts.start)
-    app.on_startup(reservations.subscribe)
+    async def lead() -> asyncio.Event:
+        """A term as leader (lease.py): no reservation is decided before the ledger is rebuilt and the
+        switches are read."""
+        await accounts.start()
+        await reservations.subscribe()
+        assert accounts.journal is not None
+        return accounts.journal.fenced
 
-    @app.on_shutdown
-    async def close_accounts() -> None:
+    async def resign(graceful: bool) -> None:
         await reservations.unsubscribe()
-        await accounts.stop()  # stores what the journal holds, which sends the replies parked on it
+        # Graceful: store what the journal holds, which sends the replies parked on it.
+        await (accounts.stop() if graceful else accounts.abandon())
+
+    # Registered after bus.app()'s hook, which connects the broker.
+    leadership = Leadership(bus, lead, resign, lease_s=lease_s)
+    app.on_startup(leadership.start)
+    app.on_shutdown(leadership.stop)
 
     @app.after_shutdown
     async def close_store() -> None:
         store.close()
-
-    @bus.broker.subscriber(subjects.budget_set, queue=QUEUE)
-    async def set_budget(msg: Message) -> bytes:
-        update = await bus.decode(msg, BudgetUpdate)
-        if update is None:
-            return bus.rejection("not a BudgetUpdate (dead-lettered with the decode error)")
-        return encode(await accounts.update(update))
-
-    @bus.broker.subscriber(subjects.budget_show, queue=QUEUE)
-    async def show_budget(msg: Message) -> bytes:
-        query = await bus.decode(msg, BudgetQuery)
-        if query is None:
-            return bus.rejection("not a BudgetQuery (dead-lettered with the decode error)")
-        return encode(accounts.show(query))
 
     ingests: list[tuple[str, str, str, Sink[Any]]] = [
         (subjects.usage_all, STREAM_USAGE, DURABLE_USAGE_INGEST, USAGE),
         (subjects.task_events, STREAM_TASK_EVENTS, DURABLE_TASK_INGEST, TASKS),
         (subjects.artifact_created_all, STREAM_ARTIFACT_EVENTS, DURABLE_ARTIFACT_INGEST, ARTIFACTS),
         (subjects.control_kill, STREAM_CONTROL, DURABLE_KILL_INGEST, KILLS),
+        (subjects.feedback_all, STREAM_FEEDBACK, DURABLE_FEEDBACK_INGEST, FEEDBACK),
     ]
     consumers: list[BatchConsumer] = []
 
@@ -240,6 +265,10 @@ def create_app(
             consumer = BatchConsumer(Ingest(bus, store, sink, retry_delay_s), pull)
             consumers.append(consumer)
             await consumer.start()
+
+    # Started once the store's database exists and the caps in force are read.
+    app.after_startup(alerting.start)
+    app.on_shutdown(alerting.stop)
 
     @app.on_shutdown
     async def stop_ingest() -> None:

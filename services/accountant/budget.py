@@ -24,6 +24,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from schemas.messages import BudgetCap, BudgetScope, BudgetUpdate
 from schemas.subjects import BUCKET_BUDGETS, KV_API, token
 from services.accountant.ledger import dollars, pico
+from services.runtime.kv_snapshot import current_entries
 
 if TYPE_CHECKING:
     from services.runtime.bus import Bus
@@ -133,13 +134,16 @@ class BudgetBook:
         # History 16: a scope's last changes stay readable with `nats kv history`.
         self._kv = await bus.key_value(bus.subjects.bucket(BUCKET_BUDGETS), history=16)
         watcher = await self._kv.watchall()
-        while (entry := await watcher.updates(timeout=10)) is not None:
+        async for entry in current_entries(bus, bus.subjects.bucket(BUCKET_BUDGETS), watcher, timeout_s=10):
             if entry.operation in (KV_DEL, KV_PURGE):
                 continue
             try:
-                stored = msgspec.json.decode(entry.value, type=BudgetCap)
+                stored = msgspec.json.decode(entry.value or b"", type=BudgetCap)
+                own_key = kv_key(stored.scope, stored.key)
+                if own_key != entry.key:  # a write under one key never sets another scope's caps
+                    raise ValueError(f"the caps are for {own_key!r}, stored under {entry.key!r}")
                 caps = Caps(_amount(stored.day_usd, entry.key), _amount(stored.month_usd, entry.key))
-            except ValueError as exc:  # msgspec's DecodeError is a ValueError too
+            except (ValueError, RecursionError) as exc:  # msgspec's DecodeError is a ValueError too
                 subject = f"{KV_API}.{entry.bucket}.{entry.key}"
                 await bus.dead_letter(subject, entry.value or b"", None, f"budget value {entry.key}: {exc}")
                 continue

@@ -10,7 +10,8 @@ from __future__ import annotations
 from clickhouse_connect import get_client
 from clickhouse_connect.driver.client import Client
 
-from services.accountant.ddl import quote_identifier, statements
+from services.accountant import aggregates
+from services.accountant.ddl import USAGE_EVENTS, quote_identifier, statements
 
 
 def client(url: str) -> Client:
@@ -30,7 +31,25 @@ def create_schema(ch: Client, database: str | None = None) -> str:
     database = database or ch.database
     if not database:
         raise ValueError("no ClickHouse database named: give one in the URL's path (…/frugalmesh) or as `database`")
-    ch.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
+    db = quote_identifier(database)
+    ch.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+    if made_for_a_cluster(ch, database):
+        return database
+    existing = {row[0] for row in ch.query(f"SHOW TABLES FROM {db}").result_rows}
     for statement in statements(database):
         ch.command(statement)
+    # Aggregates new to an install with usage rows already stored: filled from them once.
+    for statement in aggregates.backfill(db, USAGE_EVENTS, set(aggregates.AGGREGATES) - existing):
+        ch.command(statement)
     return database
+
+
+def made_for_a_cluster(ch: Client, database: str) -> bool:
+    """Whether ``database``'s tables are Distributed ones, made by `frugalmesh schema ddl --cluster`: the
+    operator runs that form (and its changes on an upgrade) ON CLUSTER, so the accountant leaves the
+    schema as it is (the single-node statements do not apply: a Distributed table takes no index)."""
+    found = ch.query(
+        "SELECT count() FROM system.tables WHERE database = {db:String} AND engine = 'Distributed'",
+        parameters={"db": database},
+    )
+    return bool(found.result_rows[0][0])

@@ -9,6 +9,9 @@ ingest cannot see (two accountants inserting the same key at once); its merges a
 so every view reads ``FINAL``. That is why the views are plain views and not materialized
 ones: a SummingMergeTree fed on insert would count a raced duplicate for ever, whereas a view
 over ``FINAL`` is always exact.
+The per-minute and per-task aggregates the report reads are materialized views all the same (a
+view over ``FINAL`` of ten million rows takes seconds): services/accountant/aggregates.py says
+where they are exact and how a raced duplicate is found and repaired.
 
 Money is ``Decimal(18, 12)`` (up to $999,999.999999999999 per row, picodollar resolution) so
 sums are exact, unlike float sums whose result depends on the order of addition.
@@ -16,19 +19,24 @@ sums are exact, unlike float sums whose result depends on the order of addition.
 
 from __future__ import annotations
 
+from services.accountant import aggregates
+
 USAGE_EVENTS = "usage_events"
 TASK_EVENTS = "task_events"
 ARTIFACTS = "artifacts"
 KILL_EVENTS = "kill_events"
+ALERTS = "alerts"  # spend alerts that fired (services/accountant/alerts.py)
+FEEDBACK = "feedback"  # verdicts on calls' answers (schemas.messages.Feedback)
 
 SPEND_DAILY = "spend_daily"
 COMPLETED_ARTIFACT_COST = "completed_artifact_cost"
 CACHE_HIT_DAILY = "cache_hit_daily"
 TASK_TOKENS = "task_tokens"
 KEY_SPEND_DAILY = "key_spend_daily"
+CALL_FEEDBACK = "call_feedback"
 
-TABLES = (USAGE_EVENTS, TASK_EVENTS, ARTIFACTS, KILL_EVENTS)
-VIEWS = (SPEND_DAILY, COMPLETED_ARTIFACT_COST, CACHE_HIT_DAILY, TASK_TOKENS, KEY_SPEND_DAILY)
+TABLES = (USAGE_EVENTS, TASK_EVENTS, ARTIFACTS, KILL_EVENTS, ALERTS, FEEDBACK)
+VIEWS = (SPEND_DAILY, COMPLETED_ARTIFACT_COST, CACHE_HIT_DAILY, TASK_TOKENS, KEY_SPEND_DAILY, CALL_FEEDBACK)
 
 # Columns a table gained after its first release, in the order CREATE TABLE lists them, last; all
 # LowCardinality(String) DEFAULT ''. Each is added AFTER the one before it (the first after the
@@ -81,7 +89,8 @@ def statements(database: str) -> list[str]:
             hardware_profile LowCardinality(String) DEFAULT '',
             spilled_from LowCardinality(String) DEFAULT '',
             key_id LowCardinality(String) DEFAULT '',
-            agent LowCardinality(String) DEFAULT ''
+            agent LowCardinality(String) DEFAULT '',
+            ttft_ms Float64 DEFAULT 0
         )
         ENGINE = ReplacingMergeTree
         -- an event's time never changes, so a duplicate always lands in the same partition
@@ -89,6 +98,13 @@ def statements(database: str) -> list[str]:
         ORDER BY event_id
         """,
         *added_columns(f"{db}.{USAGE_EVENTS}", FIRST_ADDED_AFTER, ADDED_USAGE_COLUMNS),
+        # Time to first token (UsageEvent.ttft_ms), after every string column added before it.
+        f"ALTER TABLE {db}.{USAGE_EVENTS} ADD COLUMN IF NOT EXISTS ttft_ms Float64 DEFAULT 0 "
+        f"AFTER {ADDED_USAGE_COLUMNS[-1]}",
+        # The report's call trees look tasks up by id; the table is ordered by event id.
+        f"ALTER TABLE {db}.{USAGE_EVENTS} ADD INDEX IF NOT EXISTS task_id_bloom task_id TYPE bloom_filter "
+        "GRANULARITY 1",
+        *aggregates.statements(db, USAGE_EVENTS),
         f"""
         CREATE TABLE IF NOT EXISTS {db}.{TASK_EVENTS} (
             task_id String,
@@ -135,6 +151,43 @@ def statements(database: str) -> list[str]:
         )
         ENGINE = ReplacingMergeTree
         ORDER BY event_id
+        """,
+        # Every spend alert that fired (deploy/alerts.toml), once per rule, scope key and window.
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{ALERTS} (
+            alert_id String,
+            time DateTime64(3, 'UTC'),
+            tenant LowCardinality(String),
+            rule LowCardinality(String),
+            kind LowCardinality(String),
+            scope LowCardinality(String),
+            key String,
+            window LowCardinality(String),
+            window_start DateTime64(3, 'UTC'),
+            window_end DateTime64(3, 'UTC'),
+            value_usd Decimal(18, 12),
+            threshold_usd Decimal(18, 12),
+            detail String
+        )
+        ENGINE = ReplacingMergeTree
+        ORDER BY alert_id
+        """,
+        # Every verdict on an answer (mesh.feedback): a new table, so an existing install gains it
+        # on the accountant's next start (every statement here runs then).
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{FEEDBACK} (
+            feedback_id String,
+            time DateTime64(3, 'UTC'),
+            tenant LowCardinality(String),
+            call_id String,
+            task_id String,
+            score Float64,
+            source LowCardinality(String),
+            tag LowCardinality(String),
+            comment String
+        )
+        ENGINE = ReplacingMergeTree
+        ORDER BY feedback_id
         """,
         # Spend per UTC day, tenant and model.
         f"""
@@ -208,6 +261,31 @@ def statements(database: str) -> list[str]:
             max(e.time) AS last_call
         FROM {db}.{USAGE_EVENTS} AS e FINAL
         GROUP BY e.task_id
+        """,
+        # Each verdict beside the call it judges: the call's model, tier and cost (a verdict naming
+        # only a task joins each of the task's calls), and its tag (the verdict's, else the task's
+        # workflow). `frugalmesh router train --from-clickhouse` reads its labels from here.
+        f"""
+        CREATE VIEW IF NOT EXISTS {db}.{CALL_FEEDBACK} AS
+        SELECT
+            f.feedback_id AS feedback_id,
+            f.time AS time,
+            f.tenant AS tenant,
+            u.call_id AS call_id,
+            u.task_id AS task_id,
+            u.step_id AS step_id,
+            u.model AS model,
+            u.tier AS tier,
+            u.cost_usd AS cost_usd,
+            f.score AS score,
+            f.source AS source,
+            if(f.tag != '', f.tag, t.workflow) AS tag,
+            f.comment AS comment
+        FROM (SELECT * FROM {db}.{FEEDBACK} FINAL) AS f
+        INNER JOIN (SELECT * FROM {db}.{USAGE_EVENTS} FINAL WHERE outcome = 'ok') AS u
+            ON u.call_id = f.call_id OR (f.call_id = '' AND u.task_id = f.task_id)
+        LEFT JOIN (SELECT task_id, any(workflow) AS workflow FROM {db}.{TASK_EVENTS} FINAL GROUP BY task_id) AS t
+            ON t.task_id = u.task_id
         """,
         # Spend per UTC day and virtual key (the gateway's callers): what each key cost, beside its
         # caps (`frugalmesh budget show --scope key`). Calls not made with a key are left out.

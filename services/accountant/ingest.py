@@ -35,6 +35,7 @@ from services.accountant import ddl
 from services.accountant.clickhouse import client, create_schema
 from services.accountant.rows import M, Row, Sink
 from services.runtime.bus import Bus
+from services.runtime.dead_letters import UNREADABLE
 from services.runtime.pull import BatchPull
 
 SELECT_KEYS = 2000  # keys per duplicate-check SELECT
@@ -133,7 +134,7 @@ class Ingest(Generic[M]):
         for raw in messages:
             try:
                 row = to_row(decode(raw.data))
-            except (msgspec.DecodeError, ValueError) as exc:
+            except (*UNREADABLE, ValueError) as exc:
                 error = f"{self.sink.message_type.__name__}: {exc}"
                 await self.bus.dead_letter(raw.subject, raw.data, raw.headers, error)
                 await raw.ack()

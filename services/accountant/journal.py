@@ -13,15 +13,25 @@ there and then (the accountant's send the replies parked on it): no future, task
 between an acknowledgement and its replies, since under load each such hop waits behind a whole
 burst of decisions (measured in docs/benchmarks.md, "Reservation round trip").
 
+Fencing (several accountant replicas, one leading: ``lease.py``): every journal message carries
+the stream sequence it must follow (``Nats-Expected-Last-Sequence``), and JetStream stores it only
+if the stream's last message is that one. The journal learns that sequence when it opens, by
+storing an empty message after the last one it replayed (``_fence``): from then on a deposed
+leader's writes, which expect an older sequence, are refused, and a journal that opened before
+another wrote fails to open, so its ledger is rebuilt. Every stored message was thus decided on a
+ledger holding exactly the messages before it: two replicas can never both spend the same room.
+
 A write JetStream refuses, or does not acknowledge within ``ACK_TIMEOUT_S``, is not retried: its
-waiters get the error (a grant is withdrawn), and its other operations, applied in memory, reach
-the store with the next snapshot. Until then a crash would lose them, and with a lost settle or
-release the room it freed, which grants stored since may already use.
+waiters get the error (a grant is withdrawn), and the journal is ``fenced``: it writes nothing
+more, since the sequences it expects no longer hold. The accountant then ends its term and opens
+the journal again (``lease.Leadership``), rebuilding the ledger from what was stored: an operation
+lost with the write is gone (a lost settle leaves its hold, charged in full when it expires).
 
 Every ``snapshot_interval_s`` the committer also encodes the whole ledger as of the commit it is
 about to publish, stores it in the Object Store ``<prefix>_ledger`` under that commit's sequence
 number and then purges the journal up to that sequence, so a restart replays at most one
-interval of operations.
+interval of operations. A snapshot older than the stored one (a deposed leader's, late) is
+dropped, so the stored snapshot never goes back to before what was purged.
 """
 
 from __future__ import annotations
@@ -36,12 +46,13 @@ from dataclasses import dataclass
 import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectMeta, StorageType, StreamConfig
 from nats.js.errors import ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from schemas.subjects import (
     BUCKET_LEDGER,
+    HEADER_EXPECTED_LAST_SEQUENCE,
     HEADER_EXPECTED_STREAM,
     HEADER_STATUS,
     STATUS_NO_RESPONDERS,
@@ -135,21 +146,32 @@ class Journal:
         self._snapshotting: asyncio.Task | None = None
         self._last_snapshot = time.monotonic()
         self._encode = msgspec.json.Encoder().encode
-        self._headers = {HEADER_EXPECTED_STREAM: self.stream}
+        # The stream's last sequence once every message published so far is stored: the next one expects it.
+        self._next_seq = 0
+        # Set once a write failed: the journal writes nothing more (see the module docstring).
+        self.fenced = asyncio.Event()
 
     async def open(self) -> Ledger:
         """Declare the stream and store, rebuild the ledger from snapshot + journal, start committing."""
         await ensure_stream(
-            self.bus.jetstream, StreamConfig(name=self.stream, subjects=[self.subject], storage=StorageType.FILE)
+            self.bus.jetstream,
+            StreamConfig(
+                name=self.stream,
+                subjects=[self.subject],
+                storage=StorageType.FILE,
+                num_replicas=self.bus.settings.replicas,
+            ),
         )
         self._store = await self.bus.object_store(self.bucket)
-        self.ledger = await self._recover()
+        self.ledger, last = await self._recover()
+        self._next_seq = await self._fence(last)
         self._ack_inbox = self.bus.new_inbox() + "."
         self._ack_sub = await self.bus.subscribe_core(self._ack_inbox + "*", self._on_ack)
         self._committer = asyncio.create_task(self._commit_forever())
         return self.ledger
 
-    async def _recover(self) -> Ledger:
+    async def _recover(self) -> tuple[Ledger, int]:
+        """The ledger as of the journal's last message, and that message's sequence."""
         assert self._store is not None
         try:
             stored = (await self._store.get(SNAPSHOT)).data
@@ -169,8 +191,13 @@ class Journal:
                 config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=seq + 1),
             )
             try:
+                first = seq + 1
                 while True:
                     msg = await sub.next_msg(timeout=10)
+                    if first and msg.metadata.sequence.stream > first:
+                        # Purged past this snapshot meanwhile (a deposed leader's late snapshot): read again.
+                        raise JournalWriteError(f"journal purged past snapshot {seq} during the replay")
+                    first = 0
                     for op in _decode_batch(msg.data).ops:
                         ledger.apply(op)
                         replayed += 1
@@ -181,7 +208,19 @@ class Journal:
         for hold in ledger.holds.values():
             hold.recovered = True
         self.log.info("ledger_recovered", snapshot_seq=seq, replayed_ops=replayed, holds=len(ledger.holds))
-        return ledger
+        return ledger, last
+
+    async def _fence(self, last: int) -> int:
+        """Store an empty message right after ``last``: any writer expecting an older sequence is
+        refused from now on. Raises ``JournalWriteError`` if another message came first."""
+        headers = {HEADER_EXPECTED_STREAM: self.stream, HEADER_EXPECTED_LAST_SEQUENCE: str(last)}
+        try:
+            ack = await self.bus.jetstream.publish(
+                self.subject, self._encode(JournalBatch([])), stream=self.stream, headers=headers
+            )
+        except Exception as exc:
+            raise JournalWriteError(f"the journal moved on while it was replayed: {exc}") from exc
+        return ack.seq
 
     def append(self, op: Op) -> Commit:
         """Queue an operation (already applied to the ledger); returns the commit that will carry it."""
@@ -212,7 +251,7 @@ class Journal:
         Publishing does not wait for earlier acknowledgements: JetStream stores the messages of
         one connection in the order sent, so the journal keeps the order of the ledger.
         """
-        while self._pending and len(self._unacked) < MAX_IN_FLIGHT:
+        while self._pending and len(self._unacked) < MAX_IN_FLIGHT and not self.fenced.is_set():
             commit = self._pending.popleft()
             self._writes += 1
             write = self._writes
@@ -222,9 +261,9 @@ class Journal:
                 # nats-py queues the bytes before anything in publish() can suspend, so a commit
                 # published meanwhile by the acknowledgement callback still goes out after this one.
                 data = self._encode(JournalBatch(commit.ops))
-                await self.bus.publish_core(
-                    self.subject, data, reply=f"{self._ack_inbox}{write}", headers=self._headers
-                )
+                headers = {HEADER_EXPECTED_STREAM: self.stream, HEADER_EXPECTED_LAST_SEQUENCE: str(self._next_seq)}
+                self._next_seq += 1
+                await self.bus.publish_core(self.subject, data, reply=f"{self._ack_inbox}{write}", headers=headers)
             except Exception as exc:  # connection closed, or its buffer full while reconnecting
                 self._done(write, exc)
                 await self._notify(commit, exc)
@@ -276,8 +315,9 @@ class Journal:
             return None
         done.timeout.cancel()
         self._progress.set()
-        if error is not None:  # JetStream unavailable: the waiters decide (a grant is withdrawn)
+        if error is not None:  # refused or unanswered: the waiters decide (a grant is withdrawn)
             self.log.error("journal_write_failed", ops=len(done.commit.ops), error=str(error))
+            self.fenced.set()
         elif done.state is not None:
             self._snapshotting = asyncio.create_task(self._save_snapshot(done.state, seq))
         return done.commit
@@ -292,8 +332,12 @@ class Journal:
     async def _save_snapshot(self, state: bytes, seq: int) -> None:
         assert self._store is not None
         try:
-            # A header line carries the sequence, known only once the commit was stored.
-            await self._store.put(SNAPSHOT, b"%d\n" % seq + state)
+            stored = await self._stored_snapshot_seq()
+            if stored > seq:  # a newer leader's: this one is out of date
+                return
+            # A header line carries the sequence, known only once the commit was stored; the
+            # description too, so the check above reads it without fetching the snapshot.
+            await self._store.put(SNAPSHOT, b"%d\n" % seq + state, meta=ObjectMeta(SNAPSHOT, description=str(seq)))
             # Only after the snapshot is stored may the operations it covers go.
             await self.bus.jetstream.purge_stream(self.stream, seq=seq + 1)
             self.log.debug("ledger_snapshot", seq=seq, bytes=len(state))
@@ -301,6 +345,32 @@ class Journal:
             self.log.error("ledger_snapshot_failed", seq=seq, error=str(exc))
         finally:
             self._snapshotting = None
+
+    async def _stored_snapshot_seq(self) -> int:
+        assert self._store is not None
+        try:
+            return int((await self._store.get_info(SNAPSHOT)).description or 0)
+        except ObjectNotFoundError:
+            return 0
+
+    async def abandon(self) -> None:
+        """Stop without writing anything more (a term that ended: the lease lost, or a write refused):
+        every commit not yet stored fails its waiters."""
+        tasks = [task for task in (self._committer, self._snapshotting) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.fenced.set()
+        if self._ack_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._ack_sub.unsubscribe()
+        error = JournalWriteError("the accountant's term ended before this was stored")
+        for write in list(self._unacked):
+            commit = self._done(write, error)
+            if commit is not None:
+                await self._notify(commit, error)
+        while self._pending:
+            await self._notify(self._pending.popleft(), error)
 
     async def close(self) -> None:
         """Store what is queued and run its waiters, then stop."""
@@ -319,3 +389,5 @@ class Journal:
         if self._snapshotting is not None:
             with contextlib.suppress(Exception):
                 await self._snapshotting
+        while self._pending:  # fenced meanwhile: never to be published
+            await self._notify(self._pending.popleft(), JournalWriteError("the journal was fenced"))

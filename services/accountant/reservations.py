@@ -6,7 +6,8 @@ a grant's reply then waits for the journal (``journal.py``), so a grant that was
 survives a crash. A grant's reply carries the accountant's signature of it
 (``ReservationDecision.grant``, services/runtime/grants.py), without which an inference service
 runs no paid call. One accountant owns the budgets: the reserve and settle subjects are served
-by a single replica (see docs/architecture.md on partitioning tenants across instances).
+by the replica holding the lease (``lease.py``), one term at a time: ``start`` begins a term
+(rebuilding the ledger from the journal), ``stop`` or ``abandon`` ends it.
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ class Accounts:
     # -- life cycle --
 
     async def start(self) -> None:
-        await self.book.open(self.bus)
+        self._expiries = []
+        self._control_writes = asyncio.Queue()
+        await self.book.open(self.bus)  # again each term: the previous leader may have changed caps
         self.control = await ControlState.open(self.bus)
         self.paces = {tenant: signal.action for tenant, signal in self.control.paces.items()}
         self.journal = Journal(self.bus, self.snapshot_interval_s)
@@ -134,6 +137,17 @@ class Accounts:
             self._tasks[0].cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._tasks[0]
+        if self.control is not None:
+            await self.control.close()
+
+    async def abandon(self) -> None:
+        """End a term without writing anything more (the lease lost, or the journal fenced)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.journal is not None:
+            await self.journal.abandon()
         if self.control is not None:
             await self.control.close()
 

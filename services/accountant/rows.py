@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from schemas.messages import TERMINAL_EVENTS, Artifact, KillSwitch, TaskEvent, UsageEvent
+from schemas.messages import TERMINAL_EVENTS, Artifact, Feedback, KillSwitch, TaskEvent, UsageEvent
 from services.accountant import ddl
 
 M = TypeVar("M", bound=msgspec.Struct)
@@ -96,6 +96,7 @@ def usage_row(e: UsageEvent) -> Row:
         e.spilled_from,
         e.key_id,
         e.agent,
+        e.ttft_ms,
     )
 
 
@@ -132,6 +133,12 @@ def artifact_row(a: Artifact) -> Row:
     )
 
 
+def feedback_row(f: Feedback) -> Row:
+    if not (f.call_id or f.task_id):
+        raise ValueError("feedback names neither a call_id nor a task_id")
+    return (f.feedback_id, utc(f.time_ms), f.tenant, f.call_id, f.task_id, f.score, f.source, f.tag, f.comment)
+
+
 def kill_row(k: KillSwitch) -> Row:
     # A switch event has no id of its own; its content is one (the same write redelivered is the
     # same fact, and two writers never put the same scope, state and millisecond apart).
@@ -165,6 +172,7 @@ USAGE = Sink(
         "spilled_from",
         "key_id",
         "agent",
+        "ttft_ms",
     ),
     key=("event_id",),
     to_row=usage_row,
@@ -202,4 +210,11 @@ KILLS = Sink(
     columns=("event_id", "time", "scope", "key", "tripped", "reason", "by"),
     key=("event_id",),
     to_row=kill_row,
+)
+FEEDBACK = Sink(
+    table=ddl.FEEDBACK,
+    message_type=Feedback,
+    columns=("feedback_id", "time", "tenant", "call_id", "task_id", "score", "source", "tag", "comment"),
+    key=("feedback_id",),
+    to_row=feedback_row,
 )

@@ -16,6 +16,7 @@ import click
 import msgspec
 
 from schemas.messages import (
+    MAX_USD,
     BudgetQuery,
     BudgetScope,
     BudgetState,
@@ -90,8 +91,9 @@ def budget() -> None:
 @budget.command("set")
 @click.option("--scope", type=click.Choice(["global", "tenant", "model", "key"]), required=True)
 @click.option("--key", default="*", help="The tenant or model name, or the virtual key's id (not for global).")
-@click.option("--day", "day_usd", type=float, help="Cap per UTC day, USD.")
-@click.option("--month", "month_usd", type=float, help="Cap per UTC month, USD.")
+# Checked here against the wire bound, so a mistake is named by its option rather than refused by the accountant.
+@click.option("--day", "day_usd", type=click.FloatRange(0, MAX_USD), help="Cap per UTC day, USD.")
+@click.option("--month", "month_usd", type=click.FloatRange(0, MAX_USD), help="Cap per UTC month, USD.")
 @click.option("--no-day", is_flag=True, help="Remove the day cap.")
 @click.option("--no-month", is_flag=True, help="Remove the month cap.")
 def budget_set(

@@ -149,6 +149,7 @@ def report(settings: MeshSettings, prompts: list[Record], result: RunResult) -> 
     console.print(
         'rows: frugalmesh sql "SELECT tier, model, count(), sum(cost_usd) FROM usage_events GROUP BY tier, model"'
     )
+    console.print("the picture: frugalmesh report --out report.html (one HTML file; docs/analytics.md)")
 
 
 def run_demo(data_dir: Path, n_tasks: int, concurrency: int, seed: int) -> None:

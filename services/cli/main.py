@@ -55,6 +55,14 @@ def run(service: str, ready_file: Path | None) -> None:
     help="Where nats-server and ClickHouse keep their data [~/.frugalmesh].",
 )
 @click.option("--nats-port", default=4222, show_default=True, help="-1 picks a free port.")
+@click.option(
+    "--cluster",
+    "nats_cluster",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Start a JetStream cluster of this many nats-server nodes (3: replication 3; --nats-port the "
+    "first node's port) instead of one server.",
+)
 @click.option("--clickhouse-port", default=8123, show_default=True, help="0 picks a free port.")
 @click.option(
     "--gateway-port",
@@ -78,6 +86,7 @@ def run(service: str, ready_file: Path | None) -> None:
 def up(
     data_dir: Path | None,
     nats_port: int,
+    nats_cluster: int,
     clickhouse_port: int,
     gateway_port: int | None,
     local_engine: Literal["cpu", "vllm", "none"],  # click.Choice has checked it
@@ -101,13 +110,17 @@ def up(
         settings=settings,
         local_engine=None if local_engine == "none" else local_engine,
         local_model=local_model,
+        nats_cluster=nats_cluster,
     )
     try:
         stack.start()
     except EmbeddedError as exc:
         stack.stop()
         _fail(f"{exc}\nIf a port is taken, pass --nats-port -1 / --clickhouse-port 0 / --gateway-port 0 for free ones.")
-    click.echo(f"NATS        {stack.settings.nats_url}" + ("" if stack.nats else "  (external)"))
+    started = f"  (cluster of {nats_cluster}, replicas {stack.settings.replicas})" if stack.cluster else ""
+    if not (stack.nats or stack.cluster):
+        started = "  (external)"
+    click.echo(f"NATS        {stack.settings.nats_url}{started}")
     click.echo(f"ClickHouse  {_redact(stack.settings.clickhouse_url)}" + ("" if stack.clickhouse else "  (external)"))
     if stack.settings.local_engine_url:
         served = (
@@ -353,13 +366,23 @@ def _register_command_modules() -> None:
     from services.cli.agent_commands import agent_group, agents
     from services.cli.budget_commands import budget, clear, kill
     from services.cli.estimate_command import estimate
+    from services.cli.experiment_commands import experiment
+    from services.cli.feedback_command import feedback
     from services.cli.keys_commands import keys
     from services.cli.loadtest_commands import loadtest
+    from services.cli.report_command import report
     from services.cli.router_commands import eval_group, router
     from services.cli.schedule_commands import schedule
+    from services.cli.schema_commands import schema
+    from services.cli.tco_command import tco
 
     for command in (budget, kill, clear, estimate, schedule, loadtest, router, eval_group, keys, agent_group, agents):
         cli.add_command(command)
+    cli.add_command(report)
+    cli.add_command(schema)
+    cli.add_command(feedback)
+    cli.add_command(tco)
+    cli.add_command(experiment)
 
 
 _register_command_modules()

@@ -63,11 +63,16 @@ def stop_process(process: subprocess.Popen | None, timeout_s: float = 10.0) -> N
 
 @dataclass
 class EmbeddedNats:
-    """nats-server with JetStream, storing under ``data_dir``; ``port=-1`` picks a free port."""
+    """nats-server with JetStream, storing under ``data_dir``; ``port=-1`` picks a free port.
+
+    ``config``: more of the server's configuration (nats-server's config file syntax: a cluster
+    block, ``jetstream { sync_interval: always }``), written to ``data_dir/nats.conf``; the command
+    line's address, port and store folder take precedence over it."""
 
     data_dir: Path
     port: int = 4222
     host: str = "127.0.0.1"
+    config: str = ""
     process: subprocess.Popen | None = field(default=None, init=False)
     url: str = field(default="", init=False)
 
@@ -81,9 +86,14 @@ class EmbeddedNats:
         for stale in ports_dir.glob("*.ports"):
             stale.unlink()
         log = self.data_dir / "nats-server.log"
+        config = []
+        if self.config:
+            (self.data_dir / "nats.conf").write_text(self.config)
+            config = ["--config", str(self.data_dir / "nats.conf")]
         self.process = subprocess.Popen(
             [
                 binary,
+                *config,
                 "--jetstream",
                 "--addr", self.host,
                 "--port", str(self.port),
@@ -110,6 +120,12 @@ class EmbeddedNats:
     def stop(self) -> None:
         stop_process(self.process)
 
+    def kill(self) -> None:
+        """SIGKILL: the server dies with whatever it had not written (what a crashed host does)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
 
 # `default_session_user` empty: a request that names no user is refused, not run as `default`.
 CLICKHOUSE_CONFIG = """<clickhouse>
@@ -118,6 +134,7 @@ CLICKHOUSE_CONFIG = """<clickhouse>
   <default_session_user></default_session_user>
   <users_config>users.xml</users_config>
   <logger><level>warning</level><console>1</console></logger>
+  {more}
 </clickhouse>
 """
 
@@ -134,6 +151,8 @@ WRITER_GRANTS = (
     "DROP TABLE, DROP VIEW, TRUNCATE, OPTIMIZE, SHOW ON *.*",
     "GRANT TABLE ENGINE ON MergeTree",
     "GRANT TABLE ENGINE ON ReplacingMergeTree",
+    # the aggregates the report reads (services/accountant/aggregates.py)
+    "GRANT TABLE ENGINE ON AggregatingMergeTree",
 )
 ANALYST_GRANTS = ("GRANT SELECT, SHOW ON *.*",)
 
@@ -204,11 +223,16 @@ class EmbeddedClickHouse:
     Its users: ``writer`` (``url``: the accountant; SELECT, INSERT, CREATE, ALTER and DROP TABLE,
     never DROP DATABASE, users, SYSTEM or files) and ``analyst`` (``analyst_url``: SELECT only,
     readonly=1), whose passwords live in ``writer.password`` and ``analyst.password`` in
-    ``data_dir`` (0600; ``data_dir`` itself 0700), made once per folder."""
+    ``data_dir`` (0600; ``data_dir`` itself 0700), made once per folder.
+
+    ``config``: more server configuration (XML elements of ``<clickhouse>``: a ``remote_servers``
+    cluster, ``macros``); ``writer_grants``: grants the writer gets beyond ``WRITER_GRANTS``."""
 
     data_dir: Path
     port: int = 8123
     host: str = "127.0.0.1"
+    config: str = ""
+    writer_grants: tuple[str, ...] = ()
     process: subprocess.Popen | None = field(default=None, init=False)
     url: str = field(default="", init=False)
     analyst_url: str = field(default="", init=False)
@@ -225,11 +249,11 @@ class EmbeddedClickHouse:
         conf = self.data_dir / "conf"
         conf.mkdir(exist_ok=True)
         passwords = {user: password(path) for user, path in self.password_files.items()}
-        (conf / "config.xml").write_text(CLICKHOUSE_CONFIG.format(host=self.host, port=self.port))
+        (conf / "config.xml").write_text(CLICKHOUSE_CONFIG.format(host=self.host, port=self.port, more=self.config))
         users = CLICKHOUSE_USERS.format(
             writer_sha256=hashlib.sha256(passwords[WRITER].encode()).hexdigest(),
             analyst_sha256=hashlib.sha256(passwords[ANALYST].encode()).hexdigest(),
-            writer_grants="".join(f"<query>{grant}</query>" for grant in WRITER_GRANTS),
+            writer_grants="".join(f"<query>{grant}</query>" for grant in WRITER_GRANTS + self.writer_grants),
             analyst_grants="".join(f"<query>{grant}</query>" for grant in ANALYST_GRANTS),
         )
         write_private(conf / "users.xml", users)

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.embedded.cluster import EmbeddedNatsCluster
 from services.embedded.servers import (
     EmbeddedClickHouse,
     EmbeddedEngine,
@@ -89,6 +90,8 @@ def client_settings(home: Path | None = None) -> MeshSettings:
         update["clickhouse_url"] = state["clickhouse_url"]
         if state.get("clickhouse_analyst_url") and not _in_env(ANALYST_ENV):
             update["clickhouse_analyst_url"] = state["clickhouse_analyst_url"]
+    if state and state.get("replicas") and not os.environ.get("FRUGALMESH_REPLICAS"):
+        update["replicas"] = state["replicas"]
     if state and state.get("local_engine_url") and not os.environ.get("FRUGALMESH_LOCAL_ENGINE_URL"):
         update["local_engine_url"] = state["local_engine_url"]
     return settings.model_copy(update=update) if update else settings
@@ -161,6 +164,22 @@ def development_key(settings: MeshSettings) -> str | None:
     return asyncio.run(ensure())
 
 
+def declare_streams(settings: MeshSettings) -> None:
+    """Create the mesh's streams once, before the services start: on a new cluster, seven processes
+    creating replicated streams at once can keep the JetStream API busier than a client waits."""
+    from services.runtime.bus import Bus
+
+    async def declare() -> None:
+        bus = Bus(settings, "stack", reconnect_attempts=3)
+        await bus.connect()
+        try:
+            await bus.declare_streams()
+        finally:
+            await bus.close()
+
+    asyncio.run(declare())
+
+
 @dataclass
 class Stack:
     home: Path
@@ -175,8 +194,12 @@ class Stack:
     gateway_port: int = 0
     # The agents to run beside the services, one instance each: process name -> module:attribute.
     agents: dict[str, str] = field(default_factory=lambda: dict(SHIPPED_AGENTS))
+    # Nodes of the JetStream cluster to start in place of one nats-server (0: one server); every
+    # stream and bucket then keeps min(nodes, 3) copies.
+    nats_cluster: int = 0
     gateway_url: str = field(default="", init=False)
     nats: EmbeddedNats | None = field(default=None, init=False)
+    cluster: EmbeddedNatsCluster | None = field(default=None, init=False)
     clickhouse: EmbeddedClickHouse | None = field(default=None, init=False)
     engine: EmbeddedEngine | None = field(default=None, init=False)
     services: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
@@ -184,7 +207,13 @@ class Stack:
     def start(self, timeout_s: float = 60.0) -> MeshSettings:
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         nats_url = os.environ.get("NATS_URL")
-        if not nats_url:
+        replicas = self.settings.replicas
+        if not nats_url and self.nats_cluster:
+            first_port = max(self.nats_port, 0)  # -1 (a free port) is 0 here: free ports for every node
+            self.cluster = EmbeddedNatsCluster(self.home / "nats-cluster", size=self.nats_cluster, port=first_port)
+            nats_url = self.cluster.start()
+            replicas = min(self.nats_cluster, 3)
+        elif not nats_url:
             self.nats = EmbeddedNats(self.home / "nats", port=self.nats_port)
             nats_url = self.nats.start()
         clickhouse_url = os.environ.get("CLICKHOUSE_URL")
@@ -197,9 +226,12 @@ class Stack:
         if self.local_engine and not self.settings.local_engine_url:
             self.engine = EmbeddedEngine(self.home / "logs", kind=self.local_engine, model=self.local_model)
             update["local_engine_url"] = self.engine.start()
-        self.settings = self.settings.model_copy(update=update)
+        self.settings = self.settings.model_copy(update={**update, "replicas": replicas})
+        if self.cluster:
+            declare_streams(self.settings)
         self._start_services(timeout_s)
-        write_state(self.home, {"pid": os.getpid(), **update, "gateway_url": self.gateway_url})
+        state = {"pid": os.getpid(), **update, "replicas": replicas, "gateway_url": self.gateway_url}
+        write_state(self.home, state)
         return self.settings
 
     def _start_services(self, timeout_s: float) -> None:
@@ -210,6 +242,7 @@ class Stack:
         env = {
             **{name: value for name, value in os.environ.items() if name not in WRITER_ENV + ANALYST_ENV},
             "NATS_URL": self.settings.nats_url,
+            "FRUGALMESH_REPLICAS": str(self.settings.replicas),
             "FRUGALMESH_SUBJECT_PREFIX": self.settings.subject_prefix,
             "FRUGALMESH_LOCAL_ENGINE_URL": self.settings.local_engine_url,
             "FRUGALMESH_GATEWAY_HOST": self.settings.gateway_host,
@@ -243,17 +276,25 @@ class Stack:
                     stderr=subprocess.STDOUT,
                     env=own_env,
                 )
+            if self.cluster:
+                # One at a time: on a new cluster, seven processes creating replicated buckets at once
+                # can keep the JetStream API busier than a client waits.
+                self._wait_ready(name, ready, time.monotonic() + timeout_s)
         deadline = time.monotonic() + timeout_s
         for name, ready in ready_files.items():
-            while not ready.exists():
-                process = self.services[name]
-                if process.poll() is not None:
-                    raise EmbeddedError(f"service {name} exited with code {process.returncode}; see {logs / name}.log")
-                if time.monotonic() > deadline:
-                    raise EmbeddedError(f"service {name} not ready after {timeout_s:.0f}s; see {logs / name}.log")
-                time.sleep(0.05)
+            self._wait_ready(name, ready, deadline)
         if "gateway" in ready_files:
             self.gateway_url = ready_files["gateway"].read_text().strip()
+
+    def _wait_ready(self, name: str, ready: Path, deadline: float) -> None:
+        logs = self.home / "logs"
+        while not ready.exists():
+            process = self.services[name]
+            if process.poll() is not None:
+                raise EmbeddedError(f"service {name} exited with code {process.returncode}; see {logs / name}.log")
+            if time.monotonic() > deadline:
+                raise EmbeddedError(f"service {name} not ready in time; see {logs / name}.log")
+            time.sleep(0.05)
 
     def dead_services(self) -> list[str]:
         return [name for name, process in self.services.items() if process.poll() is not None]
@@ -270,6 +311,8 @@ class Stack:
             self.clickhouse.stop()
         if self.nats:
             self.nats.stop()
+        if self.cluster:
+            self.cluster.stop()
         (self.home / STATE_FILE).unlink(missing_ok=True)
 
     def __enter__(self) -> Stack:

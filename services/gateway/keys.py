@@ -27,6 +27,8 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from schemas.messages import VirtualKey
 from schemas.subjects import BUCKET_KEYS, KV_API, token
 from services.runtime.bus import Bus, now_ms
+from services.runtime.dead_letters import UNREADABLE
+from services.runtime.kv_snapshot import current_entries
 
 SECRET_PREFIX = "fm-"
 ID_PREFIX = "fmk_"
@@ -56,7 +58,7 @@ async def _read_all(kv: KeyValue) -> dict[str, VirtualKey]:
         # The watcher delivers the last value of every key, then None once it has caught up.
         while (entry := await watcher.updates(timeout=WATCH_TIMEOUT_S)) is not None:
             if entry.operation not in (KV_DEL, KV_PURGE) and entry.value:
-                with contextlib.suppress(msgspec.DecodeError):
+                with contextlib.suppress(*UNREADABLE):
                     found[entry.key] = msgspec.json.decode(entry.value, type=VirtualKey)
     finally:
         await watcher.stop()
@@ -137,7 +139,7 @@ class KeyCache:
         cache = cls(bus)
         kv = await keys_bucket(bus)
         watcher = cache._watcher = await kv.watchall()
-        while (entry := await watcher.updates(timeout=WATCH_TIMEOUT_S)) is not None:
+        async for entry in current_entries(bus, bus.subjects.bucket(BUCKET_KEYS), watcher, WATCH_TIMEOUT_S):
             await cache._take(entry)
         cache._follow = asyncio.create_task(cache._follow_updates(watcher))
         return cache
@@ -148,15 +150,15 @@ class KeyCache:
                 await self._take(entry)
 
     async def _take(self, entry: KeyValue.Entry) -> None:
-        if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+        if entry.operation in (KV_DEL, KV_PURGE):
             self.by_hash.pop(entry.key, None)
             return
         try:
-            self.by_hash[entry.key] = msgspec.json.decode(entry.value, type=VirtualKey)
-        except msgspec.DecodeError as exc:  # a ValidationError is a DecodeError too
+            self.by_hash[entry.key] = msgspec.json.decode(entry.value or b"", type=VirtualKey)
+        except UNREADABLE as exc:
             self.by_hash.pop(entry.key, None)
             subject = f"{KV_API}.{entry.bucket}.{entry.key}"
-            await self.bus.dead_letter(subject, entry.value, None, f"virtual key {entry.key}: {exc}")
+            await self.bus.dead_letter(subject, entry.value or b"", None, f"virtual key {entry.key}: {exc}")
 
     def lookup(self, secret: str) -> VirtualKey | None:
         """The key of ``secret``, revoked or not; None when there is none."""

@@ -151,7 +151,7 @@ def decode_request(body: bytes) -> ChatCompletionRequest:
         if at:
             raise RequestError(f"Invalid value for '{at.group(2)}': {at.group(1)}", at.group(2)) from None
         raise RequestError(text, None) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # nesting past Python's stack raises the latter
         raise RequestError(f"The request body is not valid JSON: {exc}", None) from None
     format_ = request.response_format
     schema = format_.json_schema if format_ is not None else None

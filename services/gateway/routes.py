@@ -1,5 +1,5 @@
 """The gateway's HTTP routes (Starlette): ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``, ``GET /metrics``.
+``GET /health``, ``GET /metrics``, ``POST /v1/feedback`` (feedback.py).
 
 A chat request is authenticated by its virtual key (``Authorization: Bearer fm-...``, looked up
 in the replica's ``KeyCache``), decoded (services/gateway/openai_wire.py), made a step
@@ -26,6 +26,7 @@ from schemas.messages import VirtualKey
 from services.gateway import translate
 from services.gateway.antiloop import GatewayTasks
 from services.gateway.errors import GatewayError, invalid, unauthorized
+from services.gateway.feedback import accept_feedback
 from services.gateway.keys import KeyCache
 from services.gateway.mesh_call import call_while_connected
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
@@ -139,6 +140,13 @@ class Gateway:
             return JSONResponse({"status": f"NATS unreachable: {exc!r}"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    async def feedback(self, request: Request) -> Response:
+        """``POST /v1/feedback`` (services/gateway/feedback.py)."""
+        try:
+            return await accept_feedback(self.bus, self.authenticate(request).tenant, request)
+        except GatewayError as error:
+            return error.response()
+
     async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -148,6 +156,7 @@ def create_http_app(gateway: Gateway) -> Starlette:
         routes=[
             Route("/v1/chat/completions", gateway.chat, methods=["POST"]),
             Route("/v1/models", gateway.models, methods=["GET"]),
+            Route("/v1/feedback", gateway.feedback, methods=["POST"]),
             Route("/health", gateway.health, methods=["GET"]),
             Route("/metrics", gateway.prometheus, methods=["GET"]),
         ]

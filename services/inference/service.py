@@ -270,6 +270,7 @@ class InferenceService:
             usage_source=ended.usage_source,
             hardware_profile=model.hardware if model else "",
             spilled_from=request.spilled_from,
+            ttft_ms=completion.ttft_ms if completion else 0.0,
         )
         if ended.metered:
             await self.bus.publish_usage(event)

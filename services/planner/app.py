@@ -12,7 +12,8 @@ consumer hands out only what is asked for: ``pull_window`` at most). The consume
 tasks in flight below what the replicas hold.
 
 A task's message is acked only after its terminal event is published; while it runs,
-``in_progress`` keeps JetStream from redelivering it, however long its deadline. If the planner
+``in_progress`` keeps JetStream from redelivering it, however long its deadline (one sweep a second
+marks the tasks that are due, services/planner/keep_alive.py). If the planner
 dies mid-task the message comes back after ``ack_wait_s`` and another replica runs the task again
 (artifacts are content-addressed, so reruns store nothing twice). A run that raises is nacked and
 delivered again, at most ``MAX_DELIVER`` times in all; a task still not ended after its last delivery
@@ -38,6 +39,7 @@ from services.planner.antiloop import AttemptCounter
 from services.planner.config import Limits, PlannerConfig
 from services.planner.dag import Planner
 from services.planner.delivery_limit import DeliveryLimit
+from services.planner.keep_alive import KeepAlive
 from services.planner.preflight import Preflight
 from services.planner.schedule import Scheduler, WallClock, utc_now
 from services.planner.workflow import load_workflows
@@ -89,6 +91,7 @@ def create_app(
     attempts = AttemptCounter(limits.attempts_per_day, clock)
     planner = Planner(bus, workflows, max_fanout, limits, preflight, attempts)
     delivery_limit = DeliveryLimit(bus, MAX_DELIVER)
+    keep_alive = KeepAlive(bus, ack_wait_s)
     slots = asyncio.Semaphore(max_in_flight)
     running: set[asyncio.Task[None]] = set()
     scheduling: list[asyncio.Task[None]] = []
@@ -107,13 +110,8 @@ def create_app(
         scheduler = Scheduler(bus, clock, schedule_tick_s)
         scheduling.append(asyncio.create_task(scheduler.run()))
 
-    async def keep_alive(msg: Msg) -> None:
-        while True:
-            await asyncio.sleep(ack_wait_s / 3)
-            await msg.in_progress()
-
     async def run(msg: Msg, task: Task) -> None:
-        heartbeat = asyncio.create_task(keep_alive(msg))
+        keep_alive.hold(msg)
         try:
             kind = await planner.run(task, (msg.headers or {}).get(HEADER_SCHEDULE_RUN, ""))
             await msg.ack()
@@ -123,7 +121,7 @@ def create_app(
             bus.log.exception("task_crashed", task_id=task.id)
             await delivery_limit.crashed(msg, task, exc)
         finally:
-            heartbeat.cancel()
+            keep_alive.release(msg)
             slots.release()
 
     async def submit(msg: Msg) -> None:
@@ -161,11 +159,13 @@ def create_app(
 
     @app.after_startup
     async def take_tasks() -> None:
+        keep_alive.start()
         await tasks.start()
 
     @app.on_shutdown
     async def abandon_running() -> None:
         await tasks.stop()
+        await keep_alive.stop()
         await delivery_limit.stop()
         for scheduler in scheduling:
             scheduler.cancel()

@@ -4,8 +4,9 @@ A task publishes ``accepted``, ``planned``, ``step_started``/``step_done`` per s
 ``refused``/``escalated`` where a defence acts) and then exactly one terminal event, each on
 ``mesh.task.event.<tenant>.<task>.<kind>``. Progress events are core NATS messages: whoever follows
 the task sees them as they happen, and they cost the bus one message each, with no acknowledgement,
-no stored copy and no delivery to the accountant. The terminal event is the one JetStream stores
-(its stream takes only the terminal subjects), and it carries every earlier event of the run in
+no stored copy and no delivery to the accountant; a task submitted with ``live_progress`` false
+(a load replay, any submitter that waits only for the outcome) skips them. The terminal event is
+the one JetStream stores (its stream takes only the terminal subjects), and it carries every earlier event of the run in
 ``history``: the audit trail that the stream kept one message per event for before (four messages
 more per event: the publish acknowledgement, the accountant's delivery and its ack). The planner
 acks a task's message only after that terminal event is stored.
@@ -58,7 +59,8 @@ class EventPublisher:
         subject = self.subjects.task_event(task.tenant, task.id, kind)
         if kind not in TERMINAL_EVENTS:
             self._history.setdefault((task.tenant, task.id), []).append(event)
-            await self.bus.publish_core(subject, encode(event))
+            if task.live_progress:
+                await self.bus.publish_core(subject, encode(event))
             return
         event.history = self._history.pop((task.tenant, task.id), [])
         # Stored before the task's message is acked: a failure here makes the task crash, so

@@ -42,6 +42,8 @@ def preflight_refusal(
     """Why the plan cannot fit the task's budget or remaining time, or None when it can (``agents``:
     the figures of the live agents its agent steps name)."""
     task = state.task
+    # Without a budget no decision reads the cost, so the prompts' tokens are not counted (Preflight.call).
+    priced = task.budget_usd is not None
     try:
         steps = preflight.steps(
             state.workflow,
@@ -51,6 +53,7 @@ def preflight_refusal(
             items=[artifact_text(a) for a in distinct(state.inputs)],
             fanout=fanout,
             agents=agents,
+            priced=priced,
         )
     except PinningError as exc:
         return f"pre-flight estimate: {exc}"
@@ -58,7 +61,7 @@ def preflight_refusal(
     reason = fits(figures, task.budget_usd, state.left_s())
     if reason is None:
         return None
-    return f"pre-flight estimate: {reason} (plan: {describe(figures)})"
+    return f"pre-flight estimate: {reason} (plan: {describe(figures, priced)})"
 
 
 def over_budget(state: TaskState) -> StepFailed | None:
@@ -105,8 +108,9 @@ class CallGuard:
     async def call(self, state: TaskState, request: StepRequest, loop_key: str = "") -> InferenceResult:
         """One call to the router, once it passes the per-call defences (identical calls, budget, deadline)."""
         self._count_identical(state, request, loop_key)
+        budget = state.task.budget_usd
         try:
-            worst_usd, latency_s = self.preflight.call(request)
+            worst_usd, latency_s = self.preflight.call(request, priced=budget is not None)
         except PinningError:
             # The router refuses it with the reason; nothing is spent.
             return await self.router.call(state, request)
@@ -116,7 +120,6 @@ class CallGuard:
                 f"deadline would be exceeded: a call takes about {latency_s:g} s and {max(left_s, 0):.2f} s are left",
                 kind="deadline",
             )
-        budget = state.task.budget_usd
         if budget is not None and state.cost_usd + state.in_flight_usd + worst_usd > budget:
             raise StepFailed(
                 f"budget would be exceeded: the call may cost ${worst_usd:.6f}, with ${state.cost_usd:.6f} spent "

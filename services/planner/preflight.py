@@ -150,8 +150,11 @@ class Preflight:
         items: Sequence[str] = (),
         fanout: int = 9,
         agents: Mapping[str, AgentFigures | None] | None = None,
+        priced: bool = True,
     ) -> list[StepEstimate]:
         """Each step priced; raises PinningError when the allow-list permits no model for a step.
+        ``priced`` False: the prompts' tokens are not counted, so costs are output-only (for a task
+        with no budget, where no decision reads the cost: see ``call``).
 
         ``items``: the texts of the task's distinct inputs, which a for_each step runs once each;
         ``fanout``: how many of those calls run at once; ``agents``: each agent's figures for one
@@ -195,7 +198,8 @@ class Preflight:
                 )
                 tier = self.table.tier(request, prompt_chars(request) + upstream * CHARS_PER_TOKEN)
                 model = pick_model(tier, step_allow, self.catalog)
-                input_tokens.append(count_message_tokens(model.tokenizer, messages) + upstream)
+                prompt_tokens = count_message_tokens(model.tokenizer, messages) if priced else 0
+                input_tokens.append(prompt_tokens + upstream)
             if model is None:
                 # No inputs, so no call: the rules pick the model of an empty item, to say which it would be.
                 model = pick_model(self.table.default_tier, step_allow, self.catalog)
@@ -240,12 +244,20 @@ class Preflight:
             return figures
         return msgspec.structs.replace(figures, reliability=math.nan, quality_per_usd=math.nan)
 
-    def call(self, request: StepRequest) -> tuple[float, float]:
+    def call(self, request: StepRequest, priced: bool = True) -> tuple[float, float]:
         """One concrete call's worst-case cost (as the router will reserve it) and typical latency;
-        raises PinningError when its allow-list permits no model."""
+        raises PinningError when its allow-list permits no model.
+
+        ``priced`` False gives a cost of 0 without counting the prompt, for a task with no budget:
+        nothing here decides on its cost then (the router reserves every call against the caps with
+        its own count), and counting is the dear part of the estimate: Mixtral's tokenizer takes
+        0.1 s for a 120,000-token Mooncake prompt (docs/benchmarks.md, "Calls in flight")."""
         model = self.table.choose(request, self.catalog)
+        latency_s = self.profiles[model.name][0]
+        if not priced:
+            return 0.0, latency_s
         worst_usd = model.worst_case_cost(count_message_tokens(model.tokenizer, request.messages), request.max_tokens)
-        return worst_usd, self.profiles[model.name][0]
+        return worst_usd, latency_s
 
 
 def _agent_estimate(spec: StepSpec, figures: AgentFigures | None, calls: int, fanout: int) -> StepEstimate:
@@ -262,7 +274,8 @@ def _user(text: str) -> ChatMessage:
     return ChatMessage(role="user", content=text)
 
 
-def describe(figures: PlanEstimate) -> str:
-    """A plan's figures in one line, for a refusal's reason."""
+def describe(figures: PlanEstimate, priced: bool = True) -> str:
+    """A plan's figures in one line, for a refusal's reason (``priced`` False: its cost was not estimated)."""
     reliability = "unknown" if math.isnan(figures.reliability) else f"{figures.reliability:.2%}"
-    return f"${figures.cost_usd:.4f} worst case, {figures.latency_s:.2f} s critical path, {reliability} reliability"
+    cost = f"${figures.cost_usd:.4f} worst case" if priced else "cost not estimated (no budget)"
+    return f"{cost}, {figures.latency_s:.2f} s critical path, {reliability} reliability"

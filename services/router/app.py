@@ -14,7 +14,9 @@ run), or ``Bus.rejection`` for a message that is not a step. This module is the 
 - ``mesh.local.load.>`` (no queue group: every replica needs every report): the local models' load,
   which steers spillover (load.py);
 - start-up opens the response cache and the task call counts and reads the control state before any
-  step is taken.
+  step is taken;
+- a new version of the router file is picked up without a restart (reload.py), and shadow calls in
+  flight finish before the bus closes (shadow.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from schemas.messages import LocalLoad, StepRequest
 from schemas.subjects import HEADER_BUDGET, HEADER_TRACEPARENT, token
 from services.inference.streaming import check_stream_to
 from services.router.load import DEFAULT_STALE_S, LoadBoard
+from services.router.reload import DEFAULT_INTERVAL_S, RouterFileWatch
 from services.router.steps import StepRouter
 from services.router.throttle import DEFAULT_BURST, DEFAULT_RATE_PER_S, Throttle
 from services.routing.policies import PolicySet
@@ -56,13 +59,15 @@ def create_app(
     capacity: int = DEFAULT_CAPACITY,
     load_stale_s: float = DEFAULT_STALE_S,
     task_limits: TaskLimits | None = None,
+    reload_interval_s: float = DEFAULT_INTERVAL_S,
 ) -> FastStream:
     """The router; ``table`` and ``catalog`` default to deploy/routing.toml and deploy/models.toml,
     ``policies`` to routing.toml's [policies] (the rules alone when it has none).
     ``throttle_*``: the paid calls per second (and burst) of a tenant whose pace says "throttle".
     ``load_stale_s``: how old a local model's load report may be and still steer spillover.
     ``capacity``: steps in flight in this replica at once (a step waiting on a model is a coroutine).
-    ``task_limits``: layer 2 for the agents' calls (default: deploy/planner.toml)."""
+    ``task_limits``: layer 2 for the agents' calls (default: deploy/planner.toml).
+    ``reload_interval_s``: how often the router file is checked for a new version (reload.py; 0: never)."""
     bus = Bus(settings, SERVICE)
     table = table or RoutingTable.load(settings.deploy_dir)
     catalog = catalog or Catalog.load(settings.deploy_dir)
@@ -80,6 +85,9 @@ def create_app(
     # Registered after bus.app()'s own hook, which connects the broker; subscribers start after both.
     app.on_startup(router.start)
     app.after_shutdown(router.stop)
+    watch = RouterFileWatch(router, settings.deploy_dir, table, catalog, reload_interval_s)
+    app.on_startup(watch.start)
+    app.on_shutdown(watch.stop)
 
     async def on_step(msg: Msg) -> bytes:
         step = await bus.decode(msg, StepRequest)
@@ -107,6 +115,7 @@ def create_app(
     # After the router's own start (hooks run in order): the cache and control state are open first.
     app.on_startup(steps.start)
     app.on_shutdown(steps.stop)
+    app.on_shutdown(router.drain_shadows)
 
     # Every replica needs every report: no queue group.
     @bus.broker.subscriber(settings.subjects.local_load_all)

@@ -39,6 +39,7 @@ from schemas.messages import ChatOptions, InferenceResult, StepRequest
 from schemas.subjects import KV_API
 from services.routing.table import ROUTING_FILE
 from services.runtime.bus import Bus, encode
+from services.runtime.dead_letters import UNREADABLE
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class ResponseCache:
             return None
         try:
             return msgspec.json.decode(entry.value or b"", type=InferenceResult)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except UNREADABLE as exc:
             # An entry written by an incompatible schema version: run the call and overwrite it.
             self.log.warning("cache_entry_unreadable", key=entry_key, error=str(exc))
             return None

@@ -26,6 +26,7 @@ from schemas.messages import ErrorInfo, InferenceResult, KillSwitch, PaceSignal,
 from services.router.metering import CallMeter, ModelCall
 from services.router.throttle import Throttle
 from services.runtime.control import ControlState, killed_message
+from services.runtime.grants import prompt_digest
 from services.runtime.reservations import UNAVAILABLE, ReservationClient
 from services.runtime.tokens import count_prompt_tokens
 
@@ -59,6 +60,7 @@ class CostDefence:
             expires_ms=step.deadline_ms,
             task_budget_usd=task_budget_usd,
             key_id=step.key_id,
+            prompt_digest=prompt_digest(step.messages, step.options.tools, step.max_tokens),
         )
         decision = await self.reservations.reserve(reservation, call.time_left_s())
         if not decision.granted:

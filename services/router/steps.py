@@ -8,6 +8,9 @@ streamed cascade streams only its escalation (services/router/cascade_stream.py)
 An agent's step (``agent`` set) is counted by layer 2 before its first call does anything, and may
 be refused there (services/router/agent_calls.py).
 
+A step routed by the ``online`` policy may be shadowed once answered: the same step on the weak
+model, off the critical path, judged into a label (services/router/shadow.py).
+
 Pacing steers the choice: a tenant whose pace says "downgrade" or "throttle" gets the model one tier
 down inside its allow-list.
 
@@ -35,6 +38,7 @@ from services.router.cascade_stream import CascadeStream
 from services.router.cost_defence import CostDefence
 from services.router.load import LoadBoard, spill_target
 from services.router.metering import CallMeter
+from services.router.shadow import ShadowCalls
 from services.router.throttle import Throttle
 from services.routing.policies import Policy, PolicySet, execute
 from services.routing.policies.cascade import CascadePolicy
@@ -74,6 +78,7 @@ class StepRouter:
         self.control: ControlState | None = None
         self.calls: CallRunner | None = None
         self.agent_calls: AgentCallLimits | None = None
+        self.shadow: ShadowCalls | None = None
 
     async def start(self) -> None:
         """Open the cache and the task call counts and read the control state before any step is taken:
@@ -87,7 +92,13 @@ class StepRouter:
         meter = CallMeter(self.bus)
         defence = CostDefence(self.control, self.throttle, ReservationClient(self.bus), meter)
         self.calls = CallRunner(self.bus, self.cache, defence, meter)
+        self.shadow = ShadowCalls(self.bus, self.calls, self.catalog)
         self.agent_calls = AgentCallLimits(await TaskCallCounter.open(self.bus, self.task_limits, "agent"), meter)
+
+    async def drain_shadows(self) -> None:
+        """Let shadow calls in flight finish while the bus is still up (services/router/shadow.py)."""
+        if self.shadow is not None:
+            await self.shadow.stop()
 
     async def stop(self) -> None:
         if self.control is not None:
@@ -147,7 +158,11 @@ class StepRouter:
         try:
             if cascade is not None:
                 await cascade.open(self.bus)
-            return await execute(policy, step, self.catalog, call, downgrade=pace is not None and pace.action in PACED)
+            downgrade = pace is not None and pace.action in PACED
+            result = await execute(policy, step, self.catalog, call, downgrade=downgrade)
+            if self.shadow is not None:
+                self.shadow.consider(step, policy, result, pace)  # off the critical path (services/router/shadow.py)
+            return result
         except PinningError as exc:
             # Nothing is sent, so nothing is spent or metered: the planner sees why.
             self.log.warning("pinning_refused", task_id=step.task_id, step_id=step.step_id, error=str(exc))

@@ -51,40 +51,50 @@ def load_outcomes(data: Path) -> list[Record]:
     return records
 
 
-def split_outcomes(data_dir: Path, out: Path, by: SplitBy, test_share: float, seed: int) -> dict[str, int]:
-    """Write ``out/train`` and ``out/test``, same format, contaminated prompts already dropped.
+def split_outcomes(
+    data_dir: Path, out: Path, by: SplitBy, test_share: float, seed: int, tune_share: float = 0.0
+) -> dict[str, int]:
+    """Write ``out/train`` and ``out/test`` (and ``out/tune`` with a ``tune_share``), same format,
+    contaminated prompts already dropped.
 
     ``rows``: each file's prompts are shuffled and split. ``files``: whole files are held out
     (a domain split: the test domains are never seen in training), except that a file alone in
-    its folder is split by rows. Returns the prompt count of each side.
+    its folder is split by rows. ``tune`` is a second held-out side for design choices, so that
+    ``test`` can stay a final hold-out nobody tuned against. Returns the prompt count of each side.
     """
     if not data_dir.is_dir():
         raise NotADirectoryError(f"split reads a directory of CSVs, not {data_dir}")
-    if not 0 < test_share < 1:
-        raise ValueError(f"test_share must be between 0 and 1, not {test_share}")
+    if not 0 < test_share < 1 or not 0 <= tune_share < 1 or test_share + tune_share >= 1:
+        raise ValueError(f"test_share and tune_share must leave a training share: not {test_share} and {tune_share}")
     rng = random.Random(seed)
     drop = contaminated_prompts(data_dir)
     by_folder: dict[Path, list[Path]] = defaultdict(list)
     for path in outcome_files(data_dir):
         by_folder[path.parent].append(path)
-    counts = {"train": 0, "test": 0}
+    counts = {"train": 0, "test": 0} | ({"tune": 0} if tune_share else {})
     for files in by_folder.values():
-        held_out: set[Path] = set()
-        if by == "files" and len(files) > 1:
+        side_of: dict[Path, str] = {}
+        whole_files = by == "files" and len(files) > 1
+        if whole_files:
             shuffled = files[:]
             rng.shuffle(shuffled)
-            held_out = set(shuffled[: max(1, round(test_share * len(files)))])
+            n_test = max(1, round(test_share * len(files)))
+            n_tune = round(tune_share * len(files))
+            side_of = {path: "test" for path in shuffled[:n_test]}
+            side_of |= {path: "tune" for path in shuffled[n_test : n_test + n_tune]}
         for path in files:
             with path.open(newline="") as f:
                 reader = csv.DictReader(f)
                 columns = list(reader.fieldnames or [])
                 rows = [row for row in reader if row["prompt"] not in drop]
-            if by == "files" and len(files) > 1:
-                sides = {"test": rows} if path in held_out else {"train": rows}
+            if whole_files:
+                sides = {side_of.get(path, "train"): rows}
             else:
                 rng.shuffle(rows)
-                cut = round(test_share * len(rows))
-                sides = {"test": rows[:cut], "train": rows[cut:]}
+                test_cut, tune_cut = round(test_share * len(rows)), round((test_share + tune_share) * len(rows))
+                sides = {"test": rows[:test_cut], "train": rows[tune_cut:]}
+                if tune_share:
+                    sides["tune"] = rows[test_cut:tune_cut]
             for side, side_rows in sides.items():
                 target = out / side / path.relative_to(data_dir)
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -97,12 +97,12 @@ class ReplayedCalls:
         return self._results[key]
 
 
-def answer_step(prompt: str, index: int) -> StepRequest:
+def answer_step(prompt: str, index: int, workflow: str = WORKFLOW) -> StepRequest:
     return StepRequest(
         task_id=f"eval-{index}",
         step_id="answer",
         tenant="eval",
-        workflow=WORKFLOW,
+        workflow=workflow,
         role=ROLE,
         messages=[ChatMessage(role="user", content=prompt)],
         max_tokens=MAX_TOKENS,
@@ -164,7 +164,7 @@ def evaluate(
     if router.prompt_model:
         learned = LearnedPolicy.from_file(router)
         policies.append(("learned", learned))
-        scores = learned.model.scores([r.prompt for r in records])
+        scores = learned.scores([r.prompt for r in records])
         curves.append(_curve("learned", scores, weak_ok, strong_ok, weak_cost, strong_cost, cascade=False))
     if router.answer_model:
         cascade = CascadePolicy.from_file(router)
@@ -201,7 +201,8 @@ def evaluate(
                 best_cost_reduction_at_target=best,
             )
         )
-    results.extend(_references(weak_ok, strong_ok, weak_cost, strong_cost, target))
+    calibrated = router.prompt_model.random_weak_share if router.prompt_model else None
+    results.extend(_references(weak_ok, strong_ok, weak_cost, strong_cost, target, calibrated))
     return Evaluation(
         results=results,
         curves=curves,
@@ -233,47 +234,53 @@ def _curve(
 
 
 def _references(
-    weak_ok: np.ndarray, strong_ok: np.ndarray, weak_cost: np.ndarray, strong_cost: np.ndarray, target: float
+    weak_ok: np.ndarray,
+    strong_ok: np.ndarray,
+    weak_cost: np.ndarray,
+    strong_cost: np.ndarray,
+    target: float,
+    calibrated_weak_share: float | None = None,
 ) -> list[PolicyResult]:
-    """Random routing at the strong share that just meets the target (in expectation), and the oracle."""
-    n = len(weak_ok)
+    """Random routing at the strong share that just meets the target on these prompts (in
+    expectation; a share only someone who knew their outcomes could pick), the oracle, and, when
+    the router file has one, random routing at the weak share calibrated on its training folds
+    (``random_calibrated``: the random router one could actually deploy)."""
     w, s = float(weak_ok.mean()), float(strong_ok.mean())
-    floor = target * s
-    share = 1.0 if s <= w else float(np.clip((floor - w) / (s - w), 0.0, 1.0))
-    strong_only = float(strong_cost.sum())
-    random_cost = (1 - share) * float(weak_cost.sum()) + share * strong_only
-    random_accuracy = (1 - share) * w + share * s
+    share = 1.0 if s <= w else float(np.clip((target * s - w) / (s - w), 0.0, 1.0))
     oracle_strong = ~weak_ok
     oracle_cost = float(np.where(oracle_strong, strong_cost, weak_cost).sum())
     oracle_accuracy = float(np.where(oracle_strong, strong_ok, weak_ok).mean())
-    return [
-        PolicyResult(
-            policy="random",
-            strong_share=share,
-            accuracy=random_accuracy,
-            cost_usd=random_cost,
-            cost_reduction=1 - random_cost / strong_only,
-            meets_target=random_accuracy >= floor - 1e-12,
-            best_cost_reduction_at_target=1 - random_cost / strong_only,
-            n=n,
+    strong_only = float(strong_cost.sum())
+
+    def point(policy: str, strong_share: float, cost: float, accuracy: float) -> PolicyResult:
+        # A tolerance for the share set to meet the target exactly, which float rounding can miss.
+        meets = accuracy >= target * s - 1e-12
+        reduction = 1 - cost / strong_only
+        return PolicyResult(
+            policy=policy,
+            strong_share=strong_share,
+            accuracy=accuracy,
+            cost_usd=cost,
+            cost_reduction=reduction,
+            meets_target=meets,
+            best_cost_reduction_at_target=reduction if meets else 0.0,
+            n=len(weak_ok),
             strong_accuracy=s,
             weak_accuracy=w,
             strong_only_cost_usd=strong_only,
-        ),
-        PolicyResult(
-            policy="oracle",
-            strong_share=float(oracle_strong.mean()),
-            accuracy=oracle_accuracy,
-            cost_usd=oracle_cost,
-            cost_reduction=1 - oracle_cost / strong_only,
-            meets_target=oracle_accuracy >= floor,
-            best_cost_reduction_at_target=1 - oracle_cost / strong_only,
-            n=n,
-            strong_accuracy=s,
-            weak_accuracy=w,
-            strong_only_cost_usd=strong_only,
-        ),
+        )
+
+    def random_at(policy: str, strong_share: float) -> PolicyResult:
+        cost = (1 - strong_share) * float(weak_cost.sum()) + strong_share * strong_only
+        return point(policy, strong_share, cost, (1 - strong_share) * w + strong_share * s)
+
+    references = [
+        random_at("random", share),
+        point("oracle", float(oracle_strong.mean()), oracle_cost, oracle_accuracy),
     ]
+    if calibrated_weak_share is not None:
+        references.append(random_at("random_calibrated", 1 - calibrated_weak_share))
+    return references
 
 
 def plot(evaluation: Evaluation, path: Path, title: str) -> None:
@@ -294,7 +301,7 @@ def plot(evaluation: Evaluation, path: Path, title: str) -> None:
             ax.plot(
                 [result.cost_usd / strong_cost], [result.accuracy], "*", color="gold", markersize=14, label="oracle"
             )
-        elif result.policy != "random":
+        elif not result.policy.startswith("random"):
             ax.plot([result.cost_usd / strong_cost], [result.accuracy], "o", label=f"{result.policy} (as configured)")
     ax.axhline(
         evaluation.target * strong_accuracy, color="red", linewidth=0.8, label=f"{evaluation.target:.0%} of strong"

@@ -17,10 +17,11 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
-from services.routing.policies.calibration import calibrate, calibrate_every_fold
+from services.routing.policies.calibration import calibrate, calibrate_every_fold, random_weak_share
 from services.routing.policies.features import answer_features, prompt_embeddings
 from services.routing.policies.routerfile import AnswerModel, PromptModel, RouterFile, sigmoid
-from services.runtime.data import Record
+from services.routing.policies.tags import count_outcomes
+from services.runtime.data import RESPONSE_SUFFIX, Record
 
 PolicyName = Literal["learned", "cascade"]
 # L2 strength of the prompt model, chosen on the training data alone: of 0.03, 0.1, 0.3, 1 and 3,
@@ -76,7 +77,11 @@ def train_prompt_model(records: Sequence[Record], weak: str, strong: str, target
 
     oof, folds = _out_of_fold(weak_correct, calibration_groups(records), seed, fit_and_score)
     coef, intercept = _fit(embeddings, weak_correct, PROMPT_C)
-    return PromptModel(coef, intercept, calibrate_every_fold(oof, weak_correct, strong_correct, folds, target))
+    point = calibrate_every_fold(oof, weak_correct, strong_correct, folds, target)
+    # Never worse than random: when the scores, judged on folds they never saw, keep no more
+    # prompts weak at the target than random routing calibrated the same way, route at random.
+    random_share = random_weak_share(weak_correct, strong_correct, folds, target)
+    return PromptModel(coef, intercept, point, random_share, routes_at_random=random_share >= point.weak_share)
 
 
 def train_answer_model(records: Sequence[Record], weak: str, strong: str, target: float, seed: int = 0) -> AnswerModel:
@@ -99,6 +104,18 @@ def train_answer_model(records: Sequence[Record], weak: str, strong: str, target
     oof, _ = _out_of_fold(weak_correct, calibration_groups(answered), seed, fit_and_score)
     coef, intercept = _fit(features, weak_correct)
     return AnswerModel(coef, intercept, calibrate(oof, weak_correct, strong_correct, target))
+
+
+def trainable_policies(records: Sequence[Record], weak_column: str) -> tuple[list[PolicyName], str | None]:
+    """What the data supports: the learned policy always; the cascade only where the weak model's
+    answers were recorded (its validator learns from them). The second item says why the cascade
+    was left out, or is None."""
+    if any(r.responses.get(weak_column) for r in records):
+        return ["learned", "cascade"], None
+    return ["learned"], (
+        f"cascade skipped: no {weak_column}{RESPONSE_SUFFIX} column has text in the data, and the cascade's "
+        "validator learns from the weak model's answers (MMLU records correctness only)"
+    )
 
 
 def train(
@@ -127,4 +144,18 @@ def train(
         if "cascade" in policies
         else None,
         trained_on=dict(sorted(Counter(r.dataset for r in usable).items())),
+        tag_outcomes=tag_outcomes(usable, weak_column, strong_column),
     )
+
+
+def record_tag(record: Record) -> str:
+    """A recorded prompt's tag: its CSV file's name, as a workflow would name live calls."""
+    return Path(record.dataset).name
+
+
+def tag_outcomes(records: Sequence[Record], weak_column: str, strong_column: str) -> dict[str, list[int]]:
+    """Each tag's paired outcomes (tags.py order: both right, only strong, only weak, neither)."""
+    pairs: dict[str, list[tuple[bool, bool]]] = {}
+    for r in records:
+        pairs.setdefault(record_tag(r), []).append((r.correct[weak_column], r.correct[strong_column]))
+    return {tag: [int(c) for c in count_outcomes(p)] for tag, p in sorted(pairs.items())}

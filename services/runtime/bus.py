@@ -37,25 +37,29 @@ from faststream.nats.message import NatsMessage
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig
-from nats.js.errors import BucketNotFoundError
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from nats.micro import Service, ServiceConfig, add_service
 
 from schemas.messages import DeadLetter, ErrorInfo, ErrorKind, Rejection, UsageEvent
 from schemas.subjects import HEADER_MSG_ID, STREAM_DLQ, STREAM_USAGE
-from services.runtime.dead_letters import fit
+from services.runtime.buckets import Buckets
+from services.runtime.dead_letters import UNREADABLE, fit
 from services.runtime.log import configure as configure_logging
 from services.runtime.pull import BatchPull, PullConsumer
 from services.runtime.settings import MeshSettings
+from services.runtime.stored import publish_until_stored
 from services.runtime.streams import ensure_streams
 
 T = TypeVar("T")
 # How long a usage row is sent again while JetStream does not acknowledge it (each try waits nats-py's 5 s).
 USAGE_RETRY_S = 60.0
+# A JetStream API call (declare, stream info) on a cluster electing leaders for many new streams at once.
+JETSTREAM_API_TIMEOUT_S = 10.0
+# How long a publish is sent again while its stream has no leader (a cluster electing one: seconds).
+ELECTION_S = 15.0
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -94,6 +98,13 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+async def _undecoded(message: NatsMessage) -> bytes:
+    """FastStream's body decoder, replaced: handlers decode the raw message themselves (``Bus.decode``).
+    FastStream's own (``json.loads``) would run first and raise on nesting past Python's stack, before
+    the handler could dead-letter the message."""
+    return message.body
+
+
 class Rejected(Exception):
     """A request answered with a ``Rejection``: the service refused it before doing any work."""
 
@@ -114,17 +125,17 @@ class Bus:
         self.log = configure_logging(service, settings.log_level)
         # FastStream logs every message at INFO; keep the hot path quiet unless asked.
         self.broker = NatsBroker(
-            settings.nats_url,
+            settings.nats_servers,
             log_level=logging.DEBUG,
             logger=logging.getLogger(f"frugalmesh.{service}"),
             name=f"frugalmesh-{service}",
             max_reconnect_attempts=reconnect_attempts,
             connect_timeout=connect_timeout_s,
+            decoder=_undecoded,
         )
         logging.getLogger(f"frugalmesh.{service}").setLevel(settings.log_level.upper())
         self._js: JetStreamContext | None = None
-        self._buckets: dict[str, KeyValue] = {}
-        self._stores: dict[str, ObjectStore] = {}
+        self._buckets = Buckets(lambda: self.jetstream, settings.replicas)
 
     def app(self) -> FastStream:
         """A FastStream app whose startup declares the mesh's streams before any subscriber."""
@@ -149,7 +160,7 @@ class Bus:
 
     async def declare_streams(self) -> None:
         """Create the mesh's streams, or update them to this version's configuration (idempotent)."""
-        await ensure_streams(self.jetstream, self.subjects)
+        await ensure_streams(self.jetstream, self.subjects, self.settings.replicas)
 
     async def connect(self) -> None:
         """Connect without running an app (a client: the CLI, a test, a load generator)."""
@@ -177,7 +188,7 @@ class Bus:
         """The JetStream context, for stream administration the helpers below do not cover (the
         accountant's ledger journal declares, replays and trims its own stream)."""
         if self._js is None:
-            self._js = self._nc.jetstream()
+            self._js = self._nc.jetstream(timeout=JETSTREAM_API_TIMEOUT_S)
         return self._js
 
     def stream(self, name: str) -> JStream:
@@ -192,7 +203,7 @@ class Bus:
         raw = msg if isinstance(msg, Msg) else msg.raw_message
         try:
             return msgspec.json.decode(raw.data, type=message_type)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except UNREADABLE as exc:
             await self.dead_letter(raw.subject, raw.data, raw.headers, f"{message_type.__name__}: {exc}")
             return None
 
@@ -242,10 +253,12 @@ class Bus:
         reply = await self._nc.request(subject, encode(message), timeout=timeout_s, headers=headers)
         try:
             return msgspec.json.decode(reply.data, type=reply_type)
-        except msgspec.DecodeError as not_reply:  # a ValidationError is a DecodeError too
+        except UNREADABLE as not_reply:
             try:
                 rejection = _decode_rejection(reply.data)
-            except msgspec.DecodeError:
+            except UNREADABLE:
+                if isinstance(not_reply, RecursionError):  # nesting past the stack: a DecodeError like the rest
+                    raise msgspec.DecodeError(str(not_reply)) from None
                 raise not_reply from None
             raise Rejected(rejection.error) from None
 
@@ -254,8 +267,12 @@ class Bus:
     async def publish(
         self, subject: str, message: msgspec.Struct, *, stream: str, headers: dict[str, str] | None = None
     ) -> None:
-        """Publish to JetStream stream ``stream`` (its full name) and wait for it to be stored."""
-        await self.jetstream.publish(subject, encode(message), stream=stream, headers=headers)
+        """Publish to JetStream stream ``stream`` (its full name) and wait for it to be stored; sent again
+        while the stream has no leader (``stored.py``), for up to ``ELECTION_S``."""
+        await publish_until_stored(
+            self.jetstream, subject, encode(message), stream=stream, headers=headers, retry_s=ELECTION_S,
+            resend_late=False, log=self.log,
+        )  # fmt: skip
 
     async def publish_pipelined(
         self, subject: str, message: msgspec.Struct, *, stream: str, headers: dict[str, str] | None = None
@@ -276,17 +293,12 @@ class Bus:
 
     async def publish_usage(self, event: UsageEvent) -> None:
         """Meter one call: sent again while its acknowledgement is late (a burst of thousands of calls
-        ending at once), for up to ``USAGE_RETRY_S``; dedupe on the event id makes a resend harmless."""
-        subject, data, stream = self.subjects.usage(event.tenant), encode(event), self.subjects.stream(STREAM_USAGE)
-        give_up = time.monotonic() + USAGE_RETRY_S
-        while True:
-            try:
-                await self.jetstream.publish(subject, data, stream=stream, headers={HEADER_MSG_ID: event.event_id})
-                return
-            except NatsTimeoutError:
-                if time.monotonic() > give_up:
-                    raise
-                self.log.warning("usage_publish_late", event_id=event.event_id)
+        ending at once) or its stream has no leader, for up to ``USAGE_RETRY_S``; dedupe on the event id
+        makes a resend harmless."""
+        await publish_until_stored(
+            self.jetstream, self.subjects.usage(event.tenant), encode(event), stream=self.subjects.stream(STREAM_USAGE),
+            headers={HEADER_MSG_ID: event.event_id}, retry_s=USAGE_RETRY_S, resend_late=True, log=self.log,
+        )  # fmt: skip
 
     # -- subscriptions --
 
@@ -365,26 +377,13 @@ class Bus:
 
     async def key_value(self, bucket: str, *, history: int = 1, ttl_s: float | None = None) -> KeyValue:
         """The KV bucket of that name (its prefixed name: ``subjects.bucket(...)``), created with
-        ``history`` and ``ttl_s`` if missing; an existing bucket is used as it is."""
-        kv = self._buckets.get(bucket)
-        if kv is None:
-            try:
-                kv = await self.jetstream.key_value(bucket)
-            except BucketNotFoundError:
-                kv = await self.jetstream.create_key_value(KeyValueConfig(bucket=bucket, history=history, ttl=ttl_s))
-            self._buckets[bucket] = kv
-        return kv
+        ``history`` and ``ttl_s`` if missing; an existing bucket is used as it is, but for its
+        replica count, set to ``settings.replicas``."""
+        return await self._buckets.key_value(bucket, history=history, ttl_s=ttl_s)
 
     async def object_store(self, bucket: str) -> ObjectStore:
-        """The Object Store bucket of that name, created if missing."""
-        store = self._stores.get(bucket)
-        if store is None:
-            try:
-                store = await self.jetstream.object_store(bucket)
-            except BucketNotFoundError:
-                store = await self.jetstream.create_object_store(bucket)
-            self._stores[bucket] = store
-        return store
+        """The Object Store bucket of that name, created if missing; kept in ``settings.replicas`` copies."""
+        return await self._buckets.object_store(bucket)
 
 
 _decode_rejection = msgspec.json.Decoder(Rejection).decode

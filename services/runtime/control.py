@@ -12,7 +12,9 @@ then follows changes through a KV watch, which pushes them within milliseconds.
 A value that is not a valid switch or signal (anyone who can write the bucket can write garbage)
 is dead-lettered with the reason and skipped, at start as in the watch: it never stops a service
 from starting, and the watch goes on, so a later valid trip still takes effect. Garbage written over
-a tripped switch leaves it tripped.
+a tripped switch leaves it tripped. So is a value that names another switch or tenant than the key it
+is stored under (a tenant's switch under ``kill.global``, or tenant B's pace under ``pace.A``): what
+a key holds is what the key says, and a reader never lets one key's write change another's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from schemas.subjects import (
     control_pace_key,
 )
 from services.runtime.bus import Bus
+from services.runtime.dead_letters import UNREADABLE
+from services.runtime.kv_snapshot import current_entries
 
 
 async def control_bucket(bus: Bus) -> KeyValue:
@@ -93,8 +97,7 @@ class ControlState:
         state = cls(bus)
         kv = await control_bucket(bus)
         watcher = state._watcher = await kv.watchall()
-        # The watcher delivers the last value of every key, then None once it has caught up.
-        while (entry := await watcher.updates(timeout=10)) is not None:  # type: ignore[no-untyped-call]
+        async for entry in current_entries(bus, bus.subjects.bucket(BUCKET_CONTROL), watcher, timeout_s=10):
             await state._take(entry)
         state._follow = asyncio.create_task(state._follow_updates(watcher))
         return state
@@ -108,7 +111,7 @@ class ControlState:
         """Apply one entry; whatever is wrong with it ends here, never the watch."""
         try:
             self._apply(entry)
-        except msgspec.DecodeError as exc:  # a ValidationError is a DecodeError too
+        except UNREADABLE as exc:
             subject = f"{KV_API}.{entry.bucket}.{entry.key}"
             await self.bus.dead_letter(subject, entry.value or b"", None, f"control value {entry.key}: {exc}")
         except Exception:
@@ -122,6 +125,7 @@ class ControlState:
                 self.kills.pop(entry.key, None)
                 return
             switch = msgspec.json.decode(entry.value or b"", type=KillSwitch)
+            _check_stored_under(control_kill_key(switch.scope, switch.key), entry.key)
             if switch.tripped:
                 self.kills[entry.key] = switch
                 for listener in self._listeners:
@@ -133,6 +137,7 @@ class ControlState:
                 self.paces.pop(entry.key.removeprefix(CONTROL_PACE_KEYS), None)
             else:
                 signal = msgspec.json.decode(entry.value or b"", type=PaceSignal)
+                _check_stored_under(control_pace_key(signal.tenant), entry.key)
                 self.paces[signal.tenant] = signal
 
     def blocked(self, *, tenant: str, task_id: str, model: str, key_id: str = "") -> KillSwitch | None:
@@ -170,3 +175,9 @@ class ControlState:
         if self._watcher:
             with contextlib.suppress(Exception):
                 await self._watcher.stop()  # type: ignore[no-untyped-call]
+
+
+def _check_stored_under(own_key: str, key: str) -> None:
+    """Refuse a value whose own key (what it names) is not the key it is stored under."""
+    if own_key != key:
+        raise msgspec.ValidationError(f"the value is for {own_key!r}, stored under {key!r}")

@@ -3,6 +3,10 @@
 A ``DeadLetter`` carries the refused message's bytes as base64, a third larger, so a message near
 the server's max payload cannot be kept whole. ``fit`` keeps its first bytes instead, and its
 error says so, with the message's size.
+
+``UNREADABLE`` is what reading a message can raise: msgspec's errors, and ``RecursionError`` for
+JSON nested deeper than Python's stack, which msgspec raises as it is (even inside a field it would
+skip), so every reader of outside bytes catches both.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import msgspec
 
 from schemas.messages import DeadLetter
+
+UNREADABLE = (msgspec.DecodeError, RecursionError)  # a ValidationError is a DecodeError too
 
 # An error that quotes the message is cut too: the note and the first bytes matter more.
 MAX_ERROR_CHARS = 2000
@@ -28,7 +34,7 @@ def fit(letter: DeadLetter, room: int) -> bytes:
         # Headers that fill a letter on their own go too (NATS counts them in its limit).
         letter.headers, dropped = {}, ", its headers dropped"
     # 4 base64 characters per 3 bytes.
-    kept = max(0, (room - len(msgspec.json.encode(letter)) - NOTE_CHARS) * 3 // 4)
+    kept = min(len(data), max(0, (room - len(msgspec.json.encode(letter)) - NOTE_CHARS) * 3 // 4))
     letter.data = data[:kept]
     letter.error += f" (dead letter truncated: the first {kept} of {len(data)} bytes kept{dropped})"
     return msgspec.json.encode(letter)

@@ -11,19 +11,25 @@ The grant, compact and readable from any language (like a JWS compact serialisat
 
     base64url(claims) "." base64url(Ed25519 signature of the claims' bytes)     (no padding)
 
-    claims = [1, call_id, tenant, task_id, model, key_id, amount_pico, expires_ms]   (a JSON array)
+    claims = [2, call_id, tenant, task_id, model, key_id, amount_pico, expires_ms, prompt_digest]
+                                                                             (a JSON array)
 
 ``amount_pico`` is the reservation's worst case in picodollars (rounded up, as the ledger books it),
-``expires_ms`` the reservation's expiry (the step's deadline, when its hold lapses). A grant holds
-for the one call it names: its call id (= reservation id), tenant, task, model and virtual key must
-be the request's, the request's worst case (its prompt counted with the model's tokenizer plus
-``max_tokens`` out, at the catalogue's prices: what the router reserved) must be within the amount,
-the request's deadline must not pass the expiry, and it must not have expired.
+``expires_ms`` the reservation's expiry (the step's deadline, when its hold lapses),
+``prompt_digest`` the router's ``prompt_digest`` of the call's messages, tools and ``max_tokens``. A
+grant holds for the one call it names: its call id (= reservation id), tenant, task, model, virtual
+key and prompt digest must be the request's, the request's deadline must not pass the expiry, and
+it must not have expired.
+
+Why a digest and not the amount: the worst case is a function of the model, the prompt and
+``max_tokens``, so binding all three binds the amount the router reserved, and checking a digest
+costs microseconds where counting a 2,000-token prompt again costs a millisecond or two of the
+inference service's one core, per call (docs/benchmarks.md, "Calls in flight and the lean task path").
 
 What it protects against:
 - a bus client sending a paid ``InferenceRequest`` straight to ``mesh.infer.*``, around the router
   and the accountant: without the accountant's key it cannot make a grant;
-- a granted request changed on its way: another model, a longer prompt or more ``max_tokens`` (a
+- a granted request changed on its way: another model, another prompt or ``max_tokens`` (so never a
   worst case above the hold), another call id, tenant, task or key, a later deadline;
 - a grant used after its hold lapsed (expiry), or twice on one replica (``GrantVerifier`` keeps the
   call ids it let through until they expire);
@@ -59,10 +65,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import heapq
 import math
 import os
 import secrets
+from collections.abc import Sequence
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import cast
@@ -72,7 +80,7 @@ import nacl.exceptions
 import nacl.signing
 import nkeys
 
-from schemas.messages import InferenceRequest, Reservation
+from schemas.messages import ChatMessage, InferenceRequest, Reservation, Tool
 from services.runtime.catalog import ModelSpec
 from services.runtime.usage import worst_case_usage
 
@@ -81,7 +89,7 @@ SEED_FILE_ENV = "FRUGALMESH_GRANT_SEED_FILE"
 PUBLIC_KEY_ENV = "FRUGALMESH_GRANT_PUBLIC_KEY"
 SEED_FILE = "grant.seed"
 
-VERSION = 1
+VERSION = 2
 PICO = 10**12
 # The nkey role of the grant key: an account key (seed "SA...", public key "A...").
 PREFIX = nkeys.PREFIX_BYTE_ACCOUNT
@@ -118,10 +126,24 @@ class GrantClaims(msgspec.Struct, array_like=True, frozen=True):
     key_id: str
     amount_pico: int
     expires_ms: int
+    prompt_digest: str
 
     @classmethod
     def of(cls, r: Reservation) -> GrantClaims:
-        return cls(VERSION, r.id, r.tenant, r.task_id, r.model, r.key_id, pico(r.amount_usd), r.expires_ms)
+        return cls(
+            VERSION, r.id, r.tenant, r.task_id, r.model, r.key_id, pico(r.amount_usd), r.expires_ms, r.prompt_digest
+        )
+
+
+_encode_prompt = msgspec.json.Encoder().encode
+
+
+def prompt_digest(messages: Sequence[ChatMessage], tools: Sequence[Tool] | None, max_tokens: int) -> str:
+    """What a grant binds of a call besides its names: BLAKE2b-128 of its messages, tools and
+    ``max_tokens`` as msgspec encodes them (the router and the inference service both run this code
+    on the same wire types, so equal calls give equal digests), base64url without padding."""
+    digest = hashlib.blake2b(_encode_prompt((messages, tools or (), max_tokens)), digest_size=16).digest()
+    return _b64(digest)
 
 
 def _b64(data: bytes) -> str:
@@ -197,14 +219,13 @@ class GrantVerifier:
         self._forget_expired(now_ms)
         claims = self.claims(request.grant)
         call_id, deadline_ms = request.call_id, request.deadline_ms
-        # What the router reserved for exactly this request: its worst case at the catalogue's prices.
-        worst_case_pico = pico(reservation_for(request, model).amount_usd)
         for name, granted, asked in (
             ("call", claims.call_id, call_id),
             ("tenant", claims.tenant, request.tenant),
             ("task", claims.task_id, request.task_id),
             ("model", claims.model, model.name),
             ("virtual key", claims.key_id, request.key_id),
+            ("prompt (messages, tools, max_tokens) of digest", claims.prompt_digest, request_digest(request)),
         ):
             if granted != asked:
                 raise GrantError(f"the grant is for {name} {granted!r}, not {asked!r}")
@@ -212,9 +233,6 @@ class GrantVerifier:
             raise GrantError(f"the grant expired at {claims.expires_ms} (now {now_ms})")
         if deadline_ms > claims.expires_ms:
             raise GrantError(f"the call's deadline {deadline_ms} is past the grant's expiry {claims.expires_ms}")
-        if worst_case_pico > claims.amount_pico:
-            worst, allowed = worst_case_pico / PICO, claims.amount_pico / PICO
-            raise GrantError(f"the call's worst case ${worst:.6f} is above the granted ${allowed:.6f}")
         if call_id in self._used:
             raise GrantReused(f"the grant of call {call_id!r} was already used")
         self._used.add(call_id)
@@ -349,4 +367,9 @@ def reservation_for(request: InferenceRequest, model: ModelSpec) -> Reservation:
         amount_usd=model.worst_case_cost(usage.input_tokens, usage.output_tokens),
         expires_ms=request.deadline_ms,
         key_id=request.key_id,
+        prompt_digest=request_digest(request),
     )
+
+
+def request_digest(request: InferenceRequest) -> str:
+    return prompt_digest(request.messages, request.options.tools, request.max_tokens)

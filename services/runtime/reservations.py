@@ -2,7 +2,11 @@
 (``mesh.budget.reserve``) before it starts, settle its actual cost (``mesh.budget.settle``) after.
 
 The client fails closed: an accountant that does not answer is a refusal, because a call started
-without a reservation could be the one that crosses a cap nobody was checking.
+without a reservation could be the one that crosses a cap nobody was checking. Before that, an
+unanswered request (no replica serving budgets, or the leader died holding it) is sent again, with
+the same reservation id, for up to ``FAILOVER_S``: the time a standby accountant takes to take over
+(services/accountant/lease.py). A repeat is harmless: the accountant answers a reservation id it
+already decided with the same decision, and counts a settle once.
 
 A granted decision carries the accountant's signed grant (``ReservationDecision.grant``,
 services/runtime/grants.py); the caller passes it on, unread, in ``InferenceRequest.grant``, and the
@@ -11,7 +15,9 @@ inference service runs the paid call only if it verifies.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 
 import msgspec
 import nats.errors
@@ -28,6 +34,11 @@ UNAVAILABLE = "budget service unavailable"
 # A reservation is one in-memory decision at the accountant; when it takes longer than this, the
 # accountant is down or drowning, and a call should not sit on its deadline waiting for it.
 DEFAULT_TIMEOUT_S = 2.0
+# How long an unanswered reserve or settle is sent again: a standby's takeover (lease.py's lease and poll,
+# plus rebuilding the ledger) with room to spare.
+FAILOVER_S = 5.0
+# Between tries while no accountant is subscribed ("no responders" comes back at once).
+RETRY_INTERVAL_S = 0.1
 
 
 def is_paid(model: ModelSpec) -> bool:
@@ -49,17 +60,34 @@ def parse_budget(value: str | None) -> float | None:
 
 
 class ReservationClient:
-    def __init__(self, bus: Bus, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, bus: Bus, timeout_s: float = DEFAULT_TIMEOUT_S, failover_s: float = FAILOVER_S) -> None:
         self.bus = bus
         self.timeout_s = timeout_s
+        self.failover_s = failover_s
+
+    async def _ask(self, subject: str, reservation: Reservation, time_left_s: float) -> ReservationDecision:
+        """The accountant's reply, sent again while unanswered, within ``time_left_s`` and ``failover_s``;
+        raises the last NoRespondersError / TimeoutError when there is none."""
+        give_up = time.monotonic() + min(time_left_s, self.failover_s)
+        while True:
+            left = give_up - time.monotonic()
+            try:
+                return await self.bus.request(
+                    subject, reservation, ReservationDecision, max(min(self.timeout_s, left), 0.001)
+                )
+            except nats.errors.NoRespondersError:
+                if left <= RETRY_INTERVAL_S:
+                    raise
+                await asyncio.sleep(RETRY_INTERVAL_S)
+            except TimeoutError:
+                if give_up - time.monotonic() <= 0:
+                    raise
 
     async def reserve(self, reservation: Reservation, time_left_s: float) -> ReservationDecision:
         """The accountant's decision; a refusal when it cannot be had within the call's time."""
         subject = self.bus.subjects.budget_reserve
         try:
-            return await self.bus.request(
-                subject, reservation, ReservationDecision, min(self.timeout_s, max(time_left_s, 0.001))
-            )
+            return await self._ask(subject, reservation, max(time_left_s, 0.001))
         except (nats.errors.NoRespondersError, TimeoutError) as exc:
             # Fail closed (see the module docstring): no answer is no.
             self.bus.log.warning("reservation_unanswered", reservation_id=reservation.id, error=type(exc).__name__)
@@ -77,8 +105,7 @@ class ReservationClient:
         settled = msgspec.structs.replace(reservation, actual_usd=actual_usd)
         try:
             # Bus.request (nats-py's), as for the reserve: FastStream's costs more than the round trip.
-            subject = self.bus.subjects.budget_settle
-            decision = await self.bus.request(subject, settled, ReservationDecision, self.timeout_s)
+            decision = await self._ask(self.bus.subjects.budget_settle, settled, self.failover_s)
         except (nats.errors.NoRespondersError, TimeoutError) as exc:
             self.bus.log.warning("settle_unanswered", reservation_id=reservation.id, error=type(exc).__name__)
             return

@@ -35,6 +35,9 @@ class MeshSettings(BaseSettings):
     clickhouse_analyst_url: str = Field(
         "", validation_alias=AliasChoices("CLICKHOUSE_ANALYST_URL", "FRUGALMESH_CLICKHOUSE_ANALYST_URL")
     )
+    # Copies JetStream keeps of every stream, KV bucket and object store: 1, or 3 (5) on a cluster of at
+    # least that many servers. Applied when a service declares them, to existing ones as well.
+    replicas: int = Field(1, ge=1, le=5)
     subject_prefix: str = DEFAULT_PREFIX
     # Where the recorded data sets live (routing outcomes, traces); see services.runtime.data.
     data: Path | None = None
@@ -59,6 +62,12 @@ class MeshSettings(BaseSettings):
     # A JSONL file each gateway replica appends one line per chat request to (arrival, request,
     # usage, cost, latency; never a key): services/gateway/recording.py. "": no recording.
     gateway_record: str = ""
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """The seed servers ``nats_url`` names, comma-separated (a cluster's: any one that answers
+        serves, and the client learns the others from it)."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
 
     @property
     def subjects(self) -> Subjects:

@@ -1,18 +1,26 @@
 """The mesh's JetStream streams: what each keeps and for how long. Every service declares them
 idempotently when it starts (``Bus.app``), so the first one up creates them and a changed
-setting reaches an existing stream."""
+setting reaches an existing stream.
+
+Replication (``MeshSettings.replicas``, FRUGALMESH_REPLICAS) is part of that configuration: every
+stream, and the stream under every KV bucket (``KV_<bucket>``) and object store (``OBJ_<bucket>``),
+is declared with it, and one found with another count is updated to it (JetStream moves the copies
+itself). A count above the cluster's size is refused by the server; the error says so.
+"""
 
 from __future__ import annotations
 
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from schemas.messages import TERMINAL_EVENTS
 from schemas.subjects import (
+    STREAM_ALERTS,
     STREAM_ARTIFACT_EVENTS,
     STREAM_CONTROL,
     STREAM_DLQ,
+    STREAM_FEEDBACK,
     STREAM_TASK_EVENTS,
     STREAM_TASKS,
     STREAM_USAGE,
@@ -24,9 +32,9 @@ DAY_S = 24 * 3600.0
 DEDUPE_WINDOW_S = 600.0
 
 
-def stream_configs(subjects: Subjects) -> list[StreamConfig]:
-    """The JetStream streams of the mesh."""
-    return [
+def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
+    """The JetStream streams of the mesh, each kept in ``replicas`` copies."""
+    configs = [
         StreamConfig(
             name=subjects.stream(STREAM_TASKS),
             subjects=[subjects.task_submit],
@@ -62,17 +70,36 @@ def stream_configs(subjects: Subjects) -> list[StreamConfig]:
             storage=StorageType.FILE,
         ),
         StreamConfig(
+            name=subjects.stream(STREAM_ALERTS),
+            subjects=[subjects.alert_all],
+            max_age=30 * DAY_S,
+            # Nats-Msg-Id = the alert's id: two accountants' sends of one alert store one message.
+            duplicate_window=DEDUPE_WINDOW_S,
+            storage=StorageType.FILE,
+        ),
+        StreamConfig(
+            name=subjects.stream(STREAM_FEEDBACK),
+            subjects=[subjects.feedback_all],
+            max_age=30 * DAY_S,
+            # Nats-Msg-Id = the feedback's id: a client's retry stores one verdict.
+            duplicate_window=DEDUPE_WINDOW_S,
+            storage=StorageType.FILE,
+        ),
+        StreamConfig(
             name=subjects.stream(STREAM_DLQ),
             subjects=[subjects.dlq_all],
             max_age=30 * DAY_S,
             storage=StorageType.FILE,
         ),
     ]
+    for config in configs:
+        config.num_replicas = replicas
+    return configs
 
 
-async def ensure_streams(js: JetStreamContext, subjects: Subjects) -> None:
+async def ensure_streams(js: JetStreamContext, subjects: Subjects, replicas: int = 1) -> None:
     """Create each mesh stream, or update it to the configuration above."""
-    for config in stream_configs(subjects):
+    for config in stream_configs(subjects, replicas):
         await ensure_stream(js, config)
 
 
@@ -80,4 +107,15 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
         await js.add_stream(config=config)
     except BadRequestError:
+        await js.update_stream(config=config)
+
+
+async def ensure_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:
+    """Give an existing stream (a bucket's) ``replicas`` copies, when it has another count."""
+    try:
+        config = (await js.stream_info(stream)).config
+    except NotFoundError:
+        return
+    if (config.num_replicas or 1) != replicas:
+        config.num_replicas = replicas
         await js.update_stream(config=config)

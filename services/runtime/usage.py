@@ -56,6 +56,7 @@ def usage_event(
     usage_source: UsageSource = "provider",
     hardware_profile: str = "",
     spilled_from: str = "",
+    ttft_ms: float = 0.0,
 ) -> UsageEvent:
     """The usage row of call ``call_id`` of ``step``, stamped now.
 
@@ -85,6 +86,7 @@ def usage_event(
         spilled_from=spilled_from,
         key_id=step.key_id,
         agent=step.agent,
+        ttft_ms=ttft_ms,
     )
 
 

@@ -4,6 +4,9 @@
 - ``fixed:<model>``: one pinned model.
 - ``learned``: a prompt model predicts whether the weak model will be right (learned.py).
 - ``cascade``: the weak model first, the strong one when a validator rejects its answer (cascade.py).
+- ``online``: per tag (the step's workflow), what the mesh learned from labelled traffic, with shadow
+  calls to learn more (online.py, tags.py); one instance per router, so every tenant and workflow
+  naming it shares its evidence.
 
 ``execute`` is the one place a policy turns into calls: the router service runs it with calls
 on the bus, ``frugalmesh eval routing`` with recorded answers, so what is evaluated is what runs.
@@ -17,6 +20,7 @@ deploy/routing.toml::
     router = "routers/mixtral-gpt4.npz"   # the trained router file of learned and cascade
     tenants = { acme = "learned" }        # a tenant's policy wins over its workflow's
     workflows = { answer = "cascade" }
+    online = { shadow_share = 0.1 }       # optional: OnlineSettings of the online policy
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from schemas.messages import InferenceResult, StepRequest
 from services.routing.policies.cascade import CascadePolicy
 from services.routing.policies.fixed import FixedPolicy
 from services.routing.policies.learned import LearnedPolicy
+from services.routing.policies.online import ONLINE, OnlinePolicy, OnlineSettings
 from services.routing.policies.routerfile import RouterFile
 from services.routing.table import ROUTING_FILE, RoutingTable
 from services.runtime.catalog import Catalog, ModelSpec
@@ -68,6 +73,7 @@ RULES = "rules"
 LEARNED = "learned"
 CASCADE = "cascade"
 FIXED_PREFIX = "fixed:"
+KNOWN = "rules, fixed:<model>, learned, cascade, online"
 
 
 class UnknownPolicy(ValueError):
@@ -80,15 +86,22 @@ class PolicyBuilder:
     Learned and cascade read the router file named by ``[policies] router``; the rules are ``table``."""
 
     def __init__(
-        self, table: RoutingTable, catalog: Catalog, deploy_dir: Path, router: str | None, source: str
+        self,
+        table: RoutingTable,
+        catalog: Catalog,
+        deploy_dir: Path,
+        router: str | None,
+        source: str,
+        online: OnlineSettings | None = None,
     ) -> None:
         self.table = table
         self.catalog = catalog
         self.deploy_dir = deploy_dir
         self.router = router
         self.source = source
+        self.online = online or OnlineSettings()
         self.built: dict[str, Policy] = {}
-        self._router_file: RouterFile | None = None
+        self.loaded_file: RouterFile | None = None
 
     def get(self, name: str, where: str) -> Policy:
         """The policy ``name`` (``where`` says who named it, for the error); UnknownPolicy when there is none."""
@@ -106,13 +119,11 @@ class PolicyBuilder:
             if model not in self.catalog.models:
                 raise UnknownPolicy(f"{self.source}: {where}: policy {name!r} names a model outside the catalogue")
             return FixedPolicy(model)
-        if name not in (LEARNED, CASCADE):
-            raise UnknownPolicy(
-                f"{self.source}: {where}: unknown policy {name!r}; known: rules, fixed:<model>, learned, cascade"
-            )
+        if name not in (LEARNED, CASCADE, ONLINE):
+            raise UnknownPolicy(f"{self.source}: {where}: unknown policy {name!r}; known: {KNOWN}")
         if self.router is None:
             raise UnknownPolicy(f"{self.source}: {where}: policy {name} needs [policies] router = <router file>")
-        if self._router_file is None:
+        if self.loaded_file is None:
             try:
                 router_file = RouterFile.load(self.deploy_dir / self.router)
                 for model in (router_file.weak_model, router_file.strong_model):
@@ -120,10 +131,15 @@ class PolicyBuilder:
             except (OSError, KeyError, ValueError) as exc:
                 message = f"{self.source}: {where}: policy {name}: router file {self.router}: {exc}"
                 raise UnknownPolicy(message) from None
-            self._router_file = router_file
-        if name == LEARNED:
-            return LearnedPolicy.from_file(self._router_file)
-        return CascadePolicy.from_file(self._router_file)
+            self.loaded_file = router_file
+        try:
+            if name == LEARNED:
+                return LearnedPolicy.from_file(self.loaded_file)
+            if name == ONLINE:
+                return OnlinePolicy.from_file(self.loaded_file, self.online)
+            return CascadePolicy.from_file(self.loaded_file)
+        except ValueError as exc:
+            raise UnknownPolicy(f"{self.source}: {where}: policy {name}: router file {self.router}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -145,6 +161,13 @@ class PolicySet:
             return self.named.get(step.policy, "the step's policy")
         return self.tenants.get(step.tenant) or self.workflows.get(step.workflow) or self.default
 
+    @property
+    def router_file(self) -> Path | None:
+        """The router file this set's learned policies were read from (watched for new versions)."""
+        if self.named is None or self.named.router is None:
+            return None
+        return self.named.deploy_dir / self.named.router
+
     @classmethod
     def load(cls, deploy_dir: Path, table: RoutingTable, catalog: Catalog) -> PolicySet:
         path = deploy_dir / ROUTING_FILE
@@ -157,10 +180,14 @@ class PolicySet:
         """The ``[policies]`` table of routing.toml; without one, the rules route everything.
         The router file is read only when a learned or cascade policy is selected."""
         spec = dict(raw.get("policies", {}))
-        unknown = set(spec) - {"default", "router", "tenants", "workflows"}
+        unknown = set(spec) - {"default", "router", "tenants", "workflows", ONLINE}
         if unknown:
             raise ValueError(f"{source}: [policies]: unknown keys {sorted(unknown)}")
-        builder = PolicyBuilder(table, catalog, deploy_dir, spec.get("router"), source)
+        try:
+            online = OnlineSettings(**spec.get(ONLINE, {}))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: [policies] online: {exc}") from None
+        builder = PolicyBuilder(table, catalog, deploy_dir, spec.get("router"), source, online)
         return cls(
             default=builder.get(spec.get("default", RULES), "default"),
             tenants={k: builder.get(v, f"tenants.{k}") for k, v in spec.get("tenants", {}).items()},

@@ -77,6 +77,19 @@ def calibrate_every_fold(
     return operating_point(threshold, scores, weak_correct, strong_correct, target)
 
 
+def random_weak_share(
+    weak_correct: np.ndarray, strong_correct: np.ndarray, folds: list[np.ndarray], target: float
+) -> float:
+    """The largest share of prompts that random routing may send weak while meeting ``target`` on
+    each fold on its own (as ``calibrate_every_fold`` asks of a threshold): accuracy
+    q w + (1 - q) s >= target s, so q <= (1 - target) s / (s - w) where the weak model is worse."""
+    shares = []
+    for fold in folds:
+        weak, strong = float(np.mean(weak_correct[fold])), float(np.mean(strong_correct[fold]))
+        shares.append(1.0 if strong <= weak else min(1.0, (1 - target) * strong / (strong - weak)))
+    return min(shares)
+
+
 def operating_point(
     threshold: float, scores: np.ndarray, weak_correct: np.ndarray, strong_correct: np.ndarray, target: float
 ) -> OperatingPoint:

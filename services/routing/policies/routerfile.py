@@ -8,7 +8,7 @@ model (cascade validator), each with the threshold calibrated on its training da
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,11 @@ class PromptModel:
     coef: np.ndarray  # EMBEDDING_DIMENSIONS
     intercept: float
     calibration: OperatingPoint
+    # The share of prompts random routing may keep weak and meet the target on every training fold
+    # (training.py); the learned policy routes that share at random instead of by score when its
+    # scores did not beat it on held-out folds (``routes_at_random``).
+    random_weak_share: float | None = None
+    routes_at_random: bool = False
 
     def scores(self, prompts: list[str]) -> np.ndarray:
         return sigmoid(prompt_embeddings(prompts) @ self.coef + self.intercept)
@@ -62,6 +67,11 @@ class RouterFile:
     answer_model: AnswerModel | None
     # What it was trained on (files, prompt counts), for whoever reads the file later.
     trained_on: dict[str, int]
+    # Paired outcomes per tag (a CSV file's name, a workflow): both right, only strong, only weak,
+    # neither (tags.py). The online policy's prior and evidence.
+    tag_outcomes: dict[str, list[int]] = field(default_factory=dict)
+    # Where the file came from (`router train --from-clickhouse`: which labels, when, held-out figures).
+    provenance: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         header: dict = {
@@ -69,6 +79,8 @@ class RouterFile:
             "weak_model": self.weak_model,
             "strong_model": self.strong_model,
             "trained_on": self.trained_on,
+            "tag_outcomes": self.tag_outcomes,
+            "provenance": self.provenance,
         }
         arrays: dict[str, np.ndarray] = {}
         if self.prompt_model is not None:
@@ -77,6 +89,8 @@ class RouterFile:
                 "embedding": PROMPT_EMBEDDING,
                 "intercept": prompt.intercept,
                 "calibration": asdict(prompt.calibration),
+                "random_weak_share": prompt.random_weak_share,
+                "routes_at_random": prompt.routes_at_random,
             }
             arrays["prompt_coef"] = prompt.coef
         if self.answer_model is not None:
@@ -108,11 +122,25 @@ class RouterFile:
                     raise ValueError(
                         f"{path}: prompt model reads {spec['embedding']}, not this version's {PROMPT_EMBEDDING}"
                     )
-                prompt_model = PromptModel(coef, spec["intercept"], OperatingPoint(**spec["calibration"]))
+                prompt_model = PromptModel(
+                    coef,
+                    spec["intercept"],
+                    OperatingPoint(**spec["calibration"]),
+                    spec.get("random_weak_share"),
+                    spec.get("routes_at_random", False),
+                )
         answer_model = None
         if "answer_model" in header:
             spec = header["answer_model"]
             if tuple(spec["features"]) != ANSWER_FEATURES:
                 raise ValueError(f"{path}: answer features {spec['features']} are not this version's {ANSWER_FEATURES}")
             answer_model = AnswerModel(np.array(spec["coef"]), spec["intercept"], OperatingPoint(**spec["calibration"]))
-        return cls(header["weak_model"], header["strong_model"], prompt_model, answer_model, header["trained_on"])
+        return cls(
+            header["weak_model"],
+            header["strong_model"],
+            prompt_model,
+            answer_model,
+            header["trained_on"],
+            header.get("tag_outcomes", {}),
+            header.get("provenance", {}),
+        )

@@ -1,0 +1,1 @@
+"""Analytics over the accountant's ClickHouse: the report's queries, figures and HTML."""
