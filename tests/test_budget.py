@@ -7,6 +7,7 @@ passes in, and talks to it over plain nats-py as the router would.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import click
 import msgspec
 import nats.errors
+import nats.js.errors
 import pytest
 from click.testing import CliRunner
 from helpers import eventually
@@ -28,12 +30,12 @@ from schemas.messages import (
     Reservation,
     ReservationDecision,
 )
-from schemas.subjects import BUCKET_LEDGER, STREAM_LEDGER
+from schemas.subjects import BUCKET_CONTROL, BUCKET_LEDGER, STREAM_LEDGER
 from services.accountant.budget import BudgetConfig, Caps, PacingConfig
 from services.accountant.ledger import pico
 from services.cli.budget_commands import budget, clear, kill
 from services.runtime.bus import now_ms
-from services.runtime.control import ControlState, control_bucket
+from services.runtime.control import ControlState, control_bucket, set_kill
 from services.runtime.settings import MeshSettings
 
 pytestmark = pytest.mark.infra
@@ -245,8 +247,12 @@ async def test_a_grant_the_journal_cannot_store_is_withdrawn(start_service, sett
     # The failed write ended the accountant's term; the next one rebuilds the ledger from what the
     # journal holds (nothing: its stream was deleted, and is declared again) and grants again.
     async def granted_again() -> bool:
+        # A request that reaches the ending term's subscription is dropped with it: asked again after
+        # a second, as the router's ReservationClient does (with the same id, so it counts once).
         try:
-            return (await reserve(nc, settings, reservation(3, 0.01))).granted
+            return (
+                await request(nc, settings.subjects.budget_reserve, reservation(3, 0.01), ReservationDecision, 1.0)
+            ).granted
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):  # between two terms
             return False
 
@@ -283,6 +289,59 @@ async def test_crossing_a_cap_trips_the_switch_and_records_it(start_service, set
         return rows == [("tenant", "acme", True, "accountant")]
 
     await eventually(recorded)
+
+
+async def switch_of(kv, key: str) -> KillSwitch | None:
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return msgspec.json.decode(entry.value, type=KillSwitch)
+
+
+async def test_a_trip_is_written_until_it_lands_across_restarts_and_an_operators_clear_stands(
+    start_service, settings, nc, bus
+):
+    budgets = caps(tenant_acme={"day": 0.01}, tenant_globex={"day": 0.01})
+    first = await start_accountant(start_service, settings, budgets)
+    kv = await control_bucket(bus)
+    js = nc.jetstream()
+    stream = f"KV_{settings.subjects.bucket(BUCKET_CONTROL)}"
+    # JetStream refuses every write to the control bucket: it is full (discard new) at its present size.
+    info = await js.stream_info(stream)
+    await js.update_stream(dataclasses.replace(info.config, max_bytes=max(info.state.bytes, 1)))
+    crossing = reservation(1, 0.01)
+    assert (await reserve(nc, settings, crossing)).granted
+    assert (await settle(nc, settings, crossing, 0.01)).granted
+    await asyncio.wait_for(first.stop(), 15)  # the trip is journaled; its switch never landed
+    assert await switch_of(kv, "kill.tenant.acme") is None
+
+    # Writable again: the next term writes the trip the journal says never landed.
+    await js.update_stream(dataclasses.replace(info.config, max_bytes=-1))
+    second = await start_accountant(start_service, settings, budgets)
+
+    async def acme_tripped() -> bool:
+        switch = await switch_of(kv, "kill.tenant.acme")
+        return switch is not None and switch.tripped and switch.by == "accountant"
+
+    await eventually(acme_tripped)
+
+    # An operator clears it; the trip landed, so no later term writes it again.
+    await set_kill(bus, KillSwitch(scope="tenant", key="acme", tripped=False, reason="ok", by="operator", time_ms=0))
+    await asyncio.wait_for(second.stop(), 15)
+    await start_accountant(start_service, settings, budgets)
+    other = reservation(2, 0.01, tenant="globex")
+    assert (await reserve(nc, settings, other)).granted
+    await settle(nc, settings, other, 0.01)
+
+    async def globex_tripped() -> bool:
+        switch = await switch_of(kv, "kill.tenant.globex")
+        return switch is not None and switch.tripped
+
+    # Switches are written in order: globex's trip comes after anything the term queued at its start.
+    await eventually(globex_tripped)
+    cleared = await switch_of(kv, "kill.tenant.acme")
+    assert cleared is not None and not cleared.tripped and cleared.by == "operator"
 
 
 async def test_cli_budget_set_show_kill_and_clear(start_service, settings, nc, ch):

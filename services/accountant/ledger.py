@@ -119,7 +119,13 @@ class Trip(msgspec.Struct, tag="trip"):
     bucket: Bucket
 
 
-Op = Grant | Settle | Expire | Trip
+class TripWritten(msgspec.Struct, tag="trip_written"):
+    """The switch of a ``Trip`` landed in the control bucket (services/accountant/control_writes.py)."""
+
+    bucket: Bucket
+
+
+Op = Grant | Settle | Expire | Trip | TripWritten
 
 
 class HoldRecord(msgspec.Struct):
@@ -141,6 +147,8 @@ class Snapshot(msgspec.Struct):
     task_caps: list[tuple[str, str, int]] | dict[str, int]
     task_touched: list[tuple[str, str, int]] | dict[str, int]
     tripped: list[Bucket]
+    # Absent from a snapshot written before trips were recorded as landed: read as all landed.
+    trips_unwritten: list[Bucket] = []
 
 
 def _by_task(stored: list[tuple[str, str, int]] | dict[str, int]) -> dict[TaskKey, int]:
@@ -170,6 +178,8 @@ class Ledger:
     task_caps: dict[TaskKey, int] = field(default_factory=dict)
     # Buckets whose cap crossing already tripped the kill switch (once per bucket).
     tripped: set[Bucket] = field(default_factory=set)
+    # Of those, the ones whose switch is not known to have landed: the next term writes them again.
+    trips_unwritten: set[Bucket] = field(default_factory=set)
     # (tenant, task) -> the latest time (ms) a grant or settle named it, so idle tasks can be forgotten.
     task_touched: dict[TaskKey, int] = field(default_factory=dict)
 
@@ -195,6 +205,9 @@ class Ledger:
                     self.settled[b] = self.settled.get(b, 0) + hold.amount
         elif isinstance(op, Trip):
             self.tripped.add(op.bucket)
+            self.trips_unwritten.add(op.bucket)
+        elif isinstance(op, TripWritten):
+            self.trips_unwritten.discard(op.bucket)
 
     def _hold(self, r: Reservation, buckets: list[Bucket], amount: int) -> None:
         self.holds[r.id] = Hold(r, buckets, amount)
@@ -240,6 +253,7 @@ class Ledger:
         for b in [b for b in self.settled if stale(b)]:
             del self.settled[b]
             self.tripped.discard(b)
+            self.trips_unwritten.discard(b)
         for task in idle:
             self.task_caps.pop(task, None)
             del self.task_touched[task]
@@ -255,6 +269,7 @@ class Ledger:
                 task_caps=[(tenant, task, cap) for (tenant, task), cap in self.task_caps.items()],
                 task_touched=[(tenant, task, time) for (tenant, task), time in self.task_touched.items()],
                 tripped=sorted(self.tripped),
+                trips_unwritten=sorted(self.trips_unwritten),
             )
         )
 
@@ -267,6 +282,7 @@ class Ledger:
             task_caps=_by_task(snap.task_caps),
             task_touched=_by_task(snap.task_touched),
             tripped=set(snap.tripped),
+            trips_unwritten=set(snap.trips_unwritten),
         )
         for h in snap.holds:
             ledger._hold(h.reservation, h.buckets, h.amount)

@@ -31,6 +31,7 @@ from schemas.messages import (
 )
 from schemas.subjects import token
 from services.accountant.budget import BudgetBook, BudgetConfig
+from services.accountant.control_writes import ControlWriter, TripWrite
 from services.accountant.journal import Commit, Journal
 from services.accountant.ledger import (
     Bucket,
@@ -40,6 +41,7 @@ from services.accountant.ledger import (
     Op,
     Settle,
     Trip,
+    TripWritten,
     buckets_for,
     day_period,
     dollars,
@@ -50,7 +52,7 @@ from services.accountant.ledger import (
 from services.accountant.pacing import curve, pace_action
 from services.accountant.statement import budget_state
 from services.runtime.bus import Bus
-from services.runtime.control import ControlState, set_kill, set_pace, task_switch_key
+from services.runtime.control import ControlState, task_switch_key
 from services.runtime.grants import GrantSigner
 
 MsClock = Callable[[], int]  # the time in ms since the epoch (tests move it)
@@ -58,7 +60,11 @@ MsClock = Callable[[], int]  # the time in ms since the epoch (tests move it)
 PRUNE_EVERY_MS = 60_000
 KEEP_SETTLED_IDS_MS = 24 * 3_600_000  # a settle repeated within a day is recognised
 KEEP_IDLE_TASKS_MS = 7 * 24 * 3_600_000
-CONTROL_RETRIES = 5
+
+
+def _past(bucket: Bucket, now_ms: int) -> bool:
+    """Whether ``bucket`` is of a past day or month, whose cap no longer stops anything."""
+    return bucket[2] in ("day", "month") and bucket[3] not in (day_period(now_ms), month_period(now_ms))
 
 
 def describe(bucket: Bucket) -> str:
@@ -99,7 +105,7 @@ class Accounts:
         self.control: ControlState | None = None
         self.paces: dict[str, PaceAction] = {}
         self._expiries: list[tuple[int, str]] = []
-        self._control_writes: asyncio.Queue[KillSwitch | PaceSignal] = asyncio.Queue()
+        self.control_writer = ControlWriter(bus, self._trip_landed)
         self._tasks: list[asyncio.Task] = []
         self._last_prune = 0
 
@@ -107,7 +113,7 @@ class Accounts:
 
     async def start(self) -> None:
         self._expiries = []
-        self._control_writes = asyncio.Queue()
+        self.control_writer = ControlWriter(self.bus, self._trip_landed)
         await self.book.open(self.bus)  # again each term: the previous leader may have changed caps
         self.control = await ControlState.open(self.bus)
         self.paces = {tenant: signal.action for tenant, signal in self.control.paces.items()}
@@ -116,12 +122,15 @@ class Accounts:
         for rid, hold in self.ledger.holds.items():
             heapq.heappush(self._expiries, (hold.reservation.expires_ms + self.expiry_grace_ms, rid))
         self._tasks = [
-            asyncio.create_task(self._write_control_forever()),
+            asyncio.create_task(self.control_writer.run_forever()),
             asyncio.create_task(self._sweep_forever()),
             asyncio.create_task(self._pace_forever()),
         ]
         # A crossing whose trip was not recorded before a crash, or a cap lowered in the file.
         self._check_crossings(list(self.ledger.settled))
+        # A trip recorded whose switch never landed (control_writes.py): written again.
+        for bucket in sorted(self.ledger.trips_unwritten):
+            self._write_trip(bucket)
 
     async def stop(self) -> None:
         for task in self._tasks[1:]:
@@ -131,8 +140,7 @@ class Accounts:
         if self.journal is not None:
             await self.journal.close()
         # Let queued kill switches and pace signals out before the connection goes.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._control_writes.join(), 5)
+        await self.control_writer.drain(5)
         if self._tasks:
             self._tasks[0].cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -280,38 +288,28 @@ class Accounts:
         for bucket in buckets:
             cap = self.cap_of(bucket)
             spent = self.ledger.settled.get(bucket, 0)
-            if cap is None or spent < cap or bucket in self.ledger.tripped:
+            if cap is None or spent < cap or bucket in self.ledger.tripped or _past(bucket, now):
                 continue
-            if bucket[2] in ("day", "month") and bucket[3] not in (day_period(now), month_period(now)):
-                continue  # a past period's cap no longer stops anything
             self._record(Trip(bucket))
-            # A task's bucket holds its tenant as its period: its switch names both.
-            scope, key = bucket[0], task_switch_key(bucket[3], bucket[1]) if bucket[0] == "task" else bucket[1]
-            reason = f"{describe(bucket)} ${dollars(cap):.6f} reached: settled ${dollars(spent):.6f}"
-            self.bus.log.warning("cap_crossed", scope=scope, key=key, reason=reason)
-            self._control_writes.put_nowait(
-                KillSwitch(
-                    scope=cast(KillScope, scope), key=key, tripped=True, reason=reason, by="accountant", time_ms=now
-                )
-            )
+            self._write_trip(bucket)
 
-    async def _write_control_forever(self) -> None:
-        """Kill switches and pace signals, in the order decided, each retried a few times."""
-        while True:
-            item = await self._control_writes.get()
-            try:
-                for attempt in range(CONTROL_RETRIES):
-                    try:
-                        if isinstance(item, KillSwitch):
-                            await set_kill(self.bus, item)
-                        else:
-                            await set_pace(self.bus, item)
-                        break
-                    except Exception as exc:
-                        self.bus.log.error("control_write_failed", item=str(item), attempt=attempt, error=str(exc))
-                        await asyncio.sleep(0.2 * 2**attempt)
-            finally:
-                self._control_writes.task_done()
+    def _write_trip(self, bucket: Bucket) -> None:
+        """Queue the kill switch of ``bucket``'s crossed cap (if its period still counts)."""
+        now = self.clock()
+        if _past(bucket, now):
+            return
+        # A task's bucket holds its tenant as its period: its switch names both.
+        scope, key = bucket[0], task_switch_key(bucket[3], bucket[1]) if bucket[0] == "task" else bucket[1]
+        cap, spent = self.cap_of(bucket) or 0, self.ledger.settled.get(bucket, 0)
+        reason = f"{describe(bucket)} ${dollars(cap):.6f} reached: settled ${dollars(spent):.6f}"
+        self.bus.log.warning("cap_crossed", scope=scope, key=key, reason=reason)
+        switch = KillSwitch(
+            scope=cast(KillScope, scope), key=key, tripped=True, reason=reason, by="accountant", time_ms=now
+        )
+        self.control_writer.put(TripWrite(bucket, switch))
+
+    def _trip_landed(self, bucket: Bucket) -> None:
+        self._record(TripWritten(bucket))
 
     # -- expiry --
 
@@ -361,7 +359,7 @@ class Accounts:
             return
         self.paces[tenant] = action
         expected = curve(cap, now) if cap else 0
-        self._control_writes.put_nowait(
+        self.control_writer.put(
             PaceSignal(tenant=tenant, action=action, spend_usd=dollars(spend), curve_usd=dollars(expected), time_ms=now)
         )
 
