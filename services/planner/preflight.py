@@ -251,7 +251,7 @@ class Preflight:
         ``priced`` False gives a cost of 0 without counting the prompt, for a task with no budget:
         nothing here decides on its cost then (the router reserves every call against the caps with
         its own count), and counting is the dear part of the estimate: Mixtral's tokenizer takes
-        0.1 s for a 120,000-token Mooncake prompt (docs/benchmarks.md, "Calls in flight")."""
+        0.13 s for a 120,000-token Mooncake prompt (docs/benchmarks.md, "Counting once")."""
         model = self.table.choose(request, self.catalog)
         latency_s = self.profiles[model.name][0]
         if not priced:
