@@ -55,11 +55,12 @@ def mesh(infra, data_dir, deploy, tmp_path_factory):
         home=home,
     )
     with pytest.MonkeyPatch.context() as env:
-        # The stack's service processes take their servers, deploy dir and home from the environment.
+        # The stack uses the servers the environment names and gives its services the deploy dir, home
+        # and subject prefix of its settings; the CLI commands run here read deploy dir and prefix from
+        # the environment, as a user's do.
         env.setenv("NATS_URL", infra[0])
         env.setenv("CLICKHOUSE_URL", infra[1])
         env.setenv("FRUGALMESH_DEPLOY_DIR", str(deploy))
-        env.setenv("FRUGALMESH_HOME", str(home))
         env.setenv("FRUGALMESH_SUBJECT_PREFIX", settings.subject_prefix)
         with Stack(home=home, settings=settings) as stack:
             yield stack.settings

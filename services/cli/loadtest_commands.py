@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -147,8 +146,6 @@ def _own_stack(settings, deploy_dir: Path | None) -> Iterator[Any]:
 
     with tempfile.TemporaryDirectory(prefix="frugalmesh-loadtest-") as tmp:
         deploy = deploy_dir or loadtest_deploy_dir(Path(tmp) / "deploy")
-        # The services are child processes: they read their deploy directory from the environment.
-        os.environ["FRUGALMESH_DEPLOY_DIR"] = str(deploy.resolve())
         home = Path(tmp) / "home"
         stack_settings = settings.model_copy(update={"deploy_dir": deploy, "home": home})
         click.echo(f"starting a stack on {deploy} (state in {home})...", err=True)

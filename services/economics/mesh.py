@@ -21,7 +21,6 @@ experiment. Everything a step costs is read from the accountant's rows in ClickH
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import tempfile
@@ -80,21 +79,6 @@ def experiment_deploy(dest: Path, time_scale: float, policies: dict[str, str], b
 
 
 @contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """The stack's service processes read their deploy directory and home from the environment."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextmanager
 def experiment_mesh(
     data_dir: Path, time_scale: float = 0.0, policies: dict[str, str] | None = None
 ) -> Iterator[MeshSettings]:
@@ -104,9 +88,8 @@ def experiment_mesh(
     home = tmp / "home"
     deploy = experiment_deploy(tmp / "deploy", time_scale, policies or {})
     settings = MeshSettings(home=home, deploy_dir=deploy, data=data_dir, subject_prefix="exp" + uuid.uuid4().hex[:8])
-    environment = {"FRUGALMESH_DEPLOY_DIR": str(deploy), "FRUGALMESH_HOME": str(home)}
     stack = Stack(home=home, nats_port=-1, clickhouse_port=0, settings=settings, local_engine=None, agents={})
-    with _environment(environment), stack:
+    with stack:
         yield stack.settings
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -244,6 +244,8 @@ class Stack:
             "NATS_URL": self.settings.nats_url,
             "FRUGALMESH_REPLICAS": str(self.settings.replicas),
             "FRUGALMESH_SUBJECT_PREFIX": self.settings.subject_prefix,
+            "FRUGALMESH_DEPLOY_DIR": str(self.settings.deploy_dir.resolve()),
+            "FRUGALMESH_HOME": str(self.home),
             "FRUGALMESH_LOCAL_ENGINE_URL": self.settings.local_engine_url,
             "FRUGALMESH_GATEWAY_HOST": self.settings.gateway_host,
             "FRUGALMESH_GATEWAY_PORT": str(self.gateway_port),
