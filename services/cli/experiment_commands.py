@@ -7,7 +7,9 @@ minutes on two cores; the options make a run larger or smaller. docs/economics.m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -91,8 +93,6 @@ def reliability_cliff_command(
 ) -> None:
     """End-to-end success of S-step chains against the predicted p^S, with the lift bought by one
     retry by escalation and by the cascade's validator, and the extra calls each point cost."""
-    from rich.console import Console
-
     from services.economics.experiments_chain import (
         CliffOptions,
         cliff_plot,
@@ -102,15 +102,10 @@ def reliability_cliff_command(
     )
 
     options = CliffOptions(_data_dir(data), _steps(steps), chains, dataset, seed, concurrency)
-    console = Console(width=max(Console().width, 120))
-    console.print(f"running {chains} chains per length and arm through a mesh of its own...")
-    try:
-        result = reliability_cliff(options)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    console.print(cliff_table(result))
-    console.print(steps_table(result))
-    console.print(f"plot: {cliff_plot(result, out)} ({result.wall_s:.0f} s)")
+    _run(
+        f"running {chains} chains per length and arm through a mesh of its own...", 120,
+        lambda: reliability_cliff(options), lambda r: [cliff_table(r), steps_table(r)], lambda r: cliff_plot(r, out),
+    )  # fmt: skip
 
 
 @experiment.command("levers")
@@ -133,19 +128,31 @@ def levers_command(
 ) -> None:
     """Seed 002's levers table (baseline, parallelise, route, cache, retry, cut steps, combined) run
     through the mesh on recorded prompts, beside the formula's prediction."""
-    from rich.console import Console
-
     from services.economics.experiments_levers import LeversOptions, levers, levers_plot, levers_table
 
     options = LeversOptions(_data_dir(data), jobs, steps, time_scale, dataset, seed, concurrency)
-    console = Console(width=max(Console().width, 170))
-    console.print(f"running {jobs} jobs of {steps} steps per lever through a mesh of its own...")
+    _run(
+        f"running {jobs} jobs of {steps} steps per lever through a mesh of its own...", 170,
+        lambda: levers(options), lambda r: [levers_table(r)], lambda r: levers_plot(r, out),
+    )  # fmt: skip
+
+
+def _run(
+    start: str, width: int, run: Callable[[], Any], tables: Callable[[Any], list[Any]], plot: Callable[[Any], Path]
+) -> None:
+    """Run one experiment: say it started, print its tables and where its plot went (and how long it took);
+    a ValueError it raises is the user's mistake, printed as such."""
+    from rich.console import Console
+
+    console = Console(width=max(Console().width, width))
+    console.print(start)
     try:
-        result = levers(options)
+        result = run()
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    console.print(levers_table(result))
-    console.print(f"plot: {levers_plot(result, out)} ({result.wall_s:.0f} s)")
+    for table in tables(result):
+        console.print(table)
+    console.print(f"plot: {plot(result)} ({result.wall_s:.0f} s)")
 
 
 def _multiples(text: str) -> list[float]:
@@ -171,17 +178,11 @@ def budget_sweep_command(
 ) -> None:
     """Answer quality as a job's budget tightens (the mesh refuses what cannot fit; a refused step falls
     back to cheaper models, then is skipped), against a budget-ignoring run's overrun."""
-    from rich.console import Console
-
     from services.economics.experiments_budget import BudgetOptions, budget_sweep, sweep_plot, sweep_table
 
     grid = _multiples(budgets)
     options = BudgetOptions(_data_dir(data), jobs, steps, grid, dataset, seed, concurrency)
-    console = Console(width=max(Console().width, 150))
-    console.print(f"running {jobs} jobs of {steps} questions at {len(grid)} budgets through a mesh of its own...")
-    try:
-        result = budget_sweep(options)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    console.print(sweep_table(result))
-    console.print(f"plot: {sweep_plot(result, out)} ({result.wall_s:.0f} s)")
+    _run(
+        f"running {jobs} jobs of {steps} questions at {len(grid)} budgets through a mesh of its own...", 150,
+        lambda: budget_sweep(options), lambda r: [sweep_table(r)], lambda r: sweep_plot(r, out),
+    )  # fmt: skip
