@@ -57,9 +57,11 @@ class Recorder:
         """Listen until ``duration_s`` passes or ``stop`` is set, then up to ``grace_s`` more for
         the recorded tasks to end (their usage is not complete before)."""
         subjects = self.settings.subjects
-        nc = await nats.connect(self.settings.nats_servers, connect_timeout=3, max_reconnect_attempts=3)
+        nc = await nats.connect(
+            self.settings.nats_servers, connect_timeout=3, max_reconnect_attempts=3, **self.settings.nats_options()
+        )
         try:
-            submits = await nc.subscribe(subjects.task_submit, cb=self._on_task)
+            submits = await nc.subscribe(subjects.task_submit_all, cb=self._on_task)
             await nc.subscribe(subjects.usage_all, cb=self._on_usage)
             await nc.subscribe(subjects.task_events, cb=self._on_event)
             await nc.flush()

@@ -162,7 +162,12 @@ class Replayer:
         self._publishing: set[asyncio.Task[None]] = set()
 
     async def run(self, on_tick: Callable[[Live], None] | None = None) -> Report:
-        nc = await nats.connect(self.settings.nats_servers, connect_timeout=3, max_reconnect_attempts=RECONNECTS)
+        nc = await nats.connect(
+            self.settings.nats_servers,
+            connect_timeout=3,
+            max_reconnect_attempts=RECONNECTS,
+            **self.settings.nats_options(),
+        )
         try:
             events = await nc.subscribe(self.subjects.task_events, cb=self._on_event)
             usage = await nc.subscribe(self.subjects.usage_all, cb=self._on_usage)
@@ -241,7 +246,10 @@ class Replayer:
         while True:
             try:
                 await js.publish(
-                    self.subjects.task_submit, data, stream=stream, headers={HEADER_MSG_ID: task.dedupe_id()}
+                    self.subjects.task_submit(task.tenant),
+                    data,
+                    stream=stream,
+                    headers={HEADER_MSG_ID: task.dedupe_id()},
                 )
                 return
             except (NoStreamResponseError, TimeoutError):

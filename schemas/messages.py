@@ -770,7 +770,13 @@ class KillSwitch(WireMessage, kw_only=True):
         ),
     ]
     reason: Annotated[Text, Meta(description="Why, in words; every refusal it causes quotes it.")] = ""
-    by: Annotated[Id, Meta(description="Who set it: an operator's name, or accountant for a crossed cap.")] = ""
+    by: Annotated[
+        Id,
+        Meta(
+            description="Who set it: accountant for a crossed cap, else the operator whose subject "
+            "(<prefix>.operator.<name>.kill) the accountant took it from."
+        ),
+    ] = ""
     time_ms: Annotated[TimeMs, Meta(description="When it was set, ms since the Unix epoch.")]
 
 
@@ -849,7 +855,7 @@ class BudgetCap(msgspec.Struct, kw_only=True):
 
 
 class BudgetUpdate(WireMessage, kw_only=True):
-    """Change a scope's caps at run time (``mesh.budget.set``); the accountant replies BudgetState.
+    """Change a scope's caps at run time (``mesh.operator.<name>.budget``); the accountant replies BudgetState.
 
     A window given here replaces the current cap, a window named in ``unset`` loses its cap,
     and a window in neither keeps what it had. An operator sends it (``frugalmesh budget set``).
@@ -865,8 +871,15 @@ class BudgetUpdate(WireMessage, kw_only=True):
         Annotated[list[BudgetWindow], Meta(max_length=MAX_ITEMS)], Meta(description="The windows whose cap is removed.")
     ] = []
     by: Annotated[
-        Id, Meta(description="Who asks (the CLI sends the user's login name); the accountant does not read it yet.")
+        Id,
+        Meta(
+            description="Who changed it: the accountant sets the operator's name from the subject the change came "
+            "on (<prefix>.operator.<name>.budget), whatever the sender wrote here."
+        ),
     ] = ""
+    time_ms: Annotated[
+        TimeMs, Meta(description="When the accountant applied it, ms since the Unix epoch (0 in a request).")
+    ] = 0
 
 
 class BudgetQuery(WireMessage, kw_only=True):

@@ -33,6 +33,7 @@ STATUS_HEARTBEAT = "100"  # idle heartbeat or flow control: a pull request goes 
 STATUS_NO_RESPONDERS = "503"  # nobody (no subscriber, no stream) answered a request
 JS_API = "$JS.API"  # JetStream's request subjects
 JS_API_PULL = "$JS.API.CONSUMER.MSG.NEXT"  # a pull request: + .<stream>.<durable> (``pull_request``)
+JS_API_DIRECT_GET = "$JS.API.DIRECT.GET"  # + .<stream>.<subject>: the last message on a subject (``direct_get``)
 JS_ACK = "$JS.ACK"  # acknowledgement subjects: $JS.ACK.<stream>.<consumer>.<delivered>...
 JS_EVENT = "$JS.EVENT"  # JetStream advisories
 KV_API = "$KV"  # KV bucket subjects: $KV.<bucket>.<key>
@@ -54,6 +55,17 @@ def token(value: str) -> str:
     return value
 
 
+def direct_get(stream: str, subject: str) -> str:
+    """JetStream's direct get of the last message stored on ``subject`` (wildcards allowed): the subject
+    is in the request's subject, so a permission can allow it for some subjects only."""
+    return f"{JS_API_DIRECT_GET}.{stream}.{subject}"
+
+
+def object_chunks(bucket: str, nuid: str) -> str:
+    """Where an Object Store keeps the chunks of one object (nats's own layout; its stream is OBJ_<bucket>)."""
+    return f"{OBJECT_STORE_API}.{bucket}.C.{nuid}"
+
+
 def pull_request(stream: str, durable: str) -> str:
     """The subject a pull request for ``durable`` on ``stream`` (both full names) is published to."""
     return f"{JS_API_PULL}.{stream}.{durable}"
@@ -64,9 +76,19 @@ class Subjects:
     prefix: str = DEFAULT_PREFIX
 
     # -- tasks (JetStream) --
+    # A task is submitted on its tenant's subject: the tenant is the one the submitter's credential may
+    # publish as (services/runtime/identities.py), and the planner takes it from the subject.
+    def task_submit(self, tenant: str) -> str:
+        return f"{self.prefix}.task.submit.{token(tenant)}"
+
     @property
-    def task_submit(self) -> str:
-        return f"{self.prefix}.task.submit"
+    def task_submit_all(self) -> str:
+        return f"{self.prefix}.task.submit.*"
+
+    @staticmethod
+    def tenant_of(subject: str) -> str:
+        """The tenant token a per-tenant subject ends with (task submit, artifact put and get)."""
+        return subject.rsplit(".", 1)[-1]
 
     # A task's events: <prefix>.task.event.<tenant>.<task>.<kind>. Progress events are core NATS (live
     # followers see them); only the terminal ones are stored (STREAM_TASK_EVENTS), each carrying the
@@ -77,6 +99,10 @@ class Subjects:
     def task_events_of(self, tenant: str, task_id: str) -> str:
         """Every event of one task."""
         return f"{self.prefix}.task.event.{token(tenant)}.{token(task_id)}.>"
+
+    def task_events_of_tenant(self, tenant: str) -> str:
+        """Every event of every task of one tenant."""
+        return f"{self.prefix}.task.event.{token(tenant)}.>"
 
     @property
     def task_events(self) -> str:
@@ -137,14 +163,24 @@ class Subjects:
     def budget_settle(self) -> str:
         return f"{self.prefix}.budget.settle"
 
-    # -- budget configuration (request/reply to the accountant) --
-    @property
-    def budget_set(self) -> str:
-        return f"{self.prefix}.budget.set"
-
+    # -- budget queries (request/reply to the accountant) --
     @property
     def budget_show(self) -> str:
         return f"{self.prefix}.budget.show"
+
+    # -- an operator's changes (request/reply to the accountant): <prefix>.operator.<name>.<action>, where
+    # only that operator's credential may publish, so the accountant records who from the subject --
+    def operator(self, name: str, action: str) -> str:
+        """``action`` is OPERATOR_KILL or OPERATOR_BUDGET ('*': every action, in a permission)."""
+        return f"{self.prefix}.operator.{token(name)}.{token(action) if action != '*' else action}"
+
+    def operator_all(self, action: str) -> str:
+        return f"{self.prefix}.operator.*.{token(action)}"
+
+    @staticmethod
+    def operator_of(subject: str) -> str:
+        """The operator's name in an operator subject."""
+        return subject.rsplit(".", 2)[-2]
 
     # -- the accountant's private journal of reservations (JetStream) --
     @property
@@ -160,14 +196,17 @@ class Subjects:
     def control_pace(self) -> str:
         return f"{self.prefix}.control.pace"
 
-    # -- artifacts --
     @property
-    def artifact_put(self) -> str:
-        return f"{self.prefix}.artifact.put"
+    def control_budget(self) -> str:
+        """Every cap change an operator made (a BudgetUpdate with who and when), for ClickHouse."""
+        return f"{self.prefix}.control.budget"
 
-    @property
-    def artifact_get(self) -> str:
-        return f"{self.prefix}.artifact.get"
+    # -- artifacts (request/reply, as a tenant: the store takes the tenant from the subject) --
+    def artifact_put(self, tenant: str) -> str:
+        return f"{self.prefix}.artifact.put.{token(tenant) if tenant != '*' else tenant}"
+
+    def artifact_get(self, tenant: str) -> str:
+        return f"{self.prefix}.artifact.get.{token(tenant) if tenant != '*' else tenant}"
 
     def artifact_created(self, artifact_type: str) -> str:
         return f"{self.prefix}.artifact.created.{token(artifact_type)}"
@@ -245,6 +284,10 @@ BUCKET_ALERTS_FIRED = "alerts_fired"  # accountant: one key per alert sent, clai
 # The tenant token of alerts about spend of several tenants (a model, agent or global scope): mesh.alert._mesh.
 ALERT_MESH_WIDE = "_mesh"
 
+# The actions of an operator's subject (Subjects.operator).
+OPERATOR_KILL = "kill"  # a KillSwitch: trip or clear
+OPERATOR_BUDGET = "budget"  # a BudgetUpdate: change caps
+
 # Keys of BUCKET_CONTROL: kill.global, kill.<scope>.<key> (the latest KillSwitch) and pace.<tenant> (PaceSignal).
 CONTROL_KILL_KEYS = "kill."
 CONTROL_PACE_KEYS = "pace."
@@ -287,4 +330,5 @@ DURABLE_USAGE_INGEST = "accountant"  # STREAM_USAGE -> ClickHouse usage_events
 DURABLE_TASK_INGEST = "accountant-tasks"  # STREAM_TASK_EVENTS -> task_events
 DURABLE_ARTIFACT_INGEST = "accountant-artifacts"  # STREAM_ARTIFACT_EVENTS -> artifacts
 DURABLE_KILL_INGEST = "accountant-kills"  # STREAM_CONTROL (kill subject) -> kill_events
+DURABLE_BUDGET_INGEST = "accountant-budgets"  # STREAM_CONTROL (budget subject) -> budget_changes
 DURABLE_FEEDBACK_INGEST = "accountant-feedback"  # STREAM_FEEDBACK -> feedback

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import subprocess
@@ -40,9 +41,11 @@ from helpers import shipped_catalog
 from services.accountant.clickhouse import client as clickhouse_client
 from services.embedded.cluster import EmbeddedNatsCluster
 from services.embedded.servers import EmbeddedClickHouse, EmbeddedEngine, EmbeddedNats
-from services.runtime import grants
+from services.runtime import grants, identities
 from services.runtime.bus import Bus
 from services.runtime.catalog import Catalog
+from services.runtime.data import load_recorded_outcomes
+from services.runtime.identities import Identity
 from services.runtime.settings import MeshSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +139,20 @@ def _docker_backend(tmp: Path):
     return Infra(nats_url, urls["writer"], urls["analyst"]), lambda: (nats.stop(), ch.stop())
 
 
+def _tests_identity(folder: Path) -> Path:
+    """The session server's authorization: it lets in only the tests' own identity, an operator with every
+    right on every subject (each test has its own prefix, so no prefix-bound permissions can serve them
+    all), whose seed every client and subprocess of the session gets through FRUGALMESH_NATS_CREDS.
+    The mesh's own permissions are tested on servers of their own (tests/test_nats_identities.py)."""
+    seed_file = folder / Identity("operator", "tests").file_name
+    seed = identities.new_seed()
+    identities.write_seed(seed_file, seed)
+    os.environ["FRUGALMESH_NATS_CREDS"] = str(seed_file)
+    auth = {"authorization": {"users": [{"nkey": identities.public_key(seed)}]}}
+    (folder / "nats-auth.conf").write_text(json.dumps(auth))
+    return folder / "nats-auth.conf"
+
+
 @pytest.fixture(scope="session")
 def infra(tmp_path_factory) -> Iterator[Infra]:
     """Real servers shared by the session (``Infra``: indexable as (nats_url, clickhouse_url, ...))."""
@@ -145,7 +162,7 @@ def infra(tmp_path_factory) -> Iterator[Infra]:
         yield servers
         stop()
         return
-    nats = EmbeddedNats(tmp / "nats", port=-1)
+    nats = EmbeddedNats(tmp / "nats", port=-1, auth_file=_tests_identity(tmp / "creds"))
     clickhouse = EmbeddedClickHouse(tmp / "clickhouse", port=0)
     nats.start()
     try:
@@ -199,14 +216,16 @@ def clickhouse_analyst_url(infra) -> str:
 
 
 @pytest.fixture
-def settings(infra, data_dir) -> MeshSettings:
-    """Settings pointing at the session's servers, with a subject prefix unique to this test."""
+def settings(infra, data_dir, tmp_path) -> MeshSettings:
+    """Settings pointing at the session's servers, with a subject prefix and a home (the outbox's, say)
+    unique to this test."""
     prefix = "t" + uuid.uuid4().hex[:10]
     return MeshSettings(
         nats_url=infra[0],
         clickhouse_url=infra[1],
         subject_prefix=prefix,
         data=data_dir,
+        home=tmp_path / "home",
         log_level="WARNING",
     )
 
@@ -258,6 +277,23 @@ def openai_settings(settings, fake_openai, tmp_path, monkeypatch) -> MeshSetting
     return settings.model_copy(update={"deploy_dir": openai_deploy(tmp_path / "deploy", fake_openai.url)})
 
 
+@pytest.fixture(scope="module")
+def prompts(data_dir) -> Iterator[str]:
+    """Recorded GSM8K prompts (the replay backends answer only those), a fresh one each time (so the
+    router's cache never answers)."""
+    return iter([r.prompt for r in load_recorded_outcomes(data_dir) if r.dataset == "gsm8k"])
+
+
+@pytest.fixture
+def signer(monkeypatch) -> grants.GrantSigner:
+    """A fresh grant key for this test, in the environment the services read it from."""
+    seed = grants.new_seed()
+    monkeypatch.setenv(grants.SEED_ENV, seed.decode())
+    monkeypatch.delenv(grants.SEED_FILE_ENV, raising=False)
+    monkeypatch.delenv(grants.PUBLIC_KEY_ENV, raising=False)
+    return grants.GrantSigner(seed)
+
+
 @pytest.fixture(scope="session")
 def catalog() -> Catalog:
     """The shipped catalogue (deploy/models.toml)."""
@@ -300,7 +336,7 @@ async def nc(nats_url):
 
     # Draining waits for every message a subscription holds to be read: a test that leaves some
     # unread (it asserted on the first few) would hold its teardown for the default 30 s.
-    client = await nats.connect(nats_url, drain_timeout=2)
+    client = await nats.connect(nats_url, drain_timeout=2, **MeshSettings().nats_options())
     yield client
     with contextlib.suppress(nats.errors.DrainTimeoutError):
         await client.drain()

@@ -19,9 +19,10 @@ from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from schemas.messages import ChatMessage, InferenceRequest, KillSwitch, PaceSignal, StepRequest, Task
+from schemas.subjects import OPERATOR_BUDGET, Subjects
 from services.runtime.bus import now_ms
 from services.runtime.catalog import Catalog
-from services.runtime.settings import REPO_DEPLOY_DIR
+from services.runtime.settings import REPO_DEPLOY_DIR, MeshSettings
 
 T = TypeVar("T")
 
@@ -116,6 +117,11 @@ def make_request(
 def new_task(**fields) -> Task:
     """A task with a fresh id, submitted now."""
     return Task(id=uuid.uuid4().hex[:12], submitted_ms=int(time.time() * 1000), **fields)
+
+
+def budget_set(subjects: Subjects) -> str:
+    """Where this process's operator changes caps: its own operator subject (the name in its credential)."""
+    return subjects.operator(MeshSettings().operator, OPERATOR_BUDGET)
 
 
 def kill_switch(scope: str = "global", key: str = "*", tripped: bool = True, reason: str = "test trip") -> KillSwitch:

@@ -11,6 +11,9 @@ Each payload is bytes as they would arrive on the wire, of one of these kinds:
 - the valid message cut short, or encoded as msgpack instead of JSON;
 - the valid message itself, so the property also covers what a service accepts.
 
+``counts`` stands in for a stored plain count (ASCII digits) instead: numbers of any sign and size,
+bytes, JSON, and near misses (a sign, a space, an Arabic-Indic digit, which ``int`` reads).
+
 ``decodes`` is the oracle: whether the mesh's schema (schemas/messages.py, bounds included) reads a
 payload as the message type. Nothing here talks to a server.
 """
@@ -114,6 +117,14 @@ def payloads(example: msgspec.Struct) -> st.SearchStrategy[bytes]:
         st.just(msgspec.json.encode(example)),
     )
 
+
+# Stored counters that hold a plain count (the planner's attempts: ASCII digits): what else a writer leaves.
+counts = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(lambda n: str(n).encode()),
+    st.binary(max_size=64),
+    json_values.map(msgspec.json.encode),
+    st.sampled_from((b"", b" 1", b"1\n", b"+1", b"1_0", b"0x10", "\u0661".encode(), b"1" * 5_000, *RAW_NUMBERS)),
+)
 
 # Header values a hostile sender sets on the mesh's own headers (printable, as NATS requires of them).
 header_values = st.one_of(

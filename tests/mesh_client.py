@@ -39,7 +39,7 @@ async def submit(nc, settings, task: Task, timeout_s: float = 10.0) -> list[Task
     """Publish ``task`` as a client would and collect its events up to the terminal one."""
     sub = await nc.subscribe(settings.subjects.task_events_of(task.tenant, task.id))
     await nc.jetstream().publish(
-        settings.subjects.task_submit, msgspec.json.encode(task), headers={HEADER_MSG_ID: task.dedupe_id()}
+        settings.subjects.task_submit(task.tenant), msgspec.json.encode(task), headers={HEADER_MSG_ID: task.dedupe_id()}
     )
     events: list[TaskEvent] = []
     try:
@@ -83,13 +83,13 @@ async def call(nc, subject: str, inference: InferenceRequest, timeout_s: float =
 
 async def put_artifact(nc, settings, artifact: Artifact) -> ArtifactReply:
     """Store ``artifact`` as its ``tenant``'s."""
-    return await request(nc, settings.subjects.artifact_put, artifact, ArtifactReply, timeout_s=5)
+    return await request(nc, settings.subjects.artifact_put(artifact.tenant), artifact, ArtifactReply, timeout_s=5)
 
 
 async def get_artifact(nc, settings, artifact_id: str, tenant: str = "default") -> ArtifactReply:
     """The store's reply to ``tenant``'s get of ``artifact_id``."""
     get = ArtifactGet(id=artifact_id, tenant=tenant)
-    return await request(nc, settings.subjects.artifact_get, get, ArtifactReply, timeout_s=5)
+    return await request(nc, settings.subjects.artifact_get(get.tenant), get, ArtifactReply, timeout_s=5)
 
 
 async def artifact(nc, settings, artifact_id: str, tenant: str = "default") -> Artifact:

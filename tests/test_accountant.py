@@ -362,6 +362,7 @@ async def test_schema_creation_is_idempotent(ch, database):
         "kill_events",
         "alerts",
         "feedback",
+        "budget_changes",
         "spend_daily",
         "completed_artifact_cost",
         "cache_hit_daily",

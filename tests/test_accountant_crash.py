@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from clickhouse_connect.driver.client import Client
-from helpers import eventually
+from helpers import budget_set, eventually
 from mesh_client import request
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -148,13 +148,13 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(settings, nc, bus, c
         await accountant.start()
         # Budget state before the crash: a run-time cap, an outstanding hold, a tripped switch.
         state = await request(
-            nc, subjects.budget_set, BudgetUpdate(scope="tenant", key=tenant, day_usd=3.0, month_usd=50.0), BudgetState
+            nc, budget_set(subjects), BudgetUpdate(scope="tenant", key=tenant, day_usd=3.0, month_usd=50.0), BudgetState
         )
         assert state.error is None
-        await request(nc, subjects.budget_set, BudgetUpdate(scope="model", key="m-capped", day_usd=0.01), BudgetState)
+        await request(nc, budget_set(subjects), BudgetUpdate(scope="model", key="m-capped", day_usd=0.01), BudgetState)
         # A virtual key of the tenant, capped at run time, whose hold must come back too.
         key = f"fmk_{tenant}"
-        await request(nc, subjects.budget_set, BudgetUpdate(scope="key", key=key, day_usd=2.0), BudgetState)
+        await request(nc, budget_set(subjects), BudgetUpdate(scope="key", key=key, day_usd=2.0), BudgetState)
         held = Reservation(
             id="held",
             tenant=tenant,

@@ -10,7 +10,7 @@ import time
 import msgspec
 import nats.errors
 import pytest
-from helpers import eventually
+from helpers import budget_set, eventually
 from mesh_client import request
 
 from schemas.messages import BudgetQuery, BudgetState, BudgetUpdate, Reservation, ReservationDecision
@@ -50,7 +50,7 @@ async def granted(nc, settings, r: Reservation) -> bool:
 async def test_a_write_by_another_leader_fences_the_journal_and_is_replayed(settings, start_service, nc):
     tenant = settings.subject_prefix
     await start_service("accountant", settings, lease_s=LEASE_S)
-    await request(nc, settings.subjects.budget_set, BudgetUpdate(scope="tenant", key=tenant, day_usd=1.0), BudgetState)
+    await request(nc, budget_set(settings.subjects), BudgetUpdate(scope="tenant", key=tenant, day_usd=1.0), BudgetState)
     assert await granted(nc, settings, reservation(tenant, 1, 0.1))
     # A deposed leader that still believes it leads appends a grant of its own.
     foreign = reservation(tenant, 99, 0.5)
@@ -61,7 +61,7 @@ async def test_a_write_by_another_leader_fences_the_journal_and_is_replayed(sett
     )
     # The serving accountant's next write expected the sequence before that one: refused, not granted.
     refused = await request(nc, settings.subjects.budget_reserve, reservation(tenant, 2, 0.1), ReservationDecision)
-    assert not refused.granted and refused.reason.startswith("ledger unavailable")
+    assert not refused.granted and refused.reason.startswith("budget service unavailable: ledger unavailable")
     # Its next term rebuilt the ledger from the journal, the other writer's grant included, and decides on it.
     await eventually(lambda: granted(nc, settings, reservation(tenant, 3, 0.1)), message="no new term")
     assert await reserved_usd(nc, settings, tenant) == pytest.approx((0.0, 0.7))
@@ -75,7 +75,7 @@ async def test_one_replica_serves_and_a_standby_takes_over_when_it_stops(setting
     second = await start_service("accountant", settings, lease_s=LEASE_S)  # ready once it saw the first renew
     lease = await bus.key_value(settings.subjects.bucket(BUCKET_ACCOUNTANT_LEASE))
     leader = (await lease.get(LEASE_KEY)).value
-    await request(nc, settings.subjects.budget_set, BudgetUpdate(scope="tenant", key=tenant, day_usd=0.3), BudgetState)
+    await request(nc, budget_set(settings.subjects), BudgetUpdate(scope="tenant", key=tenant, day_usd=0.3), BudgetState)
     client = ReservationClient(bus)
     grants = [await client.reserve(reservation(tenant, i, 0.1), 10) for i in range(2)]
     assert all(g.granted for g in grants)

@@ -29,11 +29,6 @@ FRONTIER = "gpt-4-1106-preview"
 LIMITS = TaskLimits(identical_calls=2, agents=AgentLimits(max_calls_per_task=3))
 
 
-@pytest.fixture(scope="module")
-def prompts(data_dir) -> Iterator[str]:
-    """Recorded GSM8K prompts (the replay backend answers only those), a fresh one each time."""
-    return iter([r.prompt for r in load_recorded_outcomes(data_dir) if r.dataset == "gsm8k"])
-
 
 def agent_step(prompt: str, task: str, agent: str = "critic") -> StepRequest:
     # The rules send "review" to the frontier model: a paid call, reserved and priced.

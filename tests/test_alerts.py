@@ -307,3 +307,30 @@ async def test_the_accountant_does_not_start_on_a_malformed_rules_file(settings,
     path.write_text('[rules.acme-hourly]\nkind = "spend"\nscope = "tenant"\nwindow = "1h"\nthreshold = 5\n')
     with pytest.raises(ValueError, match=r"alerts.toml: \[rules.acme-hourly\]: unknown key 'threshold'"):
         await start_service("accountant", settings, database=settings.subject_prefix, alerts=path)
+
+
+@pytest.mark.infra
+async def test_only_the_accountant_leading_budgets_evaluates_alerts(settings, start_service, bus: Bus, nc):
+    def rules(name: str) -> AlertConfig:  # each replica its own rule: an alert's rule says who evaluated
+        rule = AlertRule(name=name, kind="spend", scope="tenant", window="day", threshold_usd=1.0)
+        return AlertConfig(rules=(rule,), interval_s=0.1)
+
+    received: list[Alert] = []
+
+    async def keep(msg) -> None:
+        received.append(msgspec.json.decode(msg.data, type=Alert))
+
+    await nc.subscribe(settings.subjects.alert_all, cb=keep)
+    options = {"database": settings.subject_prefix, "clock": lambda: NOW_MS, "ack_wait_s": 2.0}
+    leader = await start_service("accountant", settings, alerts=rules("leader"), **options)
+    await start_service("accountant", settings, alerts=rules("standby"), **options)  # once it saw the leader renew
+    await bus.publish_usage(usage(1, "acme", 2.0))
+    await eventually(lambda: received, message="no alert")
+    # A later crossing the leader alerts too: meanwhile a standby evaluating every 0.1 s would have sent acme's.
+    await bus.publish_usage(usage(2, "beta", 2.0))
+    await eventually(lambda: any(a.key == "beta" for a in received), message="no alert for beta")
+    assert [(a.rule, a.key) for a in received] == [("leader", "acme"), ("leader", "beta")]
+
+    await asyncio.wait_for(leader.stop(), 15)  # the standby takes the lease, and with it the alerts
+    await eventually(lambda: len(received) >= 4, message="the new leader sent no alert")
+    assert sorted((a.rule, a.key) for a in received[2:]) == [("standby", "acme"), ("standby", "beta")]

@@ -86,6 +86,19 @@ async def test_concurrent_puts_are_all_answered(settings, start_service, nc):
     assert info.state.messages == 5
 
 
+async def test_a_burst_of_reads_and_a_body_of_many_chunks_are_all_answered(settings, start_service, nc):
+    """Reads of one-chunk bodies take no JetStream consumer: through nats-py's ObjectStore.get, each
+    did, and a burst of 2,000 had some refused ("maximum consumers limit reached"). A body longer than
+    a chunk (128 KiB) is still read whole."""
+    await start_service("artifact-store", settings)
+    small = (await put_artifact(nc, settings, answer("small"))).ref
+    large_text = "x" * 300_000
+    large = (await put_artifact(nc, settings, answer(large_text))).ref
+    reads = await asyncio.gather(*(get_artifact(nc, settings, small.id) for _ in range(2000)))
+    assert all(r.artifact is not None and r.artifact.body["text"] == "small" for r in reads)
+    assert (await get_artifact(nc, settings, large.id)).artifact.body["text"] == large_text
+
+
 async def test_invalid_body_is_refused_with_reason_and_dead_lettered(settings, start_service, nc):
     await start_service("artifact-store", settings)
     js = nc.jetstream()
@@ -102,7 +115,7 @@ async def test_invalid_body_is_refused_with_reason_and_dead_lettered(settings, s
     assert extra.ref is None and "surprise" in extra.error
 
     letter = msgspec.json.decode((await dlq.next_msg(timeout=5)).data, type=DeadLetter)
-    assert letter.subject == settings.subjects.artifact_put and "text" in letter.error
+    assert letter.subject == settings.subjects.artifact_put("default") and "text" in letter.error
     await dlq.unsubscribe()
 
     # The service goes on.
@@ -122,5 +135,7 @@ async def test_get_missing_malformed_and_undecodable(settings, start_service, nc
     assert (await get_artifact(nc, settings, "0" * 64)).error == "not found"
     assert "invalid artifact id" in (await get_artifact(nc, settings, "../etc")).error
     # Undecodable requests get the mesh-wide rejection, like every service's.
-    reply = msgspec.json.decode((await nc.request(settings.subjects.artifact_put, b"{not json", timeout=5)).data)
+    reply = msgspec.json.decode(
+        (await nc.request(settings.subjects.artifact_put("default"), b"{not json", timeout=5)).data
+    )
     assert reply["error"]["kind"] == "invalid" and "not an Artifact" in reply["error"]["message"]

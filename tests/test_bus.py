@@ -64,8 +64,6 @@ async def test_pipelined_publishes_are_stored_in_order(bus, settings):
     await bus.declare_streams()
     stream = settings.subjects.stream(STREAM_DLQ)
     subject = settings.subjects.dlq("bus-test")
-    acks = [
-        await bus.publish_pipelined(subject, ArtifactGet(id=str(i)), stream=stream) for i in range(20)
-    ]
+    acks = [await bus.publish_pipelined(subject, ArtifactGet(id=str(i)), stream=stream) for i in range(20)]
     sequences = [(await ack).seq for ack in acks]
     assert sequences == sorted(sequences) and len(set(sequences)) == 20

@@ -27,7 +27,7 @@ from loadtest.deploy import LOADTEST_MODELS, loadtest_deploy_dir
 from loadtest.replay import Live, ReplayOptions, replay
 from loadtest.traces import read_trace, resolve_trace
 from schemas.messages import BudgetQuery, BudgetState, BudgetUpdate, Reservation, UsageEvent
-from schemas.subjects import BUCKET_ACCOUNTANT_LEASE, LEASE_KEY, STREAM_TASKS
+from schemas.subjects import BUCKET_ACCOUNTANT_LEASE, LEASE_KEY, OPERATOR_BUDGET, STREAM_TASKS
 from services.embedded.stack import Stack
 from services.runtime.bus import Bus, now_ms
 from services.runtime.reservations import ReservationClient
@@ -63,7 +63,8 @@ def cluster_mesh(infra, data_dir, tmp_path_factory):
     prefix = "ch" + uuid.uuid4().hex[:8]
     settings = MeshSettings(clickhouse_url=infra[1], subject_prefix=prefix, data=data_dir, deploy_dir=deploy, home=home)
     with pytest.MonkeyPatch.context() as env:
-        env.delenv("NATS_URL", raising=False)  # the Stack starts the cluster
+        env.delenv("NATS_URL", raising=False)  # the Stack starts the cluster, with the mesh's identities
+        env.delenv("FRUGALMESH_NATS_CREDS", raising=False)
         env.setenv("CLICKHOUSE_URL", infra[1])
         env.setenv("FRUGALMESH_DEPLOY_DIR", str(deploy))
         env.setenv("FRUGALMESH_HOME", str(home))
@@ -146,6 +147,8 @@ def start_standby(stack: Stack, log: Path) -> subprocess.Popen:
         "NATS_URL": stack.settings.nats_url,
         "FRUGALMESH_REPLICAS": str(stack.settings.replicas),
         "CLICKHOUSE_URL": stack.settings.clickhouse_url,
+        # A second accountant: the one identity that may write the ledger and the budgets.
+        "FRUGALMESH_NATS_CREDS": str(stack.creds["accountant"]),
     }
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -186,11 +189,17 @@ async def test_the_leading_accountant_killed_among_a_thousand_calls_overspends_n
     settings = stack.settings
     tenant = "chaos" + uuid.uuid4().hex[:6]
     standby = start_standby(stack, tmp_path / "standby.log")
-    bus = Bus(settings, "test")
+    # The calls are the router's to reserve and meter: this test plays it, on its credential.
+    bus = Bus(settings.model_copy(update={"nats_creds": stack.creds["router"]}), "test")
+    operator = Bus(settings, "operator")
     await bus.connect()
+    await operator.connect()
     try:
-        cap = await bus.request(
-            settings.subjects.budget_set, BudgetUpdate(scope="tenant", key=tenant, day_usd=CAP_USD), BudgetState, 10
+        cap = await operator.request(
+            settings.subjects.operator(settings.operator, OPERATOR_BUDGET),
+            BudgetUpdate(scope="tenant", key=tenant, day_usd=CAP_USD),
+            BudgetState,
+            10,
         )
         assert cap.error is None
         lease = await bus.key_value(settings.subjects.bucket(BUCKET_ACCOUNTANT_LEASE))
@@ -282,6 +291,7 @@ async def test_the_leading_accountant_killed_among_a_thousand_calls_overspends_n
             await asyncio.sleep(0.1)
     finally:
         await bus.close()
+        await operator.close()
         if standby.poll() is None:
             standby.terminate()
             standby.wait(15)

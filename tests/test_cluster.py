@@ -16,10 +16,12 @@ from click.testing import CliRunner
 from helpers import eventually
 from nats.js.errors import NoStreamResponseError
 
-from schemas.subjects import BUCKET_LEDGER, STREAM_USAGE
+from schemas.subjects import BUCKET_LEDGER, STREAM_USAGE, Subjects
 from services.cli.main import cli
 from services.embedded.cluster import CLUSTER_NAME, NODE_CONFIG, EmbeddedNatsCluster
+from services.embedded.creds import CredentialStore
 from services.runtime.bus import Bus
+from services.runtime.identities import Identity
 from services.runtime.settings import REPO_DEPLOY_DIR, MeshSettings
 from services.runtime.streams import stream_configs
 
@@ -151,8 +153,13 @@ def test_every_node_fsyncs_each_write_and_knows_its_peers(nats_cluster):
 def test_the_shipped_three_host_configuration_is_valid_and_matches_the_embedded_one(tmp_path):
     binary = shutil.which("nats-server")
     assert binary is not None
+    # Beside it, the identities' file it includes, as `frugalmesh creds init` writes it.
+    store = CredentialStore(tmp_path)
+    store.ensure(Identity("service", "router"))
+    store.write_auth(Subjects(), tmp_path)
+    shutil.copy(CLUSTER_CONF, tmp_path / CLUSTER_CONF.name)
     checked = subprocess.run(
-        [binary, "-t", "-c", str(CLUSTER_CONF)],
+        [binary, "-t", "-c", str(tmp_path / CLUSTER_CONF.name)],
         env={"NATS_SERVER_NAME": "nats-1"},
         capture_output=True,
         text=True,

@@ -3,6 +3,7 @@ nats-server and ClickHouse), `frugalmesh submit`, `frugalmesh sql`, and garbage 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,11 +14,14 @@ import uuid
 
 import clickhouse_connect
 import msgspec
+import nats
 import pytest
 
 from schemas.messages import DeadLetter
 from schemas.subjects import HEADER_MSG_ID, STREAM_DLQ, STREAM_TASKS, STREAM_USAGE, Subjects
 from services.runtime.data import load_recorded_outcomes
+from services.runtime.identities import Identity
+from services.runtime.settings import MeshSettings
 
 # `frugalmesh up` starts the whole mesh as subprocesses, the real local model's engine among them
 # (not the session's, so no fixture says so): 10 to 20 s for the module.
@@ -28,18 +32,20 @@ FRUGALMESH = [shutil.which("frugalmesh")] if shutil.which("frugalmesh") else [sy
 
 @pytest.fixture(scope="module")
 def mesh(infra, data_dir, tmp_path_factory):
-    """`frugalmesh up` in a subprocess, on the session's servers, with its own subject prefix."""
+    """`frugalmesh up` in a subprocess, on the session's ClickHouse, with its own nats-server, so with the
+    mesh's identities on: every service on its own credential, the CLI on the operator's (stack.json)."""
     home = tmp_path_factory.mktemp("home")
     prefix = "e2e" + uuid.uuid4().hex[:8]
     env = {
-        **os.environ,
-        "NATS_URL": infra[0],
+        **{name: value for name, value in os.environ.items() if name not in ("NATS_URL", "FRUGALMESH_NATS_CREDS")},
         "CLICKHOUSE_URL": infra[1],
         "FRUGALMESH_HOME": str(home),
         "FRUGALMESH_SUBJECT_PREFIX": prefix,
         "FRUGALMESH_DATA": str(data_dir),
     }
-    up = subprocess.Popen(FRUGALMESH + ["up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen(
+        FRUGALMESH + ["up", "--nats-port", "-1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines = []
     for line in up.stdout:
         lines.append(line)
@@ -47,7 +53,15 @@ def mesh(infra, data_dir, tmp_path_factory):
             break
     else:
         pytest.fail("frugalmesh up did not come up:\n" + "".join(lines))
-    yield {"env": env, "home": home, "prefix": prefix, "up": up, "banner": "".join(lines)}
+    state = json.loads((home / "stack.json").read_text())
+    yield {
+        "env": env,
+        "home": home,
+        "prefix": prefix,
+        "up": up,
+        "banner": "".join(lines),
+        "nats_url": state["nats_url"],
+    }
     up.send_signal(signal.SIGINT)
     out, _ = up.communicate(timeout=60)
     assert up.returncode == 0, out
@@ -88,7 +102,7 @@ def submit(mesh, goal: str, *options: str) -> tuple[str, list[str], subprocess.C
 
 def test_up_reports_where_everything_listens(mesh):
     banner = mesh["banner"]
-    assert "NATS" in banner and "ClickHouse" in banner
+    assert "NATS" in banner and "ClickHouse" in banner and "Identities" in banner
     for service in ("planner", "router", "local-inference", "cloud-inference", "artifact-store", "accountant"):
         assert service in banner
 
@@ -97,8 +111,9 @@ def test_up_serves_a_real_local_model(mesh, infra):
     """The engine `up` started generates for real: a task pinned to it runs on SmolLM2 and is
     metered with the engine's own token counts, priced by its hardware profile."""
     assert "Local model http://127.0.0.1:" in mesh["banner"]
-    task_id, lines, result = submit(mesh, "Say hello in one short sentence.", "--workflow", "answer",
-                                    "--allow-model", "smollm2-135m")
+    task_id, lines, result = submit(
+        mesh, "Say hello in one short sentence.", "--workflow", "answer", "--allow-model", "smollm2-135m"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert lines[-1].strip(), "no answer printed"
     [row] = usage_rows(infra[1], task_id, expected=1)
@@ -156,16 +171,19 @@ GARBAGE = b"\x00not json{"
 SCHEMA_INVALID = b'{"id": 5, "goal": ["not", "a", "string"]}'
 
 
-async def test_garbage_on_every_subject_goes_to_the_dlq_and_services_keep_serving(mesh, nc, gsm8k):
+async def test_garbage_on_every_subject_goes_to_the_dlq_and_services_keep_serving(mesh, gsm8k):
     subjects = Subjects(mesh["prefix"])
+    # The accountant's credential: the one that may publish on every subject the services consume.
+    creds = mesh["home"] / "creds" / Identity("service", "accountant").file_name
+    nc = await nats.connect(mesh["nats_url"], **MeshSettings(nats_creds=creds).nats_options())
     js = nc.jetstream()
     targets = {
-        "planner": ("js", subjects.task_submit, subjects.stream(STREAM_TASKS)),
+        "planner": ("js", subjects.task_submit("default"), subjects.stream(STREAM_TASKS)),
         "accountant": ("js", subjects.usage("default"), subjects.stream(STREAM_USAGE)),
         "router": ("req", subjects.step_request, None),
         "local-inference": ("req", subjects.infer_local("mixtral-8x7b-local"), None),
         "cloud-inference": ("req", subjects.infer_cloud("openai"), None),
-        "artifact-store": ("req", subjects.artifact_put, None),
+        "artifact-store": ("req", subjects.artifact_put("default"), None),
     }
     for service, (kind, subject, stream) in targets.items():
         for n, payload in enumerate((GARBAGE, SCHEMA_INVALID)):
@@ -191,6 +209,7 @@ async def test_garbage_on_every_subject_goes_to_the_dlq_and_services_keep_servin
         assert sorted(letter.data for letter in received) == sorted([GARBAGE, SCHEMA_INVALID]), service
         assert all(letter.error for letter in received)
 
+    await nc.close()
     # ...and the mesh still serves real work afterwards.
     _, _, result = submit(mesh, gsm8k[2].prompt)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -40,11 +40,6 @@ CATALOG = shipped_catalog()
 QUESTION = "What is six times seven?"
 
 
-@pytest.fixture(scope="module")
-def prompts(data_dir) -> Iterator[str]:
-    """Recorded GSM8K prompts, a fresh one per call (so the router's cache never answers)."""
-    return iter([r.prompt for r in load_recorded_outcomes(data_dir) if r.dataset == "gsm8k"])
-
 
 def usage_by_id(events: list[UsageEvent]) -> dict[str, UsageEvent]:
     """Usage events by event id (= call id)."""
@@ -270,9 +265,7 @@ async def test_a_trip_cancels_covered_calls_in_flight_and_meters_them_killed(
 # -- (e) pinning --
 
 
-async def test_no_allowed_candidate_is_a_pinning_error_with_nothing_reserved_or_called(
-    settings, start_service, nc
-):
+async def test_no_allowed_candidate_is_a_pinning_error_with_nothing_reserved_or_called(settings, start_service, nc):
     budget = await BudgetPeer(nc, settings.subjects).start()
     inference = await InferencePeer(nc, settings.subjects).start()
     await start_service("router", settings)

@@ -35,7 +35,7 @@ import msgspec
 import nats
 import pytest
 from fakes.grants import granted
-from helpers import SHORT, eventually, kill_switch, make_request, make_step, new_task, pace_signal
+from helpers import SHORT, budget_set, eventually, kill_switch, make_request, make_step, new_task, pace_signal
 from hostile import decodes, headers, payloads
 from hypothesis import HealthCheck, Phase, assume, given
 from hypothesis import settings as hypothesis_settings
@@ -73,6 +73,7 @@ from schemas.subjects import (
     BUCKET_CONTROL,
     BUCKET_KEYS,
     KV_API,
+    OPERATOR_KILL,
     STREAM_ARTIFACT_EVENTS,
     STREAM_CONTROL,
     STREAM_DLQ,
@@ -181,7 +182,7 @@ async def mesh(infra, data_dir) -> AsyncIterator[Mesh]:
         data=data_dir,
         log_level="ERROR",
     )
-    nc = await nats.connect(infra.nats_url, drain_timeout=2)
+    nc = await nats.connect(infra.nats_url, drain_timeout=2, **MeshSettings().nats_options())
     letters = Letters()
 
     async def keep(msg) -> None:
@@ -264,8 +265,10 @@ class Served:
 
 
 REQUESTS = {
-    "artifact put": Served("artifact-store", lambda s: s.artifact_put, _artifact, ArtifactReply),
-    "artifact get": Served("artifact-store", lambda s: s.artifact_get, lambda: ArtifactGet(id="0" * 64), ArtifactReply),
+    "artifact put": Served("artifact-store", lambda s: s.artifact_put(TENANT), _artifact, ArtifactReply),
+    "artifact get": Served(
+        "artifact-store", lambda s: s.artifact_get(TENANT), lambda: ArtifactGet(id="0" * 64), ArtifactReply
+    ),
     "step": Served("router", lambda s: s.step_request, lambda: make_step(prompt(), tenant=TENANT), InferenceResult),
     "local call": Served(
         "local-inference", lambda s: s.infer_local(LOCAL), lambda: make_request(LOCAL, prompt()), InferenceResult
@@ -280,7 +283,13 @@ REQUESTS = {
     "settle": Served("accountant", lambda s: s.budget_settle, _reservation, ReservationDecision),
     "budget show": Served("accountant", lambda s: s.budget_show, lambda: BudgetQuery(scope="tenant"), BudgetState),
     "budget set": Served(
-        "accountant", lambda s: s.budget_set, lambda: BudgetUpdate(scope="tenant", key=TENANT, day_usd=5.0), BudgetState
+        "accountant", budget_set, lambda: BudgetUpdate(scope="tenant", key=TENANT, day_usd=5.0), BudgetState
+    ),
+    "operator kill": Served(
+        "accountant",
+        lambda s: s.operator(MeshSettings().operator, OPERATOR_KILL),
+        lambda: kill_switch("model", "fuzz-model", tripped=False),
+        KillSwitch,
     ),
     "agent": Served(f"agent-{echo.name}", lambda s: s.agent(echo.name), _agent_request, AgentResult),
 }
@@ -426,11 +435,14 @@ async def test_every_hostile_task_ends_or_is_dead_lettered(mesh, data):
     ending = None if task is None else await mesh.nc.subscribe(subjects.task_events_of(task.tenant, task.id))
 
     await mesh.nc.jetstream().publish(
-        subjects.task_submit, payload, stream=subjects.stream(STREAM_TASKS), headers=data.draw(headers, label="headers")
+        subjects.task_submit(TENANT),
+        payload,
+        stream=subjects.stream(STREAM_TASKS),
+        headers=data.draw(headers, label="headers"),
     )
 
     if ending is None:
-        await mesh.letters.of("planner", subjects.task_submit, payload)
+        await mesh.letters.of("planner", subjects.task_submit(TENANT), payload)
         return
     try:
         deadline = time.monotonic() + 30

@@ -9,6 +9,7 @@ import asyncio
 
 import openai
 import pytest
+from helpers import budget_set
 from mesh_client import usage_rows
 
 from schemas.messages import BudgetQuery, BudgetState, BudgetUpdate
@@ -26,7 +27,7 @@ async def capped_key(bus: Bus, tenant: str, day_usd: float) -> tuple[str, str]:
     store = await KeyStore.open(bus)
     key_id = new_key_id()
     state = await bus.request(
-        bus.subjects.budget_set, BudgetUpdate(scope="key", key=key_id, day_usd=day_usd), BudgetState, 5
+        budget_set(bus.subjects), BudgetUpdate(scope="key", key=key_id, day_usd=day_usd), BudgetState, 5
     )
     assert state.error is None
     secret, _ = await store.create(tenant, key_id=key_id)

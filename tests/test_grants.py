@@ -57,20 +57,6 @@ CATALOG = shipped_catalog()
 QUESTION = "What is six times seven?"
 
 
-@pytest.fixture
-def signer(monkeypatch) -> GrantSigner:
-    """A fresh grant key for this test, in the environment the services read it from."""
-    seed = new_seed()
-    monkeypatch.setenv(SEED_ENV, seed.decode())
-    monkeypatch.delenv(SEED_FILE_ENV, raising=False)
-    monkeypatch.delenv(PUBLIC_KEY_ENV, raising=False)
-    return GrantSigner(seed)
-
-
-@pytest.fixture(scope="module")
-def prompts(data_dir) -> Iterator[str]:
-    """Recorded GSM8K prompts (the replay backends answer only those), a fresh one per call."""
-    return iter([r.prompt for r in load_recorded_outcomes(data_dir) if r.dataset == "gsm8k"])
 
 
 def worst_pico(r: InferenceRequest) -> int:

@@ -25,7 +25,6 @@ from services.runtime.serve import RequestServer
 pytestmark = pytest.mark.infra
 
 
-
 async def serving(bus: Bus, capacity: int, delay_s: float, served: list[str]) -> RequestServer:
     async def handle(msg) -> bytes:
         await asyncio.sleep(delay_s)

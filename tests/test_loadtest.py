@@ -215,9 +215,7 @@ def test_cli_replays_a_recording_and_writes_the_json_report(mesh, tmp_path):
     )  # fmt: skip
     out = tmp_path / "report.json"
     env = {"FRUGALMESH_HOME": str(mesh.home), "NATS_URL": mesh.nats_url, "CLICKHOUSE_URL": mesh.clickhouse_url}
-    result = CliRunner().invoke(
-        loadtest, ["replay", str(trace), "--json", "--speed", "10", "--out", str(out)], env=env
-    )
+    result = CliRunner().invoke(loadtest, ["replay", str(trace), "--json", "--speed", "10", "--out", str(out)], env=env)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == json.loads(out.read_text())

@@ -22,6 +22,7 @@ from services.cli.router_commands import eval_group, router
 from services.router.shadow import judge
 from services.router_training.dataset import load_outcomes, split_outcomes
 from services.router_training.feedback_labels import LabelledPair, train_from_feedback
+from services.router_training.online_eval import CallOutcome, tag_hindsight
 from services.router_training.training import tag_outcomes, train
 from services.router_training.versions import live_version, publish, rollback, version_path, versions
 from services.routing.policies import PolicySet
@@ -141,6 +142,36 @@ def test_the_online_policy_learns_each_tag_from_shadow_labels_within_its_shadow_
     assert set(shadowed) == {(STRONG, WEAK)}
 
 
+def test_the_per_tag_hindsight_reference_plans_each_tag_with_its_own_outcomes():
+    """The ceiling of routing by tag: a tag where the weak model is as good goes wholly weak, the
+    worse tag gets what is left of the 5% accuracy budget, and the target is met exactly."""
+
+    def call(tag: str, weak_correct: bool, strong_correct: bool) -> CallOutcome:
+        return CallOutcome(
+            tag=tag,
+            strong=True,
+            correct=strong_correct,
+            cost_usd=0.1,
+            shadow_cost_usd=0.0,
+            shadowed=False,
+            weak_correct=weak_correct,
+            strong_correct=strong_correct,
+            strong_cost_usd=0.1,
+            weak_cost_usd=0.001,
+        )
+
+    same = [call("same", True, True)] * 8 + [call("same", False, False)] * 2
+    worse = [call("worse", True, True)] * 5 + [call("worse", False, True)] * 5
+    reference = tag_hindsight(same + worse, target=0.95)
+    # Strong accuracy 0.9: the budget is 0.045 per call; "worse" loses 0.5 per weak call on half the traffic.
+    worse_share = 0.05 * 0.9 / (0.5 * 0.5)
+    assert reference.strong_share == pytest.approx((1 - worse_share) / 2)
+    assert reference.accuracy == pytest.approx(0.95 * 0.9) and reference.meets_target
+    weak_calls = 10 + 10 * worse_share
+    assert reference.cost_usd == pytest.approx(weak_calls * 0.001 + (20 - weak_calls) * 0.1)
+    assert reference.cost_reduction == pytest.approx(1 - reference.cost_usd / 2.0)
+
+
 def test_learned_policy_falls_back_to_calibrated_random_routing_when_its_scores_carry_nothing(
     data_dir, tmp_path, catalog
 ):
@@ -194,7 +225,10 @@ def test_eval_routing_online_learns_on_unseen_domains_and_reports_the_last_windo
     assert result.exit_code == 0, result.output
     lines = {r["policy"]: r for r in map(json.loads, result.output.splitlines())}
     online = lines["online"]
-    assert {"fixed", "rules", "learned", "random", "oracle"} <= set(lines)
+    assert {"fixed", "rules", "learned", "random", "oracle", "tag_hindsight"} <= set(lines)
+    # Knowing each tag's outcomes, routing by tag keeps at least as many calls weak as one share for all.
+    assert lines["tag_hindsight"]["strong_share"] <= lines["random"]["strong_share"] + 1e-9
+    assert lines["tag_hindsight"]["meets_target"] and lines["tag_hindsight"]["n"] == 150
     assert online["n"] == 150 and online["stream_n"] == 300 and lines["fixed"]["n"] == 150
     assert online["stream_shadow_share"] <= 0.1 and online["shadow_calls"] > 0
     assert online["cost_reduction"] == pytest.approx(1 - online["cost_usd"] / online["strong_only_cost_usd"])

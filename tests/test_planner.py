@@ -353,8 +353,8 @@ async def test_invalid_task_is_dead_lettered_acked_and_work_goes_on(settings, nc
     await router_peers(settings, lambda r: result(r, "fine"))
     js = nc.jetstream()
     dlq = await js.subscribe(settings.subjects.dlq("planner"), stream=settings.subjects.stream(STREAM_DLQ))
-    await js.publish(settings.subjects.task_submit, b'{"id": 42}')
-    await js.publish(settings.subjects.task_submit, msgspec.json.encode(new_task(tenant="a.b")))
+    await js.publish(settings.subjects.task_submit("default"), b'{"id": 42}')
+    await js.publish(settings.subjects.task_submit("default"), msgspec.json.encode(new_task(tenant="a.b")))
 
     letters = [msgspec.json.decode((await dlq.next_msg(timeout=5)).data, type=DeadLetter) for _ in range(2)]
     await dlq.unsubscribe()

@@ -143,8 +143,13 @@ async def test_a_task_needing_an_agent_nobody_runs_is_refused_at_once_naming_it(
 async def test_a_silent_instance_is_retried_on_another_and_a_silent_agent_ends_the_task_partial(
     settings, nc, planner_mesh, router_peers, agent_peers, tmp_path
 ):
-    used = await planner_mesh(deploy_with(tmp_path, solve=solve(retries=5, timeout_s=0.5), once=solve(0, 0.5).replace(
-        'name = "solve"', 'name = "once"')))
+    used = await planner_mesh(
+        deploy_with(
+            tmp_path,
+            solve=solve(retries=5, timeout_s=0.5),
+            once=solve(0, 0.5).replace('name = "solve"', 'name = "once"'),
+        )
+    )
     await router_peers(used, lambda r: result(r, "12 + 5"))
 
     async def silent(peer, request):

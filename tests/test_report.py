@@ -150,7 +150,7 @@ async def run_tasks(settings: MeshSettings, data_dir: Path) -> int:
         task(short[9], "tiny"),
         task(short[10], "initech"),
     ]
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_url, **settings.nats_options())
     try:
         # The repeated goal one after another: the first fills the cache, two hits, the fourth is a loop.
         for _ in range(4):
@@ -162,7 +162,7 @@ async def run_tasks(settings: MeshSettings, data_dir: Path) -> int:
 
 
 async def ingest_history(settings: MeshSettings, writer_url: str, database: str) -> None:
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_url, **settings.nats_options())
     js = nc.jetstream()
     events = history(datetime.now(UTC))
     for event in events:

@@ -205,11 +205,11 @@ async def test_a_bad_message_near_the_payload_limit_is_dead_lettered_truncated_w
     await start_service("artifact-store", settings)
     garbage = b"\x00not an artifact " * ((nc.max_payload - 4096) // 17)
 
-    reply = await nc.request(settings.subjects.artifact_put, garbage, timeout=10)
+    reply = await nc.request(settings.subjects.artifact_put("default"), garbage, timeout=10)
 
     assert msgspec.json.decode(reply.data, type=Rejection).error.kind == "invalid"
     [letter] = await dead_letters(nc, settings)
-    assert (letter.service, letter.subject) == ("artifact-store", settings.subjects.artifact_put)
+    assert (letter.service, letter.subject) == ("artifact-store", settings.subjects.artifact_put("default"))
     assert 0 < len(letter.data) < len(garbage) and garbage.startswith(letter.data)
     assert f"the first {len(letter.data)} of {len(garbage)} bytes kept" in letter.error
     assert letter.error.startswith("Artifact")

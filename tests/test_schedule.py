@@ -64,7 +64,7 @@ async def test_a_schedule_fires_each_run_once_across_replicas_with_its_timeout(
         id="sreport", cron="*/5 * * * *", timeout_s=7.0, workflow="answer", goal="q", tenant="ops", created_ms=now_ms()
     )
     await add_schedule(kv, entry)
-    submitted = await nc.subscribe(settings.subjects.task_submit)  # every replica's copy, before dedupe
+    submitted = await nc.subscribe(settings.subjects.task_submit_all)  # every replica's copy, before dedupe
     events = await nc.subscribe(settings.subjects.task_events)
     await nc.flush()
     clock = FakeClock(at(12, 4, 30))

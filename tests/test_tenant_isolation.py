@@ -22,7 +22,7 @@ from fakes.budget_peer import BudgetPeer
 from fakes.inference_peer import InferencePeer
 from fakes.router_peer import result
 from helpers import make_step, new_task
-from mesh_client import ask, get_artifact, put_artifact, submit
+from mesh_client import ask, get_artifact, put_artifact, request, submit
 
 from schemas.artifacts import artifact_id
 from schemas.messages import Artifact, ArtifactReply, DeadLetter, Task
@@ -56,7 +56,9 @@ async def test_another_tenants_get_is_answered_as_a_missing_artifact(settings, s
     assert foreign.artifact is None and foreign.error is not None
     assert msgspec.json.encode(foreign) == msgspec.json.encode(missing)
     # A get that names no tenant is the default tenant's, and refused the same way.
-    bare = await nc.request(settings.subjects.artifact_get, msgspec.json.encode({"v": 1, "id": ref.id}), timeout=5)
+    bare = await nc.request(
+        settings.subjects.artifact_get("default"), msgspec.json.encode({"v": 1, "id": ref.id}), timeout=5
+    )
     assert msgspec.json.decode(bare.data, type=ArtifactReply) == missing
 
 
@@ -84,17 +86,21 @@ async def test_the_same_body_put_by_two_tenants_is_two_artifacts(settings, start
 
 
 @pytest.mark.infra
-async def test_a_put_for_a_tenant_that_is_no_subject_token_is_refused_and_dead_lettered(settings, start_service, nc):
+async def test_a_put_naming_another_tenant_than_its_subject_is_refused_and_dead_lettered(settings, start_service, nc):
+    """The tenant of a put is the subject's (the one the sender's credential may publish as): a body
+    naming another, or one that is no subject token, is refused and kept with the reason."""
     await start_service("artifact-store", settings)
     dlq = await nc.jetstream().subscribe(
         settings.subjects.dlq("artifact-store"), stream=settings.subjects.stream(STREAM_DLQ)
     )
+    subject = settings.subjects.artifact_put("acme")
 
-    reply = await put_artifact(nc, settings, note("acme.*"))
+    for tenant in ("globex", "acme.*"):
+        reply = await request(nc, subject, note(tenant), ArtifactReply, timeout_s=5)
 
-    assert reply.ref is None and "invalid tenant" in reply.error
-    letter = msgspec.json.decode((await dlq.next_msg(timeout=5)).data, type=DeadLetter)
-    assert letter.subject == settings.subjects.artifact_put and "invalid tenant" in letter.error
+        assert reply.ref is None and f"names tenant {tenant!r} but was put as 'acme'" in reply.error
+        letter = msgspec.json.decode((await dlq.next_msg(timeout=5)).data, type=DeadLetter)
+        assert letter.subject == subject and "but was put as 'acme'" in letter.error
     await dlq.unsubscribe()
 
 
@@ -201,6 +207,8 @@ async def test_two_tenants_tasks_of_one_id_both_run_each_with_its_own_history(se
         assert answer is not None and answer.body["text"] == f"answer for {task.tenant}"
     # Within one tenant the id still de-duplicates: a resubmission is dropped.
     resubmitted = await nc.jetstream().publish(
-        settings.subjects.task_submit, msgspec.json.encode(tasks[0]), headers={HEADER_MSG_ID: tasks[0].dedupe_id()}
+        settings.subjects.task_submit(tasks[0].tenant),
+        msgspec.json.encode(tasks[0]),
+        headers={HEADER_MSG_ID: tasks[0].dedupe_id()},
     )
     assert resubmitted.duplicate

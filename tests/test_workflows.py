@@ -123,7 +123,7 @@ def test_render_fills_known_placeholders_only():
 
 
 def test_a_looping_step_needs_a_valid_pattern_and_bound():
-    looping = workflow(step("a")).replace('needs = []', 'needs = []\nretry_if = "RETRY"\nmax_loops = 3')
+    looping = workflow(step("a")).replace("needs = []", 'needs = []\nretry_if = "RETRY"\nmax_loops = 3')
     assert (parse_workflow(looping).steps[0].retry_if, parse_workflow(looping).steps[0].max_loops) == ("RETRY", 3)
     with pytest.raises(WorkflowError, match="retry_if is not a regular expression"):
         parse_workflow(looping.replace('"RETRY"', '"(unclosed"'))

@@ -188,7 +188,7 @@ class Context:
         unreadable, or when it is not the request's tenant's."""
         artifact_id = ref if isinstance(ref, str) else ref.id
         request = ArtifactGet(id=artifact_id, tenant=self.tenant)
-        reply = await self._store_request(self._bus.subjects.artifact_get, request)
+        reply = await self._store_request(self._bus.subjects.artifact_get(self.tenant), request)
         if reply.artifact is None:
             raise LookupError(f"artifact {artifact_id} could not be read: {reply.error}")
         return reply.artifact
@@ -209,7 +209,7 @@ class Context:
             cost_usd=self._unstored_usd,
             created_ms=now_ms(),
         )
-        reply = await self._store_request(self._bus.subjects.artifact_put, artifact)
+        reply = await self._store_request(self._bus.subjects.artifact_put(self.tenant), artifact)
         if reply.ref is None:
             raise ValueError(f"the artifact store refused the {artifact_type!r} artifact: {reply.error}")
         self.stored.append(reply.ref)

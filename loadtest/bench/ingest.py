@@ -52,7 +52,7 @@ def events(n: int) -> list[UsageEvent]:
 
 
 async def publish_all(settings: MeshSettings, batch: list[UsageEvent]) -> float:
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_url, **settings.nats_options())
     js = nc.jetstream(publish_async_max_pending=4000)
     await ensure_streams(js, settings.subjects)
     stream = settings.subjects.stream(STREAM_USAGE)
@@ -82,7 +82,7 @@ async def accountant_rate(settings: MeshSettings, n: int, database: str) -> tupl
     def count() -> int:
         return ch.query(f"SELECT count() FROM `{database}`.usage_events").result_rows[0][0]
 
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_url, **settings.nats_options())
     js = nc.jetstream()
     stream = settings.subjects.stream(STREAM_USAGE)
 

@@ -84,7 +84,7 @@ def _figures(total_s: float, ttft_s: float, tokens: int) -> dict:
 
 async def run(settings: MeshSettings, rounds: int) -> dict:
     client = OpenAIClient(settings.local_engine_url)
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_url, **settings.nats_options())
     await direct(client)  # warm: weights paged in, the prompt's prefix in the KV cache
     await through_mesh(nc, settings)
     samples: dict[str, list[dict]] = {"direct": [], "mesh": []}

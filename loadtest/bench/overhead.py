@@ -43,7 +43,7 @@ DEADLINE_S = 30.0
 
 
 async def nats_round_trip(settings: MeshSettings, n: int = 2000) -> dict:
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_url, **settings.nats_options())
     subject = settings.subjects.bench_echo
 
     async def echo(msg) -> None:
@@ -64,7 +64,7 @@ async def nats_round_trip(settings: MeshSettings, n: int = 2000) -> dict:
 
 async def bus_messages_per_task(settings: MeshSettings, n: int = 200) -> dict[str, float]:
     """Messages nats-server routes per single-step task, counted by a ``>`` subscriber, by kind."""
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_url, **settings.nats_options())
     counts: collections.Counter[str] = collections.Counter()
 
     async def count(msg) -> None:

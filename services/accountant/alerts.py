@@ -18,6 +18,10 @@ it is stored (NATS or ClickHouse down) deletes the key, so the next evaluation t
 loses that one alert (the rule fires again in the next window). Webhooks are retried ``WEBHOOK_TRIES``
 times, then logged: the alert is on NATS and in ClickHouse whatever the receiver does.
 
+Only the accountant leading budgets evaluates (``app.py`` starts it with each term of the lease and
+stops it when the term ends, as pacing): the others would only repeat its queries and lose every
+claim. The claim still guards the hand-over, when two terms may overlap for a moment.
+
 Not done: no alert is cleared or resolved (each window stands on its own), and rules are read at start
 (change the file and restart the accountant).
 """
@@ -224,28 +228,42 @@ class Alerts:
         self._task: asyncio.Task | None = None
         self._posts: set[asyncio.Task] = set()
 
-    async def start(self) -> None:
-        """Begin evaluating (after the store is open: its database is the one queried)."""
-        if not self.config.rules:
-            return
-        self._ch = await asyncio.to_thread(client, self.store.url)
-        self._fired = await self.bus.key_value(self.bus.subjects.bucket(BUCKET_ALERTS_FIRED), ttl_s=FIRED_TTL_S)
-        self._http = httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT_S)
-        self._task = asyncio.create_task(self._evaluate_forever())
+    def start(self) -> None:
+        """Begin evaluating, in the background (after the store is open: its database is the one
+        queried); a term of the lease must not wait on, or fail with, ClickHouse."""
+        if self.config.rules and self._task is None:
+            self._task = asyncio.create_task(self._evaluate_forever())
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
         if self._posts:
             await asyncio.wait(self._posts, timeout=WEBHOOK_TIMEOUT_S)
         if self._http is not None:
             await self._http.aclose()
         if self._ch is not None:
             self._ch.close()
+        self._ch, self._http = None, None
+
+    async def _open(self) -> None:
+        ch = await asyncio.to_thread(client, self.store.url)
+        try:
+            self._fired = await self.bus.key_value(self.bus.subjects.bucket(BUCKET_ALERTS_FIRED), ttl_s=FIRED_TTL_S)
+        except BaseException:
+            ch.close()
+            raise
+        self._ch, self._http = ch, httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT_S)
 
     async def _evaluate_forever(self) -> None:
+        while self._http is None:
+            try:
+                await self._open()
+            except Exception as exc:  # ClickHouse or NATS away: tried again next interval
+                self.bus.log.warning("alerts_not_started", error=str(exc))
+                await asyncio.sleep(self.config.interval_s)
         while True:
             await self.evaluate()
             await asyncio.sleep(self.config.interval_s)

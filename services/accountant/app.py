@@ -1,12 +1,12 @@
 """The accountant: budgets, reservations, the kill-switch authority, pacing, and ClickHouse ingest.
 
 Budgets (``reservations.py``): reserve and settle requests against the caps of
-``deploy/budgets.toml`` and their run-time changes (``mesh.budget.set`` / ``mesh.budget.show``);
+``deploy/budgets.toml`` and their run-time changes (an operator's, ``operators.py``; ``mesh.budget.show``);
 a cap crossed trips the kill switch of its scope; tenants are paced against their month curve.
 A granted reservation is answered with its grant, signed with the accountant's grant key
 (services/runtime/grants.py: ``FRUGALMESH_GRANT_SEED``, ``FRUGALMESH_GRANT_SEED_FILE`` or
 ``<home>/grant.seed``), which the inference services verify before a paid call.
-Reserve, settle and the budget changes and queries are served by ``ReservationServer`` on plain
+Reserve, settle, operators' changes and budget queries are served by ``ReservationServer`` on plain
 subscriptions, by one replica at a time: the one holding the lease (``lease.py``), which
 subscribes when its term starts (the ledger rebuilt) and unsubscribes when it ends.
 
@@ -29,9 +29,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig
 
-from schemas.messages import BudgetQuery, BudgetUpdate, Reservation, ReservationDecision
+from schemas.messages import BudgetQuery, Reservation, ReservationDecision
 from schemas.subjects import (
     DURABLE_ARTIFACT_INGEST,
+    DURABLE_BUDGET_INGEST,
     DURABLE_FEEDBACK_INGEST,
     DURABLE_KILL_INGEST,
     DURABLE_TASK_INGEST,
@@ -48,8 +49,9 @@ from services.accountant.budget import BUDGETS_FILE, BudgetConfig
 from services.accountant.ingest import BatchConsumer, Ingest, Store
 from services.accountant.journal import Commit
 from services.accountant.lease import LEASE_S, Leadership
+from services.accountant.operators import OperatorChanges
 from services.accountant.reservations import Accounts, MsClock
-from services.accountant.rows import ARTIFACTS, FEEDBACK, KILLS, TASKS, USAGE, Sink
+from services.accountant.rows import ARTIFACTS, BUDGET_CHANGES, FEEDBACK, KILLS, TASKS, USAGE, Sink
 from services.runtime.bus import Bus, encode, now_ms
 from services.runtime.dead_letters import UNREADABLE
 from services.runtime.grants import GrantSigner, load_signer
@@ -82,7 +84,6 @@ class ReservationServer:
         self._subs = [
             await self.bus.subscribe_core(subjects.budget_reserve, self._reserve, queue=QUEUE),
             await self.bus.subscribe_core(subjects.budget_settle, self._settle, queue=QUEUE),
-            await self.bus.subscribe_core(subjects.budget_set, self._set_budget, queue=QUEUE),
             await self.bus.subscribe_core(subjects.budget_show, self._show_budget, queue=QUEUE),
         ]
 
@@ -102,13 +103,6 @@ class ReservationServer:
         if r is not None:
             decision, stored = self.accounts.decide_settle(r)
             await self._reply(msg, r, decision, stored, self.accounts.settle_reply)
-
-    async def _set_budget(self, msg: Msg) -> None:
-        update = await self.bus.decode(msg, BudgetUpdate)
-        if update is None:
-            await msg.respond(self.bus.rejection("not a BudgetUpdate (dead-lettered with the decode error)"))
-        else:
-            await msg.respond(encode(await self.accounts.update(update)))
 
     async def _show_budget(self, msg: Msg) -> None:
         query = await self.bus.decode(msg, BudgetQuery)
@@ -177,9 +171,9 @@ def create_app(
     redelivers (after a crash, say); a failed insert is redelivered after ``retry_delay_s``.
 
     ``budgets``: the caps (default ``<deploy_dir>/budgets.toml``). ``clock`` gives the time in
-    ms (tests move it). An unsettled reservation is released ``expiry_grace_s`` after its
-    deadline (a settle sent right at the deadline still finds its hold, so the room is not
-    handed out twice); holds are swept every ``sweep_interval_s``. The ledger is snapshotted
+    ms (tests move it). An unsettled reservation is reconciled (charged its call's metered cost, else
+    its worst case: ``usage_watch.py``) ``expiry_grace_s`` after its deadline (a settle sent right at
+    the deadline still finds its hold); holds are swept every ``sweep_interval_s``. The ledger is snapshotted
     every ``snapshot_interval_s``; pacing runs every ``pace_interval_s`` (default: the file's).
     ``grant_signer``: the key grants are signed with (default: ``load_signer``, from the environment
     or ``<home>/grant.seed``). ``lease_s``: how long a leader's lease outlives its last renewal, so
@@ -211,6 +205,7 @@ def create_app(
         bus.log.info("grant_key", public_key=signer.public_key)
 
     reservations = ReservationServer(bus, accounts)
+    operators = OperatorChanges(bus, accounts)
     if not isinstance(alerts, AlertConfig):
         alerts = AlertConfig.load(alerts or settings.deploy_dir / ALERTS_FILE)
     alerting = Alerts(bus, store, accounts.book, alerts, clock)
@@ -220,11 +215,15 @@ def create_app(
         switches are read."""
         await accounts.start()
         await reservations.subscribe()
+        await operators.subscribe()
+        alerting.start()  # the leader's alone, as pacing (alerts.py)
         assert accounts.journal is not None
         return accounts.journal.fenced
 
     async def resign(graceful: bool) -> None:
+        await alerting.stop()
         await reservations.unsubscribe()
+        await operators.unsubscribe()
         # Graceful: store what the journal holds, which sends the replies parked on it.
         await (accounts.stop() if graceful else accounts.abandon())
 
@@ -242,6 +241,7 @@ def create_app(
         (subjects.task_events, STREAM_TASK_EVENTS, DURABLE_TASK_INGEST, TASKS),
         (subjects.artifact_created_all, STREAM_ARTIFACT_EVENTS, DURABLE_ARTIFACT_INGEST, ARTIFACTS),
         (subjects.control_kill, STREAM_CONTROL, DURABLE_KILL_INGEST, KILLS),
+        (subjects.control_budget, STREAM_CONTROL, DURABLE_BUDGET_INGEST, BUDGET_CHANGES),
         (subjects.feedback_all, STREAM_FEEDBACK, DURABLE_FEEDBACK_INGEST, FEEDBACK),
     ]
     consumers: list[BatchConsumer] = []
@@ -265,10 +265,6 @@ def create_app(
             consumer = BatchConsumer(Ingest(bus, store, sink, retry_delay_s), pull)
             consumers.append(consumer)
             await consumer.start()
-
-    # Started once the store's database exists and the caps in force are read.
-    app.after_startup(alerting.start)
-    app.on_shutdown(alerting.stop)
 
     @app.on_shutdown
     async def stop_ingest() -> None:

@@ -27,6 +27,7 @@ ARTIFACTS = "artifacts"
 KILL_EVENTS = "kill_events"
 ALERTS = "alerts"  # spend alerts that fired (services/accountant/alerts.py)
 FEEDBACK = "feedback"  # verdicts on calls' answers (schemas.messages.Feedback)
+BUDGET_CHANGES = "budget_changes"  # every cap an operator changed, by whom and when
 
 SPEND_DAILY = "spend_daily"
 COMPLETED_ARTIFACT_COST = "completed_artifact_cost"
@@ -35,7 +36,7 @@ TASK_TOKENS = "task_tokens"
 KEY_SPEND_DAILY = "key_spend_daily"
 CALL_FEEDBACK = "call_feedback"
 
-TABLES = (USAGE_EVENTS, TASK_EVENTS, ARTIFACTS, KILL_EVENTS, ALERTS, FEEDBACK)
+TABLES = (USAGE_EVENTS, TASK_EVENTS, ARTIFACTS, KILL_EVENTS, ALERTS, FEEDBACK, BUDGET_CHANGES)
 VIEWS = (SPEND_DAILY, COMPLETED_ARTIFACT_COST, CACHE_HIT_DAILY, TASK_TOKENS, KEY_SPEND_DAILY, CALL_FEEDBACK)
 
 # Columns a table gained after its first release, in the order CREATE TABLE lists them, last; all
@@ -189,6 +190,21 @@ def statements(database: str) -> list[str]:
         ENGINE = ReplacingMergeTree
         ORDER BY feedback_id
         """,
+        # Every cap change an operator made (mesh.operator.<name>.budget): who, when, the new caps.
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{BUDGET_CHANGES} (
+            change_id String,
+            time DateTime64(3, 'UTC'),
+            scope LowCardinality(String),
+            key String,
+            day_usd Nullable(Decimal(18, 12)),
+            month_usd Nullable(Decimal(18, 12)),
+            unset Array(LowCardinality(String)),
+            by String
+        )
+        ENGINE = ReplacingMergeTree
+        ORDER BY change_id
+        """,
         # Spend per UTC day, tenant and model.
         f"""
         CREATE VIEW IF NOT EXISTS {db}.{SPEND_DAILY} AS
@@ -243,24 +259,13 @@ def statements(database: str) -> list[str]:
         FROM {db}.{USAGE_EVENTS} AS e FINAL
         GROUP BY day, tenant
         """,
-        # Tokens per task; largest_call_tokens is the single-call baseline (the biggest one call
+        # Tokens per task, exact (over FINAL; the task_usage aggregate keeps the same sums, fast): the
+        # aggregate's own SELECT. largest_call_tokens is the single-call baseline (the biggest one call
         # of the task), so total_tokens / largest_call_tokens is the task's multi-call overhead.
         f"""
         CREATE VIEW IF NOT EXISTS {db}.{TASK_TOKENS} AS
-        SELECT
-            e.task_id AS task_id,
-            any(e.tenant) AS tenant,
-            count() AS calls,
-            sum(e.input_tokens) AS input_tokens,
-            sum(e.cached_input_tokens) AS cached_input_tokens,
-            sum(e.output_tokens) AS output_tokens,
-            input_tokens + output_tokens AS total_tokens,
-            max(e.input_tokens + e.output_tokens) AS largest_call_tokens,
-            sum(e.cost_usd) AS cost_usd,
-            min(e.time) AS first_call,
-            max(e.time) AS last_call
-        FROM {db}.{USAGE_EVENTS} AS e FINAL
-        GROUP BY e.task_id
+        SELECT *, input_tokens + output_tokens AS total_tokens
+        FROM ({aggregates.TASK_SELECT.format(source=f"{db}.{USAGE_EVENTS} AS e FINAL")})
         """,
         # Each verdict beside the call it judges: the call's model, tier and cost (a verdict naming
         # only a task joins each of the task's calls), and its tag (the verdict's, else the task's

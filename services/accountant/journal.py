@@ -21,11 +21,19 @@ leader's writes, which expect an older sequence, are refused, and a journal that
 another wrote fails to open, so its ledger is rebuilt. Every stored message was thus decided on a
 ledger holding exactly the messages before it: two replicas can never both spend the same room.
 
-A write JetStream refuses, or does not acknowledge within ``ACK_TIMEOUT_S``, is not retried: its
-waiters get the error (a grant is withdrawn), and the journal is ``fenced``: it writes nothing
-more, since the sequences it expects no longer hold. The accountant then ends its term and opens
-the journal again (``lease.Leadership``), rebuilding the ledger from what was stored: an operation
-lost with the write is gone (a lost settle leaves its hold, charged in full when it expires).
+A write JetStream refuses, or does not acknowledge within ``ACK_TIMEOUT_S``, is retried, in order:
+the journal turns ``healthy`` false (the accountant grants nothing new until it is true again),
+publishes nothing more, and once every write in flight is answered it reads the stream's last
+sequence. If that is still the one the first failed write expected, nobody else wrote and none of
+the failed writes was stored: they go back to the head of the queue, oldest first, and are sent
+again, every ``RETRY_FIRST_S`` doubling to ``RETRY_MAX_S``, until one lands (then ``healthy`` is true
+again). Meanwhile the waiters of every commit not stored are run with the error at once (a grant is
+withdrawn: nobody waits on a journal that may be away for minutes), but the operations stay queued:
+a settle never lives only in memory. If the last sequence moved (another leader wrote, or a write
+that timed out was stored after all), the journal is ``fenced``: it writes nothing more, and the
+accountant ends its term and opens the journal again (``lease.Leadership``), rebuilding the ledger
+from what was stored. An operation lost then, or by a crash before its write landed, is a settle at
+worst: its hold comes back and is reconciled when it expires (reservations.py, usage_watch.py).
 
 Every ``snapshot_interval_s`` the committer also encodes the whole ledger as of the commit it is
 about to publish, stores it in the Object Store ``<prefix>_ledger`` under that commit's sequence
@@ -46,8 +54,8 @@ from dataclasses import dataclass
 import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectMeta, StorageType, StreamConfig
-from nats.js.errors import ObjectNotFoundError
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
 from schemas.subjects import (
@@ -58,6 +66,7 @@ from schemas.subjects import (
     STATUS_NO_RESPONDERS,
     STREAM_LEDGER,
 )
+from services.accountant.journal_store import JournalBatch, JournalWriteError, decode_ack, recover, save_snapshot
 from services.accountant.ledger import Ledger, Op
 from services.runtime.bus import Bus
 from services.runtime.streams import ensure_stream
@@ -65,34 +74,14 @@ from services.runtime.streams import ensure_stream
 MAX_BATCH = 2000  # operations per journal message, well under NATS's 1 MB payload limit
 MAX_IN_FLIGHT = 4  # journal messages awaiting their acknowledgement at once
 ACK_TIMEOUT_S = 5.0  # a message not acknowledged by then counts as not stored
-SNAPSHOT = "snapshot"
+# Between tries of failed writes: doubling from the first, at most the last.
+RETRY_FIRST_S = 0.2
+RETRY_MAX_S = 2.0
+CLOSE_RETRY_S = 3.0  # a graceful stop waits this long for failed writes to land
 
 # Run with the commit once it is stored (error None) or could not be (the error). Given the commit
 # rather than bound to it, so a commit and its waiters make no reference cycle for the collector.
 Waiter = Callable[["Commit", BaseException | None], Awaitable[None]]
-
-
-class JournalWriteError(Exception):
-    """JetStream did not store a journal message: it refused it, or did not acknowledge it in time."""
-
-
-class JournalBatch(msgspec.Struct):
-    """One journal message: the operations of one commit, in ledger order."""
-
-    ops: list[Op]
-
-
-class _ApiError(msgspec.Struct):
-    description: str = ""
-
-
-class _PubAck(msgspec.Struct):
-    seq: int = 0
-    error: _ApiError | None = None
-
-
-_decode_batch = msgspec.json.Decoder(JournalBatch).decode
-_decode_ack = msgspec.json.Decoder(_PubAck).decode
 
 
 class Commit:
@@ -117,6 +106,7 @@ class _Write:
     commit: Commit
     timeout: asyncio.TimerHandle
     state: bytes | None  # the ledger snapshot to store under this message's sequence, if due
+    expected: int  # the stream's last sequence it must follow
 
 
 class Journal:
@@ -136,6 +126,12 @@ class Journal:
         self._pending: deque[Commit] = deque()
         # Published commits by write number (in publishing order), until acknowledged or failed.
         self._unacked: dict[int, _Write] = {}
+        # Writes refused or unanswered, by write number, until they are queued again (``_retry``).
+        self._failed: dict[int, _Write] = {}
+        self._retrying: asyncio.Task | None = None
+        self._retry_delay_s = RETRY_FIRST_S
+        # False from a failed write until a write lands again: no grant is answered meanwhile.
+        self.healthy = True
         self._writes = 0
         self._ack_inbox = ""
         self._ack_sub: Subscription | None = None
@@ -148,7 +144,7 @@ class Journal:
         self._encode = msgspec.json.Encoder().encode
         # The stream's last sequence once every message published so far is stored: the next one expects it.
         self._next_seq = 0
-        # Set once a write failed: the journal writes nothing more (see the module docstring).
+        # Set once the stream moved on under a failed write: the journal writes nothing more.
         self.fenced = asyncio.Event()
 
     async def open(self) -> Ledger:
@@ -163,52 +159,12 @@ class Journal:
             ),
         )
         self._store = await self.bus.object_store(self.bucket)
-        self.ledger, last = await self._recover()
+        self.ledger, last = await recover(self.bus, self._store, self.subject, self.stream)
         self._next_seq = await self._fence(last)
         self._ack_inbox = self.bus.new_inbox() + "."
         self._ack_sub = await self.bus.subscribe_core(self._ack_inbox + "*", self._on_ack)
         self._committer = asyncio.create_task(self._commit_forever())
         return self.ledger
-
-    async def _recover(self) -> tuple[Ledger, int]:
-        """The ledger as of the journal's last message, and that message's sequence."""
-        assert self._store is not None
-        try:
-            stored = (await self._store.get(SNAPSHOT)).data
-            if stored is None:
-                raise ObjectNotFoundError
-            header, state = stored.split(b"\n", 1)
-            ledger, seq = Ledger.restore(state), int(header)
-        except ObjectNotFoundError:
-            ledger, seq = Ledger(), 0
-        last = (await self.bus.jetstream.stream_info(self.stream)).state.last_seq
-        replayed = 0
-        if last > seq:
-            sub = await self.bus.jetstream.subscribe(
-                self.subject,
-                stream=self.stream,
-                ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=seq + 1),
-            )
-            try:
-                first = seq + 1
-                while True:
-                    msg = await sub.next_msg(timeout=10)
-                    if first and msg.metadata.sequence.stream > first:
-                        # Purged past this snapshot meanwhile (a deposed leader's late snapshot): read again.
-                        raise JournalWriteError(f"journal purged past snapshot {seq} during the replay")
-                    first = 0
-                    for op in _decode_batch(msg.data).ops:
-                        ledger.apply(op)
-                        replayed += 1
-                    if msg.metadata.sequence.stream >= last:
-                        break
-            finally:
-                await sub.unsubscribe()
-        for hold in ledger.holds.values():
-            hold.recovered = True
-        self.log.info("ledger_recovered", snapshot_seq=seq, replayed_ops=replayed, holds=len(ledger.holds))
-        return ledger, last
 
     async def _fence(self, last: int) -> int:
         """Store an empty message right after ``last``: any writer expecting an older sequence is
@@ -235,8 +191,10 @@ class Journal:
         """The commit whose storing means every operation appended so far is stored; None if they are."""
         if self._pending:
             return self._pending[-1]
-        if self._unacked:
-            return next(reversed(self._unacked.values())).commit
+        published = self._unacked.keys() | self._failed.keys()
+        if published:
+            newest = max(published)
+            return (self._unacked.get(newest) or self._failed[newest]).commit
         return None
 
     async def _commit_forever(self) -> None:
@@ -251,12 +209,12 @@ class Journal:
         Publishing does not wait for earlier acknowledgements: JetStream stores the messages of
         one connection in the order sent, so the journal keeps the order of the ledger.
         """
-        while self._pending and len(self._unacked) < MAX_IN_FLIGHT and not self.fenced.is_set():
+        while self._pending and len(self._unacked) < MAX_IN_FLIGHT and not self._failed and not self.fenced.is_set():
             commit = self._pending.popleft()
             self._writes += 1
             write = self._writes
             timeout = asyncio.get_running_loop().call_later(ACK_TIMEOUT_S, self._ack_timed_out, write)
-            self._unacked[write] = _Write(commit, timeout, self._snapshot_if_due())
+            self._unacked[write] = _Write(commit, timeout, self._snapshot_if_due(), self._next_seq)
             try:
                 # nats-py queues the bytes before anything in publish() can suspend, so a commit
                 # published meanwhile by the acknowledgement callback still goes out after this one.
@@ -266,7 +224,7 @@ class Journal:
                 await self.bus.publish_core(self.subject, data, reply=f"{self._ack_inbox}{write}", headers=headers)
             except Exception as exc:  # connection closed, or its buffer full while reconnecting
                 self._done(write, exc)
-                await self._notify(commit, exc)
+                await self._fail_waiters(exc)
 
     def _snapshot_if_due(self) -> bytes | None:
         """The ledger's state when a snapshot is due and the commit being published is the last
@@ -287,7 +245,7 @@ class Journal:
             error = JournalWriteError(f"no stream {self.stream} for {self.subject}")
         else:
             try:
-                ack = _decode_ack(msg.data)
+                ack = decode_ack(msg.data)
                 seq = ack.seq
                 if ack.error is not None:
                     error = JournalWriteError(ack.error.description)
@@ -304,9 +262,13 @@ class Journal:
     async def _finish(self, write: int, error: BaseException | None, seq: int = 0) -> None:
         """A write was answered (or timed out): its slot lets the next commit out, then its waiters run."""
         commit = self._done(write, error, seq)
-        if commit is not None:
-            await self._publish_ready()
-            await self._notify(commit, error)
+        if commit is None:
+            return
+        await self._publish_ready()
+        if error is None:
+            await self._notify(commit, None)
+        else:
+            await self._fail_waiters(error)
 
     def _done(self, write: int, error: BaseException | None, seq: int = 0) -> Commit | None:
         """Take a write off the unacknowledged ones; None if it already was (answered after timing out)."""
@@ -315,15 +277,55 @@ class Journal:
             return None
         done.timeout.cancel()
         self._progress.set()
-        if error is not None:  # refused or unanswered: the waiters decide (a grant is withdrawn)
+        if error is not None:  # refused or unanswered: sent again once the writes in flight are answered
             self.log.error("journal_write_failed", ops=len(done.commit.ops), error=str(error))
-            self.fenced.set()
-        elif done.state is not None:
-            self._snapshotting = asyncio.create_task(self._save_snapshot(done.state, seq))
+            self.healthy = False
+            self._failed[write] = done
+        else:
+            if not self._failed:
+                self.healthy, self._retry_delay_s = True, RETRY_FIRST_S
+            if done.state is not None:
+                self._snapshotting = asyncio.create_task(self._save_snapshot(done.state, seq))
+        if self._failed and not self._unacked and self._retrying is None and not self.fenced.is_set():
+            self._retrying = asyncio.create_task(self._retry())
         return done.commit
 
+    async def _retry(self) -> None:
+        """Queue the failed writes again, oldest first, once the stream shows none of them stored and
+        nobody else wrote; else fence the journal (see the module docstring)."""
+        try:
+            while True:
+                await asyncio.sleep(self._retry_delay_s)
+                self._retry_delay_s = min(2 * self._retry_delay_s, RETRY_MAX_S)
+                try:
+                    last = (await self.bus.jetstream.stream_info(self.stream)).state.last_seq
+                except NotFoundError:
+                    last = -1  # the stream is gone: what it held with it
+                except Exception as exc:  # NATS unreachable: the lease decides whether this term goes on
+                    self.log.warning("journal_unreadable", error=str(exc))
+                    continue
+                expected = self._failed[min(self._failed)].expected
+                if last != expected:
+                    self.log.error("journal_moved_on", expected=expected, last=last)
+                    self.fenced.set()
+                    return
+                self._pending.extendleft(reversed([self._failed.pop(w).commit for w in sorted(self._failed)]))
+                self._next_seq = last
+                break
+        finally:
+            self._retrying = None
+        self._progress.set()
+        await self._publish_ready()
+
+    async def _fail_waiters(self, error: BaseException) -> None:
+        """Run every waiter of a commit not stored with ``error``: once each, the operations stay queued."""
+        for commit in [*(w.commit for w in self._failed.values()), *self._pending]:
+            if commit.waiters:
+                await self._notify(commit, error)
+
     async def _notify(self, commit: Commit, error: BaseException | None) -> None:
-        for waiter in commit.waiters:
+        waiters, commit.waiters = commit.waiters, []
+        for waiter in waiters:
             try:
                 await waiter(commit, error)
             except Exception as exc:  # one waiter's failure (its caller went away) is not the others'
@@ -332,31 +334,16 @@ class Journal:
     async def _save_snapshot(self, state: bytes, seq: int) -> None:
         assert self._store is not None
         try:
-            stored = await self._stored_snapshot_seq()
-            if stored > seq:  # a newer leader's: this one is out of date
-                return
-            # A header line carries the sequence, known only once the commit was stored; the
-            # description too, so the check above reads it without fetching the snapshot.
-            await self._store.put(SNAPSHOT, b"%d\n" % seq + state, meta=ObjectMeta(SNAPSHOT, description=str(seq)))
-            # Only after the snapshot is stored may the operations it covers go.
-            await self.bus.jetstream.purge_stream(self.stream, seq=seq + 1)
-            self.log.debug("ledger_snapshot", seq=seq, bytes=len(state))
+            await save_snapshot(self.bus, self._store, self.stream, state, seq)
         except Exception as exc:  # the journal still has everything; the next interval retries
             self.log.error("ledger_snapshot_failed", seq=seq, error=str(exc))
         finally:
             self._snapshotting = None
 
-    async def _stored_snapshot_seq(self) -> int:
-        assert self._store is not None
-        try:
-            return int((await self._store.get_info(SNAPSHOT)).description or 0)
-        except ObjectNotFoundError:
-            return 0
-
     async def abandon(self) -> None:
-        """Stop without writing anything more (a term that ended: the lease lost, or a write refused):
-        every commit not yet stored fails its waiters."""
-        tasks = [task for task in (self._committer, self._snapshotting) if task is not None]
+        """Stop without writing anything more (a term that ended: the lease lost, or the journal
+        fenced): every commit not yet stored fails its waiters."""
+        tasks = [task for task in (self._committer, self._snapshotting, self._retrying) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -364,30 +351,43 @@ class Journal:
         if self._ack_sub is not None:
             with contextlib.suppress(Exception):
                 await self._ack_sub.unsubscribe()
-        error = JournalWriteError("the accountant's term ended before this was stored")
-        for write in list(self._unacked):
-            commit = self._done(write, error)
-            if commit is not None:
-                await self._notify(commit, error)
-        while self._pending:
-            await self._notify(self._pending.popleft(), error)
+        await self._drop_unstored(JournalWriteError("the accountant's term ended before this was stored"))
 
     async def close(self) -> None:
-        """Store what is queued and run its waiters, then stop."""
+        """Store what is queued (failed writes retried for up to ``CLOSE_RETRY_S``) and run its waiters, then stop."""
         if self._committer is not None:
             self._committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._committer
-        await self._publish_ready()
-        # Each acknowledgement publishes the next pending commit; each write times out at worst.
-        while self._unacked:
+        # Each write is answered or times out; what is still queued or failed gets until give_up.
+        give_up = time.monotonic() + CLOSE_RETRY_S
+        while True:
             self._progress.clear()
-            await self._progress.wait()
+            await self._publish_ready()  # also what was appended meanwhile (a trip landing)
+            queued = (self._failed or self._pending) and not self.fenced.is_set()
+            if not self._unacked and not (queued and time.monotonic() < give_up):
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), max(give_up - time.monotonic(), RETRY_FIRST_S))
+        if self._retrying is not None:
+            self._retrying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrying
         if self._ack_sub is not None:
             with contextlib.suppress(Exception):
                 await self._ack_sub.unsubscribe()
         if self._snapshotting is not None:
             with contextlib.suppress(Exception):
                 await self._snapshotting
-        while self._pending:  # fenced meanwhile: never to be published
-            await self._notify(self._pending.popleft(), JournalWriteError("the journal was fenced"))
+        await self._drop_unstored(JournalWriteError("the accountant stopped before this was stored"))
+
+    async def _drop_unstored(self, error: BaseException) -> None:
+        """End of the journal: what was not stored is lost from it (its holds are reconciled after a restart)."""
+        self.fenced.set()
+        for write in list(self._unacked):
+            self._done(write, error)
+        unstored = [*(w.commit for w in self._failed.values()), *self._pending]
+        self._failed.clear()
+        self._pending.clear()
+        for commit in unstored:
+            await self._notify(commit, error)

@@ -21,8 +21,8 @@ before it, so a deposed leader that still thinks it leads (a process paused long
 has each write refused, its grants withdrawn, and cannot spend room the new leader hands out.
 
 Takeover after a leader dies: ``lease_s`` plus up to ``poll_s``, plus rebuilding the ledger from
-the last snapshot and the journal since (measured: docs/deploy.md). A journal write refused or
-unanswered (a nats-server lost under the stream's leader) ends the term too: the leader, still
+the last snapshot and the journal since (measured: docs/deploy.md). A journal that is fenced (a
+write failed and the stream moved on under it: journal.py) ends the term too: the leader, still
 holding the lease, opens a new term at once from what the journal stored.
 
 Deliberately not done: leases per tenant partition (one leader holds all budgets).

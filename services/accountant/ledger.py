@@ -110,8 +110,11 @@ class Settle(msgspec.Struct, tag="settle", omit_defaults=True):
 
 
 class Expire(msgspec.Struct, tag="expire", omit_defaults=True):
+    """A hold ended without a settle. Released (a grant withdrawn before anyone saw it) or, with
+    ``charge``, turned into spend at its full amount (it expired unsettled and the usage stream has no
+    cost for it: services/accountant/usage_watch.py); a charged id counts as settled."""
+
     id: str
-    # True: the hold turns into spend at its full amount instead of being released.
     charge: bool = False
 
 
@@ -128,10 +131,12 @@ class TripWritten(msgspec.Struct, tag="trip_written"):
 Op = Grant | Settle | Expire | Trip | TripWritten
 
 
-class HoldRecord(msgspec.Struct):
+class HoldRecord(msgspec.Struct, omit_defaults=True):
     reservation: Reservation
     buckets: list[Bucket]
     amount: int
+    # The grant's time; 0 in a snapshot written before it was kept.
+    time_ms: int = 0
 
 
 class Snapshot(msgspec.Struct):
@@ -162,9 +167,8 @@ class Hold:
     reservation: Reservation
     buckets: list[Bucket]
     amount: int
-    # Restored from before a restart: its settle may have been sent while no accountant was
-    # listening, so if it expires unsettled it is charged, not released.
-    recovered: bool = False
+    # When it was granted (0: unknown, restored from an old snapshot): where the usage stream is read from.
+    time_ms: int = 0
 
 
 @dataclass
@@ -188,7 +192,7 @@ class Ledger:
 
     def apply(self, op: Op) -> None:
         if isinstance(op, Grant):
-            self._hold(op.reservation, op.buckets(), op.amount)
+            self._hold(op.reservation, op.buckets(), op.amount, op.time_ms)
             if op.task_cap is not None:
                 self.task_caps[task_key(op.reservation)] = op.task_cap
         elif isinstance(op, Settle):
@@ -203,14 +207,16 @@ class Ledger:
             if hold is not None and op.charge:
                 for b in hold.buckets:
                     self.settled[b] = self.settled.get(b, 0) + hold.amount
+                # Charged is settled: a settle arriving later is a repeat, not a second charge.
+                self.settled_ids[op.id] = hold.reservation.expires_ms
         elif isinstance(op, Trip):
             self.tripped.add(op.bucket)
             self.trips_unwritten.add(op.bucket)
         elif isinstance(op, TripWritten):
             self.trips_unwritten.discard(op.bucket)
 
-    def _hold(self, r: Reservation, buckets: list[Bucket], amount: int) -> None:
-        self.holds[r.id] = Hold(r, buckets, amount)
+    def _hold(self, r: Reservation, buckets: list[Bucket], amount: int, time_ms: int) -> None:
+        self.holds[r.id] = Hold(r, buckets, amount, time_ms)
         for b in buckets:
             self.reserved[b] = self.reserved.get(b, 0) + amount
         self._touch(buckets, r.expires_ms)
@@ -264,7 +270,7 @@ class Ledger:
         return msgspec.json.encode(
             Snapshot(
                 settled=list(self.settled.items()),
-                holds=[HoldRecord(h.reservation, h.buckets, h.amount) for h in self.holds.values()],
+                holds=[HoldRecord(h.reservation, h.buckets, h.amount, h.time_ms) for h in self.holds.values()],
                 settled_ids=self.settled_ids,
                 task_caps=[(tenant, task, cap) for (tenant, task), cap in self.task_caps.items()],
                 task_touched=[(tenant, task, time) for (tenant, task), time in self.task_touched.items()],
@@ -285,5 +291,5 @@ class Ledger:
             trips_unwritten=set(snap.trips_unwritten),
         )
         for h in snap.holds:
-            ledger._hold(h.reservation, h.buckets, h.amount)
+            ledger._hold(h.reservation, h.buckets, h.amount, h.time_ms)
         return ledger

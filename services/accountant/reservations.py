@@ -8,6 +8,10 @@ survives a crash. A grant's reply carries the accountant's signature of it
 runs no paid call. One accountant owns the budgets: the reserve and settle subjects are served
 by the replica holding the lease (``lease.py``), one term at a time: ``start`` begins a term
 (rebuilding the ledger from the journal), ``stop`` or ``abandon`` ends it.
+
+A hold that expires unsettled is charged its call's metered cost, else its worst case
+(``usage_watch.py``). While the journal cannot store (``Journal.healthy``) no hold is granted: the
+refusal starts ``budget service unavailable``, retryable; settles are still booked and queued.
 """
 
 from __future__ import annotations
@@ -51,9 +55,11 @@ from services.accountant.ledger import (
 )
 from services.accountant.pacing import curve, pace_action
 from services.accountant.statement import budget_state
+from services.accountant.usage_watch import UsageWatch, read_from_ms
 from services.runtime.bus import Bus
 from services.runtime.control import ControlState, task_switch_key
 from services.runtime.grants import GrantSigner
+from services.runtime.reservations import UNAVAILABLE
 
 MsClock = Callable[[], int]  # the time in ms since the epoch (tests move it)
 
@@ -102,6 +108,7 @@ class Accounts:
         self.book = BudgetBook(config)
         self.ledger = Ledger()
         self.journal: Journal | None = None
+        self.usage = UsageWatch(bus, self.ledger.holds)
         self.control: ControlState | None = None
         self.paces: dict[str, PaceAction] = {}
         self._expiries: list[tuple[int, str]] = []
@@ -119,6 +126,8 @@ class Accounts:
         self.paces = {tenant: signal.action for tenant, signal in self.control.paces.items()}
         self.journal = Journal(self.bus, self.snapshot_interval_s)
         self.ledger = await self.journal.open()
+        self.usage = UsageWatch(self.bus, self.ledger.holds)
+        await self.usage.start(read_from_ms(self.ledger.holds))
         for rid, hold in self.ledger.holds.items():
             heapq.heappush(self._expiries, (hold.reservation.expires_ms + self.expiry_grace_ms, rid))
         self._tasks = [
@@ -139,6 +148,7 @@ class Accounts:
                 await task
         if self.journal is not None:
             await self.journal.close()
+        await self.usage.stop()
         # Let queued kill switches and pace signals out before the connection goes.
         await self.control_writer.drain(5)
         if self._tasks:
@@ -156,6 +166,7 @@ class Accounts:
         self._tasks = []
         if self.journal is not None:
             await self.journal.abandon()
+        await self.usage.stop()
         if self.control is not None:
             await self.control.close()
 
@@ -178,6 +189,8 @@ class Accounts:
                 id=r.id, granted=True, reason="already reserved", grant=self.signer.grant(held.reservation)
             )
             return repeat, self.journal.barrier()
+        if not self.journal.healthy:  # fail closed: a grant must be stored before it is answered
+            return refuse(f"{UNAVAILABLE}: ledger unavailable (the journal refuses writes); retry")
         if r.id in self.ledger.settled_ids:
             return refuse("already settled")
         now = self.clock()
@@ -225,20 +238,21 @@ class Accounts:
             return decision
         # Not durable, so not granted: give the room back.
         if r.id in self.ledger.holds:
+            self.usage.take(r.id)
             self._record(Expire(r.id))
-        return ReservationDecision(id=r.id, granted=False, reason=f"ledger unavailable: {error}")
+        return ReservationDecision(id=r.id, granted=False, reason=f"{UNAVAILABLE}: ledger unavailable: {error}; retry")
 
     def decide_settle(self, r: Reservation) -> tuple[ReservationDecision, Commit | None]:
         """Replace the hold by the actual cost (no await); returns the journal commit to wait for, if any.
 
         A settle of a live hold that costs no more than the hold is answered at once: if a crash
-        loses its journal write, the hold comes back from the journal and, never settled again,
-        is charged its worst case when it expires. That is at least the call's cost, so a lost
-        settle over-counts; it never lets a cap be passed and is never counted twice (a settle
+        loses its journal write, the hold comes back from the journal and, never settled again, is
+        reconciled when it expires: charged the call's metered cost from the usage stream, or its
+        worst case without one. It never lets a cap be passed and is never counted twice (a settle
         repeated after the restart finds the hold and replaces it, once). A grant that reuses the
         room this settle frees is answered only once its own commit is stored, which JetStream
-        stores after this one. A settle above its hold, or without one (it expired), would
-        under-count if lost, so it is answered once stored.
+        stores after this one. A settle above its hold, or without one, would under-count if lost,
+        so it is answered once stored (or once its write failed: it stays queued, retried in order).
         """
         assert self.journal is not None
         if r.id in self.ledger.settled_ids:
@@ -251,6 +265,7 @@ class Accounts:
         now = self.clock()
         hold = self.ledger.holds.get(r.id)
         if hold is not None:
+            self.usage.take(r.id)
             buckets, settle = hold.buckets, Settle(r.id, actual, now)
         else:
             buckets = buckets_for(r, now, task_capped=task_key(r) in self.ledger.task_caps)
@@ -264,8 +279,8 @@ class Accounts:
     def settle_reply(
         self, r: Reservation, decision: ReservationDecision, error: BaseException | None
     ) -> ReservationDecision:
-        if error is not None:  # booked in memory (the conservative side); the next snapshot stores it
-            self.bus.log.error("settle_not_journaled", id=r.id, error=str(error))
+        if error is not None:  # booked in memory, and queued: the journal writes it again until it lands
+            self.bus.log.warning("settle_journal_retrying", id=r.id, error=str(error))
         return decision
 
     # -- shared steps --
@@ -314,13 +329,14 @@ class Accounts:
     # -- expiry --
 
     async def _sweep_forever(self) -> None:
+        await self.usage.ready()  # the costs of restored holds, read before any of them is charged
         while True:
             await asyncio.sleep(self.sweep_interval_s)
             self.expire_due()
 
     def expire_due(self) -> None:
-        """Release every hold past its deadline (plus grace); one restored from before a restart is
-        charged at its worst case instead, since its settle may have gone to no accountant."""
+        """Reconcile every hold past its deadline (plus grace) that was not settled: its call may have
+        run, so it is charged what the usage stream metered for it, else its worst case."""
         now = self.clock()
         charged: list[Bucket] = []
         while self._expiries and self._expiries[0][0] <= now:
@@ -328,9 +344,10 @@ class Accounts:
             hold = self.ledger.holds.get(rid)
             if hold is None:
                 continue
-            self._record(Expire(rid, charge=hold.recovered))
-            if hold.recovered:
-                charged.extend(hold.buckets)
+            metered = self.usage.take(rid)
+            self._record(Expire(rid, charge=True) if metered is None else Settle(rid, metered, now))
+            self.bus.log.info("hold_reconciled", id=rid, metered=metered is not None)
+            charged.extend(hold.buckets)
         if charged:
             self._check_crossings(charged)
         if now - self._last_prune >= PRUNE_EVERY_MS:

@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from schemas.messages import TERMINAL_EVENTS, Artifact, Feedback, KillSwitch, TaskEvent, UsageEvent
+from schemas.messages import TERMINAL_EVENTS, Artifact, BudgetUpdate, Feedback, KillSwitch, TaskEvent, UsageEvent
 from services.accountant import ddl
 
 M = TypeVar("M", bound=msgspec.Struct)
@@ -146,6 +146,14 @@ def kill_row(k: KillSwitch) -> Row:
     return (event_id, utc(k.time_ms), k.scope, k.key, k.tripped, k.reason, k.by)
 
 
+def budget_change_row(b: BudgetUpdate) -> Row:
+    # The change's content is its id: the same record redelivered is the same fact.
+    change_id = f"{b.scope}:{b.key}:{b.by}:{b.time_ms}"
+    day = usd(b.day_usd) if b.day_usd is not None else None
+    month = usd(b.month_usd) if b.month_usd is not None else None
+    return (change_id, utc(b.time_ms), b.scope, b.key, day, month, list(b.unset), b.by)
+
+
 USAGE = Sink(
     table=ddl.USAGE_EVENTS,
     message_type=UsageEvent,
@@ -210,6 +218,13 @@ KILLS = Sink(
     columns=("event_id", "time", "scope", "key", "tripped", "reason", "by"),
     key=("event_id",),
     to_row=kill_row,
+)
+BUDGET_CHANGES = Sink(
+    table=ddl.BUDGET_CHANGES,
+    message_type=BudgetUpdate,
+    columns=("change_id", "time", "scope", "key", "day_usd", "month_usd", "unset", "by"),
+    key=("change_id",),
+    to_row=budget_change_row,
 )
 FEEDBACK = Sink(
     table=ddl.FEEDBACK,

@@ -8,7 +8,10 @@ the same body race, the first one's metadata stays (an artifact never changes on
 
 An artifact belongs to the tenant it was put for (``Artifact.tenant``, a subject token), and that
 tenant is hashed into its id (schemas/artifacts.py ``artifact_id``): the same body put by two
-tenants is two artifacts. A get (``ArtifactGet.tenant``) of another tenant's artifact is refused
+tenants is two artifacts. Puts and gets arrive on the tenant's own subject
+(``<prefix>.artifact.{put,get}.<tenant>``, which only that tenant's credential, the services and the
+agents may publish on): a put naming another tenant is refused, and a get asks as the subject's
+tenant whatever its body says. A get of another tenant's artifact is refused
 with the very reply a missing one gets, so a refusal tells nothing about the artifact, not even
 that it exists; the store logs it (``artifact_get_other_tenant``) for the operator.
 """
@@ -16,13 +19,15 @@ that it exists; the store logs it (``artifact_get_other_tenant``) for the operat
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import re
 from typing import Any
 
 import msgspec
 from faststream import FastStream
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ObjectNotFoundError
+from nats.js.errors import DigestMismatchError, KeyNotFoundError, KeyWrongLastSequenceError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -33,6 +38,7 @@ from schemas.subjects import (
     BUCKET_ARTIFACT_INDEX,
     HEADER_MSG_ID,
     STREAM_ARTIFACT_EVENTS,
+    object_chunks,
     token,
 )
 from services.runtime.bus import Bus, encode, now_ms
@@ -121,14 +127,31 @@ class ArtifactStore:
             # tells another tenant's artifact from no artifact.
             self.bus.log.warning("artifact_get_other_tenant", artifact_id=request.id, tenant=request.tenant)
             return ArtifactReply(error=NOT_FOUND)
-        try:
-            stored = await self._bodies.get(request.id)
-        except ObjectNotFoundError:
+        stored = await self._body(request.id)
+        if stored is None:  # deleted or purged by hand
             return ArtifactReply(error=NOT_FOUND)
-        if stored.data is None:  # purged by hand
-            return ArtifactReply(error=NOT_FOUND)
-        body = msgspec.json.decode(stored.data)
+        body = msgspec.json.decode(stored)
         return ArtifactReply(artifact=msgspec.convert({**metadata, "body": body}, type=Artifact))
+
+
+    async def _body(self, artifact_id: str) -> bytes | None:
+        """The stored body, None if there is none. A body of one chunk (128 KiB: nearly all) is read by
+        its subject, as a KV value is: nats-py's ``ObjectStore.get`` opens an ordered consumer per read,
+        and JetStream caps a stream's consumers, so a burst of reads had some refused ("maximum
+        consumers limit reached"). A longer body is read that way still; both check the digest."""
+        assert self._bodies is not None, "ArtifactStore.open() was not awaited"
+        try:
+            info = await self._bodies.get_info(artifact_id)
+        except ObjectNotFoundError:
+            return None
+        if info.chunks != 1 or not info.nuid:
+            return (await self._bodies.get(artifact_id)).data
+        bucket = self.bus.subjects.bucket(BUCKET_ARTIFACT_BODIES)
+        chunk = await self.bus.jetstream.get_msg(f"OBJ_{bucket}", subject=object_chunks(bucket, info.nuid))
+        data = chunk.data or b""
+        if f"SHA-256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()}" != info.digest:
+            raise DigestMismatchError
+        return data
 
 
 def _metadata(artifact: Artifact) -> bytes:
@@ -153,7 +176,11 @@ def create_app(settings: MeshSettings) -> FastStream:
         artifact = await bus.decode(msg, Artifact)
         if artifact is None:
             return bus.rejection("not an Artifact (dead-lettered with the decode error)")
-        reply = await store.put(artifact)
+        put_as = subjects.tenant_of(msg.subject)
+        if artifact.tenant != put_as:
+            reply = ArtifactReply(error=f"the artifact names tenant {artifact.tenant!r} but was put as {put_as!r}")
+        else:
+            reply = await store.put(artifact)
         if reply.error:
             # Bad input is kept with its reason like any other (the sender also gets the reason).
             await bus.dead_letter(msg.subject, msg.data, msg.headers, reply.error)
@@ -163,13 +190,15 @@ def create_app(settings: MeshSettings) -> FastStream:
         request = await bus.decode(msg, ArtifactGet)
         if request is None:
             return bus.rejection("not an ArtifactGet (dead-lettered with the decode error)")
+        # The tenant asking is the one whose subject the requester may publish on, whatever the body says.
+        request.tenant = subjects.tenant_of(msg.subject)
         return encode(await store.get(request))
 
     # Plain subscriptions, each request its own task: a put is several JetStream round trips, and a
     # burst of tasks must not queue behind a few worker slots.
     servers = [
-        RequestServer(bus, subjects.artifact_put, QUEUE, put, capacity=CAPACITY),
-        RequestServer(bus, subjects.artifact_get, QUEUE, get, capacity=CAPACITY),
+        RequestServer(bus, subjects.artifact_put("*"), QUEUE, put, capacity=CAPACITY),
+        RequestServer(bus, subjects.artifact_get("*"), QUEUE, get, capacity=CAPACITY),
     ]
     for server in servers:
         app.on_startup(server.start)

@@ -1,16 +1,16 @@
 """`frugalmesh budget set|show`, `frugalmesh kill` and `frugalmesh clear`.
 
-``budget`` asks the accountant (request/reply on ``mesh.budget.set`` / ``mesh.budget.show``), so
-it needs the accountant running. ``kill`` and ``clear`` write the switch themselves over the Bus
-(KV first, then the event on ``mesh.control.kill``), so an operator can stop spending even when
-the accountant is down; every service obeys the KV value.
+Each asks the accountant, the one writer of caps and switches (services/accountant/operators.py):
+changes on the operator's own subject (``mesh.operator.<name>.budget`` / ``.kill``, ``<name>`` from
+the NATS credential, which the server checks), so the accountant records who made each one; queries
+on ``mesh.budget.show``. Without an accountant nothing changes, and nothing paid runs either (every
+paid call is reserved with it first).
 """
 
 from __future__ import annotations
 
 import asyncio
-import getpass
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import msgspec
@@ -26,7 +26,10 @@ from schemas.messages import (
     KillSwitch,
     SpendScope,
 )
+from schemas.subjects import OPERATOR_BUDGET, OPERATOR_KILL
 from services.runtime.settings import MeshSettings
+
+T = TypeVar("T")
 
 REQUEST_TIMEOUT_S = 5.0
 
@@ -37,7 +40,7 @@ def _settings() -> MeshSettings:
     return client_settings()
 
 
-async def _request(settings: MeshSettings, subject: str, message: msgspec.Struct) -> BudgetState:
+async def _request(settings: MeshSettings, subject: str, message: msgspec.Struct, reply_type: type[T]) -> T:
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
 
@@ -46,7 +49,7 @@ async def _request(settings: MeshSettings, subject: str, message: msgspec.Struct
 
     async with MeshClient(settings) as client:
         try:
-            state = await client.bus.request(subject, message, BudgetState, REQUEST_TIMEOUT_S)
+            state = await client.bus.request(subject, message, reply_type, REQUEST_TIMEOUT_S)
         except (NoRespondersError, NatsTimeout):
             raise click.ClickException(
                 f"no answer from the accountant on {subject}; "
@@ -54,7 +57,7 @@ async def _request(settings: MeshSettings, subject: str, message: msgspec.Struct
             ) from None
         except Rejected as exc:
             raise click.ClickException(f"the accountant refused the request: {exc}") from None
-    if state.error:
+    if isinstance(state, BudgetState) and state.error:
         raise click.ClickException(state.error)
     return state
 
@@ -109,9 +112,11 @@ def budget_set(
         raise click.UsageError("give --day and/or --month (or --no-day / --no-month)")
     windows: tuple[tuple[BudgetWindow, bool], ...] = (("day", no_day), ("month", no_month))
     unset = [w for w, flag in windows if flag]
-    update = BudgetUpdate(scope=scope, key=key, day_usd=day_usd, month_usd=month_usd, unset=unset, by=getpass.getuser())
+    update = BudgetUpdate(scope=scope, key=key, day_usd=day_usd, month_usd=month_usd, unset=unset)
     settings = _settings()
-    _print(_run(_request(settings, settings.subjects.budget_set, update)))
+    _print(
+        _run(_request(settings, settings.subjects.operator(settings.operator, OPERATOR_BUDGET), update, BudgetState))
+    )
 
 
 @budget.command("show")
@@ -125,7 +130,7 @@ def budget_show(
 ) -> None:
     """Caps in force and spend in the current day and month (tasks with --scope task)."""
     settings = _settings()
-    state = _run(_request(settings, settings.subjects.budget_show, BudgetQuery(scope=scope, key=key)))
+    state = _run(_request(settings, settings.subjects.budget_show, BudgetQuery(scope=scope, key=key), BudgetState))
     if as_json:
         click.echo(msgspec.json.encode(state).decode())
     else:
@@ -133,27 +138,16 @@ def budget_show(
 
 
 def _switch(scope: KillScope, key: str | None, tripped: bool, reason: str) -> None:
-    from services.runtime.bus import now_ms
-    from services.runtime.control import set_kill
-
     if scope == "global":
         key = "*"
     elif not key:
         raise click.UsageError(f"--key is required for --scope {scope}")
-    by = f"operator:{getpass.getuser()}"
-    switch = KillSwitch(scope=scope, key=key, tripped=tripped, reason=reason, by=by, time_ms=now_ms())
+    switch = KillSwitch(scope=scope, key=key, tripped=tripped, reason=reason, time_ms=0)
     settings = _settings()
-
-    async def write() -> None:
-        from services.cli.client import MeshClient
-
-        async with MeshClient(settings) as client:
-            await client.bus.declare_streams()
-            await set_kill(client.bus, switch)
-
-    _run(write())
+    subject = settings.subjects.operator(settings.operator, OPERATOR_KILL)
+    written = _run(_request(settings, subject, switch, KillSwitch))
     where = "global" if scope == "global" else f"{scope} {key}"
-    click.echo(f"kill switch {'tripped' if tripped else 'cleared'}: {where}")
+    click.echo(f"kill switch {'tripped' if tripped else 'cleared'}: {where} (by {written.by})")
 
 
 SCOPE = click.Choice(["global", "tenant", "task", "model", "key"])
@@ -165,7 +159,7 @@ KEY_HELP = "The tenant, <tenant>.<task id>, the model, or the virtual key's id (
 @click.option("--key", help=KEY_HELP)
 @click.option("--reason", default="operator kill", show_default=True)
 def kill(scope: KillScope, key: str | None, reason: str) -> None:  # click.Choice (SCOPE) has checked scope
-    """Trip the kill switch: no new paid call starts in this scope (works without the accountant)."""
+    """Trip the kill switch: no new paid call starts in this scope, calls in flight are cancelled."""
     _switch(scope, key, True, reason)
 
 

@@ -17,11 +17,14 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from schemas.messages import TERMINAL_EVENTS, Artifact, ArtifactGet, ArtifactRef, ArtifactReply, Task, TaskEvent
-from schemas.subjects import HEADER_MSG_ID, STREAM_TASKS
+from schemas.subjects import HEADER_MSG_ID, STREAM_TASK_EVENTS, STREAM_TASKS
 from services.runtime.bus import Bus, now_ms
+from services.runtime.identities import Identity
 from services.runtime.settings import MeshSettings
 
 REQUEST_TIMEOUT_S = 10.0
+# How often a follower reads the task's stored ending while it waits (a live event missed in a reconnect).
+STORED_POLL_S = 2.0
 
 
 def new_task_id() -> str:
@@ -55,39 +58,57 @@ class MeshClient:
         await self.bus.close()
 
     async def submit(self, task: Task) -> None:
-        """Publish a task; JetStream drops a second submission of its tenant with the same idempotency key."""
+        """Publish a task; JetStream drops a second submission of its tenant with the same idempotency key.
+        ValueError when this client's credential is another tenant's (the server would refuse it)."""
+        self._check_tenant(task.tenant)
         if not task.submitted_ms:
             task.submitted_ms = now_ms()
         await self.bus.publish(
-            self.subjects.task_submit,
+            self.subjects.task_submit(task.tenant),
             task,
             stream=self.subjects.stream(STREAM_TASKS),
             headers={HEADER_MSG_ID: task.dedupe_id()},
         )
 
+    def _check_tenant(self, tenant: str) -> None:
+        """Say it plainly when this client's credential is another tenant's: the server would only refuse
+        the publish, and the request would time out."""
+        creds = self.settings.nats_creds
+        identity = Identity.of_file(creds) if creds else None
+        if identity is not None and identity.kind == "tenant" and identity.name != tenant:
+            raise ValueError(f"this credential ({creds}) is tenant {identity.name!r}'s: use --tenant {identity.name}")
+
     async def follow(self, task: Task, timeout_s: float) -> AsyncIterator[TaskEvent]:
         """Subscribe to one task's events, before submitting it (progress events are live only), and
         return them as they come, ending after the terminal one. The terminal event is also read from
-        the stream, which keeps it: a task that ended before this subscribed still ends here, with
-        its history in place of the live events."""
+        the stream, which keeps it (every ``STORED_POLL_S``, in case a live one was missed while the
+        connection was down): a task that ended before this subscribed still ends here, with its
+        history in place of the live events."""
         queue: asyncio.Queue[TaskEvent] = asyncio.Queue()
 
         async def on_event(msg: Msg) -> None:
             queue.put_nowait(msgspec.json.decode(msg.data, type=TaskEvent))
 
         subject = self.subjects.task_events_of(task.tenant, task.id)
-        subscriptions = [
-            await self.bus.subscribe_core(subject, on_event),
-            await self.bus.subscribe_history(subject, on_event),
-        ]
+        subscription = await self.bus.subscribe_core(subject, on_event)
         await self.bus.flush()
-        return _until_terminal(queue, subscriptions, timeout_s)
+        stream = self.subjects.stream(STREAM_TASK_EVENTS)
+
+        async def read_stored() -> None:
+            while True:
+                stored = await self.bus.last_stored(stream, subject)
+                if stored is not None:
+                    queue.put_nowait(msgspec.json.decode(stored, type=TaskEvent))
+                    return
+                await asyncio.sleep(STORED_POLL_S)
+
+        return _until_terminal(queue, subscription, asyncio.create_task(read_stored()), timeout_s)
 
     async def artifact(self, artifact_id: str, tenant: str) -> Artifact:
         """``tenant``'s artifact ``artifact_id`` (the tenant of the task that made it); LookupError when
         there is none (another tenant's reads as none)."""
         request = ArtifactGet(id=artifact_id, tenant=tenant)
-        reply = await self.bus.request(self.subjects.artifact_get, request, ArtifactReply, REQUEST_TIMEOUT_S)
+        reply = await self.bus.request(self.subjects.artifact_get(tenant), request, ArtifactReply, REQUEST_TIMEOUT_S)
         if reply.artifact is None:
             raise LookupError(f"artifact {artifact_id}: {reply.error}")
         return reply.artifact
@@ -95,14 +116,17 @@ class MeshClient:
     async def put_artifact(self, artifact: Artifact) -> ArtifactRef:
         """Store an artifact as its ``tenant``'s (a task input: the submitting task's tenant); raises
         ValueError with the store's reason if refused."""
-        reply = await self.bus.request(self.subjects.artifact_put, artifact, ArtifactReply, REQUEST_TIMEOUT_S)
+        self._check_tenant(artifact.tenant)
+        reply = await self.bus.request(
+            self.subjects.artifact_put(artifact.tenant), artifact, ArtifactReply, REQUEST_TIMEOUT_S
+        )
         if reply.ref is None:
             raise ValueError(f"the artifact store refused the {artifact.type!r} artifact: {reply.error}")
         return reply.ref
 
 
 async def _until_terminal(
-    queue: asyncio.Queue[TaskEvent], subscriptions: list[Subscription], timeout_s: float
+    queue: asyncio.Queue[TaskEvent], subscription: Subscription, stored: asyncio.Task[None], timeout_s: float
 ) -> AsyncIterator[TaskEvent]:
     seen_live = False
     try:
@@ -117,5 +141,5 @@ async def _until_terminal(
             seen_live = True
             yield event
     finally:
-        for subscription in subscriptions:
-            await subscription.unsubscribe()
+        stored.cancel()
+        await subscription.unsubscribe()

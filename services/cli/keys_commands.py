@@ -2,7 +2,7 @@
 
 The keys live in a KV bucket, so these commands write and read it over the Bus themselves: no
 service needs to run but NATS. The one exception is a key's own caps (``--day`` / ``--month``):
-they are the accountant's (a ``BudgetUpdate`` with scope ``key`` on ``mesh.budget.set``), and they
+they are the accountant's (a ``BudgetUpdate`` with scope ``key`` on ``mesh.operator.<name>.budget``), and they
 are set *before* the key is stored, under the id the key will get. So a key created with caps is
 never usable without them: when the accountant does not answer or refuses, no key is created
 (caps set for an id no key ever gets cost nothing).
@@ -24,6 +24,7 @@ import click
 import msgspec
 
 from schemas.messages import BudgetState, BudgetUpdate, VirtualKey
+from schemas.subjects import OPERATOR_BUDGET
 from services.runtime.settings import MeshSettings
 
 if TYPE_CHECKING:
@@ -147,8 +148,8 @@ async def _set_caps(client: MeshClient, key_id: str, day_usd: float | None, mont
 
     from services.runtime.bus import Rejected
 
-    update = BudgetUpdate(scope="key", key=key_id, day_usd=day_usd, month_usd=month_usd, by=getpass.getuser())
-    subject = client.subjects.budget_set
+    update = BudgetUpdate(scope="key", key=key_id, day_usd=day_usd, month_usd=month_usd)
+    subject = client.subjects.operator(client.settings.operator, OPERATOR_BUDGET)
     try:
         state = await client.bus.request(subject, update, BudgetState, REQUEST_TIMEOUT_S)
     except (NoRespondersError, NatsTimeout):

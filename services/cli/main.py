@@ -121,6 +121,9 @@ def up(
     if not (stack.nats or stack.cluster):
         started = "  (external)"
     click.echo(f"NATS        {stack.settings.nats_url}{started}")
+    if stack.creds:
+        creds = home / "creds"
+        click.echo(f"Identities  {creds}  (one per process; you: {stack.creds['operator'].name}; `frugalmesh creds`)")
     click.echo(f"ClickHouse  {_redact(stack.settings.clickhouse_url)}" + ("" if stack.clickhouse else "  (external)"))
     if stack.settings.local_engine_url:
         served = (
@@ -291,7 +294,7 @@ def _sql_error(exc: Exception, write: bool) -> str:
     """ClickHouse's own message (``Code: N. DB::Exception: ...``) rather than the driver's wrapping; a
     change refused to the read-only user says how to make it."""
     text = str(exc)
-    message = text[text.find("Code: "):] if "Code: " in text else text
+    message = text[text.find("Code: ") :] if "Code: " in text else text
     message = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
     refused = any(code in message for code in ("(READONLY)", "(ACCESS_DENIED)"))
     if refused and not write:
@@ -365,6 +368,7 @@ def _register_command_modules() -> None:
     """Commands that live beside the service they drive."""
     from services.cli.agent_commands import agent_group, agents
     from services.cli.budget_commands import budget, clear, kill
+    from services.cli.creds_commands import creds
     from services.cli.estimate_command import estimate
     from services.cli.experiment_commands import experiment
     from services.cli.feedback_command import feedback
@@ -379,6 +383,7 @@ def _register_command_modules() -> None:
     for command in (budget, kill, clear, estimate, schedule, loadtest, router, eval_group, keys, agent_group, agents):
         cli.add_command(command)
     cli.add_command(report)
+    cli.add_command(creds)
     cli.add_command(schema)
     cli.add_command(feedback)
     cli.add_command(tco)

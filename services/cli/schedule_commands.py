@@ -72,13 +72,22 @@ def _token(ctx, param, value: str) -> str:
 
 def _with_bucket(action: Callable[..., Awaitable[T]]) -> T:
     """Run ``action(kv)`` against the schedules bucket of the mesh this CLI talks to."""
+    from services.planner.schedule import schedules_bucket
+
+    async def on(bus) -> T:
+        return await action(await schedules_bucket(bus))
+
+    return _with_bus(on)
+
+
+def _with_bus(action: Callable[..., Awaitable[T]]) -> T:
+    """Run ``action(bus)`` on a bus of the mesh this CLI talks to."""
     from services.cli.client import MeshClient
     from services.embedded.stack import client_settings
-    from services.planner.schedule import schedules_bucket
 
     async def go() -> T:
         async with MeshClient(client_settings()) as client:
-            return await action(await schedules_bucket(client.bus))
+            return await action(client.bus)
 
     try:
         return asyncio.run(go())
@@ -134,7 +143,7 @@ def list_() -> None:
 
     from services.planner.schedule import list_schedules
 
-    entries = _with_bucket(list_schedules)
+    entries = _with_bus(list_schedules)
     now = datetime.now(UTC)
     table = Table("id", "cron (UTC)", "timeout", "workflow", "tenant", "budget", "next run (UTC)", "goal")
     for entry in entries:

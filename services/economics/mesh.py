@@ -39,17 +39,13 @@ from nats.aio.msg import Msg
 from schemas.messages import TERMINAL_EVENTS, ArtifactGet, ArtifactReply, Task, TaskEvent
 from schemas.subjects import HEADER_MSG_ID, STREAM_TASKS
 from services.embedded.stack import Stack
-from services.runtime.bus import Bus, Rejected, now_ms
+from services.runtime.bus import Bus, now_ms
 from services.runtime.settings import REPO_DEPLOY_DIR, MeshSettings
 
 # A step's task may take this long; the replay answers in well under a second.
 STEP_DEADLINE_S = 120.0
 # Outcomes of usage rows that were a model's answer (a cache hit, a refusal or a kill was not).
 ANSWERED = ("ok", "error", "timeout")
-# Answers read at once, how often a refused read is tried, and the pause before the n-th retry (n times this).
-ARTIFACT_READERS = 4
-ARTIFACT_READS = 20
-ARTIFACT_READ_PAUSE_S = 0.25
 
 
 def experiment_deploy(dest: Path, time_scale: float, policies: dict[str, str], base: Path = REPO_DEPLOY_DIR) -> Path:
@@ -131,7 +127,6 @@ class MeshRunner:
         await self.bus.connect()
         self.subjects = self.settings.subjects
         self.slots = asyncio.Semaphore(self.concurrency)
-        self.reads = asyncio.Semaphore(ARTIFACT_READERS)
         self.waiting: dict[str, asyncio.Future[TaskEvent]] = {}
         self.subscription = await self.bus.subscribe_core(self.subjects.task_events, self._on_event)
         return self
@@ -163,7 +158,7 @@ class MeshRunner:
             ended = self.waiting[task.id] = asyncio.get_running_loop().create_future()
             started = time.perf_counter()
             await self.bus.publish(
-                self.subjects.task_submit,
+                self.subjects.task_submit(task.tenant),
                 task,
                 stream=self.subjects.stream(STREAM_TASKS),
                 headers={HEADER_MSG_ID: task.dedupe_id()},
@@ -182,20 +177,10 @@ class MeshRunner:
         return outcome
 
     async def _artifact(self, artifact_id: str, tenant: str) -> dict:
-        """The answer's body. The store reads it through a JetStream consumer, and NATS caps the
-        consumers a stream may have: at a high rate of reads it refuses some until earlier ones
-        lapse, so a refused read waits and is tried again."""
+        """The answer's body ({} when the store has none)."""
         request = ArtifactGet(id=artifact_id, tenant=tenant)
-        for attempt in range(ARTIFACT_READS):
-            try:
-                async with self.reads:
-                    reply = await self.bus.request(self.subjects.artifact_get, request, ArtifactReply, 10.0)
-                return reply.artifact.body if reply.artifact is not None else {}
-            except Rejected:
-                if attempt == ARTIFACT_READS - 1:
-                    raise
-                await asyncio.sleep(ARTIFACT_READ_PAUSE_S * (attempt + 1))
-        return {}
+        reply = await self.bus.request(self.subjects.artifact_get(tenant), request, ArtifactReply, 10.0)
+        return reply.artifact.body if reply.artifact is not None else {}
 
     def account(self, timeout_s: float = 60.0) -> None:
         """Fill every outcome's calls, cache hits and cost from the accountant's rows, once all are in

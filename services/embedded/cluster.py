@@ -69,6 +69,8 @@ class EmbeddedNatsCluster:
     port: int = 0
     host: str = "127.0.0.1"
     sync_interval: str = "always"
+    # The identities' authorization block every node includes (services/embedded/creds.py); None: open.
+    auth_file: Path | None = None
     nodes: list[ClusterNode] = field(default_factory=list, init=False)
 
     @property
@@ -111,7 +113,9 @@ class EmbeddedNatsCluster:
                 routes=routes,
             )
             client_port = self.port + index if self.port else free_port(self.host)
-            server = EmbeddedNats(self.data_dir / name, port=client_port, host=self.host, config=config)
+            server = EmbeddedNats(
+                self.data_dir / name, port=client_port, host=self.host, config=config, auth_file=self.auth_file
+            )
             self.nodes.append(ClusterNode(name, client_port, route_ports[index], monitor_port, server))
         for node in self.nodes:
             node.server.start(timeout_s)
@@ -145,6 +149,11 @@ class EmbeddedNatsCluster:
         """Start node ``index`` again on its own ports and store, and wait until it has caught up."""
         self.nodes[index].server.start(timeout_s)
         self.wait_healthy(timeout_s, [index])
+
+    def reload(self) -> None:
+        """Every node reads its configuration again (new and revoked identities)."""
+        for node in self.nodes:
+            node.server.reload()
 
     def stop(self) -> None:
         for node in self.nodes:

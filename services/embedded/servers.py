@@ -67,12 +67,15 @@ class EmbeddedNats:
 
     ``config``: more of the server's configuration (nats-server's config file syntax: a cluster
     block, ``jetstream { sync_interval: always }``), written to ``data_dir/nats.conf``; the command
-    line's address, port and store folder take precedence over it."""
+    line's address, port and store folder take precedence over it. ``auth_file``: the identities'
+    ``authorization`` block (services/embedded/creds.py), included, so a reload (``reload``) reads it
+    again; without one the server lets any client in."""
 
     data_dir: Path
     port: int = 4222
     host: str = "127.0.0.1"
     config: str = ""
+    auth_file: Path | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
     url: str = field(default="", init=False)
 
@@ -87,8 +90,12 @@ class EmbeddedNats:
             stale.unlink()
         log = self.data_dir / "nats-server.log"
         config = []
-        if self.config:
-            (self.data_dir / "nats.conf").write_text(self.config)
+        text = self.config
+        if self.auth_file is not None:
+            # nats-server resolves an include against the including file's folder (even a leading '/').
+            text += f'\ninclude "{os.path.relpath(self.auth_file, self.data_dir)}"\n'
+        if text:
+            (self.data_dir / "nats.conf").write_text(text)
             config = ["--config", str(self.data_dir / "nats.conf")]
         self.process = subprocess.Popen(
             [
@@ -119,6 +126,11 @@ class EmbeddedNats:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+    def reload(self) -> None:
+        """Read the configuration again (SIGHUP): new and revoked identities take effect."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
 
     def kill(self) -> None:
         """SIGKILL: the server dies with whatever it had not written (what a crashed host does)."""

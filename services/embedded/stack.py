@@ -7,6 +7,11 @@ processes, each logging to ``<home>/logs/``. The URLs of a running stack (the ga
 its ready file says where it listens) are written to ``<home>/stack.json`` (0600: it holds the
 ClickHouse passwords) so other commands find it. ``development_key`` gives `up` a gateway key when
 there is none. Only the accountant's process gets the ClickHouse writer's URL.
+
+NATS identities (services/runtime/identities.py) are on whenever the stack starts its own nats-server:
+each process gets its own credential (``FRUGALMESH_NATS_CREDS``), and the operator who runs `up` one
+in their login name, which stack.json names so the other commands use it; the server lets nobody else
+in. With NATS_URL naming a running server, every process uses the environment's credential, if any.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.embedded.cluster import EmbeddedNatsCluster
+from services.embedded.creds import CredentialStore
 from services.embedded.servers import (
     EmbeddedClickHouse,
     EmbeddedEngine,
@@ -36,13 +42,18 @@ from services.embedded.servers import (
 from services.registry import SERVICES
 from services.runtime.catalog import Catalog
 from services.runtime.grants import key_environments
+from services.runtime.identities import Identity, operator_name
 from services.runtime.settings import MeshSettings
 
 STATE_FILE = "stack.json"
+CREDS_ENV = ("NATS_CREDS", "FRUGALMESH_NATS_CREDS")
+AGENT_PROCESS = "agent-"  # an agent's process name: agent-<agent name>
 WRITER_ENV = ("CLICKHOUSE_URL", "FRUGALMESH_CLICKHOUSE_URL")
 ANALYST_ENV = ("CLICKHOUSE_ANALYST_URL", "FRUGALMESH_CLICKHOUSE_ANALYST_URL")
 # The only service that talks to ClickHouse (as the writer).
 CLICKHOUSE_CLIENTS = ("accountant",)
+
+
 def provider_key_names(catalog: Catalog) -> dict[str, set[str]]:
     """Per inference service (``local-inference``, ``cloud-inference``), the environment variables
     holding the API keys of the providers its models are served by."""
@@ -86,6 +97,8 @@ def client_settings(home: Path | None = None) -> MeshSettings:
     update = {}
     if state and not os.environ.get("NATS_URL") and not os.environ.get("FRUGALMESH_NATS_URL"):
         update["nats_url"] = state["nats_url"]
+        if state.get("nats_creds") and not _in_env(CREDS_ENV):
+            update["nats_creds"] = Path(state["nats_creds"])
     if state and not _in_env(WRITER_ENV):
         update["clickhouse_url"] = state["clickhouse_url"]
         if state.get("clickhouse_analyst_url") and not _in_env(ANALYST_ENV):
@@ -164,6 +177,13 @@ def development_key(settings: MeshSettings) -> str | None:
     return asyncio.run(ensure())
 
 
+def process_identity(name: str) -> Identity:
+    """The NATS identity of a stack process: a service's, or an agent's (``agent-<name>``)."""
+    if name.startswith(AGENT_PROCESS):
+        return Identity("agent", name.removeprefix(AGENT_PROCESS))
+    return Identity("service", name)
+
+
 def declare_streams(settings: MeshSettings) -> None:
     """Create the mesh's streams once, before the services start: on a new cluster, seven processes
     creating replicated streams at once can keep the JetStream API busier than a client waits."""
@@ -203,18 +223,23 @@ class Stack:
     clickhouse: EmbeddedClickHouse | None = field(default=None, init=False)
     engine: EmbeddedEngine | None = field(default=None, init=False)
     services: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
+    # Each process's seed file, when the stack runs its own nats-server (identities on).
+    creds: dict[str, Path] = field(default_factory=dict, init=False)
 
     def start(self, timeout_s: float = 60.0) -> MeshSettings:
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         nats_url = os.environ.get("NATS_URL")
         replicas = self.settings.replicas
+        auth_file = None if nats_url else self._identities()
         if not nats_url and self.nats_cluster:
             first_port = max(self.nats_port, 0)  # -1 (a free port) is 0 here: free ports for every node
-            self.cluster = EmbeddedNatsCluster(self.home / "nats-cluster", size=self.nats_cluster, port=first_port)
+            self.cluster = EmbeddedNatsCluster(
+                self.home / "nats-cluster", size=self.nats_cluster, port=first_port, auth_file=auth_file
+            )
             nats_url = self.cluster.start()
             replicas = min(self.nats_cluster, 3)
         elif not nats_url:
-            self.nats = EmbeddedNats(self.home / "nats", port=self.nats_port)
+            self.nats = EmbeddedNats(self.home / "nats", port=self.nats_port, auth_file=auth_file)
             nats_url = self.nats.start()
         clickhouse_url = os.environ.get("CLICKHOUSE_URL")
         analyst_url = self.settings.clickhouse_analyst_url
@@ -222,17 +247,45 @@ class Stack:
             self.clickhouse = EmbeddedClickHouse(self.home / "clickhouse", port=self.clickhouse_port)
             clickhouse_url = self.clickhouse.start()
             analyst_url = self.clickhouse.analyst_url
-        update = {"nats_url": nats_url, "clickhouse_url": clickhouse_url, "clickhouse_analyst_url": analyst_url}
+        update: dict[str, str | Path] = {
+            "nats_url": nats_url,
+            "clickhouse_url": clickhouse_url,
+            "clickhouse_analyst_url": analyst_url,
+        }
         if self.local_engine and not self.settings.local_engine_url:
             self.engine = EmbeddedEngine(self.home / "logs", kind=self.local_engine, model=self.local_model)
             update["local_engine_url"] = self.engine.start()
+        if self.creds:
+            # The stack's own commands (streams, the development key) and the CLI run as the operator.
+            update["nats_creds"] = self.creds["operator"]
         self.settings = self.settings.model_copy(update={**update, "replicas": replicas})
         if self.cluster:
-            declare_streams(self.settings)
+            # The protected streams are the accountant's to declare.
+            accountant = self.creds.get("accountant")
+            declare_streams(
+                self.settings.model_copy(update={"nats_creds": accountant}) if accountant else self.settings
+            )
         self._start_services(timeout_s)
-        state = {"pid": os.getpid(), **update, "replicas": replicas, "gateway_url": self.gateway_url}
+        state = {
+            "pid": os.getpid(),
+            **{key: str(value) for key, value in update.items()},
+            "replicas": replicas,
+            "gateway_url": self.gateway_url,
+            "nats_pids": [server.process.pid for server in self._nats_servers() if server.process],
+        }
         write_state(self.home, state)
         return self.settings
+
+    def _identities(self) -> Path:
+        """A credential for each process and for the operator running the stack; the server's auth file."""
+        store = CredentialStore(self.home)
+        names = [*SERVICES, *self.agents]
+        self.creds = {name: store.ensure(process_identity(name)) for name in names}
+        self.creds["operator"] = store.ensure(Identity("operator", operator_name(None)))
+        return store.write_auth(self.settings.subjects, self.home)
+
+    def _nats_servers(self) -> list[EmbeddedNats]:
+        return [self.nats] if self.nats else [node.server for node in self.cluster.nodes] if self.cluster else []
 
     def _start_services(self, timeout_s: float) -> None:
         logs = self.home / "logs"
@@ -271,6 +324,9 @@ class Stack:
             # A provider's API key only in the inference service that calls that provider.
             withheld = set().union(*provider_keys.values()) - provider_keys.get(name, set())
             own_env = {key: value for key, value in own_env.items() if key not in withheld}
+            if self.creds:
+                own_env = {key: value for key, value in own_env.items() if key not in CREDS_ENV}
+                own_env["FRUGALMESH_NATS_CREDS"] = str(self.creds[name])
             with (logs / f"{name}.log").open("ab") as log:
                 self.services[name] = subprocess.Popen(
                     [sys.executable, "-m", "services.cli.main", *command, "--ready-file", str(ready)],

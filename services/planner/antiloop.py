@@ -7,6 +7,11 @@ Attempts are counted in the KV bucket ``<prefix>_attempts``, key ``<fingerprint>
 and a count only moves by compare-and-set on the key's revision, so concurrent replicas claiming
 the last attempt cannot both win. Keys expire after two days: a day's count is only needed while
 that UTC day lasts.
+
+A value that is not a count (ASCII digits, at most ``MAX_COUNT_DIGITS``: a negative count would
+give a loop more attempts) is dead-lettered and counts nothing: the claim replaces it with its own
+first attempt. Refusing instead would protect nothing (a writer that can garble a count can delete
+it) and would stop that work for two days.
 """
 
 from __future__ import annotations
@@ -20,10 +25,18 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from schemas.messages import Task
-from schemas.subjects import BUCKET_ATTEMPTS
+from schemas.subjects import BUCKET_ATTEMPTS, KV_API
 from services.runtime.bus import Bus
 
 ATTEMPTS_TTL_S = 2 * 24 * 3600.0
+MAX_COUNT_DIGITS = 9
+
+
+def read_count(value: bytes) -> int:
+    """The attempts a stored value counts; ValueError when it is not a count."""
+    if not value.isdigit() or len(value) > MAX_COUNT_DIGITS:  # bytes.isdigit: ASCII digits only
+        raise ValueError(f"not a count of attempts (up to {MAX_COUNT_DIGITS} ASCII digits): {value[:40]!r}")
+    return int(value)
 
 
 def fingerprint(task: Task, schedule_run: str = "") -> str:
@@ -39,9 +52,11 @@ class AttemptCounter:
         self.limit = limit
         self.clock = clock
         self._kv: KeyValue | None = None
+        self._bus: Bus | None = None
 
     async def open(self, bus: Bus) -> None:
         """Use (or create) the attempts bucket of ``bus``'s mesh; before the first ``claim``."""
+        self._bus = bus
         self._kv = await bus.key_value(bus.subjects.bucket(BUCKET_ATTEMPTS), history=1, ttl_s=ATTEMPTS_TTL_S)
 
     @property
@@ -71,7 +86,13 @@ class AttemptCounter:
                     return None
                 except KeyWrongLastSequenceError:
                     continue
-            count = int(entry.value or b"0")
+            try:
+                count = read_count(entry.value or b"")
+            except ValueError as exc:
+                assert self._bus is not None, "set with the bucket"
+                subject = f"{KV_API}.{entry.bucket}.{key}"
+                await self._bus.dead_letter(subject, entry.value or b"", None, f"attempts {key}: {exc}")
+                count = 0
             if count >= self.limit:
                 return (
                     f"layer 2 (anti-loop): this task (tenant {task.tenant!r}, workflow {task.workflow!r}, "

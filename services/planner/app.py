@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from schemas.messages import Task
-from schemas.subjects import DURABLE_PLANNER, HEADER_SCHEDULE_RUN, STREAM_TASKS, token
+from schemas.subjects import DURABLE_PLANNER, HEADER_SCHEDULE_RUN, STREAM_TASKS, Subjects, token
 from services.planner.antiloop import AttemptCounter
 from services.planner.config import Limits, PlannerConfig
 from services.planner.dag import Planner
@@ -130,6 +130,12 @@ def create_app(
             try:
                 token(task.id)
                 token(task.tenant)
+                submitted_as = Subjects.tenant_of(msg.subject)
+                if task.tenant != submitted_as:
+                    raise ValueError(
+                        f"the task names tenant {task.tenant!r} but was submitted as {submitted_as!r} "
+                        "(a task runs as the tenant whose subject its submitter may publish on)"
+                    )
             except ValueError as exc:
                 await bus.dead_letter(msg.subject, msg.data, msg.headers, f"Task: {exc}")
                 task = None
@@ -145,7 +151,7 @@ def create_app(
 
     tasks = bus.consume(
         stream=settings.subjects.stream(STREAM_TASKS),
-        subject=settings.subjects.task_submit,
+        subject=settings.subjects.task_submit_all,
         durable=DURABLE_PLANNER,
         window=pull_window,
         config=ConsumerConfig(

@@ -151,7 +151,7 @@ class ArtifactClient:
     async def put(self, artifact: Artifact) -> ArtifactRef:
         """Store ``artifact`` as the task's tenant's and return its reference; StepFailed when the store refuses it."""
         owned = msgspec.structs.replace(artifact, tenant=_tenant())
-        reply = await self._request(self.bus.subjects.artifact_put, owned)
+        reply = await self._request(self.bus.subjects.artifact_put(owned.tenant), owned)
         if reply.ref is None:
             raise StepFailed(
                 f"the artifact store refused the {artifact.type!r} artifact: {reply.error}", kind="invalid"
@@ -160,7 +160,8 @@ class ArtifactClient:
 
     async def get(self, artifact_id: str) -> Artifact:
         """The task's tenant's artifact with that id; StepFailed (``unavailable``) when it cannot be read."""
-        reply = await self._request(self.bus.subjects.artifact_get, ArtifactGet(id=artifact_id, tenant=_tenant()))
+        tenant = _tenant()
+        reply = await self._request(self.bus.subjects.artifact_get(tenant), ArtifactGet(id=artifact_id, tenant=tenant))
         if reply.artifact is None:
             raise StepFailed(f"artifact {artifact_id} could not be read: {reply.error}", kind="unavailable")
         return reply.artifact

@@ -14,6 +14,11 @@ away, and past the duplicate window a replica could no longer be sure it is the 
 
 A scheduled run carries ``Mesh-Schedule-Run`` (its task id): layer 2 counts each run as its own
 piece of work, so a schedule that fires every five minutes is not refused after three runs a day.
+
+A stored value that is not a schedule the scheduler can fire (not a ``Schedule``, stored under
+another key than its id, a cron expression croniter refuses or that never fires, a run that would
+not be a valid ``Task``) is dead-lettered by each replica once per revision and skipped; the other
+schedules fire as usual. ``frugalmesh schedule list`` shows only the readable ones.
 """
 
 from __future__ import annotations
@@ -22,18 +27,29 @@ import asyncio
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
 import msgspec
 from croniter import croniter
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from msgspec import Meta
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from schemas.messages import Task
-from schemas.subjects import BUCKET_SCHEDULES, HEADER_MSG_ID, HEADER_SCHEDULE_RUN, STREAM_TASKS
+from schemas.messages import MAX_DEADLINE_S, Task, Usd
+from schemas.subjects import BUCKET_SCHEDULES, HEADER_MSG_ID, HEADER_SCHEDULE_RUN, KV_API, STREAM_TASKS, token
 from services.runtime.bus import Bus, encode, now_ms
+from services.runtime.dead_letters import UNREADABLE
+from services.runtime.kv_snapshot import current_entries
 
 # Well inside the TASKS stream's 600 s duplicate window, so every replica's copy of a run is dropped.
 CATCH_UP_S = 300.0
+
+# How long reading the schedules may wait for the next value before the tick gives up (and is tried again).
+READ_TIMEOUT_S = 5.0
+
+# What reading a stored value as a schedule it can fire raises: croniter's errors are ValueErrors, and a
+# creation time past datetime's range an OverflowError or OSError.
+UNFIREABLE = (*UNREADABLE, ValueError, OverflowError, OSError)
 
 # The time the scheduler fires by and attempts are dated by: aware, in UTC. Injected so tests can move it.
 WallClock = Callable[[], datetime]
@@ -49,12 +65,12 @@ class Schedule(msgspec.Struct, kw_only=True):
 
     id: str
     cron: str
-    # The hard timeout of each run: its task's deadline_s.
-    timeout_s: float
+    # The hard timeout of each run: its task's deadline_s (the bounds refuse JSON's 1e999, infinity).
+    timeout_s: Annotated[float, Meta(gt=0, le=MAX_DEADLINE_S)]
     workflow: str
     goal: str
     tenant: str = "default"
-    budget_usd: float | None = None
+    budget_usd: Usd | None = None
     created_ms: int
 
     def fire_times(self, after: datetime, until: datetime) -> list[datetime]:
@@ -95,20 +111,42 @@ async def add_schedule(kv: KeyValue, schedule: Schedule) -> None:
     await kv.put(schedule.id, encode(schedule))
 
 
-async def list_schedules(kv: KeyValue) -> list[Schedule]:
-    """Every stored schedule, oldest first."""
+def read_schedule(entry: KeyValue.Entry) -> Schedule:
+    """The schedule stored in ``entry``; one of ``UNFIREABLE`` when it is not one the scheduler can fire."""
+    schedule = msgspec.json.decode(entry.value or b"", type=Schedule)
+    if schedule.id != entry.key:
+        raise ValueError(f"the schedule is {schedule.id!r}, stored under {entry.key!r}")
+    token(schedule.id)  # its runs' task ids are <id>-<fire time>
+    token(schedule.tenant)
+    created = datetime.fromtimestamp(schedule.created_ms / 1000, UTC)
+    croniter(schedule.cron, created).get_next(datetime)  # refuses a bad expression, or one that never fires
+    # Its runs must be tasks the planner takes (id and field bounds, a finite timeout and budget).
+    msgspec.json.decode(encode(schedule.task(created)), type=Task)
+    return schedule
+
+
+async def schedule_entries(bus: Bus, kv: KeyValue) -> list[KeyValue.Entry]:
+    """The stored value of every schedule, readable or not, all of them: a schedule missing from one
+    tick's reading would lose that tick's runs. nats-py's ``keys()`` can miss keys or, when a write
+    replaces a value while it reads, wait until the next write; ``current_entries`` counts the keys
+    instead, and gives up (raising TimeoutError, so the tick is tried again) after ``READ_TIMEOUT_S``."""
+    watcher = await kv.watchall()
     try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
+        bucket = bus.subjects.bucket(BUCKET_SCHEDULES)
+        latest = {entry.key: entry async for entry in current_entries(bus, bucket, watcher, READ_TIMEOUT_S)}
+    finally:
+        await watcher.stop()
+    return [entry for entry in latest.values() if entry.operation is None]  # a removed schedule is a marker
+
+
+async def list_schedules(bus: Bus) -> list[Schedule]:
+    """Every readable stored schedule, oldest first (the planners dead-letter the others)."""
     schedules = []
-    for key in keys:
+    for entry in await schedule_entries(bus, await schedules_bucket(bus)):
         try:
-            entry = await kv.get(key)
-        except KeyNotFoundError:
-            continue  # removed between the listing and the read
-        if entry.value is not None:  # typed optional; a deleted key raised KeyNotFoundError above
-            schedules.append(msgspec.json.decode(entry.value, type=Schedule))
+            schedules.append(read_schedule(entry))
+        except UNFIREABLE:
+            continue
     return sorted(schedules, key=lambda s: (s.created_ms, s.id))
 
 
@@ -131,6 +169,8 @@ class Scheduler:
         self.log = bus.log
         self.clock = clock
         self.tick_s = tick_s
+        # (key, revision) of the unfireable values already dead-lettered: each is kept once, not every tick.
+        self._refused: set[tuple[str, int]] = set()
 
     async def run(self) -> None:
         """Tick until cancelled: each tick submits the runs whose fire time came since the last one."""
@@ -148,15 +188,29 @@ class Scheduler:
             last = now
 
     async def _fire(self, kv: KeyValue, last: datetime, now: datetime) -> None:
-        for schedule in await list_schedules(kv):
-            created = datetime.fromtimestamp(schedule.created_ms / 1000, UTC)
-            after = max(last, now - timedelta(seconds=CATCH_UP_S), created)
-            for fire in schedule.fire_times(after, now):
+        entries = await schedule_entries(self.bus, kv)
+        self._refused &= {(entry.key, entry.revision or 0) for entry in entries}
+        for entry in entries:
+            try:
+                schedule = read_schedule(entry)
+                created = datetime.fromtimestamp(schedule.created_ms / 1000, UTC)
+                fires = schedule.fire_times(max(last, now - timedelta(seconds=CATCH_UP_S), created), now)
+            except UNFIREABLE as exc:
+                await self._refuse(entry, exc)
+                continue
+            for fire in fires:
                 task = schedule.task(fire)
                 await self.bus.publish(
-                    self.subjects.task_submit,
+                    self.subjects.task_submit(task.tenant),
                     task,
                     stream=self.subjects.stream(STREAM_TASKS),
                     headers={HEADER_MSG_ID: task.dedupe_id(), HEADER_SCHEDULE_RUN: task.id},
                 )
                 self.log.info("schedule_fired", schedule=schedule.id, task_id=task.id)
+
+    async def _refuse(self, entry: KeyValue.Entry, exc: Exception) -> None:
+        if (entry.key, entry.revision or 0) in self._refused:
+            return
+        self._refused.add((entry.key, entry.revision or 0))
+        subject = f"{KV_API}.{entry.bucket}.{entry.key}"
+        await self.bus.dead_letter(subject, entry.value or b"", None, f"schedule {entry.key}: {exc}")

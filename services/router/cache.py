@@ -19,6 +19,10 @@ caller takes the whole answer from the result.
 A write is a core NATS publish on the bucket's subject, which JetStream stores without sending an
 acknowledgement back: one bus message instead of two, and the reply to the step no longer waits on
 it. A write lost on the way costs a later cache miss, never a wrong answer.
+
+An entry that is not a successful ``InferenceResult`` (another schema version, a garbled or hostile
+write, an error result, which is never cached) is dead-lettered and read as a miss: the call runs
+and its answer overwrites the entry.
 """
 
 from __future__ import annotations
@@ -132,11 +136,14 @@ class ResponseCache:
             self.log.warning("cache_read_failed", key=entry_key, error=str(exc))
             return None
         try:
-            return msgspec.json.decode(entry.value or b"", type=InferenceResult)
-        except UNREADABLE as exc:
-            # An entry written by an incompatible schema version: run the call and overwrite it.
-            self.log.warning("cache_entry_unreadable", key=entry_key, error=str(exc))
+            cached = msgspec.json.decode(entry.value or b"", type=InferenceResult)
+            if cached.error is not None:
+                raise ValueError("an error result, and only successful results are cached")
+        except (*UNREADABLE, ValueError) as exc:
+            error = f"response cache entry {entry_key}: {exc}"
+            await self.bus.dead_letter(f"{KV_API}.{self.bucket}.{entry_key}", entry.value or b"", None, error)
             return None
+        return cached
 
     async def put(self, key: CacheKey, result: InferenceResult) -> None:
         if result.error is not None:

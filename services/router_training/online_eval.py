@@ -9,7 +9,9 @@ pair, and the policy learns the label; it retrains every ``retrain_every`` calls
 
 The judged window is the stream's last ``window_share`` (the policy has learned by then); its
 figures keep the offline evaluation's fields, shadow cost included in ``cost_usd``, and the
-offline policies and references are judged on the same window. The learning curve is the same
+offline policies and references are judged on the same window, with one reference of the online
+policy's own kind: ``tag_hindsight``, the per-tag plan made with every tag's outcomes on the
+window known (the ceiling of routing by tag). The learning curve is the same
 figures over consecutive blocks of the stream. Labels live in memory here: the mesh's path
 through ClickHouse (feedback, `router train --from-clickhouse`) is tested on its own.
 """
@@ -29,6 +31,7 @@ from services.router_training.training import record_tag
 from services.routing.policies import execute
 from services.routing.policies.online import ONLINE, OnlinePolicy, OnlineSettings
 from services.routing.policies.routerfile import RouterFile
+from services.routing.policies.tags import TagPosterior, TagPrior, count_outcomes, plan_weak_shares
 from services.routing.table import RoutingTable
 from services.runtime.catalog import Catalog, ModelSpec
 from services.runtime.data import Record
@@ -38,6 +41,7 @@ from services.runtime.data import Record
 class CallOutcome:
     """One call of the stream: what the caller got, what it cost, what learning cost."""
 
+    tag: str
     strong: bool
     correct: bool
     cost_usd: float
@@ -46,6 +50,7 @@ class CallOutcome:
     weak_correct: bool
     strong_correct: bool
     strong_cost_usd: float
+    weak_cost_usd: float
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ def run_stream(
                 policy.learn(step.workflow, bool(weak_run.graded), bool(strong_run.graded))
             outcomes.append(
                 CallOutcome(
+                    tag=step.workflow,
                     strong=result.model == strong.name,
                     correct=bool(result.graded),
                     cost_usd=result.cost_usd,
@@ -102,6 +108,7 @@ def run_stream(
                     weak_correct=bool(weak_run.graded),
                     strong_correct=bool(strong_run.graded),
                     strong_cost_usd=strong_run.cost_usd,
+                    weak_cost_usd=weak_run.cost_usd,
                 )
             )
         return outcomes
@@ -133,6 +140,40 @@ def summarize(outcomes: Sequence[CallOutcome], target: float) -> dict:
         "shadow_share": float(np.mean([o.shadowed for o in outcomes])),
         "shadow_cost_usd": shadow_cost,
     }
+
+
+def tag_hindsight(outcomes: Sequence[CallOutcome], target: float) -> PolicyResult:
+    """``tag_hindsight``: per-tag random routing at the shares planned (``plan_weak_shares``, no
+    caution) with each tag's outcomes on these very calls known; in expectation, like ``random``.
+    The most any policy that routes by tag alone could keep weak here: a share only hindsight picks."""
+    by_tag: dict[str, list[CallOutcome]] = {}
+    for outcome in outcomes:
+        by_tag.setdefault(outcome.tag, []).append(outcome)
+    exact = {tag: count_outcomes([(o.weak_correct, o.strong_correct) for o in calls]) for tag, calls in by_tag.items()}
+    # A prior of strength 0: each tag's posterior is its own outcome shares, with no spread.
+    posteriors = {tag: TagPosterior.of(counts, TagPrior(np.full(4, 0.25), 0.0)) for tag, counts in exact.items()}
+    shares = plan_weak_shares(posteriors, {tag: len(calls) for tag, calls in by_tag.items()}, target, caution=0.0)
+    weak = np.array([shares[o.tag] for o in outcomes])
+    strong_ok = np.array([o.strong_correct for o in outcomes])
+    weak_ok = np.array([o.weak_correct for o in outcomes])
+    accuracy = float(np.mean(weak * weak_ok + (1 - weak) * strong_ok))
+    cost = float(sum(w * o.weak_cost_usd + (1 - w) * o.strong_cost_usd for w, o in zip(weak, outcomes, strict=True)))
+    strong_only = float(sum(o.strong_cost_usd for o in outcomes))
+    # A tolerance for shares set to meet the target exactly, which float rounding can miss.
+    meets = accuracy >= target * float(strong_ok.mean()) - 1e-12
+    return PolicyResult(
+        policy="tag_hindsight",
+        n=len(outcomes),
+        strong_share=float(1 - weak.mean()),
+        accuracy=accuracy,
+        strong_accuracy=float(strong_ok.mean()),
+        weak_accuracy=float(weak_ok.mean()),
+        cost_usd=cost,
+        strong_only_cost_usd=strong_only,
+        cost_reduction=1 - cost / strong_only,
+        meets_target=meets,
+        best_cost_reduction_at_target=1 - cost / strong_only if meets else 0.0,
+    )
 
 
 def evaluate_online(
@@ -168,6 +209,7 @@ def evaluate_online(
         curve=curve,
     )
     references = evaluate(stream[start:], router, table, catalog, settings.target).results
+    references.append(tag_hindsight(outcomes[start:], settings.target))
     return OnlineEvaluation(online, references, settings.target)
 
 
@@ -189,6 +231,7 @@ def plot_online(evaluation: OnlineEvaluation, path: str, title: str) -> None:
         "learned": ("purple", "-.", "learned (offline, as calibrated)"),
         "random_calibrated": ("grey", "--", "random, share calibrated on training"),
         "random": ("black", ":", "random at the share that just meets the target (hindsight)"),
+        "tag_hindsight": ("brown", ":", "per tag, shares planned with each tag's outcomes (hindsight)"),
     }
     for reference in evaluation.references:
         if reference.policy in styles:
@@ -197,7 +240,8 @@ def plot_online(evaluation: OnlineEvaluation, path: str, title: str) -> None:
                 1 - reference.strong_share, color=color, linestyle=style, linewidth=0.9, label=f"{label}, last half"
             )
     kept.set_ylabel("share of calls")
-    kept.legend(fontsize=6.5, loc="lower right")
+    kept.set_ylim(0, 1)
+    kept.legend(fontsize=6.5, loc="upper right")
     kept.grid(alpha=0.3)
     quality.plot(calls, [b["accuracy"] / b["strong_accuracy"] for b in curve], "o-", label="online")
     quality.axhline(evaluation.target, color="red", linewidth=0.8, label=f"target {evaluation.target:.0%}")

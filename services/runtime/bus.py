@@ -38,24 +38,25 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from nats.micro import Service, ServiceConfig, add_service
 
 from schemas.messages import DeadLetter, ErrorInfo, ErrorKind, Rejection, UsageEvent
-from schemas.subjects import HEADER_MSG_ID, STREAM_DLQ, STREAM_USAGE
+from schemas.subjects import STREAM_DLQ
 from services.runtime.buckets import Buckets
 from services.runtime.dead_letters import UNREADABLE, fit
+from services.runtime.identities import undeclared_streams
 from services.runtime.log import configure as configure_logging
+from services.runtime.outbox import Outbox, outbox_path
 from services.runtime.pull import BatchPull, PullConsumer
 from services.runtime.settings import MeshSettings
 from services.runtime.stored import publish_until_stored
 from services.runtime.streams import ensure_streams
 
 T = TypeVar("T")
-# How long a usage row is sent again while JetStream does not acknowledge it (each try waits nats-py's 5 s).
-USAGE_RETRY_S = 60.0
 # A JetStream API call (declare, stream info) on a cluster electing leaders for many new streams at once.
 JETSTREAM_API_TIMEOUT_S = 10.0
 # How long a publish is sent again while its stream has no leader (a cluster electing one: seconds).
@@ -132,10 +133,17 @@ class Bus:
             max_reconnect_attempts=reconnect_attempts,
             connect_timeout=connect_timeout_s,
             decoder=_undecoded,
+            error_cb=self._on_error,
+            **settings.broker_options(),
         )
         logging.getLogger(f"frugalmesh.{service}").setLevel(settings.log_level.upper())
         self._js: JetStreamContext | None = None
         self._buckets = Buckets(lambda: self.jetstream, settings.replicas)
+        self.outbox = Outbox(outbox_path(settings.home, settings.subject_prefix, service), self)
+
+    async def _on_error(self, error: Exception) -> None:
+        # A permission refused is said here: the refused request itself only times out.
+        self.log.warning("nats_error", error=str(error), credential=str(self.settings.nats_creds))
 
     def app(self) -> FastStream:
         """A FastStream app whose startup declares the mesh's streams before any subscriber."""
@@ -151,6 +159,7 @@ class Bus:
             await self.flush()
 
         app.after_startup(freeze_startup_objects)
+        app.on_shutdown(self.outbox.stop)
 
         @app.after_shutdown
         async def unfreeze() -> None:
@@ -159,15 +168,19 @@ class Bus:
         return app
 
     async def declare_streams(self) -> None:
-        """Create the mesh's streams, or update them to this version's configuration (idempotent)."""
-        await ensure_streams(self.jetstream, self.subjects, self.settings.replicas)
+        """Create the mesh's streams, or update them to this version's configuration (idempotent), as far
+        as this process's identity may (``undeclared_streams``)."""
+        skip = undeclared_streams(self.settings.nats_creds, self.subjects)
+        await ensure_streams(self.jetstream, self.subjects, self.settings.replicas, skip=skip)
 
     async def connect(self) -> None:
         """Connect without running an app (a client: the CLI, a test, a load generator)."""
         await self.broker.connect()
+        self.outbox.start()
 
     async def close(self) -> None:
         """Flush what was published and disconnect (a client's counterpart of ``connect``)."""
+        await self.outbox.stop()
         await self.broker.stop()
 
     async def flush(self) -> None:
@@ -292,13 +305,8 @@ class Bus:
         await self._nc.publish(subject, data, reply=reply, headers=headers)
 
     async def publish_usage(self, event: UsageEvent) -> None:
-        """Meter one call: sent again while its acknowledgement is late (a burst of thousands of calls
-        ending at once) or its stream has no leader, for up to ``USAGE_RETRY_S``; dedupe on the event id
-        makes a resend harmless."""
-        await publish_until_stored(
-            self.jetstream, self.subjects.usage(event.tenant), encode(event), stream=self.subjects.stream(STREAM_USAGE),
-            headers={HEADER_MSG_ID: event.event_id}, retry_s=USAGE_RETRY_S, resend_late=True, log=self.log,
-        )  # fmt: skip
+        """Meter one call: stored in JetStream now, or kept on disk and sent until it is (``outbox.py``)."""
+        await self.outbox.publish_usage(event)
 
     # -- subscriptions --
 
@@ -308,12 +316,15 @@ class Bus:
         """A plain nats-py subscription, for hot paths measured to need it (``unsubscribe`` it to stop)."""
         return await self._nc.subscribe(subject, queue=queue, cb=handler)
 
-    async def subscribe_history(self, subject: str, handler: Callable[[Msg], Awaitable[None]]) -> Subscription:
-        """Every message JetStream stored on ``subject`` from the first, then new ones as they come
-        (an ordered consumer: nothing to clean up on the server when the process goes)."""
-        return await self.jetstream.subscribe(
-            subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, cb=handler
-        )
+    async def last_stored(self, stream: str, subject: str) -> bytes | None:
+        """The last message ``stream`` (full name) keeps on ``subject`` (wildcards allowed), None if none.
+
+        JetStream's direct get by subject: the subject is in the request's own subject, so a tenant's
+        permission can allow it for its own tasks only (services/runtime/identities.py)."""
+        try:
+            return (await self.jetstream.get_msg(stream, subject=subject, direct=True)).data or b""
+        except NotFoundError:
+            return None
 
     def new_inbox(self) -> str:
         return self._nc.new_inbox()

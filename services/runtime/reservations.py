@@ -99,8 +99,9 @@ class ReservationClient:
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:
         """Replace the reservation's hold by what the call really cost.
 
-        A settle that is lost costs no money: the usage event is the record of spend, and the
-        unsettled hold expires at the call's deadline. So a failure here is logged, not raised.
+        A settle that is lost lets no spend escape: the usage event is the record of spend, and the
+        unsettled hold is charged the cost it meters (or its worst case) at the call's deadline
+        (services/accountant/usage_watch.py). So a failure here is logged, not raised.
         """
         settled = msgspec.structs.replace(reservation, actual_usd=actual_usd)
         try:
@@ -108,6 +109,7 @@ class ReservationClient:
             decision = await self._ask(self.bus.subjects.budget_settle, settled, self.failover_s)
         except (nats.errors.NoRespondersError, TimeoutError) as exc:
             self.bus.log.warning("settle_unanswered", reservation_id=reservation.id, error=type(exc).__name__)
+            self.bus.outbox.settle_later(settled)  # sent until an accountant answers (outbox.py)
             return
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.bus.log.error("settle_reply_unreadable", reservation_id=reservation.id, error=str(exc))

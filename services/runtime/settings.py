@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.subjects import DEFAULT_PREFIX, Subjects
+from services.runtime.identities import broker_options, connect_options, operator_name, tls_context
 
 REPO_DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -24,6 +26,15 @@ class MeshSettings(BaseSettings):
     nats_url: str = Field(
         "nats://127.0.0.1:4222", validation_alias=AliasChoices("NATS_URL", "FRUGALMESH_NATS_URL")
     )
+    # This process's NATS identity: the file holding its nkey seed, named <kind>.<name>.nk
+    # (services/runtime/identities.py; `frugalmesh creds create`). None: connect without one (a server
+    # without authorization). `frugalmesh up` gives each process its own.
+    nats_creds: Path | None = Field(None, validation_alias=AliasChoices("NATS_CREDS", "FRUGALMESH_NATS_CREDS"))
+    # TLS to NATS: the CA that signed the servers' certificates; this client's certificate and key when
+    # the servers ask for one (mutual TLS). Unset: plain TCP (loopback, or a network you trust).
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
     # The writer: the accountant's user (INSERT, CREATE, ALTER; `frugalmesh sql --write`). No
     # password here: `frugalmesh up` makes random ones (services/embedded/servers.py) and passes this URL.
     clickhouse_url: str = Field(
@@ -68,6 +79,20 @@ class MeshSettings(BaseSettings):
         """The seed servers ``nats_url`` names, comma-separated (a cluster's: any one that answers
         serves, and the client learns the others from it)."""
         return [url.strip() for url in self.nats_url.split(",") if url.strip()]
+
+    def nats_options(self) -> dict[str, Any]:
+        """nats-py ``connect`` keywords for this process's identity and TLS (every connection's)."""
+        tls = tls_context(self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key)
+        return connect_options(self.nats_creds, tls)
+
+    def broker_options(self) -> dict[str, Any]:
+        """The same, as FastStream's NatsBroker takes them."""
+        return broker_options(self.nats_creds, tls_context(self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key))
+
+    @property
+    def operator(self) -> str:
+        """Who this process is as an operator: the name in its credential, else the login name."""
+        return operator_name(self.nats_creds)
 
     @property
     def subjects(self) -> Subjects:

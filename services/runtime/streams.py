@@ -10,6 +10,8 @@ itself). A count above the cluster's size is refused by the server; the error sa
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
@@ -37,7 +39,7 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
     configs = [
         StreamConfig(
             name=subjects.stream(STREAM_TASKS),
-            subjects=[subjects.task_submit],
+            subjects=[subjects.task_submit_all],
             retention=RetentionPolicy.WORK_QUEUE,
             duplicate_window=DEDUPE_WINDOW_S,
             storage=StorageType.FILE,
@@ -47,6 +49,8 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
             # A task's end, with its history; its progress events are live only (core NATS).
             subjects=subjects.task_endings(TERMINAL_EVENTS),
             max_age=7 * DAY_S,
+            # A follower reads a task's ending by subject (Bus.last_stored), as its tenant may.
+            allow_direct=True,
             storage=StorageType.FILE,
         ),
         StreamConfig(
@@ -59,7 +63,7 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=subjects.stream(STREAM_CONTROL),
-            subjects=[subjects.control_kill, subjects.control_pace],
+            subjects=[subjects.control_kill, subjects.control_pace, subjects.control_budget],
             max_msgs_per_subject=10_000,
             storage=StorageType.FILE,
         ),
@@ -97,10 +101,13 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
     return configs
 
 
-async def ensure_streams(js: JetStreamContext, subjects: Subjects, replicas: int = 1) -> None:
-    """Create each mesh stream, or update it to the configuration above."""
+async def ensure_streams(
+    js: JetStreamContext, subjects: Subjects, replicas: int = 1, skip: Collection[str] = ()
+) -> None:
+    """Create each mesh stream but those named in ``skip``, or update it to the configuration above."""
     for config in stream_configs(subjects, replicas):
-        await ensure_stream(js, config)
+        if config.name not in skip:
+            await ensure_stream(js, config)
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

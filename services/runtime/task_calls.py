@@ -26,6 +26,12 @@ decided on counts just read, never on remembered ones, which a TTL expiry may ha
 A refusal is ``TaskCallRefused`` (not to be retried: the same task asking again is the loop this
 stops), counts that cannot be read or written (NATS unreachable) ``TaskCallsUnreachable`` (may be
 retried): each caller answers them its own way, and never sends an uncounted call.
+
+A stored value that is not a task's counts (not ``TaskCalls``, or a count out of the schema's
+``Count`` bounds: a negative one would give a loop more calls) is dead-lettered and counts nothing:
+the call replaces it with its own first count, by compare-and-set on its revision. Refusing instead
+would protect nothing (a writer that can garble the counts can delete them) and would stop the task
+until the key expires.
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ import nats.errors
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from schemas.messages import StepRequest
-from schemas.subjects import BUCKET_TASK_CALLS, token
+from schemas.messages import Count, StepRequest
+from schemas.subjects import BUCKET_TASK_CALLS, KV_API, token
 from services.runtime.bus import Bus
+from services.runtime.dead_letters import UNREADABLE
 from services.runtime.task_limits import TaskLimits
 
 # Whose calls a counter counts: a gateway task's, or the agent services' within a (planner) task.
@@ -68,8 +75,8 @@ class TaskCallsUnreachable(Exception):
 class TaskCalls(msgspec.Struct, frozen=True):
     """One task's counts, as stored: ``calls`` in all, and per distinct call (by its hash)."""
 
-    calls: int = 0
-    same: dict[str, int] = msgspec.field(default_factory=dict)
+    calls: Count = 0
+    same: dict[str, Count] = msgspec.field(default_factory=dict)
 
     def counted(self, call: str) -> TaskCalls:
         return TaskCalls(self.calls + 1, {**self.same, call: self.same.get(call, 0) + 1})
@@ -90,7 +97,8 @@ def call_hash(asked: str, step: StepRequest) -> str:
 class TaskCallCounter:
     """Admits (and counts) or refuses each call of one kind of task; ``open`` it once connected."""
 
-    def __init__(self, kv: KeyValue, limits: TaskLimits, kind: TaskKind) -> None:
+    def __init__(self, bus: Bus, kv: KeyValue, limits: TaskLimits, kind: TaskKind) -> None:
+        self.bus = bus
         self.kv = kv
         self.kind = kind
         self.identical_calls = limits.identical_calls
@@ -103,7 +111,7 @@ class TaskCallCounter:
         """The counter over ``bus``'s bucket, created with the limits' TTL when missing (an existing
         bucket keeps the TTL it was made with)."""
         bucket = bus.subjects.bucket(BUCKET_TASK_CALLS)
-        return cls(await bus.key_value(bucket, history=1, ttl_s=limits.gateway.task_ttl_s), limits, kind)
+        return cls(bus, await bus.key_value(bucket, history=1, ttl_s=limits.gateway.task_ttl_s), limits, kind)
 
     async def admit(self, step: StepRequest, asked: str) -> None:
         """Count the call of ``step`` in its task (``asked``: as ``call_hash`` takes it). TaskCallRefused
@@ -141,12 +149,19 @@ class TaskCallCounter:
             ) from None
 
     async def _read(self, key: str) -> tuple[int, TaskCalls]:
-        """The task's revision and counts; revision 0 when it has none (new, or expired)."""
+        """The task's revision and counts; revision 0 when it has none (new, or expired). Counts that
+        cannot be read are dead-lettered and read as none, under their revision, so the next write
+        replaces them."""
         try:
             entry = await self.kv.get(key)
         except KeyNotFoundError:
             return 0, TaskCalls()
-        return entry.revision or 0, _decode(entry.value) if entry.value else TaskCalls()
+        try:
+            return entry.revision or 0, _decode(entry.value or b"")
+        except UNREADABLE as exc:
+            subject = f"{KV_API}.{entry.bucket}.{key}"
+            await self.bus.dead_letter(subject, entry.value or b"", None, f"task call counts {key}: {exc}")
+            return entry.revision or 0, TaskCalls()
 
     def _refusal(self, counts: TaskCalls, call: str, task_id: str, asked: str) -> TaskCallRefused | None:
         most, table = self.max_calls_per_task, LIMITS_TABLE[self.kind]

@@ -79,7 +79,9 @@ class AgentTestPeer:
             body=body,
             **fields,
         )
-        reply = await self.nc.request(self.subjects.artifact_put, msgspec.json.encode(artifact), timeout=5)
+        reply = await self.nc.request(
+            self.subjects.artifact_put(artifact.tenant), msgspec.json.encode(artifact), timeout=5
+        )
         stored = msgspec.json.decode(reply.data, type=ArtifactReply)
         assert stored.ref is not None, stored.error
         return stored.ref

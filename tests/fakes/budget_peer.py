@@ -17,9 +17,7 @@ from services.runtime.grants import GrantSigner
 
 
 class BudgetPeer:
-    def __init__(
-        self, nc, subjects: Subjects, *, refuse: str | None = None, signer: GrantSigner | None = None
-    ) -> None:
+    def __init__(self, nc, subjects: Subjects, *, refuse: str | None = None, signer: GrantSigner | None = None) -> None:
         self.nc = nc
         self.subjects = subjects
         self.refuse = refuse

@@ -1,8 +1,11 @@
 // calc: a frugalmesh tool agent in Node.js, written against the JSON Schemas only (schemas/json/).
 // It reads the text of its input artifact (an arithmetic expression a model wrote, maybe with words
 // around it), evaluates it without eval, and stores the result as an `answer` artifact.
-// Run: FRUGALMESH_NATS_URL=nats://127.0.0.1:4222 FRUGALMESH_SUBJECT_PREFIX=mesh AGENT_NAME=calc node agent.mjs
-import { connect, JSONCodec } from "nats";
+// Run: FRUGALMESH_NATS_URL=nats://127.0.0.1:4222 FRUGALMESH_SUBJECT_PREFIX=mesh AGENT_NAME=calc \
+//   FRUGALMESH_NATS_CREDS=~/.frugalmesh/creds/agent.calc.nk node agent.mjs
+// (the credential: `frugalmesh creds create --agent calc`; without one, a server that lets anyone in)
+import { readFileSync } from "node:fs";
+import { connect, JSONCodec, nkeyAuthenticator, nkeys } from "nats";
 
 const NATS_URL = process.env.FRUGALMESH_NATS_URL ?? "nats://127.0.0.1:4222";
 const PREFIX = process.env.FRUGALMESH_SUBJECT_PREFIX ?? "mesh";
@@ -59,9 +62,11 @@ const format = (value) => String(Number(value.toPrecision(12))); // 0.1 + 0.2 ->
 class Invalid extends Error {} // the input is unusable: the step fails `invalid`, never retried
 
 // A request to the artifact store; what it refuses throws `Refused` (a timeout throws, retryable).
+// On the tenant's own subject (mesh.artifact.<verb>.<tenant>): the store takes the tenant from it.
 async function call(nc, verb, message, deadlineMs, Refused = Error) {
   const timeout = Math.max(500, Math.min(5000, deadlineMs - Date.now()));
-  const reply = json.decode((await nc.request(`${PREFIX}.artifact.${verb}`, json.encode(message), { timeout })).data);
+  const subject = `${PREFIX}.artifact.${verb}.${message.tenant}`;
+  const reply = json.decode((await nc.request(subject, json.encode(message), { timeout })).data);
   if (reply.error) throw new Refused(`artifact ${verb}: ${reply.error.message ?? reply.error}`);
   return reply;
 }
@@ -71,7 +76,7 @@ async function run(nc, request) {
   const input = Object.values(request.needs ?? {})[0] ?? (request.inputs ?? [])[0];
   if (!input) throw new Invalid("no input artifact: give the step a need or the task an input");
   // Artifacts are the task's tenant's: the store refuses a get or put as any other tenant.
-  const tenant = request.tenant;
+  const tenant = request.tenant ?? "default";
   const { artifact } = await call(nc, "get", { v: 1, id: input.id, tenant }, request.deadline_ms, Invalid);
   if (typeof artifact?.body?.text !== "string") throw new Invalid(`input ${input.type} ${input.id} has no text`);
   let result;
@@ -138,7 +143,17 @@ async function handle(nc, msg) {
   msg.respond(json.encode(reply));
 }
 
-const nc = await connect({ servers: NATS_URL, name: `agent-${NAME}` });
+// The agent's NATS identity: its nkey seed, and its own inboxes (_INBOX.<public key>), the only ones the
+// server lets it read (docs/security.md).
+function identity() {
+  const path = process.env.FRUGALMESH_NATS_CREDS;
+  if (!path) return {};
+  const seed = new TextEncoder().encode(readFileSync(path, "utf8").trim());
+  const publicKey = nkeys.fromSeed(seed).getPublicKey();
+  return { authenticator: nkeyAuthenticator(seed), inboxPrefix: `_INBOX.${publicKey}` };
+}
+
+const nc = await connect({ servers: NATS_URL, name: `agent-${NAME}`, ...identity() });
 const service = await nc.services.add({
   name: NAME,
   version: "1.0.0",
