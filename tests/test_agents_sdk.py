@@ -112,6 +112,16 @@ async def _sleepy(ctx: Context):
     return None
 
 
+reader = Agent("reader", consumes=["text"], produces=["answer"])
+
+
+@reader.handler
+async def _reader(ctx: Context):
+    """Answers with the text of its input, read as the request's tenant."""
+    source = await ctx.get(ctx.inputs[0])
+    return await ctx.put("answer", {"text": source.body["text"], "model": "none"})
+
+
 # -- the SDK --
 
 
@@ -142,6 +152,20 @@ async def test_an_agent_answers_with_its_stored_artifact_its_calls_and_their_cos
     assert (stored.type, stored.task_id, stored.step_id) == ("answer", message.task_id, "solve")
     assert stored.body["text"] == "17 (call 2)" and stored.parents == [source.id]
     assert stored.calls == reply.calls and stored.cost_usd == pytest.approx(0.004)
+
+
+@pytest.mark.infra
+async def test_an_agent_reads_artifacts_only_as_its_requests_tenant(settings, nc, start_service, start_agent):
+    await start_service("artifact-store", settings)
+    await start_agent(reader, settings)
+    stored = await put_artifact(nc, settings, Artifact(type="text", tenant="globex", body={"text": "globex's plan"}))
+
+    theirs = await ask(nc, settings, agent_request("reader", tenant="globex", inputs=[stored.ref]))
+    assert theirs.error is None
+    assert (await artifact(nc, settings, theirs.artifacts[0].id, "globex")).body["text"] == "globex's plan"
+    # The same input in acme's request: the agent asks as acme, and the store answers "not found".
+    posing = await ask(nc, settings, agent_request("reader", tenant=TENANT, inputs=[stored.ref]))
+    assert posing.error is not None and "not found" in posing.error.message
 
 
 @pytest.mark.infra

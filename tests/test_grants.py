@@ -329,6 +329,12 @@ async def test_paid_calls_straight_to_inference_without_a_valid_grant_are_refuse
     subject = settings.subjects.infer_cloud("openai")
     ok = granted(make_request(FRONTIER, next(prompts), max_tokens=200), signer=signer)
     other = make_request(FRONTIER, QUESTION, max_tokens=200)
+
+    def real() -> InferenceRequest:
+        """A call with its own real grant, for a case to change one thing of."""
+        return granted(make_request(FRONTIER, QUESTION, max_tokens=200), signer=signer)
+
+    longer, later = real(), real()
     refused = {
         "none": make_request(FRONTIER, QUESTION),
         "forged": granted(make_request(FRONTIER, QUESTION), signer=GrantSigner(new_seed())),
@@ -339,6 +345,12 @@ async def test_paid_calls_straight_to_inference_without_a_valid_grant_are_refuse
         ),
         "other call id": msgspec.structs.replace(other, grant=ok.grant),
         "expired": granted(make_request(FRONTIER, QUESTION), signer=signer, expires_ms=now_ms() - 1),
+        "malformed": msgspec.structs.replace(real(), grant="not-a-grant"),
+        "other tenant": msgspec.structs.replace(real(), tenant="globex"),
+        "other task": msgspec.structs.replace(real(), task_id="task-2"),
+        "other virtual key": msgspec.structs.replace(real(), key_id="fmk_x"),
+        "longer prompt": msgspec.structs.replace(longer, messages=longer.messages * 20),
+        "later deadline": msgspec.structs.replace(later, deadline_ms=later.deadline_ms + 1),
     }
 
     results = {name: await call(nc, subject, r) for name, r in refused.items()}

@@ -230,7 +230,7 @@ class Stack:
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         nats_url = os.environ.get("NATS_URL")
         replicas = self.settings.replicas
-        auth_file = None if nats_url else self._identities()
+        auth_file = None if nats_url else self.write_identities()
         if not nats_url and self.nats_cluster:
             first_port = max(self.nats_port, 0)  # -1 (a free port) is 0 here: free ports for every node
             self.cluster = EmbeddedNatsCluster(
@@ -276,7 +276,7 @@ class Stack:
         write_state(self.home, state)
         return self.settings
 
-    def _identities(self) -> Path:
+    def write_identities(self) -> Path:
         """A credential for each process and for the operator running the stack; the server's auth file."""
         store = CredentialStore(self.home)
         names = [*SERVICES, *self.agents]
@@ -287,11 +287,9 @@ class Stack:
     def _nats_servers(self) -> list[EmbeddedNats]:
         return [self.nats] if self.nats else [node.server for node in self.cluster.nodes] if self.cluster else []
 
-    def _start_services(self, timeout_s: float) -> None:
-        logs = self.home / "logs"
-        run_dir = self.home / "run"
-        logs.mkdir(exist_ok=True)
-        run_dir.mkdir(exist_ok=True)
+    def process_environments(self) -> dict[str, dict[str, str]]:
+        """Each process's environment (services by name, agents as ``agent-<name>``): what every one gets,
+        and the secrets only where they are used."""
         env = {
             **{name: value for name, value in os.environ.items() if name not in WRITER_ENV + ANALYST_ENV},
             "NATS_URL": self.settings.nats_url,
@@ -310,13 +308,8 @@ class Stack:
         every, accountant_only = key_environments(self.home)
         env.update(every)
         provider_keys = provider_key_names(Catalog.load(self.settings.deploy_dir))
-        commands = {name: ["run", name] for name in SERVICES}
-        commands.update({name: ["agent", "run", target] for name, target in self.agents.items()})
-        ready_files = {}
-        for name, command in commands.items():
-            ready = run_dir / f"{name}.ready"
-            ready.unlink(missing_ok=True)
-            ready_files[name] = ready
+        environments = {}
+        for name in [*SERVICES, *self.agents]:
             # The writer's URL only where it is used; no process gets the analyst's.
             own_env = {**env, "CLICKHOUSE_URL": self.settings.clickhouse_url} if name in CLICKHOUSE_CLIENTS else env
             if name == "accountant":
@@ -324,9 +317,26 @@ class Stack:
             # A provider's API key only in the inference service that calls that provider.
             withheld = set().union(*provider_keys.values()) - provider_keys.get(name, set())
             own_env = {key: value for key, value in own_env.items() if key not in withheld}
-            if self.creds:
+            if self.creds:  # its own NATS identity, no other
                 own_env = {key: value for key, value in own_env.items() if key not in CREDS_ENV}
                 own_env["FRUGALMESH_NATS_CREDS"] = str(self.creds[name])
+            environments[name] = own_env
+        return environments
+
+    def _start_services(self, timeout_s: float) -> None:
+        logs = self.home / "logs"
+        run_dir = self.home / "run"
+        logs.mkdir(exist_ok=True)
+        run_dir.mkdir(exist_ok=True)
+        commands = {name: ["run", name] for name in SERVICES}
+        commands.update({name: ["agent", "run", target] for name, target in self.agents.items()})
+        environments = self.process_environments()
+        ready_files = {}
+        for name, command in commands.items():
+            ready = run_dir / f"{name}.ready"
+            ready.unlink(missing_ok=True)
+            ready_files[name] = ready
+            own_env = environments[name]
             with (logs / f"{name}.log").open("ab") as log:
                 self.services[name] = subprocess.Popen(
                     [sys.executable, "-m", "services.cli.main", *command, "--ready-file", str(ready)],
