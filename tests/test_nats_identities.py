@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -473,3 +474,33 @@ def test_creds_create_lets_a_new_tenant_in_at_once_and_revoke_shuts_it_out(tmp_p
             time.sleep(0.1)
     finally:
         server.stop()
+
+
+# -- a client nobody here wrote --
+
+
+async def test_a_tenant_client_on_the_nats_npm_package_runs_its_task_and_is_refused_another_tenants_subject(
+    secured, mesh_on_identities
+):
+    node, node_dir = shutil.which("node"), Path(__file__).parent / "node"
+    # Node.js and npm are on every machine this project builds on: without them this check would not happen.
+    assert node is not None and shutil.which("npm") is not None, (
+        "install Node.js and npm (`apt-get install nodejs npm`)"
+    )
+    if not (node_dir / "node_modules" / "nats").is_dir():
+        installed = await asyncio.to_thread(
+            subprocess.run, ["npm", "ci", "--no-audit", "--no-fund"], cwd=node_dir, capture_output=True, text=True
+        )
+        assert installed.returncode == 0, installed.stderr[-2000:]
+    args = [secured.url, str(secured.creds("tenant", "acme")), PREFIX, "acme", "globex"]
+    # In a thread: the services answering it run on this test's event loop.
+    ran = await asyncio.to_thread(
+        subprocess.run, [node, "tenant_check.mjs", *args], cwd=node_dir, capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    out = json.loads(ran.stdout)
+
+    assert out["kinds"][0] == "accepted" and out["kinds"][-1] == "failed"
+    assert out["stored_kind"] == "failed"
+    refused = {"error": "PERMISSIONS_VIOLATION", "operation": "publish", "subject": SUBJECTS.task_submit("globex")}
+    assert out["refusals"] == [refused]

@@ -283,9 +283,8 @@ class Bus:
         """Publish to JetStream stream ``stream`` (its full name) and wait for it to be stored; sent again
         while the stream has no leader (``stored.py``), for up to ``ELECTION_S``."""
         await publish_until_stored(
-            self.jetstream, subject, encode(message), stream=stream, headers=headers, retry_s=ELECTION_S,
-            resend_late=False, log=self.log,
-        )  # fmt: skip
+            self.jetstream, subject, encode(message), stream=stream, headers=headers, retry_s=ELECTION_S, log=self.log
+        )
 
     async def publish_pipelined(
         self, subject: str, message: msgspec.Struct, *, stream: str, headers: dict[str, str] | None = None

@@ -1,9 +1,9 @@
-"""A JetStream publish sent until it is stored, behind ``Bus.publish`` and ``Bus.publish_usage``.
+"""A JetStream publish sent again while its stream has no leader, behind ``Bus.publish``.
 
 "No responders" (the stream has no leader: a cluster electing one after a server was lost, seconds)
 means nothing was stored, so any publish may be sent again. A late acknowledgement may mean the
-message was stored: only a publish with a Nats-Msg-Id (the stream drops the repeat) is sent again
-then (``resend_late``).
+message was stored, so it is raised to the caller (usage events and settles then wait in the
+outbox, services/runtime/outbox.py, which sends them again under their Nats-Msg-Id).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import time
 
 import structlog
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
@@ -28,7 +27,6 @@ async def publish_until_stored(
     stream: str,
     headers: dict[str, str] | None,
     retry_s: float,
-    resend_late: bool,
     log: structlog.stdlib.BoundLogger,
 ) -> None:
     """Publish ``data`` and wait for its acknowledgement, sending it again for up to ``retry_s``;
@@ -43,7 +41,3 @@ async def publish_until_stored(
                 raise
             log.warning("publish_no_stream_leader", subject=subject)
             await asyncio.sleep(ELECTION_RETRY_S)
-        except NatsTimeoutError:
-            if not resend_late or time.monotonic() > give_up:
-                raise
-            log.warning("publish_late", subject=subject)
