@@ -16,6 +16,7 @@ import pytest
 from fakes.router_peer import Responder, RouterTestPeer, result
 from helpers import deploy_with, new_task
 from mesh_client import artifact, submit, wait_for_ack
+from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
 
 from schemas.messages import (
     DeadLetter,
@@ -24,11 +25,13 @@ from schemas.messages import (
     StepRequest,
 )
 from schemas.subjects import (
+    DURABLE_PLANNER,
     HEADER_BUDGET,
     HEADER_DEADLINE,
     HEADER_TASK,
     HEADER_TENANT,
     STREAM_DLQ,
+    STREAM_TASKS,
 )
 
 pytestmark = pytest.mark.infra
@@ -338,6 +341,24 @@ async def test_a_call_that_would_overrun_the_deadline_is_not_sent(settings, nc, 
     assert [e.kind for e in events][-2:] == ["refused", "partial"]
     assert "deadline would be exceeded" in events[-1].detail
     assert len(peer.requests) == 1
+
+
+async def test_a_planner_upgraded_over_the_old_untenanted_task_subject_takes_tasks_on_the_new_one(
+    settings, nc, planner_mesh
+):
+    """A mesh whose TASKS stream and durable consumer an older version declared on `<prefix>.task.submit`
+    (before the tenant token): the new planner moves both to `<prefix>.task.submit.*` and runs tasks."""
+    js = nc.jetstream()
+    stream = settings.subjects.stream(STREAM_TASKS)
+    old = f"{settings.subject_prefix}.task.submit"
+    await js.add_stream(StreamConfig(name=stream, subjects=[old], retention=RetentionPolicy.WORK_QUEUE))
+    await js.add_consumer(stream, ConsumerConfig(durable_name=DURABLE_PLANNER, filter_subject=old))
+
+    await planner_mesh()
+    events = await submit(nc, settings, new_task(workflow="nope", goal="q"))
+
+    assert [e.kind for e in events] == ["accepted", "failed"]
+    assert (await js.consumer_info(stream, DURABLE_PLANNER)).config.filter_subject == settings.subjects.task_submit_all
 
 
 async def test_unknown_workflow_fails_with_the_reason(settings, nc, planner_mesh):

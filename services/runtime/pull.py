@@ -114,13 +114,19 @@ class BatchPull(_InboxPull):
 
 
 async def ensure_durable(nc: Client, stream: str, durable: str, subject: str, config: ConsumerConfig) -> None:
-    """Declare the durable consumer unless it exists (an existing one is kept as it is, as nats-py's
-    pull_subscribe does)."""
+    """Declare the durable consumer unless it exists. An existing one is kept as it is (as nats-py's
+    pull_subscribe does), but for its subject: one declared by an older version on a subject since
+    renamed (``mesh.task.submit`` became ``mesh.task.submit.<tenant>``) would never be delivered a
+    message again, so it is updated to this one, keeping its place in the stream."""
     js = nc.jetstream()
     try:
-        await js.consumer_info(stream, durable)
+        info = await js.consumer_info(stream, durable)
     except NotFoundError:
         await js.add_consumer(stream, config=durable_config(config, durable, subject))
+        return
+    if info.config.filter_subject != subject:
+        updated = dataclasses.replace(info.config, filter_subject=subject)
+        await js.add_consumer(stream, config=updated)
 
 
 def durable_config(config: ConsumerConfig, durable: str, subject: str) -> ConsumerConfig:
