@@ -36,6 +36,7 @@ JS_API_PULL = "$JS.API.CONSUMER.MSG.NEXT"  # a pull request: + .<stream>.<durabl
 JS_API_DIRECT_GET = "$JS.API.DIRECT.GET"  # + .<stream>.<subject>: the last message on a subject (``direct_get``)
 JS_ACK = "$JS.ACK"  # acknowledgement subjects: $JS.ACK.<stream>.<consumer>.<delivered>...
 JS_EVENT = "$JS.EVENT"  # JetStream advisories
+JS_FLOW_CONTROL = "$JS.FC"  # a push consumer's flow-control requests, answered by the client
 KV_API = "$KV"  # KV bucket subjects: $KV.<bucket>.<key>
 OBJECT_STORE_API = "$O"  # object store subjects
 INBOX = "_INBOX"  # reply subjects of requests

@@ -140,11 +140,11 @@ def _docker_backend(tmp: Path):
 
 
 def _tests_identity(folder: Path) -> Path:
-    """The session server's authorization: it lets in only the tests' own identity, an operator with every
+    """The session server's authorization: it lets in only the tests' own identity, an admin with every
     right on every subject (each test has its own prefix, so no prefix-bound permissions can serve them
     all), whose seed every client and subprocess of the session gets through FRUGALMESH_NATS_CREDS.
     The mesh's own permissions are tested on servers of their own (tests/test_nats_identities.py)."""
-    seed_file = folder / Identity("operator", "tests").file_name
+    seed_file = folder / Identity("admin", "tests").file_name
     seed = identities.new_seed()
     identities.write_seed(seed_file, seed)
     os.environ["FRUGALMESH_NATS_CREDS"] = str(seed_file)

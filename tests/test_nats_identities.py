@@ -29,11 +29,22 @@ import nats
 import pytest
 import trustme
 from helpers import new_task
+from nats.js.api import RePublish, StreamConfig
 
-from schemas.messages import Artifact, ArtifactGet, ArtifactReply, BudgetState, BudgetUpdate, DeadLetter, KillSwitch
+from schemas.messages import (
+    Artifact,
+    ArtifactGet,
+    ArtifactReply,
+    BudgetQuery,
+    BudgetState,
+    BudgetUpdate,
+    DeadLetter,
+    KillSwitch,
+)
 from schemas.subjects import (
     BUCKET_BUDGETS,
     BUCKET_CONTROL,
+    BUCKET_RESPONSE_CACHE,
     JS_EVENT,
     KV_API,
     OPERATOR_BUDGET,
@@ -41,6 +52,7 @@ from schemas.subjects import (
     STREAM_CONTROL,
     STREAM_DLQ,
     STREAM_TASK_EVENTS,
+    STREAM_USAGE,
     Subjects,
     direct_get,
 )
@@ -206,6 +218,8 @@ async def test_an_agent_answers_only_its_own_subject(secured):
             await msg.respond(b"echo:" + msg.data)
 
         await echo.nc.subscribe(SUBJECTS.agent("echo"), queue="q", cb=answer)
+        # Twice: nats-py's first PING can overtake the SUB still in its send queue (Bus.flush says more).
+        await echo.nc.flush()
         await echo.nc.flush()
         assert (await alice.nc.request(SUBJECTS.agent("echo"), b"hi", timeout=5)).data == b"echo:hi"
 
@@ -230,6 +244,31 @@ async def test_only_the_accountant_writes_ledger_budgets_switches_and_pace(secur
             assert await refused_publishes(client, protected) == protected, (kind, name)
     async with connected(secured, "service", "accountant") as accountant:
         assert await refused_publishes(accountant, protected) == []
+
+
+async def test_nobody_but_the_accountant_makes_a_stream_that_could_republish_onto_its_state(secured):
+    """A stream's configuration is its creator's, and a RePublish in it makes the server write where its
+    creator may not publish (a kill switch, a cap, the ledger). So a service may create only the mesh's
+    own streams and buckets when they are missing, an operator none, and nobody but the accountant
+    changes one."""
+    evil = "$JS.API.STREAM.CREATE.EVIL"
+    usage = f"$JS.API.STREAM.UPDATE.{SUBJECTS.stream(STREAM_USAGE)}"
+    own = f"$JS.API.STREAM.CREATE.KV_{SUBJECTS.bucket(BUCKET_RESPONSE_CACHE)}"
+    async with connected(secured, "service", "router") as router:
+        assert await refused_publishes(router, [evil, usage, own]) == [evil, usage]
+    async with connected(secured, "operator", "alice") as alice:
+        assert await refused_publishes(alice, [evil, usage, own]) == [evil, usage, own]
+        # And the attack itself, through the client's own API: refused, nothing republished.
+        with pytest.raises(TimeoutError):
+            await alice.nc.jetstream(timeout=1).add_stream(
+                StreamConfig(
+                    name="EVIL2",
+                    subjects=[f"{PREFIX}.bench.evil"],
+                    republish=RePublish(src=">", dest=f"{KV_API}.{SUBJECTS.bucket(BUCKET_CONTROL)}.kill.global"),
+                )
+            )
+    async with connected(secured, "service", "accountant") as accountant:
+        assert await refused_publishes(accountant, [evil, usage]) == []
 
 
 async def test_switches_and_caps_change_only_on_an_operators_own_subject(secured):
@@ -378,15 +417,16 @@ async def test_the_cli_changes_caps_and_switches_as_the_credentials_operator(sec
     )
     assert killed.returncode == 0, killed.stderr
     assert f"tripped: tenant {key} (by bob)" in killed.stdout
-    # A credential of a tenant cannot: the server refuses its publish, the CLI says no accountant answered.
+    # A tenant's credential cannot (the server would refuse its publish): the CLI says so before it asks.
     env["FRUGALMESH_NATS_CREDS"] = str(secured.creds("tenant", "acme"))
-    refused = subprocess.run(
-        [*cli, "budget", "set", "--scope", "tenant", "--key", key, "--day", "1"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    budget_set = [*cli, "budget", "set", "--scope", "tenant", "--key", key, "--day", "1"]
+    refused = await asyncio.to_thread(subprocess.run, budget_set, env=env, capture_output=True, text=True)
     assert refused.returncode == 1
+    assert "is tenant 'acme''s credential: changing caps and switches takes an operator's" in refused.stderr
+    operator = await bus_of(secured, mesh_on_identities, "operator", "bob")
+    state = await operator.request(SUBJECTS.budget_show, BudgetQuery(scope="tenant", key=key), BudgetState, 10)
+    await operator.close()
+    assert all(cap.day_usd is None for cap in state.caps if cap.key == key)
 
 
 # -- TLS --

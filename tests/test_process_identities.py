@@ -41,16 +41,22 @@ def test_up_gives_each_process_its_own_credential_and_only_the_secrets_it_uses(t
 
 
 @pytest.mark.unit
-def test_compose_runs_every_service_on_its_own_credential_and_nats_lets_in_only_the_identities(tmp_path):
-    """What `frugalmesh creds init` makes is what compose.yaml mounts: each service its own seed, the
-    server the authorization file (single server and cluster nodes)."""
+def test_compose_runs_every_service_on_its_own_credential_and_nats_lets_in_only_the_identities():
+    """What `frugalmesh creds init` makes is what compose.yaml mounts: each service its own seed, under a
+    name that says whose it is (what the service reads its identity from), the grant seed to the
+    accountant alone, the servers the authorization file (single server and cluster nodes)."""
     repo = Path(__file__).resolve().parents[1]
     compose = yaml.safe_load((repo / "compose.yaml").read_text())["services"]
     runs = {name: spec for name, spec in compose.items() if spec.get("command", [None])[0] == "run"}
     assert set(runs) == set(SERVICES)
     for name, spec in runs.items():
-        seed = f"./.frugalmesh/creds/{Identity('service', name).file_name}"
-        assert f"{seed}:{spec['environment']['FRUGALMESH_NATS_CREDS']}:ro" in spec["volumes"], name
+        env = spec["environment"]
+        mounts = dict(volume.rsplit(":", 2)[:2] for volume in spec["volumes"] if volume.startswith("./"))
+        target = Path(env["FRUGALMESH_NATS_CREDS"])
+        assert Identity.of_file(target) == Identity("service", name), name
+        assert {mounts[f"./.frugalmesh/creds/{target.name}"]} == {str(target)}, name
+        assert "FRUGALMESH_GRANT_PUBLIC_KEY" in env, name
+        assert ("./.frugalmesh/grant.seed" in mounts) == (name == "accountant") == (SEED_FILE_ENV in env), name
     for name in ("nats", "nats-1", "nats-2", "nats-3"):
         assert "./.frugalmesh/nats-auth.conf:/etc/nats/nats-auth.conf:ro" in compose[name]["volumes"], name
     for config in ("single.conf", "cluster.conf"):

@@ -137,7 +137,9 @@ def main() -> None:
         settings = MeshSettings(home=home, subject_prefix="bench" + uuid.uuid4().hex[:6])
         with Stack(home=home, nats_port=-1, clickhouse_port=0, settings=settings) as stack:
             log(f"local engine at {stack.settings.local_engine_url}")
-            result = asyncio.run(run(stack.settings, args.rounds))
+            # This process calls local-inference as the router would: on the router's credential.
+            as_router = stack.settings.model_copy(update={"nats_creds": stack.creds.get("router")})
+            result = asyncio.run(run(as_router, args.rounds))
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 

@@ -221,9 +221,10 @@ def create_app(
         return accounts.journal.fenced
 
     async def resign(graceful: bool) -> None:
-        await alerting.stop()
+        # First stop answering: a deposed leader's answers are lost with its fenced journal.
         await reservations.unsubscribe()
         await operators.unsubscribe()
+        await alerting.stop()
         # Graceful: store what the journal holds, which sends the replies parked on it.
         await (accounts.stop() if graceful else accounts.abandon())
 

@@ -4,9 +4,10 @@ An operator asks on ``<prefix>.operator.<name>.budget`` (a ``BudgetUpdate``) or
 ``<prefix>.operator.<name>.kill`` (a ``KillSwitch``, tripped or cleared). Only the credential of
 operator ``<name>`` may publish there (services/runtime/identities.py), so the name in the subject
 is who asked: the accountant writes it into the change's ``by``, whatever the body said, stamps the
-time, applies the change (the budgets bucket, or the control bucket every service watches) and
-publishes the event of record (``<prefix>.control.budget`` / ``.kill``, JetStream), which ingest
-stores in ClickHouse (``budget_changes``, ``kill_events``).
+time, applies the change (the budgets bucket, or the control bucket every service watches: the
+operator is told it failed only when that failed) and publishes the event of record
+(``<prefix>.control.budget`` / ``.kill``, JetStream), which ingest stores in ClickHouse
+(``budget_changes``, ``kill_events``).
 
 Only the accountant writes those buckets, so a switch needs a running accountant. Without one no
 paid call is reserved either (the reservation client fails closed), so a trip that cannot reach
@@ -27,7 +28,7 @@ from schemas.messages import BudgetUpdate, KillSwitch
 from schemas.subjects import OPERATOR_BUDGET, OPERATOR_KILL, STREAM_CONTROL, Subjects
 from services.accountant.reservations import Accounts
 from services.runtime.bus import Bus, encode, now_ms
-from services.runtime.control import set_kill
+from services.runtime.control import write_kill
 
 QUEUE = "accountant"
 
@@ -68,11 +69,12 @@ class OperatorChanges:
             return
         switch = msgspec.structs.replace(switch, by=Subjects.operator_of(msg.subject), time_ms=now_ms())
         try:
-            await set_kill(self.bus, switch)
+            await write_kill(self.bus, switch)
         except (JetStreamError, TimeoutError) as exc:
             self.bus.log.error("operator_switch_not_written", scope=switch.scope, key=switch.key, error=str(exc))
             await msg.respond(self.bus.rejection(f"the switch was not written: {exc}", kind="unavailable"))
             return
+        await self._record(self.bus.subjects.control_kill, switch)
         self.bus.log.warning(
             "operator_switch", scope=switch.scope, key=switch.key, tripped=switch.tripped, by=switch.by
         )

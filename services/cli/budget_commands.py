@@ -62,6 +62,14 @@ async def _request(settings: MeshSettings, subject: str, message: msgspec.Struct
     return state
 
 
+def operator_subject(settings: MeshSettings, action: str) -> str:
+    """Where this operator asks the accountant for ``action``: its own subject, named in its credential."""
+    try:
+        return settings.subjects.operator(settings.operator, action)
+    except ValueError as exc:  # not an operator's credential
+        raise click.ClickException(str(exc)) from None
+
+
 def _run(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
@@ -115,7 +123,7 @@ def budget_set(
     update = BudgetUpdate(scope=scope, key=key, day_usd=day_usd, month_usd=month_usd, unset=unset)
     settings = _settings()
     _print(
-        _run(_request(settings, settings.subjects.operator(settings.operator, OPERATOR_BUDGET), update, BudgetState))
+        _run(_request(settings, operator_subject(settings, OPERATOR_BUDGET), update, BudgetState))
     )
 
 
@@ -144,7 +152,7 @@ def _switch(scope: KillScope, key: str | None, tripped: bool, reason: str) -> No
         raise click.UsageError(f"--key is required for --scope {scope}")
     switch = KillSwitch(scope=scope, key=key, tripped=tripped, reason=reason, time_ms=0)
     settings = _settings()
-    subject = settings.subjects.operator(settings.operator, OPERATOR_KILL)
+    subject = operator_subject(settings, OPERATOR_KILL)
     written = _run(_request(settings, subject, switch, KillSwitch))
     where = "global" if scope == "global" else f"{scope} {key}"
     click.echo(f"kill switch {'tripped' if tripped else 'cleared'}: {where} (by {written.by})")

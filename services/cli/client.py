@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -96,7 +97,11 @@ class MeshClient:
 
         async def read_stored() -> None:
             while True:
-                stored = await self.bus.last_stored(stream, subject)
+                try:
+                    stored = await self.bus.last_stored(stream, subject)
+                except (nats.errors.Error, TimeoutError) as exc:  # a reconnect, a slow server: asked again
+                    self.bus.log.warning("stored_ending_unread", task_id=task.id, error=str(exc))
+                    stored = None
                 if stored is not None:
                     queue.put_nowait(msgspec.json.decode(stored, type=TaskEvent))
                     return

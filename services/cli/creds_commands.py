@@ -9,13 +9,11 @@ it (a reload: connections of identities that remain are kept). For a server `up`
 
 from __future__ import annotations
 
-import os
-import signal
-
 import click
 
-from services.embedded.creds import CredentialStore
+from services.embedded.creds import CredentialStore, reload_server
 from services.embedded.stack import SERVICES, client_settings, process_identity, running_stack
+from services.runtime.grants import PUBLIC_KEY_ENV, load_signer, signer_seed
 from services.runtime.identities import Identity, inbox_prefix, operator_name, public_key
 
 ONE_OF = "give exactly one of --tenant, --agent, --operator"
@@ -40,7 +38,7 @@ def _publish_auth(store: CredentialStore) -> str:
     pids = state.get("nats_pids", []) if state else []
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGHUP)
+            reload_server(pid)
         except OSError:
             pids = [p for p in pids if p != pid]
     if pids:
@@ -100,11 +98,15 @@ def creds_init() -> None:
     server `up` does not start (compose)."""
     from services.embedded.stack import SHIPPED_AGENTS
 
-    store = CredentialStore(client_settings().home)
+    home = client_settings().home
+    store = CredentialStore(home)
     for name in [*SERVICES, *SHIPPED_AGENTS]:
         click.echo(f"{name}: {store.ensure(process_identity(name))}")
     click.echo(f"operator: {store.ensure(Identity('operator', operator_name(None)))}")
     click.echo(_publish_auth(store))
+    # The accountant's grant key too (made once, 0600): compose mounts it into the accountant alone.
+    _, where = signer_seed(home)
+    click.echo(f"grant key: {where}; for the other services, in .env: {PUBLIC_KEY_ENV}={load_signer(home).public_key}")
 
 
 @creds.command("list")

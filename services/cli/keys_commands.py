@@ -146,10 +146,11 @@ async def _set_caps(client: MeshClient, key_id: str, day_usd: float | None, mont
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
 
+    from services.cli.budget_commands import operator_subject
     from services.runtime.bus import Rejected
 
     update = BudgetUpdate(scope="key", key=key_id, day_usd=day_usd, month_usd=month_usd)
-    subject = client.subjects.operator(client.settings.operator, OPERATOR_BUDGET)
+    subject = operator_subject(client.settings, OPERATOR_BUDGET)
     try:
         state = await client.bus.request(subject, update, BudgetState, REQUEST_TIMEOUT_S)
     except (NoRespondersError, NatsTimeout):

@@ -150,11 +150,6 @@ class EmbeddedNatsCluster:
         self.nodes[index].server.start(timeout_s)
         self.wait_healthy(timeout_s, [index])
 
-    def reload(self) -> None:
-        """Every node reads its configuration again (new and revoked identities)."""
-        for node in self.nodes:
-            node.server.reload()
-
     def stop(self) -> None:
         for node in self.nodes:
             node.server.stop()

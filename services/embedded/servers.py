@@ -68,8 +68,8 @@ class EmbeddedNats:
     ``config``: more of the server's configuration (nats-server's config file syntax: a cluster
     block, ``jetstream { sync_interval: always }``), written to ``data_dir/nats.conf``; the command
     line's address, port and store folder take precedence over it. ``auth_file``: the identities'
-    ``authorization`` block (services/embedded/creds.py), included, so a reload (``reload``) reads it
-    again; without one the server lets any client in."""
+    ``authorization`` block (services/embedded/creds.py), included, so a reload (SIGHUP,
+    ``creds.reload_server``) reads it again; without one the server lets any client in."""
 
     data_dir: Path
     port: int = 4222
@@ -126,11 +126,6 @@ class EmbeddedNats:
 
     def stop(self) -> None:
         stop_process(self.process)
-
-    def reload(self) -> None:
-        """Read the configuration again (SIGHUP): new and revoked identities take effect."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGHUP)
 
     def kill(self) -> None:
         """SIGKILL: the server dies with whatever it had not written (what a crashed host does)."""

@@ -328,7 +328,8 @@ class Stack:
         run_dir = self.home / "run"
         logs.mkdir(exist_ok=True)
         run_dir.mkdir(exist_ok=True)
-        commands = {name: ["run", name] for name in SERVICES}
+        # The accountant first: it creates the buckets only it may (the control bucket every service reads).
+        commands = {name: ["run", name] for name in sorted(SERVICES, key=lambda name: name != "accountant")}
         commands.update({name: ["agent", "run", target] for name, target in self.agents.items()})
         environments = self.process_environments()
         ready_files = {}

@@ -48,9 +48,14 @@ async def control_bucket(bus: Bus) -> KeyValue:
 
 async def set_kill(bus: Bus, switch: KillSwitch) -> None:
     """Trip (``tripped=True``) or clear a switch: KV first (what services obey), then the event."""
+    await write_kill(bus, switch)
+    await bus.publish(bus.subjects.control_kill, switch, stream=bus.subjects.stream(STREAM_CONTROL))
+
+
+async def write_kill(bus: Bus, switch: KillSwitch) -> None:
+    """The switch's value in KV, what every service obeys (``set_kill`` also publishes the event)."""
     kv = await control_bucket(bus)
     await kv.put(control_kill_key(switch.scope, switch.key), msgspec.json.encode(switch))
-    await bus.publish(bus.subjects.control_kill, switch, stream=bus.subjects.stream(STREAM_CONTROL))
 
 
 async def set_pace(bus: Bus, signal: PaceSignal) -> None:

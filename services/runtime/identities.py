@@ -11,7 +11,7 @@ only checks what the key may do.
 Decisions:
 - nkey users in the server's configuration rather than JWT accounts: one account serves the mesh,
   whose subjects already carry the tenant, so every rule is a subject; the price is a configuration
-  reload when an identity is added or revoked (``services.runtime.creds`` writes the file and
+  reload when an identity is added or revoked (services/embedded/creds.py writes the file and
   signals the server).
 - What an action is "by" comes from the subject the server let it publish on, never from the body:
   a tenant submits on ``<prefix>.task.submit.<tenant>`` and puts and gets artifacts on
@@ -20,13 +20,19 @@ Decisions:
 - Replies come to ``_INBOX.<public key>.>`` (the connection's inbox prefix), the only inboxes an
   identity may subscribe to: nobody reads another's replies.
 - Services are trusted with the mesh's subjects, but for the state the accountant alone writes
-  (``PROTECTED``: the ledger journal and snapshot, budgets, the control bucket's switches and
+  (``_protected``: the ledger journal and snapshot, budgets, the control bucket's switches and
   pace, the leader lease, alert claims, the events of record on ``<prefix>.control.>``) and the
   operators' subjects. Nobody but the server publishes JetStream's advisories (``$JS.EVENT.>``:
   a forged MAX_DELIVERIES advisory would end a running task) or system subjects.
-- An operator publishes on an allow-list (tasks, artifacts, feedback, agents, its own operator
-  subjects, gateway keys, schedules, JetStream's API but the protected streams' destructive calls),
-  so it changes a cap or a switch only through the accountant, which records who and when.
+- Streams: a stream's configuration is its creator's, and a ``RePublish`` in it makes the server
+  write where the creator may not publish. So JetStream's API is read-only to all but the accountant
+  (``JETSTREAM_READS``: stream and message reads, consumers), a service may also create the mesh's
+  own streams and buckets when missing (``creatable_streams``), and nobody else creates or changes
+  one (``stream_rights``: what a process then declares at start; the rest waits for its creator).
+- An operator publishes on an allow-list (task submissions, artifact puts and gets, feedback, agent
+  and step requests, budget queries, benchmarks' echo, its own operator subjects, gateway keys,
+  schedules, JetStream's reads, ``$SRV``), so it changes a cap or a switch only through the
+  accountant, which records who and when; it may read everything.
 - An agent subscribes only to its own subject and the service framework's (``$SRV``) subjects with
   its name; it answers requests (``allow_responses``) and may put and get any tenant's artifacts,
   since it serves the request's tenant, which the request names.
@@ -52,29 +58,37 @@ from faststream.security import BaseSecurity
 from schemas.subjects import (
     BUCKET_ACCOUNTANT_LEASE,
     BUCKET_ALERTS_FIRED,
+    BUCKET_ARTIFACT_BODIES,
+    BUCKET_ARTIFACT_INDEX,
+    BUCKET_ATTEMPTS,
     BUCKET_BUDGETS,
     BUCKET_CONTROL,
     BUCKET_KEYS,
     BUCKET_LEDGER,
+    BUCKET_RESPONSE_CACHE,
     BUCKET_SCHEDULES,
+    BUCKET_TASK_CALLS,
     INBOX,
     JS_ACK,
     JS_API,
     JS_EVENT,
+    JS_FLOW_CONTROL,
     KV_API,
     OBJECT_STORE_API,
     SRV_API,
     STREAM_CONTROL,
     STREAM_LEDGER,
     STREAM_TASK_EVENTS,
+    STREAM_TASKS,
     Subjects,
     direct_get,
     token,
 )
 from services.runtime.streams import stream_configs
 
-Kind = Literal["service", "operator", "tenant", "agent"]
-KINDS: tuple[Kind, ...] = ("service", "operator", "tenant", "agent")
+# admin: every right (the tests' session identity; `frugalmesh creds` makes none).
+Kind = Literal["service", "operator", "tenant", "agent", "admin"]
+KINDS: tuple[Kind, ...] = ("service", "operator", "tenant", "agent", "admin")
 SEED_SUFFIX = ".nk"
 # The one service that writes the protected state.
 ACCOUNTANT = "accountant"
@@ -122,10 +136,57 @@ def inbox_prefix(public: str) -> str:
     return f"{INBOX}.{public}"
 
 
+# JetStream's API as every service and operator may use it: read streams and buckets, run consumers.
+JETSTREAM_READS = (
+    f"{JS_API}.INFO",
+    f"{JS_API}.STREAM.INFO.>",
+    f"{JS_API}.STREAM.NAMES",
+    f"{JS_API}.STREAM.LIST",
+    f"{JS_API}.STREAM.MSG.GET.>",
+    f"{JS_API}.DIRECT.GET.>",
+    f"{JS_API}.CONSUMER.>",
+    f"{JS_FLOW_CONTROL}.>",  # a push consumer's flow-control answers (KV watches, ordered consumers)
+)
+# Buckets a service may create when missing (the accountant's own are PROTECTED_BUCKETS).
+SERVICE_BUCKETS = (
+    BUCKET_RESPONSE_CACHE,
+    BUCKET_ARTIFACT_INDEX,
+    BUCKET_SCHEDULES,
+    BUCKET_ATTEMPTS,
+    BUCKET_KEYS,
+    BUCKET_TASK_CALLS,
+)
+PROTECTED_BUCKETS = (BUCKET_BUDGETS, BUCKET_CONTROL, BUCKET_ACCOUNTANT_LEASE, BUCKET_ALERTS_FIRED)
+
+
+def creatable_streams(subjects: Subjects) -> set[str]:
+    """The streams a service other than the accountant may create when they are missing: the mesh's (but
+    the control stream) and those under its buckets (but the accountant's). A stream's configuration is
+    its creator's, and one that republishes (``RePublish``) makes the server write where its creator may
+    not publish: so nobody creates another stream, and nobody but the accountant changes one."""
+    streams = {config.name for config in stream_configs(subjects) if config.name}
+    streams.discard(subjects.stream(STREAM_CONTROL))
+    return (
+        streams
+        | {f"KV_{subjects.bucket(name)}" for name in SERVICE_BUCKETS}
+        | {f"OBJ_{subjects.bucket(BUCKET_ARTIFACT_BODIES)}"}
+    )
+
+
+def stream_rights(creds: Path | None) -> tuple[Literal["any", "own", "none"], bool]:
+    """Which of the mesh's streams (and buckets) a process with this credential creates when they are
+    missing (any; its own, ``creatable_streams``; none: it waits for them) and whether it brings an
+    existing one to this version's configuration (only the accountant, an admin, or a process without
+    a credential, on a server without authorization)."""
+    identity = Identity.of_file(creds) if creds else None
+    if identity is None or identity.kind == "admin" or identity == Identity("service", ACCOUNTANT):
+        return "any", True
+    return ("own" if identity.kind == "service" else "none"), False
+
+
 def _protected(subjects: Subjects) -> list[str]:
     """What only the accountant writes: the subjects, and the JetStream calls that would change them."""
-    owned = (BUCKET_BUDGETS, BUCKET_CONTROL, BUCKET_ACCOUNTANT_LEASE, BUCKET_ALERTS_FIRED)
-    buckets = [subjects.bucket(name) for name in owned]
+    buckets = [subjects.bucket(name) for name in PROTECTED_BUCKETS]
     ledger = subjects.bucket(BUCKET_LEDGER)  # the ledger's snapshot (an object store)
     writes = [
         subjects.ledger,
@@ -148,16 +209,32 @@ def permissions(identity: Identity, subjects: Subjects, public: str) -> dict[str
     p = subjects.prefix
     never = [f"{JS_EVENT}.>", SYSTEM]
     operators = f"{p}.operator.>"
+    if identity.kind == "admin":
+        return {"publish": {"allow": [">"], "deny": never}, "subscribe": {"allow": [">"]}}
     if identity.kind == "service" and identity.name == ACCOUNTANT:
         return {"publish": {"allow": [">"], "deny": [*never, operators]}, "subscribe": {"allow": [">"]}}
     if identity.kind == "service":
+        allow = [
+            f"{p}.>",
+            f"{KV_API}.>",
+            f"{OBJECT_STORE_API}.>",
+            f"{JS_ACK}.>",
+            f"{INBOX}.>",
+            f"{SRV_API}.>",
+            *JETSTREAM_READS,
+            *(f"{JS_API}.STREAM.CREATE.{name}" for name in sorted(creatable_streams(subjects))),
+            # the planner deletes a task past its deliveries; an object store put over a name purges it
+            f"{JS_API}.STREAM.MSG.DELETE.{subjects.stream(STREAM_TASKS)}",
+            f"{JS_API}.STREAM.PURGE.OBJ_{subjects.bucket(BUCKET_ARTIFACT_BODIES)}",
+        ]
         deny = [*never, operators, *_protected(subjects)]
-        return {"publish": {"allow": [">"], "deny": deny}, "subscribe": {"allow": [">"]}}
+        return {"publish": {"allow": allow, "deny": deny}, "subscribe": {"allow": [">"]}}
     inbox = f"{inbox_prefix(public)}.>"
     if identity.kind == "operator":
         allow = [
-            f"{p}.task.>",
-            f"{p}.artifact.>",
+            subjects.task_submit_all,
+            subjects.artifact_put("*"),
+            subjects.artifact_get("*"),
             f"{p}.feedback.>",
             f"{p}.agent.>",
             f"{p}.step.request",
@@ -166,7 +243,7 @@ def permissions(identity: Identity, subjects: Subjects, public: str) -> dict[str
             subjects.operator(identity.name, "*"),
             f"{KV_API}.{subjects.bucket(BUCKET_KEYS)}.>",
             f"{KV_API}.{subjects.bucket(BUCKET_SCHEDULES)}.>",
-            f"{JS_API}.>",
+            *JETSTREAM_READS,
             f"{JS_ACK}.>",
             f"{SRV_API}.>",
         ]
@@ -267,21 +344,15 @@ def operator_name(creds: Path | None) -> str:
     """The name an operator's changes go out under (``<prefix>.operator.<name>``): the credential's, which
     the server checks; without a credential (a server without authorization), the login name."""
     if creds is not None:
-        return Identity.of_file(creds).name
+        identity = Identity.of_file(creds)
+        if identity.kind not in ("operator", "admin"):
+            raise ValueError(
+                f"{creds} is {identity.kind} {identity.name!r}'s credential: changing caps and switches takes an "
+                "operator's (`frugalmesh creds create --operator NAME`)"
+            )
+        return identity.name
     login = re.sub(r"[^A-Za-z0-9_\-]", "_", getpass.getuser())
     return login or "operator"
-
-
-def undeclared_streams(creds: Path | None, subjects: Subjects) -> set[str]:
-    """The mesh's streams a process with this credential leaves undeclared when it starts: every one for a
-    tenant or an agent (they may not), the control stream for a service other than the accountant (the
-    accountant's to change), none otherwise."""
-    identity = Identity.of_file(creds) if creds else None
-    if identity is not None and identity.kind in ("tenant", "agent"):
-        return {config.name for config in stream_configs(subjects) if config.name}
-    if identity is not None and identity.kind == "service" and identity.name != ACCOUNTANT:
-        return {subjects.stream(STREAM_CONTROL)}
-    return set()
 
 
 def write_seed(path: Path, seed: bytes) -> None:

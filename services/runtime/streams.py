@@ -102,19 +102,26 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
 
 
 async def ensure_streams(
-    js: JetStreamContext, subjects: Subjects, replicas: int = 1, skip: Collection[str] = ()
+    js: JetStreamContext,
+    subjects: Subjects,
+    replicas: int = 1,
+    *,
+    only: Collection[str] | None = None,
+    update: bool = True,
 ) -> None:
-    """Create each mesh stream but those named in ``skip``, or update it to the configuration above."""
+    """Create each mesh stream (of ``only``, when given) that is missing, and, when ``update``, bring an
+    existing one to the configuration above."""
     for config in stream_configs(subjects, replicas):
-        if config.name not in skip:
-            await ensure_stream(js, config)
+        if only is None or config.name in only:
+            await ensure_stream(js, config, update=update)
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: bool = True) -> None:
     try:
         await js.add_stream(config=config)
-    except BadRequestError:
-        await js.update_stream(config=config)
+    except BadRequestError:  # it exists with another configuration
+        if update:
+            await js.update_stream(config=config)
 
 
 async def ensure_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:
