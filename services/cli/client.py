@@ -85,6 +85,7 @@ class MeshClient:
         the stream, which keeps it (every ``STORED_POLL_S``, in case a live one was missed while the
         connection was down): a task that ended before this subscribed still ends here, with its
         history in place of the live events."""
+        self._check_tenant(task.tenant)
         queue: asyncio.Queue[TaskEvent] = asyncio.Queue()
 
         async def on_event(msg: Msg) -> None:
