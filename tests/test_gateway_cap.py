@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 
+import nats.errors
 import openai
 import pytest
-from helpers import budget_set
+from helpers import budget_set, eventually
 from mesh_client import usage_rows
 
 from schemas.messages import BudgetQuery, BudgetState, BudgetUpdate
@@ -97,6 +98,19 @@ async def test_1000_concurrent_streams_never_spend_past_the_keys_cap_and_each_is
     assert sum(r["outcome"] == "ok" for r in rows) == ok
     spent = sum(float(r["cost_usd"]) for r in rows)
     assert 0.9 < spent <= 1.0
-    reply = await bus.request(settings.subjects.budget_show, BudgetQuery(scope="key", key=key_id), BudgetState, 5)
-    [day] = [s for s in reply.spend if s.window == "day"]
-    assert day.settled_usd == pytest.approx(spent) and day.settled_usd <= 1.0 and day.reserved_usd == 0
+
+
+    async def settled_day():
+        """The key's day once every hold is settled. A thousand streams in this one process can starve the
+        accountant's lease renewal, and a new term then takes over: settles it missed come from the
+        routers' outboxes, so the books are whole once the term is up and they have landed."""
+        query = BudgetQuery(scope="key", key=key_id)
+        try:
+            reply = await bus.request(settings.subjects.budget_show, query, BudgetState, 5)
+        except nats.errors.NoRespondersError:  # between two terms
+            return None
+        [day] = [s for s in reply.spend if s.window == "day"]
+        return day if day.reserved_usd == 0 else None
+
+    day = await eventually(settled_day, timeout_s=60, interval_s=0.5, message="holds left unsettled")
+    assert day.settled_usd == pytest.approx(spent) and day.settled_usd <= 1.0
