@@ -56,6 +56,11 @@ def token(value: str) -> str:
     return value
 
 
+def token_or_any(value: str) -> str:
+    """``token(value)``, or the single-token wildcard '*' itself."""
+    return value if value == "*" else token(value)
+
+
 def direct_get(stream: str, subject: str) -> str:
     """JetStream's direct get of the last message stored on ``subject`` (wildcards allowed): the subject
     is in the request's subject, so a permission can allow it for some subjects only."""
@@ -173,7 +178,7 @@ class Subjects:
     # only that operator's credential may publish, so the accountant records who from the subject --
     def operator(self, name: str, action: str) -> str:
         """``action`` is OPERATOR_KILL or OPERATOR_BUDGET ('*': every action, in a permission)."""
-        return f"{self.prefix}.operator.{token(name)}.{token(action) if action != '*' else action}"
+        return f"{self.prefix}.operator.{token(name)}.{token_or_any(action)}"
 
     def operator_all(self, action: str) -> str:
         return f"{self.prefix}.operator.*.{token(action)}"
@@ -204,10 +209,11 @@ class Subjects:
 
     # -- artifacts (request/reply, as a tenant: the store takes the tenant from the subject) --
     def artifact_put(self, tenant: str) -> str:
-        return f"{self.prefix}.artifact.put.{token(tenant) if tenant != '*' else tenant}"
+        """``tenant``: '*' for every tenant's (a subscription, a permission)."""
+        return f"{self.prefix}.artifact.put.{token_or_any(tenant)}"
 
     def artifact_get(self, tenant: str) -> str:
-        return f"{self.prefix}.artifact.get.{token(tenant) if tenant != '*' else tenant}"
+        return f"{self.prefix}.artifact.get.{token_or_any(tenant)}"
 
     def artifact_created(self, artifact_type: str) -> str:
         return f"{self.prefix}.artifact.created.{token(artifact_type)}"

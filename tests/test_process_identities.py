@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.embedded.stack import SHIPPED_AGENTS, Stack, process_identity, provider_key_names
+from services.embedded.creds import process_identity
+from services.embedded.stack import SHIPPED_AGENTS, Stack, provider_key_names
 from services.registry import SERVICES
 from services.runtime.catalog import Catalog
 from services.runtime.grants import SEED_ENV, SEED_FILE_ENV

@@ -12,9 +12,10 @@ from __future__ import annotations
 import click
 
 from services.embedded.creds import CredentialStore, reload_server
-from services.embedded.stack import SERVICES, client_settings, process_identity, running_stack
+from services.embedded.stack import SERVICES, client_settings, running_stack
 from services.runtime.grants import PUBLIC_KEY_ENV, load_signer, signer_seed
-from services.runtime.identities import Identity, inbox_prefix, operator_name, public_key
+from services.runtime.identities import Identity, inbox_prefix, public_key
+from services.runtime.settings import MeshSettings
 
 ONE_OF = "give exactly one of --tenant, --agent, --operator"
 
@@ -30,18 +31,12 @@ def _identity(tenant: str | None, agent: str | None, operator: str | None) -> Id
         raise click.UsageError(str(exc)) from None
 
 
-def _publish_auth(store: CredentialStore) -> str:
+def _publish_auth(store: CredentialStore, settings: MeshSettings) -> str:
     """Write the authorization file and reload the running stack's servers; what happened, in words."""
-    settings = client_settings()
     path = store.write_auth(settings.subjects, store.home)
     state = running_stack(store.home)
-    pids = state.get("nats_pids", []) if state else []
-    for pid in pids:
-        try:
-            reload_server(pid)
-        except OSError:
-            pids = [p for p in pids if p != pid]
-    if pids:
+    reloaded = [pid for pid in (state or {}).get("nats_pids", []) if reload_server(pid)]
+    if reloaded:
         return f"the running stack's nats-server read {path} again"
     return f"wrote {path}: include it in nats-server's configuration and reload the server"
 
@@ -66,7 +61,8 @@ def creds() -> None:
 def creds_create(tenant: str | None, agent: str | None, operator: str | None) -> None:
     """Make an identity's credential (an nkey seed file, owner-only) and let the server know it."""
     identity = _identity(tenant, agent, operator)
-    store = CredentialStore(client_settings().home)
+    settings = client_settings()
+    store = CredentialStore(settings.home)
     try:
         path = store.create(identity)
     except ValueError as exc:
@@ -76,7 +72,7 @@ def creds_create(tenant: str | None, agent: str | None, operator: str | None) ->
     click.echo(f"  public key {key}; replies come to {inbox_prefix(key)}.> (set it as the client's inbox prefix)")
     click.echo(f"  frugalmesh: FRUGALMESH_NATS_CREDS={path}")
     click.echo(f"  nats CLI: --nkey {path} --inbox-prefix {inbox_prefix(key)}")
-    click.echo(f"  {_publish_auth(store)}")
+    click.echo(f"  {_publish_auth(store, settings)}")
 
 
 @creds.command("revoke")
@@ -84,12 +80,13 @@ def creds_create(tenant: str | None, agent: str | None, operator: str | None) ->
 def creds_revoke(tenant: str | None, agent: str | None, operator: str | None) -> None:
     """Delete an identity's credential; the server refuses it from the reload on."""
     identity = _identity(tenant, agent, operator)
-    store = CredentialStore(client_settings().home)
+    settings = client_settings()
+    store = CredentialStore(settings.home)
     try:
         store.revoke(identity)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"revoked {identity.kind} {identity.name}; {_publish_auth(store)}")
+    click.echo(f"revoked {identity.kind} {identity.name}; {_publish_auth(store, settings)}")
 
 
 @creds.command("init")
@@ -98,12 +95,12 @@ def creds_init() -> None:
     server `up` does not start (compose)."""
     from services.embedded.stack import SHIPPED_AGENTS
 
-    home = client_settings().home
+    settings = client_settings()
+    home = settings.home
     store = CredentialStore(home)
-    for name in [*SERVICES, *SHIPPED_AGENTS]:
-        click.echo(f"{name}: {store.ensure(process_identity(name))}")
-    click.echo(f"operator: {store.ensure(Identity('operator', operator_name(None)))}")
-    click.echo(_publish_auth(store))
+    for name, seed in store.ensure_mesh([*SERVICES, *SHIPPED_AGENTS]).items():
+        click.echo(f"{name}: {seed}")
+    click.echo(_publish_auth(store, settings))
     # The accountant's grant key too (made once, 0600): compose mounts it into the accountant alone.
     _, where = signer_seed(home)
     click.echo(f"grant key: {where}; for the other services, in .env: {PUBLIC_KEY_ENV}={load_signer(home).public_key}")

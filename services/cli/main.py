@@ -94,6 +94,7 @@ def up(
 ) -> None:
     """Start nats-server, ClickHouse, a local model engine, the seven services and the debate agent on this
     machine; Ctrl-C stops all."""
+    from services.embedded.creds import OPERATOR
     from services.embedded.servers import EmbeddedError
     from services.embedded.stack import Stack, development_key, running_stack
     from services.runtime.settings import MeshSettings
@@ -123,7 +124,7 @@ def up(
     click.echo(f"NATS        {stack.settings.nats_url}{started}")
     if stack.creds:
         creds = home / "creds"
-        click.echo(f"Identities  {creds}  (one per process; you: {stack.creds['operator'].name}; `frugalmesh creds`)")
+        click.echo(f"Identities  {creds}  (one per process; you: {stack.creds[OPERATOR].name}; `frugalmesh creds`)")
     click.echo(f"ClickHouse  {_redact(stack.settings.clickhouse_url)}" + ("" if stack.clickhouse else "  (external)"))
     if stack.settings.local_engine_url:
         served = (

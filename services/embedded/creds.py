@@ -21,10 +21,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.subjects import Subjects
-from services.runtime.identities import SEED_SUFFIX, Credential, Identity, new_seed, permissions, write_seed
+from services.runtime.identities import (
+    SEED_SUFFIX,
+    Credential,
+    Identity,
+    new_seed,
+    operator_name,
+    permissions,
+    write_seed,
+)
 
 CREDS_DIR = "creds"
 AUTH_FILE = "nats-auth.conf"
+AGENT_PROCESS = "agent-"  # an agent's process name: agent-<agent name>
+# The key under which ``ensure_mesh`` returns the seed of the operator running it.
+OPERATOR = "operator"
+
+
+def process_identity(name: str) -> Identity:
+    """The NATS identity of a mesh process: a service's, or an agent's (``agent-<name>``)."""
+    if name.startswith(AGENT_PROCESS):
+        return Identity("agent", name.removeprefix(AGENT_PROCESS))
+    return Identity("service", name)
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,13 @@ class CredentialStore:
         if not path.exists():
             write_seed(path, new_seed())
         return path
+
+    def ensure_mesh(self, processes: list[str]) -> dict[str, Path]:
+        """The seed of each process (``process_identity``) and, under ``OPERATOR``, of the operator
+        running this (their login name): what `frugalmesh up` and `creds init` make."""
+        seeds = {name: self.ensure(process_identity(name)) for name in processes}
+        seeds[OPERATOR] = self.ensure(Identity("operator", operator_name(None)))
+        return seeds
 
     def create(self, identity: Identity) -> Path:
         """A new identity's seed file; ValueError if it exists (revoke it first to make a new key)."""
@@ -83,6 +108,11 @@ class CredentialStore:
         return path
 
 
-def reload_server(pid: int) -> None:
-    """Ask a running nats-server to read its configuration again (its identities among it)."""
-    os.kill(pid, signal.SIGHUP)
+def reload_server(pid: int) -> bool:
+    """Ask a running nats-server to read its configuration again (its identities among it); False when
+    there is no such process."""
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError:
+        return False
+    return True

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.embedded.cluster import EmbeddedNatsCluster
-from services.embedded.creds import CredentialStore
+from services.embedded.creds import OPERATOR, CredentialStore
 from services.embedded.servers import (
     EmbeddedClickHouse,
     EmbeddedEngine,
@@ -42,12 +42,10 @@ from services.embedded.servers import (
 from services.registry import SERVICES
 from services.runtime.catalog import Catalog
 from services.runtime.grants import key_environments
-from services.runtime.identities import Identity, operator_name
 from services.runtime.settings import MeshSettings
 
 STATE_FILE = "stack.json"
 CREDS_ENV = ("NATS_CREDS", "FRUGALMESH_NATS_CREDS")
-AGENT_PROCESS = "agent-"  # an agent's process name: agent-<agent name>
 WRITER_ENV = ("CLICKHOUSE_URL", "FRUGALMESH_CLICKHOUSE_URL")
 ANALYST_ENV = ("CLICKHOUSE_ANALYST_URL", "FRUGALMESH_CLICKHOUSE_ANALYST_URL")
 # The only service that talks to ClickHouse (as the writer).
@@ -177,13 +175,6 @@ def development_key(settings: MeshSettings) -> str | None:
     return asyncio.run(ensure())
 
 
-def process_identity(name: str) -> Identity:
-    """The NATS identity of a stack process: a service's, or an agent's (``agent-<name>``)."""
-    if name.startswith(AGENT_PROCESS):
-        return Identity("agent", name.removeprefix(AGENT_PROCESS))
-    return Identity("service", name)
-
-
 def declare_streams(settings: MeshSettings) -> None:
     """Create the mesh's streams once, before the services start: on a new cluster, seven processes
     creating replicated streams at once can keep the JetStream API busier than a client waits."""
@@ -257,7 +248,7 @@ class Stack:
             update["local_engine_url"] = self.engine.start()
         if self.creds:
             # The stack's own commands (streams, the development key) and the CLI run as the operator.
-            update["nats_creds"] = self.creds["operator"]
+            update["nats_creds"] = self.creds[OPERATOR]
         self.settings = self.settings.model_copy(update={**update, "replicas": replicas})
         if self.cluster:
             # The protected streams are the accountant's to declare.
@@ -279,9 +270,7 @@ class Stack:
     def write_identities(self) -> Path:
         """A credential for each process and for the operator running the stack; the server's auth file."""
         store = CredentialStore(self.home)
-        names = [*SERVICES, *self.agents]
-        self.creds = {name: store.ensure(process_identity(name)) for name in names}
-        self.creds["operator"] = store.ensure(Identity("operator", operator_name(None)))
+        self.creds = store.ensure_mesh([*SERVICES, *self.agents])
         return store.write_auth(self.settings.subjects, self.home)
 
     def _nats_servers(self) -> list[EmbeddedNats]:
