@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from fakes.deploy import openai_deploy
 from fakes.grants import granted
+from fakes.router_peer import result
 from helpers import eventually, kill_switch, make_request, new_task
 from mesh_client import call, stream_messages, submit, usage_events, wait_for_ack
 
@@ -20,6 +21,7 @@ from schemas.subjects import BUCKET_BUDGETS, BUCKET_CONTROL, KV_API, STREAM_DLQ,
 from services.accountant.budget import BudgetBook, BudgetConfig
 from services.accountant.ledger import pico
 from services.planner.dag import Planner
+from services.planner.events import EventPublisher
 from services.runtime.bus import Bus, encode
 from services.runtime.control import control_bucket, set_kill
 from services.runtime.data import load_recorded_outcomes
@@ -186,6 +188,35 @@ async def test_a_task_whose_runs_never_end_is_failed_by_jetstreams_max_deliverie
     # The advisory's planner deleted the task's message from the work queue.
     await wait_for_ack(nc, settings)
     await _ended_once_and_dead_lettered(nc, settings, task, failed)
+
+
+async def test_a_run_that_raises_after_its_calls_hands_their_count_and_cost_to_the_next_run(
+    settings, nc, planner_mesh, router_peers, monkeypatch
+):
+    """JetStream not answering while a run stores its terminal event (as when a node is lost): the run
+    raises after its call, and the task runs again. Its terminal event counts every run's calls and
+    cost, as the usage rows and the task's budget do; with no run left, so does the ``failed`` event."""
+    publish = EventPublisher.emit
+    refused: list[str] = []
+
+    async def done_not_stored(self, task, kind, **fields):
+        if kind == "done" and (task.goal == "always" or task.id not in refused):
+            refused.append(task.id)
+            raise RuntimeError("nats: no response from stream")
+        await publish(self, task, kind, **fields)
+
+    monkeypatch.setattr(EventPublisher, "emit", done_not_stored)
+    await planner_mesh()
+    peer = await router_peers(settings, lambda r: result(r, "ok", cost_usd=0.25))
+
+    once = await submit(nc, settings, new_task(goal="once"), timeout_s=15)
+    always = await submit(nc, settings, new_task(goal="always"), timeout_s=15)
+
+    assert len(peer.requests) == 2 + 3
+    assert (once[-1].kind, once[-1].calls, once[-1].cost_usd) == ("done", 2, 0.5)
+    assert (always[-1].kind, always[-1].calls, always[-1].cost_usd) == ("failed", 3, 0.75)
+    assert always[-1].detail.startswith("delivery limit: the planner failed this task 3 times")
+    await wait_for_ack(nc, settings)
 
 
 async def _ended_once_and_dead_lettered(nc, settings, task, failed: TaskEvent) -> None:

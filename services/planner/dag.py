@@ -28,7 +28,7 @@ from services.planner.config import Limits
 from services.planner.events import EventPublisher
 from services.planner.guards import CallGuard, over_budget, preflight_refusal
 from services.planner.preflight import Preflight
-from services.planner.state import REFUSALS, StepFailed, TaskState
+from services.planner.state import REFUSALS, EarlierRuns, RunTotals, StepFailed, TaskState
 from services.planner.steps import StepRunner
 from services.planner.structured import StructuredOutput
 from services.planner.workflow import StepSpec, Workflow
@@ -61,36 +61,48 @@ class Planner:
         structured = StructuredOutput(calls, self.events, preflight.catalog)
         agents = AgentSteps(AgentClient(bus), self.artifacts)
         self.steps = StepRunner(calls, structured, self.artifacts, self.events, limits, agents)
+        self.earlier_runs = EarlierRuns()
+        # Each task running here (by tenant and id): what ``run`` keeps for the next run if this one raises.
+        self._states: dict[tuple[str, str], TaskState] = {}
 
     async def run(self, task: Task, schedule_run: str = "") -> TaskEventKind:
         """Run ``task`` to its terminal event and return that event's kind.
 
         ``schedule_run``: the ``Mesh-Schedule-Run`` header of a scheduled run (its own attempts count).
-        Every artifact the run puts or gets is its tenant's."""
+        Every artifact the run puts or gets is its tenant's. A run that raises leaves what the task has
+        sent and spent so far in ``earlier_runs``, for its next delivery (services/planner/app.py)."""
+        key = (task.tenant, task.id)
+        earlier = self.earlier_runs.take(task)
         try:
             with artifacts_of(task.tenant):
-                return await self._run(task, schedule_run)
+                return await self._run(task, schedule_run, earlier)
+        except Exception:
+            self.earlier_runs.keep(task, self._states.get(key) or earlier)
+            raise
         finally:
+            self._states.pop(key, None)
             self.events.forget(task)
 
-    async def _run(self, task: Task, schedule_run: str) -> TaskEventKind:
+    async def _run(self, task: Task, schedule_run: str, earlier: RunTotals) -> TaskEventKind:
         emit = self.events.emit
         workflow = self.workflows.get(task.workflow)
         await emit(task, "accepted")
         if workflow is None:
             known = ", ".join(sorted(self.workflows)) or "none"
-            await emit(task, "failed", detail=f"unknown workflow {task.workflow!r}; known: {known}")
+            await emit(task, "failed", detail=f"unknown workflow {task.workflow!r}; known: {known}", state=earlier)
             return "failed"
         deadline_s = task.deadline_s if task.deadline_s is not None else self.timeout_s
-        state = TaskState(
+        state = self._states[(task.tenant, task.id)] = TaskState(
             task,
             workflow,
             deadline_ms=(task.submitted_ms or now_ms()) + int(deadline_s * 1000),
             slots=asyncio.Semaphore(self.fanout(workflow)),
+            cost_usd=earlier.cost_usd,
+            calls=earlier.calls,
         )
         problem = await self._fetch_inputs(state)
         if problem is not None:
-            await emit(task, "failed", detail=problem)
+            await emit(task, "failed", detail=problem, state=state)
             return "failed"
         # The agents and the estimate first: they cost nothing, while a claim uses up one of the day's attempts.
         agents, refusal = await live_agents(self.bus, workflow)
@@ -99,10 +111,10 @@ class Planner:
         if refusal is None:
             refusal = await self.attempts.claim(task, schedule_run)
         if refusal is not None:
-            await emit(task, "refused", detail=refusal)
-            await emit(task, "failed", detail=refusal)
+            await emit(task, "refused", detail=refusal, state=state)
+            await emit(task, "failed", detail=refusal, state=state)
             return "failed"
-        await emit(task, "planned", detail=",".join(s.id for s in workflow.steps))
+        await emit(task, "planned", detail=",".join(s.id for s in workflow.steps), state=state)
         try:
             async with asyncio.timeout(state.left_s()):
                 stop = await self._run_steps(state)

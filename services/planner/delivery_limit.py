@@ -7,7 +7,8 @@ vanish with no terminal event, its message left in the work queue. Two paths end
 with one ``failed`` event saying why, the task's message kept on the dead-letter subject:
 
 - a run that raised on the message's last delivery: the planner that caught it ends the task, with
-  the error, and acks the message;
+  the error and what its runs there sent and spent (services/planner/state.py, ``EarlierRuns``), and
+  acks the message;
 - a last delivery nobody ended (its planner died, or the ``failed`` event could not be published):
   JetStream announces it with its MAX_DELIVERIES advisory, which one planner replica receives (a
   queue group), reads the task from the stream, ends it and deletes the message.
@@ -22,6 +23,7 @@ from nats.aio.subscription import Subscription
 from schemas.messages import Task
 from schemas.subjects import DURABLE_PLANNER, JS_EVENT, STREAM_TASKS
 from services.planner.events import EventPublisher
+from services.planner.state import EarlierRuns, RunTotals
 from services.runtime.bus import Bus
 from services.runtime.scrub import scrub
 
@@ -60,15 +62,16 @@ class DeliveryLimit:
         if self._subscription is not None:
             await self._subscription.unsubscribe()
 
-    async def crashed(self, msg: Msg, task: Task, error: Exception) -> None:
-        """After a run of ``task`` raised: nack its message for another delivery, or on the last one end it."""
+    async def crashed(self, msg: Msg, task: Task, error: Exception, earlier_runs: EarlierRuns) -> None:
+        """After a run of ``task`` raised: nack its message for another delivery, or on the last one end it,
+        with what its runs here sent and spent (``earlier_runs``)."""
         deliveries = msg.metadata.num_delivered
         if deliveries < self.max_deliver:
             await msg.nak(delay=REDELIVERY_DELAY_S)
             return
         reason = f"delivery limit: the planner failed this task {deliveries} times, the last with {error!r}"
         try:
-            await self._give_up(task, msg.subject, msg.data, msg.headers, reason)
+            await self._give_up(task, msg.subject, msg.data, msg.headers, reason, earlier_runs.take(task))
         except Exception:
             # JetStream gives up on the message after this nack, and its advisory tries once more.
             self.bus.log.exception("task_not_ended", task_id=task.id)
@@ -93,10 +96,16 @@ class DeliveryLimit:
             self.bus.log.exception("task_not_ended", advisory=msg.data.decode(errors="replace"))
 
     async def _give_up(
-        self, task: Task, subject: str, data: bytes, headers: dict[str, str] | None, reason: str
+        self,
+        task: Task,
+        subject: str,
+        data: bytes,
+        headers: dict[str, str] | None,
+        reason: str,
+        totals: RunTotals | None = None,
     ) -> None:
-        """End ``task`` ``failed`` with ``reason`` (scrubbed: an error's text may hold anything) and
-        dead-letter its message."""
+        """End ``task`` ``failed`` with ``reason`` (scrubbed: an error's text may hold anything) and what
+        its runs sent and spent (``totals``, when known), and dead-letter its message."""
         reason = scrub(reason)
-        await self.events.emit(task, "failed", detail=reason)
+        await self.events.emit(task, "failed", detail=reason, state=totals)
         await self.bus.dead_letter(subject, data, headers, reason)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from schemas.messages import TERMINAL_EVENTS, ArtifactRef, Task, TaskEvent, TaskEventKind
 from schemas.subjects import STREAM_TASK_EVENTS
-from services.planner.state import TaskState
+from services.planner.state import RunTotals, TaskState
 from services.runtime.bus import Bus, encode, now_ms
 
 
@@ -38,10 +38,11 @@ class EventPublisher:
         step_id: str | None = None,
         detail: str = "",
         artifact: ArtifactRef | None = None,
-        state: TaskState | None = None,
+        state: TaskState | RunTotals | None = None,
         agent: str = "",
     ) -> None:
-        """Publish one event of ``task``; its cost and calls so far come from ``state`` when given;
+        """Publish one event of ``task``; its cost and calls so far come from ``state`` when given (a
+        run's, or what earlier runs left);
         ``agent``: the agent service running the step."""
         event = TaskEvent(
             task_id=task.id,

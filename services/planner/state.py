@@ -4,12 +4,13 @@ A ``TaskState`` is shared by the DAG scheduler, the step kinds and the per-call 
 task: the artifacts so far, what was spent and what is in flight, how often each call was sent and
 the fan-out slots. It needs no lock: every change happens on the event loop between awaits.
 ``StepFailed`` carries why a step stopped, with a kind the task's terminal event is decided on.
+``EarlierRuns`` carries what a run that raised had sent and spent to the task's next run.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from schemas.messages import Artifact, ArtifactRef, Task
@@ -60,3 +61,35 @@ class TaskState:
         """Count ``ref`` among the task's results (once, however many steps return it)."""
         if ref not in self.produced:
             self.produced.append(ref)
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """What a task's runs have sent (model calls, retries included) and spent, in USD."""
+
+    calls: int = 0
+    cost_usd: float = 0.0
+
+
+class EarlierRuns:
+    """Per task, what its runs that raised in this process had sent and spent, until its next run here
+    takes it. A run that raises after its calls (JetStream not answering while it stores an artifact or
+    the terminal event) is handed back for another delivery; without this the next run would count from
+    zero, and the terminal event's ``calls`` and ``cost_usd`` would leave out the calls the usage rows and
+    the task's budget hold. Not carried: runs on another replica, or in a process that died (known gap).
+
+    At most ``limit`` tasks are kept, the oldest dropped first: a task delivered again to another replica
+    never comes back for its entry."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._totals: OrderedDict[tuple[str, str], RunTotals] = OrderedDict()
+
+    def keep(self, task: Task, totals: RunTotals | TaskState) -> None:
+        self._totals[(task.tenant, task.id)] = RunTotals(totals.calls, totals.cost_usd)
+        while len(self._totals) > self.limit:
+            self._totals.popitem(last=False)
+
+    def take(self, task: Task) -> RunTotals:
+        """What earlier runs of ``task`` here sent and spent (zeros for a first run), forgotten here."""
+        return self._totals.pop((task.tenant, task.id), RunTotals())
