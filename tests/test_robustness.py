@@ -219,6 +219,25 @@ async def test_a_run_that_raises_after_its_calls_hands_their_count_and_cost_to_t
     await wait_for_ack(nc, settings)
 
 
+async def test_an_artifact_store_that_comes_back_keeps_the_answer_already_paid_for(
+    settings, nc, start_service, router_peers
+):
+    """No artifact store while the step's answer comes (a store restarting, a cluster electing a leader):
+    the planner asks again until one answers, and the task ends done on its one call."""
+    await start_service("planner", settings)
+    peer = await router_peers(settings, lambda r: result(r, "ok"))
+    submitted = asyncio.create_task(submit(nc, settings, new_task(goal="q"), timeout_s=15))
+    await eventually(lambda: len(peer.requests) == 1, timeout_s=5)
+    await asyncio.sleep(1.0)  # the answer's put finds no store, and is asked again
+
+    await start_service("artifact-store", settings)
+
+    events = await submitted
+    assert (events[-1].kind, events[-1].calls) == ("done", 1)
+    assert len(peer.requests) == 1
+    await wait_for_ack(nc, settings)
+
+
 async def _ended_once_and_dead_lettered(nc, settings, task, failed: TaskEvent) -> None:
     stored = [msgspec.json.decode(d, type=TaskEvent) for d in await stream_messages(nc, settings, STREAM_TASK_EVENTS)]
     assert [(e.task_id, e.kind) for e in stored] == [(task.id, "failed")]

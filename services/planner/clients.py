@@ -7,7 +7,10 @@ that answers after the deadline is ``timeout``; a router's refusal keeps the rou
 retryability. An agent nobody answers is ``unavailable``, one that does not answer in time is
 ``timeout``: both retryable (another instance may take the next try); one that cannot read the
 request rejects it, which reads as an AgentResult with an ``invalid`` error. An artifact store that
-does not answer, or answers something else, fails the step.
+is unavailable (nobody answers, not in time, or it could not reach JetStream, as while a cluster
+elects a new leader) is asked again, with backoff, for up to ``STORE_WAIT_S``: the artifact may hold a
+model's answer already paid for, and a failed step would throw it away. One that refuses the request
+or answers something else fails the step at once.
 
 The artifact client works for one tenant at a time: the tenant of the task being run, which
 ``Planner.run`` binds with ``artifacts_of`` around the whole run (every asyncio task a step starts
@@ -18,6 +21,7 @@ artifact (an agent's answer, say) reads as missing.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -140,6 +144,12 @@ def _tenant() -> str:
         raise RuntimeError("ArtifactClient used outside artifacts_of(tenant): whose artifacts are these?") from None
 
 
+# How long an unavailable artifact store is waited for (a JetStream cluster's leader election takes
+# seconds), and the pauses between tries: doubling from the first to the longest.
+STORE_WAIT_S = 20.0
+STORE_PAUSE_S = (0.25, 2.0)
+
+
 class ArtifactClient:
     """Stores and reads artifacts in the artifact store (content-addressed: a rerun stores nothing twice),
     as the tenant ``artifacts_of`` binds."""
@@ -167,11 +177,24 @@ class ArtifactClient:
         return reply.artifact
 
     async def _request(self, subject: str, message: msgspec.Struct) -> ArtifactReply:
-        try:
-            return await self.bus.request(subject, message, ArtifactReply, self.timeout_s)
-        except (NoRespondersError, NatsTimeoutError):
-            raise StepFailed("the artifact store is not answering", kind="unavailable") from None
-        except Rejected as rejected:
-            raise StepFailed(f"the artifact store refused the request: {rejected}", kind="invalid") from None
-        except msgspec.DecodeError as exc:
-            raise StepFailed(f"the artifact store's reply is not an ArtifactReply: {exc}", kind="invalid") from None
+        """The store's reply, asked again while the store is unavailable, up to ``STORE_WAIT_S`` (and never
+        past the task's deadline, which cancels the step)."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + STORE_WAIT_S
+        pause, longest = STORE_PAUSE_S
+        while True:
+            try:
+                return await self.bus.request(subject, message, ArtifactReply, self.timeout_s)
+            except (NoRespondersError, NatsTimeoutError):
+                problem = "the artifact store is not answering"
+            except Rejected as rejected:
+                problem = f"the artifact store refused the request: {rejected}"
+                if rejected.error.kind != "unavailable":
+                    raise StepFailed(problem, kind="invalid") from None
+            except msgspec.DecodeError as exc:
+                raise StepFailed(f"the artifact store's reply is not an ArtifactReply: {exc}", kind="invalid") from None
+            if loop.time() + pause > give_up_at:
+                raise StepFailed(problem, kind="unavailable")
+            self.bus.log.warning("artifact_store_unavailable", problem=problem, retry_in_s=pause)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, longest)
