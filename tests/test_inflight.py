@@ -17,6 +17,7 @@ from fakes.openai_server import Behaviour, FakeOpenAI
 from helpers import make_step
 from mesh_client import request
 from nats.errors import NoRespondersError
+from nats.js.errors import NoStreamResponseError
 
 from schemas.messages import InferenceResult
 from services.runtime.bus import Bus
@@ -100,6 +101,8 @@ async def test_a_failing_handler_costs_one_request_and_its_caller_gets_the_reaso
     async def handle(msg) -> bytes:
         if msg.data == b"boom":
             raise RuntimeError("boom")
+        if msg.data == b"no leader":
+            raise NoStreamResponseError  # JetStream not answering: the same request may succeed later
         return msg.data
 
     server = RequestServer(bus, bus.subjects.bench_echo, "workers", handle, capacity=10)
@@ -108,6 +111,9 @@ async def test_a_failing_handler_costs_one_request_and_its_caller_gets_the_reaso
 
     failed = msgspec.json.decode((await nc.request(settings.subjects.bench_echo, b"boom", timeout=5)).data)
     assert failed["error"]["kind"] == "unavailable" and "RuntimeError('boom')" in failed["error"]["message"]
+    assert failed["error"].get("retryable", False) is False
+    transient = msgspec.json.decode((await nc.request(settings.subjects.bench_echo, b"no leader", timeout=5)).data)
+    assert transient["error"]["kind"] == "unavailable" and transient["error"]["retryable"] is True
     assert (await nc.request(settings.subjects.bench_echo, b"fine", timeout=5)).data == b"fine"
     await server.stop()
 

@@ -20,6 +20,7 @@ from schemas.messages import BudgetCap, DeadLetter, Rejection, Task, TaskEvent
 from schemas.subjects import BUCKET_BUDGETS, BUCKET_CONTROL, KV_API, STREAM_DLQ, STREAM_TASK_EVENTS, STREAM_USAGE
 from services.accountant.budget import BudgetBook, BudgetConfig
 from services.accountant.ledger import pico
+from services.planner.app import MAX_DELIVER
 from services.planner.dag import Planner
 from services.planner.events import EventPublisher
 from services.runtime.bus import Bus, encode
@@ -196,14 +197,14 @@ async def test_a_run_that_raises_after_its_calls_hands_their_count_and_cost_to_t
     """JetStream not answering while a run stores its terminal event (as when a node is lost): the run
     raises after its call, and the task runs again. Its terminal event counts every run's calls and
     cost, as the usage rows and the task's budget do; with no run left, so does the ``failed`` event."""
-    publish = EventPublisher.emit
+    original_emit = EventPublisher.emit
     refused: list[str] = []
 
     async def done_not_stored(self, task, kind, **fields):
         if kind == "done" and (task.goal == "always" or task.id not in refused):
             refused.append(task.id)
             raise RuntimeError("nats: no response from stream")
-        await publish(self, task, kind, **fields)
+        await original_emit(self, task, kind, **fields)
 
     monkeypatch.setattr(EventPublisher, "emit", done_not_stored)
     await planner_mesh()
@@ -212,23 +213,32 @@ async def test_a_run_that_raises_after_its_calls_hands_their_count_and_cost_to_t
     once = await submit(nc, settings, new_task(goal="once"), timeout_s=15)
     always = await submit(nc, settings, new_task(goal="always"), timeout_s=15)
 
-    assert len(peer.requests) == 2 + 3
+    assert len(peer.requests) == 2 + MAX_DELIVER
     assert (once[-1].kind, once[-1].calls, once[-1].cost_usd) == ("done", 2, 0.5)
-    assert (always[-1].kind, always[-1].calls, always[-1].cost_usd) == ("failed", 3, 0.75)
-    assert always[-1].detail.startswith("delivery limit: the planner failed this task 3 times")
+    assert (always[-1].kind, always[-1].calls, always[-1].cost_usd) == ("failed", MAX_DELIVER, 0.25 * MAX_DELIVER)
+    assert always[-1].detail.startswith(f"delivery limit: the planner failed this task {MAX_DELIVER} times")
     await wait_for_ack(nc, settings)
 
 
 async def test_an_artifact_store_that_comes_back_keeps_the_answer_already_paid_for(
-    settings, nc, start_service, router_peers
+    settings, nc, start_service, router_peers, monkeypatch
 ):
     """No artifact store while the step's answer comes (a store restarting, a cluster electing a leader):
     the planner asks again until one answers, and the task ends done on its one call."""
+    task = new_task(goal="q")
+    puts: list[str] = []
+    original_request = Bus.request
+
+    async def counted(self, subject, *args, **kwargs):
+        if subject == settings.subjects.artifact_put(task.tenant):
+            puts.append(subject)
+        return await original_request(self, subject, *args, **kwargs)
+
+    monkeypatch.setattr(Bus, "request", counted)
     await start_service("planner", settings)
     peer = await router_peers(settings, lambda r: result(r, "ok"))
-    submitted = asyncio.create_task(submit(nc, settings, new_task(goal="q"), timeout_s=15))
-    await eventually(lambda: len(peer.requests) == 1, timeout_s=5)
-    await asyncio.sleep(1.0)  # the answer's put finds no store, and is asked again
+    submitted = asyncio.create_task(submit(nc, settings, task, timeout_s=15))
+    await eventually(lambda: len(puts) >= 2, timeout_s=10)  # the answer's put found no store, and was sent again
 
     await start_service("artifact-store", settings)
 

@@ -16,8 +16,8 @@ A task's message is acked only after its terminal event is published; while it r
 marks the tasks that are due, services/planner/keep_alive.py). If the planner
 dies mid-task the message comes back after ``ack_wait_s`` and another replica runs the task again
 (artifacts are content-addressed, so reruns store nothing twice). A run that raises is nacked and
-delivered again, at most ``MAX_DELIVER`` times in all, and the next run here counts on from the calls
-and spend of the one that raised (``Planner.earlier_runs``); a task still not ended after its last delivery
+delivered again, at most ``MAX_DELIVER`` times in all, and the next run here reports the calls and
+spend of the one that raised with its own (``Planner.earlier_runs``); a task still not ended after its last delivery
 gets a terminal ``failed`` event saying so (services/planner/delivery_limit.py).
 
 Every replica also runs the scheduler (services/planner/schedule.py); JetStream's dedupe makes each
@@ -91,7 +91,7 @@ def create_app(
         bus.log.warning("workflow_cannot_run", problem=problem)
     attempts = AttemptCounter(limits.attempts_per_day, clock)
     planner = Planner(bus, workflows, max_fanout, limits, preflight, attempts)
-    delivery_limit = DeliveryLimit(bus, MAX_DELIVER)
+    delivery_limit = DeliveryLimit(bus, MAX_DELIVER, planner.earlier_runs)
     keep_alive = KeepAlive(bus, ack_wait_s)
     slots = asyncio.Semaphore(max_in_flight)
     running: set[asyncio.Task[None]] = set()
@@ -120,7 +120,7 @@ def create_app(
         except Exception as exc:
             # Infrastructure trouble (e.g. events could not be published): delivered again, up to the limit.
             bus.log.exception("task_crashed", task_id=task.id)
-            await delivery_limit.crashed(msg, task, exc, planner.earlier_runs)
+            await delivery_limit.crashed(msg, task, exc)
         finally:
             keep_alive.release(msg)
             slots.release()

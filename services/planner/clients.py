@@ -7,10 +7,11 @@ that answers after the deadline is ``timeout``; a router's refusal keeps the rou
 retryability. An agent nobody answers is ``unavailable``, one that does not answer in time is
 ``timeout``: both retryable (another instance may take the next try); one that cannot read the
 request rejects it, which reads as an AgentResult with an ``invalid`` error. An artifact store that
-is unavailable (nobody answers, not in time, or it could not reach JetStream, as while a cluster
-elects a new leader) is asked again, with backoff, for up to ``STORE_WAIT_S``: the artifact may hold a
-model's answer already paid for, and a failed step would throw it away. One that refuses the request
-or answers something else fails the step at once.
+is unavailable (nobody answers, not in time, or its rejection says retryable: it could not reach
+JetStream, as while a cluster elects a new leader) is asked again, with backoff, for up to
+``STORE_WAIT_S`` in all: the artifact may hold a model's answer already paid for, and a failed step
+would throw it away. One that refuses the request for good, or answers something else, fails the
+step at once.
 
 The artifact client works for one tenant at a time: the tenant of the task being run, which
 ``Planner.run`` binds with ``artifacts_of`` around the whole run (every asyncio task a step starts
@@ -177,19 +178,20 @@ class ArtifactClient:
         return reply.artifact
 
     async def _request(self, subject: str, message: msgspec.Struct) -> ArtifactReply:
-        """The store's reply, asked again while the store is unavailable, up to ``STORE_WAIT_S`` (and never
-        past the task's deadline, which cancels the step)."""
+        """The store's reply, asked again while the store is unavailable, for up to ``STORE_WAIT_S`` in all
+        (a step's wait also ends at the task's deadline, which cancels the step)."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + STORE_WAIT_S
         pause, longest = STORE_PAUSE_S
         while True:
+            timeout_s = max(min(self.timeout_s, give_up_at - loop.time()), pause)
             try:
-                return await self.bus.request(subject, message, ArtifactReply, self.timeout_s)
+                return await self.bus.request(subject, message, ArtifactReply, timeout_s)
             except (NoRespondersError, NatsTimeoutError):
                 problem = "the artifact store is not answering"
             except Rejected as rejected:
                 problem = f"the artifact store refused the request: {rejected}"
-                if rejected.error.kind != "unavailable":
+                if not rejected.error.retryable:
                     raise StepFailed(problem, kind="invalid") from None
             except msgspec.DecodeError as exc:
                 raise StepFailed(f"the artifact store's reply is not an ArtifactReply: {exc}", kind="invalid") from None

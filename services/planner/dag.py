@@ -62,8 +62,6 @@ class Planner:
         agents = AgentSteps(AgentClient(bus), self.artifacts)
         self.steps = StepRunner(calls, structured, self.artifacts, self.events, limits, agents)
         self.earlier_runs = EarlierRuns()
-        # Each task running here (by tenant and id): what ``run`` keeps for the next run if this one raises.
-        self._states: dict[tuple[str, str], TaskState] = {}
 
     async def run(self, task: Task, schedule_run: str = "") -> TaskEventKind:
         """Run ``task`` to its terminal event and return that event's kind.
@@ -71,38 +69,39 @@ class Planner:
         ``schedule_run``: the ``Mesh-Schedule-Run`` header of a scheduled run (its own attempts count).
         Every artifact the run puts or gets is its tenant's. A run that raises leaves what the task has
         sent and spent so far in ``earlier_runs``, for its next delivery (services/planner/app.py)."""
-        key = (task.tenant, task.id)
         earlier = self.earlier_runs.take(task)
+        started: list[TaskState] = []  # this run's state, once it has one
         try:
             with artifacts_of(task.tenant):
-                return await self._run(task, schedule_run, earlier)
+                return await self._run(task, schedule_run, earlier, started)
         except Exception:
-            self.earlier_runs.keep(task, self._states.get(key) or earlier)
+            self.earlier_runs.keep(task, started[0].totals() if started else earlier)
             raise
         finally:
-            self._states.pop(key, None)
             self.events.forget(task)
 
-    async def _run(self, task: Task, schedule_run: str, earlier: RunTotals) -> TaskEventKind:
+    async def _run(
+        self, task: Task, schedule_run: str, earlier: RunTotals, started: list[TaskState]
+    ) -> TaskEventKind:
         emit = self.events.emit
         workflow = self.workflows.get(task.workflow)
-        await emit(task, "accepted")
+        await emit(task, "accepted", totals=earlier)
         if workflow is None:
             known = ", ".join(sorted(self.workflows)) or "none"
-            await emit(task, "failed", detail=f"unknown workflow {task.workflow!r}; known: {known}", state=earlier)
+            await emit(task, "failed", detail=f"unknown workflow {task.workflow!r}; known: {known}", totals=earlier)
             return "failed"
         deadline_s = task.deadline_s if task.deadline_s is not None else self.timeout_s
-        state = self._states[(task.tenant, task.id)] = TaskState(
+        state = TaskState(
             task,
             workflow,
             deadline_ms=(task.submitted_ms or now_ms()) + int(deadline_s * 1000),
             slots=asyncio.Semaphore(self.fanout(workflow)),
-            cost_usd=earlier.cost_usd,
-            calls=earlier.calls,
+            earlier=earlier,
         )
+        started.append(state)
         problem = await self._fetch_inputs(state)
         if problem is not None:
-            await emit(task, "failed", detail=problem, state=state)
+            await emit(task, "failed", detail=problem, totals=state.totals())
             return "failed"
         # The agents and the estimate first: they cost nothing, while a claim uses up one of the day's attempts.
         agents, refusal = await live_agents(self.bus, workflow)
@@ -111,10 +110,10 @@ class Planner:
         if refusal is None:
             refusal = await self.attempts.claim(task, schedule_run)
         if refusal is not None:
-            await emit(task, "refused", detail=refusal, state=state)
-            await emit(task, "failed", detail=refusal, state=state)
+            await emit(task, "refused", detail=refusal, totals=state.totals())
+            await emit(task, "failed", detail=refusal, totals=state.totals())
             return "failed"
-        await emit(task, "planned", detail=",".join(s.id for s in workflow.steps), state=state)
+        await emit(task, "planned", detail=",".join(s.id for s in workflow.steps), totals=state.totals())
         try:
             async with asyncio.timeout(state.left_s()):
                 stop = await self._run_steps(state)
@@ -179,12 +178,12 @@ class Planner:
         # The agent whose step makes the answer, so task rows can be summed per agent.
         agent = state.workflow.final.agent
         if stop is None:
-            await emit(task, "done", artifact=state.refs[state.workflow.final.id], state=state, agent=agent)
+            await emit(task, "done", artifact=state.refs[state.workflow.final.id], totals=state.totals(), agent=agent)
             return "done"
         if stop.kind in REFUSALS:
-            await emit(task, "refused", detail=stop.reason, state=state)
+            await emit(task, "refused", detail=stop.reason, totals=state.totals())
         kind: TaskEventKind = "killed" if stop.kind == "killed" else "partial" if state.produced else "failed"
-        await emit(task, kind, detail=stop.reason, artifact=best(state), state=state, agent=agent)
+        await emit(task, kind, detail=stop.reason, artifact=best(state), totals=state.totals(), agent=agent)
         return kind
 
 

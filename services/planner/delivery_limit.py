@@ -23,7 +23,7 @@ from nats.aio.subscription import Subscription
 from schemas.messages import Task
 from schemas.subjects import DURABLE_PLANNER, JS_EVENT, STREAM_TASKS
 from services.planner.events import EventPublisher
-from services.planner.state import EarlierRuns, RunTotals
+from services.planner.state import EarlierRuns
 from services.runtime.bus import Bus
 from services.runtime.scrub import scrub
 
@@ -46,9 +46,11 @@ def max_deliveries_advisory(stream: str, durable: str) -> str:
 class DeliveryLimit:
     """Ends the tasks JetStream gives up on; ``start`` it once the bus is connected, before tasks are pulled."""
 
-    def __init__(self, bus: Bus, max_deliver: int) -> None:
+    def __init__(self, bus: Bus, max_deliver: int, earlier_runs: EarlierRuns) -> None:
         self.bus = bus
         self.max_deliver = max_deliver
+        # What the runs here of each task that raised sent and spent: its failed event reports it.
+        self.earlier_runs = earlier_runs
         self.stream = bus.subjects.stream(STREAM_TASKS)
         # Its own publisher: it only publishes terminal events, of tasks whose runs are over.
         self.events = EventPublisher(bus)
@@ -62,16 +64,15 @@ class DeliveryLimit:
         if self._subscription is not None:
             await self._subscription.unsubscribe()
 
-    async def crashed(self, msg: Msg, task: Task, error: Exception, earlier_runs: EarlierRuns) -> None:
-        """After a run of ``task`` raised: nack its message for another delivery, or on the last one end it,
-        with what its runs here sent and spent (``earlier_runs``)."""
+    async def crashed(self, msg: Msg, task: Task, error: Exception) -> None:
+        """After a run of ``task`` raised: nack its message for another delivery, or on the last one end it."""
         deliveries = msg.metadata.num_delivered
         if deliveries < self.max_deliver:
             await msg.nak(delay=REDELIVERY_DELAY_S)
             return
         reason = f"delivery limit: the planner failed this task {deliveries} times, the last with {error!r}"
         try:
-            await self._give_up(task, msg.subject, msg.data, msg.headers, reason, earlier_runs.take(task))
+            await self._give_up(task, msg.subject, msg.data, msg.headers, reason)
         except Exception:
             # JetStream gives up on the message after this nack, and its advisory tries once more.
             self.bus.log.exception("task_not_ended", task_id=task.id)
@@ -96,16 +97,15 @@ class DeliveryLimit:
             self.bus.log.exception("task_not_ended", advisory=msg.data.decode(errors="replace"))
 
     async def _give_up(
-        self,
-        task: Task,
-        subject: str,
-        data: bytes,
-        headers: dict[str, str] | None,
-        reason: str,
-        totals: RunTotals | None = None,
+        self, task: Task, subject: str, data: bytes, headers: dict[str, str] | None, reason: str
     ) -> None:
-        """End ``task`` ``failed`` with ``reason`` (scrubbed: an error's text may hold anything) and what
-        its runs sent and spent (``totals``, when known), and dead-letter its message."""
+        """End ``task`` ``failed`` with ``reason`` (scrubbed: an error's text may hold anything) and what its
+        runs here sent and spent, and dead-letter its message."""
         reason = scrub(reason)
-        await self.events.emit(task, "failed", detail=reason, state=totals)
+        totals = self.earlier_runs.take(task)
+        try:
+            await self.events.emit(task, "failed", detail=reason, totals=totals)
+        except Exception:
+            self.earlier_runs.keep(task, totals)  # for the advisory's try
+            raise
         await self.bus.dead_letter(subject, data, headers, reason)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from schemas.messages import TERMINAL_EVENTS, ArtifactRef, Task, TaskEvent, TaskEventKind
 from schemas.subjects import STREAM_TASK_EVENTS
-from services.planner.state import RunTotals, TaskState
+from services.planner.state import RunTotals
 from services.runtime.bus import Bus, encode, now_ms
 
 
@@ -38,11 +38,10 @@ class EventPublisher:
         step_id: str | None = None,
         detail: str = "",
         artifact: ArtifactRef | None = None,
-        state: TaskState | RunTotals | None = None,
+        totals: RunTotals | None = None,
         agent: str = "",
     ) -> None:
-        """Publish one event of ``task``; its cost and calls so far come from ``state`` when given (a
-        run's, or what earlier runs left);
+        """Publish one event of ``task``; ``totals``: its calls and cost so far (none yet when not given);
         ``agent``: the agent service running the step."""
         event = TaskEvent(
             task_id=task.id,
@@ -53,8 +52,8 @@ class EventPublisher:
             step_id=step_id,
             detail=detail,
             artifact=artifact,
-            cost_usd=state.cost_usd if state else 0.0,
-            calls=state.calls if state else 0,
+            cost_usd=totals.cost_usd if totals else 0.0,
+            calls=totals.calls if totals else 0,
             agent=agent,
         )
         subject = self.subjects.task_event(task.tenant, task.id, kind)

@@ -31,6 +31,14 @@ class StepFailed(Exception):
         self.retryable = retryable
 
 
+@dataclass(frozen=True)
+class RunTotals:
+    """What a task's runs have sent (model calls, retries included) and spent, in USD."""
+
+    calls: int = 0
+    cost_usd: float = 0.0
+
+
 @dataclass
 class TaskState:
     """One task's run, from its pre-flight check to its terminal event."""
@@ -42,8 +50,11 @@ class TaskState:
     refs: dict[str, ArtifactRef] = field(default_factory=dict)
     # Every artifact a step or an item produced, in order: the candidates for a ``partial`` result.
     produced: list[ArtifactRef] = field(default_factory=list)
+    # This run's spend and calls; the budget checks read these (the accountant's task cap counts earlier runs).
     cost_usd: float = 0.0
     calls: int = 0
+    # What the task's earlier runs in this process had sent and spent (``EarlierRuns``): only reported.
+    earlier: RunTotals = field(default_factory=RunTotals)
     # Worst cases of the calls in flight: spent plus these must stay within the budget.
     in_flight_usd: float = 0.0
     # How often each call (by role and messages) was sent.
@@ -53,6 +64,10 @@ class TaskState:
     # One per model call in flight (a step's, or an item's of a for_each step): the fan-out cap.
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
 
+    def totals(self) -> RunTotals:
+        """What the task has sent and spent in all: this run and its earlier runs here."""
+        return RunTotals(self.earlier.calls + self.calls, self.earlier.cost_usd + self.cost_usd)
+
     def left_s(self) -> float:
         """Seconds until the task's deadline (negative once it passed)."""
         return (self.deadline_ms - now_ms()) / 1000
@@ -61,14 +76,6 @@ class TaskState:
         """Count ``ref`` among the task's results (once, however many steps return it)."""
         if ref not in self.produced:
             self.produced.append(ref)
-
-
-@dataclass(frozen=True)
-class RunTotals:
-    """What a task's runs have sent (model calls, retries included) and spent, in USD."""
-
-    calls: int = 0
-    cost_usd: float = 0.0
 
 
 class EarlierRuns:
@@ -85,8 +92,9 @@ class EarlierRuns:
         self.limit = limit
         self._totals: OrderedDict[tuple[str, str], RunTotals] = OrderedDict()
 
-    def keep(self, task: Task, totals: RunTotals | TaskState) -> None:
-        self._totals[(task.tenant, task.id)] = RunTotals(totals.calls, totals.cost_usd)
+    def keep(self, task: Task, totals: RunTotals) -> None:
+        """``task``'s runs here so far sent and spent ``totals``; its next run here reports them with its own."""
+        self._totals[(task.tenant, task.id)] = totals
         while len(self._totals) > self.limit:
             self._totals.popitem(last=False)
 

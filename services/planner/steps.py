@@ -57,7 +57,7 @@ class StepRunner:
 
     async def run(self, state: TaskState, step: StepSpec) -> ArtifactRef:
         """The artifact of ``step`` (whose needs have theirs); raises StepFailed when it has none."""
-        await self.events.emit(state.task, "step_started", step_id=step.id, state=state, agent=step.agent)
+        await self.events.emit(state.task, "step_started", step_id=step.id, totals=state.totals(), agent=step.agent)
         # An agent reads its needs itself, by reference.
         needs = [] if step.kind == "agent" else step.needs
         inputs = {need: await self.artifacts.get(state.refs[need].id) for need in needs}
@@ -71,7 +71,9 @@ class StepRunner:
         else:
             ref = await self._model_step(state, step, inputs)
         state.keep(ref)
-        await self.events.emit(state.task, "step_done", step_id=step.id, artifact=ref, state=state, agent=step.agent)
+        await self.events.emit(
+            state.task, "step_done", step_id=step.id, artifact=ref, totals=state.totals(), agent=step.agent
+        )
         return ref
 
     async def _model_step(self, state: TaskState, step: StepSpec, inputs: dict[str, Artifact]) -> ArtifactRef:

@@ -57,7 +57,7 @@ class StructuredOutput:
                 "step_started",
                 step_id=request.step_id,
                 detail=f"retry {retry} of {retries} on {result.model}: the output is invalid: {error}",
-                state=state,
+                totals=state.totals(),
             )
             feedback = [
                 ChatMessage(role="assistant", content=result.output),
@@ -83,7 +83,7 @@ class StructuredOutput:
             "escalated",
             step_id=request.step_id,
             detail=f"to tier {tier} ({', '.join(models)}): {invalid}",
-            state=state,
+            totals=state.totals(),
         )
         # The original request, on the next tier: the stronger model starts afresh.
         escalated = msgspec.structs.replace(request, allow_models=models, attempt=current.attempt)

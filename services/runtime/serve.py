@@ -23,8 +23,14 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from services.runtime.bus import Bus
+
+# What a handler may raise that the same request may not meet again: the bus or JetStream not
+# answering (a cluster electing a leader, a server restarting). Its rejection says retryable.
+TRANSIENT = (TimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError)
 
 Handler = Callable[[Msg], Awaitable[bytes | None]]
 # Requests one replica holds by default: about 20 KB each (a coroutine, its request and reply
@@ -100,7 +106,8 @@ class RequestServer:
             reply = await self.handle(msg)
         except Exception as exc:  # a bug must cost one request, never the server
             self.bus.log.exception("request_failed", subject=msg.subject)
-            reply = self.bus.rejection(f"{self.bus.service} failed on this request: {exc!r}", "unavailable")
+            reason = f"{self.bus.service} failed on this request: {exc!r}"
+            reply = self.bus.rejection(reason, "unavailable", retryable=isinstance(exc, TRANSIENT))
         if reply is not None and msg.reply:
             await msg.respond(reply)
 
