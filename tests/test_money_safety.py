@@ -32,6 +32,7 @@ from services.accountant.ledger import dollars, pico
 from services.runtime.bus import encode, now_ms
 from services.runtime.data import load_recorded_outcomes
 from services.runtime.grants import PUBLIC_KEY_ENV, SEED_ENV, SEED_FILE_ENV, GrantSigner, new_seed
+from services.runtime.reservations import ReservationClient
 from services.runtime.settings import REPO_DEPLOY_DIR, MeshSettings
 from services.runtime.streams import ensure_streams
 
@@ -171,6 +172,27 @@ async def test_grants_stop_while_jetstream_refuses_journal_writes_and_no_settle_
 
 
 @pytest.mark.slow  # two starts of an accountant process
+async def test_a_router_asks_again_while_the_journal_cannot_store_and_is_granted_once_it_can(
+    start_service, settings, nc, bus
+):
+    """What a cluster's leader election looks like to a router: the accountant refuses reserves for a
+    moment because JetStream refuses its journal's writes. The router's client asks again (same id)
+    within its failover window instead of failing the call."""
+    options = {"database": settings.subject_prefix, "budgets": tenant_cap("acme", 1.0), "sweep_interval_s": 0.02}
+    await start_service("accountant", settings, **options)
+    await refuse_ledger_writes(nc, settings)
+    withdrawn = await reserve(nc, settings, hold(1, 0.1))  # its write is refused: the journal is unhealthy now
+    assert not withdrawn.granted and withdrawn.reason.startswith(UNAVAILABLE_LEDGER), withdrawn.reason
+
+    asked = asyncio.create_task(ReservationClient(bus).reserve(hold(2, 0.1), time_left_s=30))
+    await asyncio.sleep(1.0)  # refused a few times meanwhile
+    await take_ledger_writes(nc, settings)
+
+    decision = await asked
+    assert decision.granted, decision.reason
+    assert (await acme_day(nc, settings))[:2] == pytest.approx((0.0, 0.1))
+
+
 async def test_an_accountant_killed_before_its_answered_settles_were_stored_loses_no_spend(
     settings, nc, tmp_path, monkeypatch
 ):

@@ -5,8 +5,9 @@ The client fails closed: an accountant that does not answer is a refusal, becaus
 without a reservation could be the one that crosses a cap nobody was checking. Before that, an
 unanswered request (no replica serving budgets, or the leader died holding it) is sent again, with
 the same reservation id, for up to ``FAILOVER_S``: the time a standby accountant takes to take over
-(services/accountant/lease.py). A repeat is harmless: the accountant answers a reservation id it
-already decided with the same decision, and counts a settle once.
+(services/accountant/lease.py); so is a reserve the accountant refused only because it could not store
+its ledger at that moment (a grant is stored before it is answered). A repeat is harmless: the
+accountant answers a reservation id it already decided with the same decision, and counts a settle once.
 
 A granted decision carries the accountant's signed grant (``ReservationDecision.grant``,
 services/runtime/grants.py); the caller passes it on, unread, in ``InferenceRequest.grant``, and the
@@ -39,6 +40,9 @@ DEFAULT_TIMEOUT_S = 2.0
 FAILOVER_S = 5.0
 # Between tries while no accountant is subscribed ("no responders" comes back at once).
 RETRY_INTERVAL_S = 0.1
+# Between tries while the accountant refuses because it cannot store its ledger (its journal retries
+# its writes every 0.2 s at first).
+UNSTORED_RETRY_S = 0.25
 
 
 def is_paid(model: ModelSpec) -> bool:
@@ -84,10 +88,18 @@ class ReservationClient:
                     raise
 
     async def reserve(self, reservation: Reservation, time_left_s: float) -> ReservationDecision:
-        """The accountant's decision; a refusal when it cannot be had within the call's time."""
+        """The accountant's decision; a refusal when it cannot be had within the call's time. A refusal
+        because the accountant cannot store its ledger just now (JetStream refusing writes, as while a
+        cluster elects a leader) is asked again too, like no answer, within the same window."""
         subject = self.bus.subjects.budget_reserve
+        give_up = time.monotonic() + min(max(time_left_s, 0.001), self.failover_s)
         try:
-            return await self._ask(subject, reservation, max(time_left_s, 0.001))
+            while True:
+                decision = await self._ask(subject, reservation, max(give_up - time.monotonic(), 0.001))
+                retry = not decision.granted and decision.reason.startswith(UNAVAILABLE)
+                if not retry or time.monotonic() + UNSTORED_RETRY_S >= give_up:
+                    return decision
+                await asyncio.sleep(UNSTORED_RETRY_S)
         except (nats.errors.NoRespondersError, TimeoutError) as exc:
             # Fail closed (see the module docstring): no answer is no.
             self.bus.log.warning("reservation_unanswered", reservation_id=reservation.id, error=type(exc).__name__)
