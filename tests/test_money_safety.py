@@ -171,7 +171,6 @@ async def test_grants_stop_while_jetstream_refuses_journal_writes_and_no_settle_
     assert await acme_day(nc, settings) == pytest.approx((0.2, 0.1, 1))
 
 
-@pytest.mark.slow  # two starts of an accountant process
 async def test_a_router_asks_again_while_the_journal_cannot_store_and_is_granted_once_it_can(
     start_service, settings, nc, bus
 ):
@@ -193,6 +192,7 @@ async def test_a_router_asks_again_while_the_journal_cannot_store_and_is_granted
     assert (await acme_day(nc, settings))[:2] == pytest.approx((0.0, 0.1))
 
 
+@pytest.mark.slow  # two starts of an accountant process
 async def test_an_accountant_killed_before_its_answered_settles_were_stored_loses_no_spend(
     settings, nc, tmp_path, monkeypatch
 ):
