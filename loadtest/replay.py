@@ -40,6 +40,8 @@ from services.runtime.settings import MeshSettings
 ENDINGS: frozenset[str] = TERMINAL_EVENTS | {"refused"}
 INFERENCE_SERVICES = ("local-inference", "cloud-inference")
 MAX_REASONS = 5
+# Tasks whose usage rows do not match their reported calls, named in the zero-loss check.
+MISMATCHES_NAMED = 5
 # How long the accountant may take to store the last rows after the last task ended.
 INGEST_WAIT_S = 30.0
 # How long a task's publish is sent again while its stream elects a leader (a nats-server of a cluster lost).
@@ -112,6 +114,8 @@ class ZeroLoss:
     calls_reported: int
     usage_rows: int
     tasks_with_row_mismatch: int
+    # The first few of those tasks (by id), to look their usage rows up.
+    mismatched_tasks: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -331,10 +335,11 @@ class Replayer:
         e2e: list[float] = []
         overhead: list[float] = []
         backend: list[float] = []
-        mismatched = 0
+        mismatched: list[str] = []
         for task_id, entry in ended.items():
             task_usage = usage.get(task_id, NO_USAGE)
-            mismatched += task_usage.rows != entry.ending.calls
+            if task_usage.rows != entry.ending.calls:
+                mismatched.append(task_id)
             if entry.ending.kind != "done":
                 continue
             # Recovered from the stream: timed by the mesh's clock (same machine in a load test).
@@ -385,7 +390,8 @@ class Replayer:
                 missing=len(self.sent) - len(ended),
                 calls_reported=sum(e.ending.calls for e in ended.values()),
                 usage_rows=calls,
-                tasks_with_row_mismatch=mismatched,
+                tasks_with_row_mismatch=len(mismatched),
+                mismatched_tasks=mismatched[:MISMATCHES_NAMED],
             ),
         )
 

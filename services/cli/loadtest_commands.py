@@ -257,7 +257,8 @@ def print_report(report: Report, trace: str) -> None:
     console.print(
         f"{verdict}: {z.ended}/{z.published} tasks ended ({z.missing} missing); "
         f"{z.usage_rows} usage rows for {z.calls_reported} calls reported "
-        f"({z.tasks_with_row_mismatch} tasks with a mismatch)"
+        f"({z.tasks_with_row_mismatch} tasks with a mismatch"
+        + (f", e.g. {', '.join(z.mismatched_tasks)})" if z.mismatched_tasks else ")")
     )
 
 
