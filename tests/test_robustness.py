@@ -20,9 +20,10 @@ from schemas.messages import BudgetCap, DeadLetter, Rejection, Task, TaskEvent
 from schemas.subjects import BUCKET_BUDGETS, BUCKET_CONTROL, KV_API, STREAM_DLQ, STREAM_TASK_EVENTS, STREAM_USAGE
 from services.accountant.budget import BudgetBook, BudgetConfig
 from services.accountant.ledger import pico
-from services.planner.app import MAX_DELIVER
+from services.planner import app as planner_app
 from services.planner.dag import Planner
 from services.planner.events import EventPublisher
+from services.planner.keep_alive import KeepAlive
 from services.runtime.bus import Bus, encode
 from services.runtime.control import control_bucket, set_kill
 from services.runtime.data import load_recorded_outcomes
@@ -213,10 +214,11 @@ async def test_a_run_that_raises_after_its_calls_hands_their_count_and_cost_to_t
     once = await submit(nc, settings, new_task(goal="once"), timeout_s=15)
     always = await submit(nc, settings, new_task(goal="always"), timeout_s=15)
 
-    assert len(peer.requests) == 2 + MAX_DELIVER
+    runs = planner_app.MAX_DELIVER
+    assert len(peer.requests) == 2 + runs
     assert (once[-1].kind, once[-1].calls, once[-1].cost_usd) == ("done", 2, 0.5)
-    assert (always[-1].kind, always[-1].calls, always[-1].cost_usd) == ("failed", MAX_DELIVER, 0.25 * MAX_DELIVER)
-    assert always[-1].detail.startswith(f"delivery limit: the planner failed this task {MAX_DELIVER} times")
+    assert (always[-1].kind, always[-1].calls, always[-1].cost_usd) == ("failed", runs, 0.25 * runs)
+    assert always[-1].detail.startswith(f"delivery limit: the planner failed this task {runs} times")
     await wait_for_ack(nc, settings)
 
 
@@ -246,6 +248,32 @@ async def test_an_artifact_store_that_comes_back_keeps_the_answer_already_paid_f
     assert (events[-1].kind, events[-1].calls) == ("done", 1)
     assert len(peer.requests) == 1
     await wait_for_ack(nc, settings)
+
+
+async def test_a_task_delivered_again_while_its_run_goes_on_runs_once(
+    settings, nc, planner_mesh, router_peers, monkeypatch
+):
+    """JetStream delivers a task again while its run goes on (here its marks stop, so its ack wait passes;
+    a consumer whose leader moved does the same): the run in progress answers for both deliveries,
+    and the task's model call is made once."""
+
+    async def no_marks(self) -> None:
+        return None
+
+    monkeypatch.setattr(KeepAlive, "sweep", no_marks)
+    # Deliveries enough that a slow machine's run is never given up on while JetStream repeats it.
+    monkeypatch.setattr(planner_app, "MAX_DELIVER", 20)
+    await planner_mesh(ack_wait_s=1.0)
+    peer = await router_peers(settings, lambda r: result(r, "ok"), delay_s=2.5)
+    task = new_task(goal="q")
+
+    events = await submit(nc, settings, task, timeout_s=15)
+
+    assert (events[-1].kind, events[-1].calls) == ("done", 1)
+    assert len(peer.requests) == 1
+    await wait_for_ack(nc, settings)
+    stored = [msgspec.json.decode(d, type=TaskEvent) for d in await stream_messages(nc, settings, STREAM_TASK_EVENTS)]
+    assert [(e.task_id, e.kind) for e in stored] == [(task.id, "done")]
 
 
 async def _ended_once_and_dead_lettered(nc, settings, task, failed: TaskEvent) -> None:

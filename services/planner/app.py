@@ -18,7 +18,9 @@ dies mid-task the message comes back after ``ack_wait_s`` and another replica ru
 (artifacts are content-addressed, so reruns store nothing twice). A run that raises is nacked and
 delivered again, at most ``MAX_DELIVER`` times in all, and the next run here reports the calls and
 spend of the one that raised with its own (``Planner.earlier_runs``); a task still not ended after its last delivery
-gets a terminal ``failed`` event saying so (services/planner/delivery_limit.py).
+gets a terminal ``failed`` event saying so (services/planner/delivery_limit.py). A delivery of a task
+whose run is still going on here (its marks came too late, or the consumer's new leader lost its latest
+deliveries) joins that run: it is marked and acked with it, and the task never runs twice at once here.
 
 Every replica also runs the scheduler (services/planner/schedule.py); JetStream's dedupe makes each
 scheduled run fire once however many replicas submit it. Limits and estimate profiles come from
@@ -111,18 +113,26 @@ def create_app(
         scheduler = Scheduler(bus, clock, schedule_tick_s)
         scheduling.append(asyncio.create_task(scheduler.run()))
 
+    # Every delivery of each task running here, by (tenant, id), the first one first. JetStream delivers a
+    # message again while its run goes on when a mark came too late or a consumer's new leader lost its
+    # latest deliveries: the run in progress answers for them all, so the task never runs twice at once.
+    deliveries: dict[tuple[str, str], list[Msg]] = {}
+
     async def run(msg: Msg, task: Task) -> None:
+        key = (task.tenant, task.id)
         keep_alive.hold(msg)
         try:
             kind = await planner.run(task, (msg.headers or {}).get(HEADER_SCHEDULE_RUN, ""))
-            await msg.ack()
+            for delivery in deliveries[key]:
+                await delivery.ack()
             bus.log.info("task_finished", task_id=task.id, kind=kind)
         except Exception as exc:
             # Infrastructure trouble (e.g. events could not be published): delivered again, up to the limit.
             bus.log.exception("task_crashed", task_id=task.id)
-            await delivery_limit.crashed(msg, task, exc)
+            await delivery_limit.crashed(deliveries[key][-1], task, exc)
         finally:
-            keep_alive.release(msg)
+            for delivery in deliveries.pop(key):
+                keep_alive.release(delivery)
             slots.release()
 
     async def submit(msg: Msg) -> None:
@@ -144,6 +154,13 @@ def create_app(
             # Dead-lettered with the reason; acked so it is not redelivered.
             await msg.ack()
             return
+        key = (task.tenant, task.id)
+        if key in deliveries:
+            deliveries[key].append(msg)
+            keep_alive.hold(msg)
+            bus.log.warning("task_delivered_while_running", task_id=task.id)
+            return
+        deliveries[key] = [msg]
         # A full replica waits here, on the consumer's callback: it asks for no more tasks meanwhile.
         await slots.acquire()
         background = asyncio.create_task(run(msg, task))
