@@ -15,7 +15,6 @@ Payloads: tests/hostile.py; examples per test as tests/test_fuzz.py (``FRUGALMES
 from __future__ import annotations
 
 import asyncio
-import uuid
 from dataclasses import dataclass
 
 import httpx
@@ -23,7 +22,7 @@ import msgspec
 import pytest
 from fakes.budget_peer import BudgetPeer
 from fakes.grants import granted
-from helpers import eventually
+from helpers import eventually, make_request
 from hostile import headers, payloads
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -36,7 +35,6 @@ from schemas.subjects import Subjects
 from services.gateway.errors import ErrorEnvelope
 from services.gateway.feedback import FeedbackBody
 from services.gateway.openai_wire import decode_request
-from services.runtime.bus import now_ms
 
 pytestmark = [pytest.mark.infra, pytest.mark.slow]
 
@@ -58,20 +56,8 @@ async def slow_stream(openai_settings, start_service, fake_openai):
 
 
 def _streamed(inbox: str) -> InferenceRequest:
-    return granted(
-        InferenceRequest(
-            call_id=uuid.uuid4().hex,
-            task_id="fuzz-cancel",
-            step_id="step-1",
-            tenant="acme",
-            model=FRONTIER,
-            tier="frontier",
-            messages=[ChatMessage(role="user", content="Count to three hundred.")],
-            max_tokens=400,
-            deadline_ms=now_ms() + 20_000,
-            stream_to=inbox,
-        )
-    )
+    request = make_request(FRONTIER, "Count to three hundred.", max_tokens=400, deadline_s=20)
+    return granted(msgspec.structs.replace(request, task_id="fuzz-cancel", stream_to=inbox))
 
 
 @FUZZ

@@ -137,17 +137,7 @@ async def test_a_settle_no_accountant_answered_is_sent_from_disk_until_one_does_
     try:
         await bus.declare_streams()
         client = ReservationClient(bus, failover_s=0.2)
-        reservations = [
-            Reservation(
-                id=f"{tenant}-{i}",
-                tenant=tenant,
-                task_id="t",
-                model="mixtral-8x7b",
-                amount_usd=0.01,
-                expires_ms=now_ms() + 60_000,
-            )  # fmt: skip
-            for i in range(2)
-        ]
+        reservations = holds(tenant, 2, amount_usd=0.01, expires_in_s=60)
         # No accountant: each settle goes to the outbox; the first one is settled twice (a retry).
         for reservation in (*reservations, reservations[0]):
             await client.settle(reservation, 0.004)
@@ -300,19 +290,25 @@ async def test_a_nats_server_stopped_mid_replay_loses_no_task_row_or_settle(
     assert own_usd == pytest.approx(CALLS_IN_OUTAGE * ACTUAL_USD)
 
 
-async def reserve_calls(bus: Bus, tenant: str) -> list[Reservation]:
-    client = ReservationClient(bus)
-    reservations = [
+def holds(tenant: str, count: int, *, amount_usd: float, expires_in_s: float) -> list[Reservation]:
+    """``count`` reservations of ``tenant``'s calls, ids ``<tenant>-<i>``."""
+    expires_ms = now_ms() + int(expires_in_s * 1000)
+    return [
         Reservation(
             id=f"{tenant}-{i}",
             tenant=tenant,
             task_id="t",
             model="mixtral-8x7b",
-            amount_usd=WORST_CASE_USD,
-            expires_ms=now_ms() + 300_000,
+            amount_usd=amount_usd,
+            expires_ms=expires_ms,
         )  # fmt: skip
-        for i in range(CALLS_IN_OUTAGE)
+        for i in range(count)
     ]
+
+
+async def reserve_calls(bus: Bus, tenant: str) -> list[Reservation]:
+    client = ReservationClient(bus)
+    reservations = holds(tenant, CALLS_IN_OUTAGE, amount_usd=WORST_CASE_USD, expires_in_s=300)
     for reservation in reservations:
         assert (await client.reserve(reservation, time_left_s=10)).granted
     return reservations

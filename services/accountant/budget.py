@@ -22,8 +22,9 @@ import msgspec
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from schemas.messages import BudgetCap, BudgetScope, BudgetUpdate
-from schemas.subjects import BUCKET_BUDGETS, KV_API, token
+from schemas.subjects import BUCKET_BUDGETS, token
 from services.accountant.ledger import dollars, pico
+from services.runtime.dead_letters import entry_subject
 from services.runtime.kv_snapshot import current_entries
 
 if TYPE_CHECKING:
@@ -144,8 +145,8 @@ class BudgetBook:
                     raise ValueError(f"the caps are for {own_key!r}, stored under {entry.key!r}")
                 caps = Caps(_amount(stored.day_usd, entry.key), _amount(stored.month_usd, entry.key))
             except (ValueError, RecursionError) as exc:  # msgspec's DecodeError is a ValueError too
-                subject = f"{KV_API}.{entry.bucket}.{entry.key}"
-                await bus.dead_letter(subject, entry.value or b"", None, f"budget value {entry.key}: {exc}")
+                error = f"budget value {entry.key}: {exc}"
+                await bus.dead_letter(entry_subject(entry), entry.value or b"", None, error)
                 continue
             self.caps[(stored.scope, stored.key)] = caps
         await watcher.stop()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import click
 
 from services.embedded.creds import CredentialStore, reload_server
-from services.embedded.stack import SERVICES, client_settings, running_stack
+from services.embedded.stack import SERVICES, SHIPPED_AGENTS, running_stack
 from services.runtime.grants import PUBLIC_KEY_ENV, load_signer, signer_seed
 from services.runtime.identities import Identity, inbox_prefix, public_key
 from services.runtime.settings import MeshSettings
@@ -61,7 +61,7 @@ def creds() -> None:
 def creds_create(tenant: str | None, agent: str | None, operator: str | None) -> None:
     """Make an identity's credential (an nkey seed file, owner-only) and let the server know it."""
     identity = _identity(tenant, agent, operator)
-    settings = client_settings()
+    settings = MeshSettings()
     store = CredentialStore(settings.home)
     try:
         path = store.create(identity)
@@ -80,7 +80,7 @@ def creds_create(tenant: str | None, agent: str | None, operator: str | None) ->
 def creds_revoke(tenant: str | None, agent: str | None, operator: str | None) -> None:
     """Delete an identity's credential; the server refuses it from the reload on."""
     identity = _identity(tenant, agent, operator)
-    settings = client_settings()
+    settings = MeshSettings()
     store = CredentialStore(settings.home)
     try:
         store.revoke(identity)
@@ -93,9 +93,7 @@ def creds_revoke(tenant: str | None, agent: str | None, operator: str | None) ->
 def creds_init() -> None:
     """Credentials for every service, the shipped agents and you (what `frugalmesh up` makes), for a
     server `up` does not start (compose)."""
-    from services.embedded.stack import SHIPPED_AGENTS
-
-    settings = client_settings()
+    settings = MeshSettings()
     home = settings.home
     store = CredentialStore(home)
     for name, seed in store.ensure_mesh([*SERVICES, *SHIPPED_AGENTS]).items():
@@ -109,7 +107,7 @@ def creds_init() -> None:
 @creds.command("list")
 def creds_list() -> None:
     """Every identity with a credential here: kind, name, public key (never a seed)."""
-    store = CredentialStore(client_settings().home)
+    store = CredentialStore(MeshSettings().home)
     credentials = store.credentials()
     if not credentials:
         click.echo(f"no credentials in {store.folder}; `frugalmesh up` or `frugalmesh creds init` makes them")

@@ -123,8 +123,8 @@ def up(
         started = "  (external)"
     click.echo(f"NATS        {stack.settings.nats_url}{started}")
     if stack.creds:
-        creds = home / "creds"
-        click.echo(f"Identities  {creds}  (one per process; you: {stack.creds[OPERATOR].name}; `frugalmesh creds`)")
+        yours = stack.creds[OPERATOR]
+        click.echo(f"Identities  {yours.parent}  (one per process; you: {yours.name}; `frugalmesh creds`)")
     click.echo(f"ClickHouse  {_redact(stack.settings.clickhouse_url)}" + ("" if stack.clickhouse else "  (external)"))
     if stack.settings.local_engine_url:
         served = (

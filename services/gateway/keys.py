@@ -25,9 +25,9 @@ import msgspec
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from schemas.messages import VirtualKey
-from schemas.subjects import BUCKET_KEYS, KV_API, token
+from schemas.subjects import BUCKET_KEYS, token
 from services.runtime.bus import Bus, now_ms
-from services.runtime.dead_letters import UNREADABLE
+from services.runtime.dead_letters import UNREADABLE, entry_subject
 from services.runtime.kv_snapshot import current_entries
 
 SECRET_PREFIX = "fm-"
@@ -157,8 +157,8 @@ class KeyCache:
             self.by_hash[entry.key] = msgspec.json.decode(entry.value or b"", type=VirtualKey)
         except UNREADABLE as exc:
             self.by_hash.pop(entry.key, None)
-            subject = f"{KV_API}.{entry.bucket}.{entry.key}"
-            await self.bus.dead_letter(subject, entry.value or b"", None, f"virtual key {entry.key}: {exc}")
+            error = f"virtual key {entry.key}: {exc}"
+            await self.bus.dead_letter(entry_subject(entry), entry.value or b"", None, error)
 
     def lookup(self, secret: str) -> VirtualKey | None:
         """The key of ``secret``, revoked or not; None when there is none."""

@@ -25,8 +25,9 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from schemas.messages import Task
-from schemas.subjects import BUCKET_ATTEMPTS, KV_API
+from schemas.subjects import BUCKET_ATTEMPTS
 from services.runtime.bus import Bus
+from services.runtime.dead_letters import entry_subject
 
 ATTEMPTS_TTL_S = 2 * 24 * 3600.0
 MAX_COUNT_DIGITS = 9
@@ -90,8 +91,8 @@ class AttemptCounter:
                 count = read_count(entry.value or b"")
             except ValueError as exc:
                 assert self._bus is not None, "set with the bucket"
-                subject = f"{KV_API}.{entry.bucket}.{key}"
-                await self._bus.dead_letter(subject, entry.value or b"", None, f"attempts {key}: {exc}")
+                error = f"attempts {key}: {exc}"
+                await self._bus.dead_letter(entry_subject(entry), entry.value or b"", None, error)
                 count = 0
             if count >= self.limit:
                 return (

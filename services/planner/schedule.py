@@ -36,9 +36,9 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from schemas.messages import MAX_DEADLINE_S, Task, Usd
-from schemas.subjects import BUCKET_SCHEDULES, HEADER_MSG_ID, HEADER_SCHEDULE_RUN, KV_API, STREAM_TASKS, token
+from schemas.subjects import BUCKET_SCHEDULES, HEADER_MSG_ID, HEADER_SCHEDULE_RUN, STREAM_TASKS, token
 from services.runtime.bus import Bus, encode, now_ms
-from services.runtime.dead_letters import UNREADABLE
+from services.runtime.dead_letters import UNREADABLE, entry_subject
 from services.runtime.kv_snapshot import current_entries
 
 # Well inside the TASKS stream's 600 s duplicate window, so every replica's copy of a run is dropped.
@@ -212,5 +212,5 @@ class Scheduler:
         if (entry.key, entry.revision or 0) in self._refused:
             return
         self._refused.add((entry.key, entry.revision or 0))
-        subject = f"{KV_API}.{entry.bucket}.{entry.key}"
-        await self.bus.dead_letter(subject, entry.value or b"", None, f"schedule {entry.key}: {exc}")
+        error = f"schedule {entry.key}: {exc}"
+        await self.bus.dead_letter(entry_subject(entry), entry.value or b"", None, error)

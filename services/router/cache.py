@@ -43,7 +43,7 @@ from schemas.messages import ChatOptions, InferenceResult, StepRequest
 from schemas.subjects import KV_API
 from services.routing.table import ROUTING_FILE
 from services.runtime.bus import Bus, encode
-from services.runtime.dead_letters import UNREADABLE
+from services.runtime.dead_letters import UNREADABLE, entry_subject
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class ResponseCache:
                 raise ValueError("an error result, and only successful results are cached")
         except (*UNREADABLE, ValueError) as exc:
             error = f"response cache entry {entry_key}: {exc}"
-            await self.bus.dead_letter(f"{KV_API}.{self.bucket}.{entry_key}", entry.value or b"", None, error)
+            await self.bus.dead_letter(entry_subject(entry), entry.value or b"", None, error)
             return None
         return cached
 

@@ -24,7 +24,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from schemas.subjects import Subjects
-from services.runtime.identities import creatable_streams, stream_rights
+from services.runtime.identities import stream_rights
 from services.runtime.streams import ensure_replicas
 
 # How long a process that may not create a bucket waits for its creator (the accountant, as it starts).
@@ -40,13 +40,13 @@ class Buckets:
     ) -> None:
         self._jetstream = jetstream  # the Bus's, made once it is connected
         self.replicas = replicas
-        self._subjects = subjects
-        self._creates, self._updates = stream_rights(creds)
+        # What this identity may create when missing (None: any), and whether it updates what exists.
+        self.creatable, self.updates = stream_rights(creds, subjects)
         self._kv: dict[str, KeyValue] = {}
         self._stores: dict[str, ObjectStore] = {}
 
     def _may_create(self, stream: str) -> bool:
-        return self._creates == "any" or (self._creates == "own" and stream in creatable_streams(self._subjects))
+        return self.creatable is None or stream in self.creatable
 
     async def _bind(self, stream: str, get: Callable[[], Awaitable[B]], create: Callable[[], Awaitable[B]]) -> B:
         give_up = time.monotonic() + CREATOR_WAIT_S
@@ -63,7 +63,7 @@ class Buckets:
                     ) from None
                 await asyncio.sleep(POLL_S)
                 continue
-            if self._updates:
+            if self.updates:
                 await ensure_replicas(self._jetstream(), stream, self.replicas)
             return found
 

@@ -48,7 +48,6 @@ from schemas.messages import DeadLetter, ErrorInfo, ErrorKind, Rejection, UsageE
 from schemas.subjects import STREAM_DLQ
 from services.runtime.buckets import Buckets
 from services.runtime.dead_letters import UNREADABLE, fit
-from services.runtime.identities import creatable_streams, stream_rights
 from services.runtime.log import configure as configure_logging
 from services.runtime.outbox import Outbox, outbox_path
 from services.runtime.pull import BatchPull, PullConsumer
@@ -170,9 +169,10 @@ class Bus:
     async def declare_streams(self) -> None:
         """Create the mesh's streams, or update them to this version's configuration (idempotent), as far
         as this process's identity may (``identities.stream_rights``)."""
-        creates, updates = stream_rights(self.settings.nats_creds)
-        own = None if creates == "any" else creatable_streams(self.subjects) if creates == "own" else set()
-        await ensure_streams(self.jetstream, self.subjects, self.settings.replicas, only=own, update=updates)
+        rights = self._buckets
+        await ensure_streams(
+            self.jetstream, self.subjects, self.settings.replicas, only=rights.creatable, update=rights.updates
+        )
 
     async def connect(self) -> None:
         """Connect without running an app (a client: the CLI, a test, a load generator)."""

@@ -31,13 +31,12 @@ from schemas.subjects import (
     BUCKET_CONTROL,
     CONTROL_KILL_KEYS,
     CONTROL_PACE_KEYS,
-    KV_API,
     STREAM_CONTROL,
     control_kill_key,
     control_pace_key,
 )
 from services.runtime.bus import Bus
-from services.runtime.dead_letters import UNREADABLE
+from services.runtime.dead_letters import UNREADABLE, entry_subject
 from services.runtime.kv_snapshot import current_entries
 
 
@@ -117,8 +116,8 @@ class ControlState:
         try:
             self._apply(entry)
         except UNREADABLE as exc:
-            subject = f"{KV_API}.{entry.bucket}.{entry.key}"
-            await self.bus.dead_letter(subject, entry.value or b"", None, f"control value {entry.key}: {exc}")
+            error = f"control value {entry.key}: {exc}"
+            await self.bus.dead_letter(entry_subject(entry), entry.value or b"", None, error)
         except Exception:
             # A listener that failed (cancelling calls in flight) must not stop later switches either.
             self.bus.log.exception("control_entry_failed", key=entry.key)

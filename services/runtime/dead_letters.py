@@ -12,10 +12,18 @@ skip), so every reader of outside bytes catches both.
 from __future__ import annotations
 
 import msgspec
+from nats.js.kv import KeyValue
 
 from schemas.messages import DeadLetter
+from schemas.subjects import KV_API
 
 UNREADABLE = (msgspec.DecodeError, RecursionError)  # a ValidationError is a DecodeError too
+
+
+def entry_subject(entry: KeyValue.Entry) -> str:
+    """The subject a KV entry was written on (``$KV.<bucket>.<key>``): what the dead letter of an
+    unreadable value names, so it is found where it was written."""
+    return f"{KV_API}.{entry.bucket}.{entry.key}"
 
 # An error that quotes the message is cut too: the note and the first bytes matter more.
 MAX_ERROR_CHARS = 2000

@@ -173,15 +173,15 @@ def creatable_streams(subjects: Subjects) -> set[str]:
     )
 
 
-def stream_rights(creds: Path | None) -> tuple[Literal["any", "own", "none"], bool]:
+def stream_rights(creds: Path | None, subjects: Subjects) -> tuple[set[str] | None, bool]:
     """Which of the mesh's streams (and buckets) a process with this credential creates when they are
-    missing (any; its own, ``creatable_streams``; none: it waits for them) and whether it brings an
-    existing one to this version's configuration (only the accountant, an admin, or a process without
-    a credential, on a server without authorization)."""
+    missing (None: any; else these names: its own, ``creatable_streams``, for a service, none for anyone
+    else, who waits for them) and whether it brings an existing one to this version's configuration
+    (only the accountant, an admin, or a process without a credential, on a server without authorization)."""
     identity = Identity.of_file(creds) if creds else None
     if identity is None or identity.kind == "admin" or identity == Identity("service", ACCOUNTANT):
-        return "any", True
-    return ("own" if identity.kind == "service" else "none"), False
+        return None, True
+    return (creatable_streams(subjects) if identity.kind == "service" else set()), False
 
 
 def _protected(subjects: Subjects) -> list[str]:

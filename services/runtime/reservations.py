@@ -27,6 +27,7 @@ from schemas.messages import Reservation, ReservationDecision
 from schemas.subjects import HEADER_BUDGET
 from services.runtime.bus import Bus
 from services.runtime.catalog import ModelSpec
+from services.runtime.stored import ELECTION_RETRY_S
 
 # The task's own cap (Task.budget_usd) in USD, a decimal string, set by the planner on each
 # StepRequest; the router copies it into Reservation.task_budget_usd. Absent: no task cap.
@@ -40,9 +41,6 @@ DEFAULT_TIMEOUT_S = 2.0
 FAILOVER_S = 5.0
 # Between tries while no accountant is subscribed ("no responders" comes back at once).
 RETRY_INTERVAL_S = 0.1
-# Between tries while the accountant refuses because it cannot store its ledger (its journal retries
-# its writes every 0.2 s at first).
-UNSTORED_RETRY_S = 0.25
 
 
 def is_paid(model: ModelSpec) -> bool:
@@ -97,9 +95,9 @@ class ReservationClient:
             while True:
                 decision = await self._ask(subject, reservation, max(give_up - time.monotonic(), 0.001))
                 retry = not decision.granted and decision.reason.startswith(UNAVAILABLE)
-                if not retry or time.monotonic() + UNSTORED_RETRY_S >= give_up:
+                if not retry or time.monotonic() + ELECTION_RETRY_S >= give_up:
                     return decision
-                await asyncio.sleep(UNSTORED_RETRY_S)
+                await asyncio.sleep(ELECTION_RETRY_S)
         except (nats.errors.NoRespondersError, TimeoutError) as exc:
             # Fail closed (see the module docstring): no answer is no.
             self.bus.log.warning("reservation_unanswered", reservation_id=reservation.id, error=type(exc).__name__)

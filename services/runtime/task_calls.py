@@ -46,9 +46,9 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from schemas.messages import Count, StepRequest
-from schemas.subjects import BUCKET_TASK_CALLS, KV_API, token
+from schemas.subjects import BUCKET_TASK_CALLS, token
 from services.runtime.bus import Bus
-from services.runtime.dead_letters import UNREADABLE
+from services.runtime.dead_letters import UNREADABLE, entry_subject
 from services.runtime.task_limits import TaskLimits
 
 # Whose calls a counter counts: a gateway task's, or the agent services' within a (planner) task.
@@ -159,8 +159,8 @@ class TaskCallCounter:
         try:
             return entry.revision or 0, _decode(entry.value or b"")
         except UNREADABLE as exc:
-            subject = f"{KV_API}.{entry.bucket}.{key}"
-            await self.bus.dead_letter(subject, entry.value or b"", None, f"task call counts {key}: {exc}")
+            error = f"task call counts {key}: {exc}"
+            await self.bus.dead_letter(entry_subject(entry), entry.value or b"", None, error)
             return entry.revision or 0, TaskCalls()
 
     def _refusal(self, counts: TaskCalls, call: str, task_id: str, asked: str) -> TaskCallRefused | None:
